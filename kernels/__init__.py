@@ -1,0 +1,23 @@
+"""Custom Triton kernels, each with a plain PyTorch reference beside it.
+
+The kernel runs where it can: on a CUDA tensor, or on a CPU tensor when TRITON_INTERPRET=1 was set
+before triton was imported (the tests do this). Everywhere else the PyTorch reference runs.
+"""
+import os
+
+import torch
+
+try:
+    import triton  # noqa: F401
+    HAS_TRITON = True
+except ImportError:  # e.g. macOS, or a CPU-only install without triton
+    HAS_TRITON = False
+
+
+def use_triton(t: torch.Tensor) -> bool:
+    """True when the Triton kernel can run on tensor `t`."""
+    if not HAS_TRITON:
+        return False
+    if t.is_cuda:
+        return True
+    return t.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
