@@ -1,0 +1,117 @@
+"""C-RLFT vs SFT on the toy mixed-quality task: the paper's central claim, at CPU scale, in one command.
+
+    python experiments/crlft_vs_sft.py                 # 5 methods x 3 seeds, ~25 minutes on 2 cores
+    python experiments/crlft_vs_sft.py --seeds=1 --max_steps=20 --toy_train=500 --toy_eval=50   # smoke
+
+Every method trains the same model size for the same number of steps on the same data and seed; only the
+two ingredients of C-RLFT change (OpenChat, Section 3):
+  sft_mix         no condition, every assistant token weight 1          (plain SFT on the mixture)
+  sft_expert      the expert class only, no condition, weight 1         (SFT on the clean data alone)
+  crlft           class-conditioned prompts + class rewards 1.0 / 0.1   (C-RLFT)
+  condition_only  class-conditioned prompts, weights all 1              (ablation: no reward weights)
+  weights_only    class rewards 1.0 / 0.1, no condition                 (ablation: no conditioning)
+Each run is scored on held-out problems, greedy, with the expert condition where the run had conditions.
+Writes a markdown table (results.md), accuracy bars (accuracy.svg) and learning curves (curves.svg).
+"""
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+import plot  # noqa: E402
+
+EXPERT, SUB = "GPT4 Correct", "GPT3"
+METHODS = {
+    "sft_mix": dict(use_condition=False, class_weights=f"{EXPERT}=1,{SUB}=1"),
+    "sft_expert": dict(use_condition=False, class_weights=f"{EXPERT}=1,{SUB}=1", only_classes=EXPERT),
+    "crlft": dict(use_condition=True, class_weights=f"{EXPERT}=1,{SUB}=0.1"),
+    "condition_only": dict(use_condition=True, class_weights=f"{EXPERT}=1,{SUB}=1"),
+    "weights_only": dict(use_condition=False, class_weights=f"{EXPERT}=1,{SUB}=0.1"),
+}
+
+
+def run(method, seed, args, out_dir):
+    """One training run in its own process (a fresh process group each time); returns its results."""
+    run_dir = os.path.join(out_dir, f"{method}_seed{seed}")
+    overrides = dict(METHODS[method], seed=seed, out_dir=run_dir, max_steps=args.max_steps,
+                     epochs=1000, toy_train=args.toy_train, toy_eval=args.toy_eval,
+                     toy_expert_fraction=args.expert_fraction, resume=False, export=False,
+                     ckpt_every=10 ** 9)  # one checkpoint, at the end
+    cmd = [sys.executable, os.path.join(ROOT, "train.py")] + [f"--{k}={v}" for k, v in overrides.items()]
+    cmd += args.extra
+    t0 = time.time()
+    env = dict(os.environ)
+    env.pop("TRITON_INTERPRET", None)
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"{method} seed {seed} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    with open(os.path.join(run_dir, "results.json")) as f:
+        results = json.load(f)
+    with open(os.path.join(run_dir, "log.jsonl")) as f:
+        results["curve"] = [(r["step"], r["loss_per_class"].get(EXPERT)) for r in map(json.loads, f)]
+    results["minutes"] = (time.time() - t0) / 60
+    print(f"  {method:15s} seed {seed}: accuracy {results['accuracy']:.1%} "
+          f"({results['minutes']:.1f} min)", flush=True)
+    return results
+
+
+def mean_spread(values):
+    return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--max_steps", type=int, default=600)
+    p.add_argument("--toy_train", type=int, default=12000)
+    p.add_argument("--toy_eval", type=int, default=500)
+    p.add_argument("--expert_fraction", type=float, default=0.05)
+    p.add_argument("--methods", default=",".join(METHODS))
+    p.add_argument("--out_dir", default=os.path.join(ROOT, "out", "crlft_vs_sft"))
+    args, args.extra = p.parse_known_args(argv)  # unknown --key=value go to train.py
+    methods = args.methods.split(",")
+    os.makedirs(args.out_dir, exist_ok=True)
+    t0 = time.time()
+    results = {m: [run(m, 1000 + s, args, args.out_dir) for s in range(args.seeds)] for m in methods}
+    minutes = (time.time() - t0) / 60
+
+    rows = ["| method | condition | weights (expert / sub-optimal) | accuracy, mean ± sd | "
+            f"final CE {EXPERT} | final CE {SUB} |", "|---|---|---|---|---|---|"]
+    bars = []
+    for m in methods:
+        acc_mean, acc_sd = mean_spread([r["accuracy"] for r in results[m]])
+        ce = {c: [r["final_loss_per_class"].get(c) for r in results[m]] for c in (EXPERT, SUB)}
+        ce_text = {c: (f"{statistics.mean(v):.3f}" if all(x is not None for x in v) else "—")
+                   for c, v in ce.items()}
+        weights = METHODS[m]["class_weights"].replace(f"{EXPERT}=", "").replace(f"{SUB}=", "")
+        weights = weights.replace(",", " / ") if "only_classes" not in METHODS[m] else "1 / (not trained)"
+        rows.append(f"| {m} | {'yes' if METHODS[m]['use_condition'] else 'no'} | {weights} | "
+                    f"{acc_mean:.1%} ± {acc_sd:.1%} | {ce_text[EXPERT]} | {ce_text[SUB]} |")
+        bars.append((m, 100 * acc_mean, 100 * acc_sd))
+    header = (f"Toy task: {args.toy_train} training conversations, {args.expert_fraction:.0%} expert; "
+              f"{args.max_steps} steps; {args.seeds} seed(s); {args.toy_eval} held-out problems; "
+              f"{minutes:.1f} minutes in all.\n\n")
+    table = header + "\n".join(rows) + "\n"
+    print("\n" + table)
+    with open(os.path.join(args.out_dir, "results.md"), "w") as f:
+        f.write(table)
+    with open(os.path.join(args.out_dir, "results.json"), "w") as f:
+        json.dump({m: [{k: v for k, v in r.items() if k != "curve"} for r in rs] for m, rs in results.items()},
+                  f, indent=1)
+    plot.bar_chart(os.path.join(args.out_dir, "accuracy.svg"), bars, y_max=100,
+                   title="Held-out accuracy (greedy), mean ± sd over seeds", ylabel="accuracy (%)")
+    plot.line_chart(os.path.join(args.out_dir, "curves.svg"),
+                    {m: [(s, v) for s, v in results[m][0]["curve"] if v is not None] for m in methods},
+                    title=f"Training CE on the expert class ({EXPERT}), first seed",
+                    ylabel="nats/token", log_y=True)
+    print(f"wrote {args.out_dir}/results.md, accuracy.svg, curves.svg")
+    return results
+
+
+if __name__ == "__main__":
+    main()
