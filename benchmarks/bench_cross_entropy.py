@@ -1,0 +1,161 @@
+"""Time (forward + backward) and peak extra memory: fused chunked linear cross-entropy vs the naive path.
+
+    python benchmarks/bench_cross_entropy.py            # CPU: small shapes, < 1 minute; GPU: full shapes
+    python benchmarks/bench_cross_entropy.py --full     # N in {8k, 32k}, V = 32001, D = 4096 (GPU shapes)
+
+Paths: "naive" = linear_cross_entropy_reference (all N x V logits in fp32), "fused" =
+fused_linear_cross_entropy, "liger" = Liger-Kernel's LigerFusedLinearCrossEntropyLoss (GPU, when importable;
+reduction="sum" with target -100 on zero-weight tokens: it has no per-token weights, same matmul work).
+All loss weights are nonzero (0.1 .. 1), so the fused path gets no help from skipping prompt tokens.
+
+Peak extra memory = the most memory in use during forward + backward minus what was in use just before
+(inputs and parameters already allocated):
+  GPU: torch.cuda.max_memory_allocated() after reset_peak_memory_stats(), minus memory_allocated() before.
+  CPU: each measurement runs in a fresh process; after one warm-up run the kernel's peak-RSS mark is reset
+       (write 5 to /proc/self/clear_refs) and peak extra = VmHWM after the run - VmRSS before it. glibc is
+       told to serve every allocation >= 128 KiB with mmap (MALLOC_MMAP_THRESHOLD_), so freed tensors leave
+       RSS at once and RSS follows live tensor memory rather than the malloc heap's high-water mark.
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from kernels.cross_entropy import fused_linear_cross_entropy, linear_cross_entropy_reference  # noqa: E402
+
+try:
+    from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+except ImportError:
+    LigerFusedLinearCrossEntropyLoss = None
+
+
+def make_inputs(N, D, V, dtype, device):
+    g = torch.Generator(device=device).manual_seed(0)
+    hidden = (torch.randn(N, D, generator=g, device=device, dtype=dtype)).requires_grad_()
+    weight = (torch.randn(V, D, generator=g, device=device, dtype=dtype) * D ** -0.5).requires_grad_()
+    targets = torch.randint(0, V, (N,), generator=g, device=device)
+    loss_weights = torch.rand(N, generator=g, device=device) * 0.9 + 0.1
+    return hidden, weight, targets, loss_weights
+
+
+def step_fn(path):
+    """A function (hidden, weight, targets, loss_weights) that runs forward + backward of one path."""
+    if path == "naive":
+        return lambda h, w, y, lw: linear_cross_entropy_reference(h, w, y, lw).backward()
+    if path == "fused":
+        return lambda h, w, y, lw: fused_linear_cross_entropy(h, w, y, lw).backward()
+    if path == "liger":
+        loss_fn = LigerFusedLinearCrossEntropyLoss(reduction="sum")
+        return lambda h, w, y, lw: loss_fn(w, h, y).backward()
+    raise ValueError(f"benchmarks/bench_cross_entropy.py: unknown path {path!r}")
+
+
+def clear_grads(*tensors):
+    for t in tensors:
+        t.grad = None
+
+
+def measure_gpu(path, N, D, V, dtype, repeats=5):
+    inputs = make_inputs(N, D, V, dtype, "cuda")
+    step = step_fn(path)
+    step(*inputs)  # warm-up: compiles the kernel
+    clear_grads(*inputs[:2])
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    step(*inputs)
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - before
+    times = []
+    for _ in range(repeats):
+        clear_grads(*inputs[:2])
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        step(*inputs)
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return sorted(times)[len(times) // 2], peak
+
+
+def rss_kib(field):
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"benchmarks/bench_cross_entropy.py: no {field} in /proc/self/status")
+
+
+def measure_cpu_worker(path, N, D, V, dtype):
+    """Runs inside a fresh process (see module docstring); returns (ms, peak extra bytes)."""
+    step = step_fn(path)
+    step(*make_inputs(64, D, 512, dtype, "cpu"))  # warm-up on a tiny shape: thread pools, library buffers
+    inputs = make_inputs(N, D, V, dtype, "cpu")
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset VmHWM (peak RSS) to the current RSS
+    before = rss_kib("VmRSS")
+    start = time.perf_counter()
+    step(*inputs)
+    ms = (time.perf_counter() - start) * 1e3
+    return ms, (rss_kib("VmHWM") - before) * 1024
+
+
+def measure_cpu(path, N, D, V, dtype):
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072", MALLOC_TRIM_THRESHOLD_="131072")
+    env.pop("TRITON_INTERPRET", None)
+    cmd = [sys.executable, os.path.abspath(__file__), "--worker", path, str(N), str(D), str(V), str(dtype)]
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout
+    result = json.loads(out.strip().splitlines()[-1])
+    return result["ms"], result["peak"]
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--full", action="store_true",
+                        help="N in {8k, 32k}, V=32001, D=4096 in bf16 (the default on GPU)")
+    parser.add_argument("--worker", nargs=5, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+
+    if args.worker:
+        path, N, D, V, dtype = args.worker
+        ms, peak = measure_cpu_worker(path, int(N), int(D), int(V), getattr(torch, dtype.split(".")[-1]))
+        print(json.dumps({"ms": ms, "peak": peak}))
+        return
+
+    on_gpu = torch.cuda.is_available()
+    if args.full or on_gpu:
+        shapes, dtype = [(8192, 4096, 32001), (32768, 4096, 32001)], torch.bfloat16
+    else:  # CPU default: fp32 (CPU half matmuls are slow), D small enough to finish in < 1 minute
+        shapes, dtype = [(2048, 64, 32001), (8192, 64, 32001)], torch.float32
+    paths = ["naive", "fused"] + (["liger"] if on_gpu and LigerFusedLinearCrossEntropyLoss else [])
+    measure = measure_gpu if on_gpu else measure_cpu
+
+    device = torch.cuda.get_device_name() if on_gpu else "CPU"
+    print(f"device: {device}   dtype: {str(dtype).split('.')[-1]}   time = forward + backward"
+          + ("" if LigerFusedLinearCrossEntropyLoss else "   (liger_kernel not importable: skipped)"))
+    if on_gpu:
+        print("peak = torch.cuda.max_memory_allocated() during forward+backward - memory allocated before it;"
+              " goal: fused peak <= 1/8 naive at <= 1.1x its time")
+    else:
+        print("peak = peak RSS (VmHWM) during forward+backward - RSS before it, in a fresh process per row,"
+              " mmap for every allocation >= 128 KiB (see the docstring).\nCPU times are noisy on a shared"
+              " machine; --full is meant for a GPU.")
+    print(f"{'N':>6} {'D':>5} {'V':>6} {'path':>6} {'ms':>9} {'peak MiB':>9} {'time/naive':>10} "
+          f"{'mem/naive':>9}")
+    for N, D, V in shapes:
+        base = None
+        for path in paths:
+            ms, peak = measure(path, N, D, V, dtype)
+            base = base or (ms, peak)
+            print(f"{N:>6} {D:>5} {V:>6} {path:>6} {ms:>9.1f} {peak / 2**20:>9.1f} {ms / base[0]:>10.2f} "
+                  f"{peak / base[1]:>9.3f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
