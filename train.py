@@ -38,7 +38,8 @@ from tqdm import tqdm
 
 import data
 import plot
-from model import PRESETS, ModelArgs, Transformer
+import toy_task
+from model import PRESETS, Transformer, args_from_hf_config, read_hf_config
 
 
 # -----------------------------------------------------------------------------------------------------------
@@ -184,16 +185,15 @@ def log0(*args):
 
 # -----------------------------------------------------------------------------------------------------------
 # Data
-def load_data(cfg):
-    """Conversations -> a tokenized dataset with per-token C-RLFT weights. Returns (dataset, tokenizer)."""
+def load_conversations(cfg):
+    """The training conversations (each with its class and condition) and the tokenizer."""
     if cfg.data == "toy":
-        tokenizer = data.Tokenizer(cfg.tokenizer) if cfg.tokenizer else data.toy_tokenizer()
-        conversations = data.make_toy_conversations(cfg.toy_train, cfg.toy_expert_fraction, cfg.seed,
-                                                    sub_optimal_error=cfg.toy_error_rate)
+        tokenizer = data.Tokenizer(cfg.tokenizer) if cfg.tokenizer else toy_task.toy_tokenizer()
+        conversations = toy_task.make_toy_conversations(cfg.toy_train, cfg.toy_expert_fraction, cfg.seed,
+                                                        sub_optimal_error=cfg.toy_error_rate)
     else:
         tokenizer = data.Tokenizer(cfg.tokenizer or None)
-        conversations = data.load_conversations(cfg.data, skip_bad=cfg.skip_bad)
-    class_weights = data.parse_class_weights(cfg.class_weights)
+        conversations = data.read_conversations(cfg.data, skip_bad=cfg.skip_bad)
     if cfg.only_classes:
         keep = {c.strip() for c in cfg.only_classes.split(",")}
         conversations = [c for c in conversations if c.class_name in keep]
@@ -201,9 +201,7 @@ def load_data(cfg):
             raise SystemExit(f"error: --only_classes={cfg.only_classes!r} leaves no conversation")
     if not cfg.use_condition:  # ablation: same data, same weights, no class in the prompt
         conversations = [dataclasses.replace(c, condition="") for c in conversations]
-    dataset = data.tokenize_dataset(conversations, tokenizer, cfg.max_seq_len, class_weights,
-                                    progress=dist.get_rank() == 0)
-    return dataset, tokenizer
+    return conversations, tokenizer
 
 
 def plan_epochs(dataset, cfg, world_size):
@@ -219,10 +217,12 @@ def model_args(cfg, tokenizer):
     if cfg.model in PRESETS:
         args = dataclasses.replace(PRESETS[cfg.model], vocab_size=tokenizer.vocab_size)
     else:
-        args = Transformer.args_from_pretrained(cfg.model)
-    for key in ("dim", "n_layers", "n_heads", "n_kv_heads", "max_seq_len"):
-        if getattr(cfg, key):
-            args = dataclasses.replace(args, **{key: getattr(cfg, key)})
+        args = args_from_hf_config(read_hf_config(cfg.model))
+    overrides = {k: getattr(cfg, k) for k in ("dim", "n_layers", "n_heads", "n_kv_heads", "max_seq_len")
+                 if getattr(cfg, k)}
+    if "dim" in overrides or "n_heads" in overrides:  # let ModelArgs derive these again from the new shape
+        overrides.update(head_dim=None, hidden_dim=None if "dim" in overrides else args.hidden_dim)
+    args = dataclasses.replace(args, **overrides)
     # OpenChat adds <|end_of_turn|> after the base vocabulary: grow the model for it.
     return dataclasses.replace(args, vocab_size=max(args.vocab_size, tokenizer.vocab_size))
 
@@ -394,7 +394,7 @@ def evaluate_toy(model, tokenizer, problems, condition, max_new_tokens=12, batch
             for (_, question), ids in zip(chunk, generated):
                 ids = ids[:ids.index(tokenizer.eot_id)] if tokenizer.eot_id in ids else ids
                 text = tokenizer.decode(ids)
-                correct += data.score_toy_answer(question, text)
+                correct += toy_task.score_toy_answer(question, text)
                 answers.append((question, text))
     model.clear_kv_cache()
     return correct / max(1, len(problems)), answers
@@ -418,10 +418,11 @@ def train(cfg):
     torch.manual_seed(cfg.seed)
     os.makedirs(cfg.out_dir, exist_ok=True)
     try:
-        dataset, tokenizer = load_data(cfg)
+        conversations, tokenizer = load_conversations(cfg)
         args = model_args(cfg, tokenizer)
-        if cfg.max_seq_len == 0:
-            cfg = dataclasses.replace(cfg, max_seq_len=args.max_seq_len)
+        # Per-token C-RLFT weights: the class reward on assistant tokens, 0 elsewhere (data.py).
+        dataset = data.tokenize_dataset(conversations, tokenizer, args.max_seq_len,
+                                        data.parse_class_weights(cfg.class_weights), progress=rank == 0)
         plans = plan_epochs(dataset, cfg, world_size)
         steps_per_epoch = [len(p) for p in plans]
         total_steps = sum(steps_per_epoch)
@@ -452,8 +453,9 @@ def train(cfg):
 
 
 def model_num_params(args):
+    """Parameters that do matmuls (the input embedding is a lookup), for 6 * N FLOPs per token."""
     with torch.device("meta"):
-        return sum(p.numel() for p in Transformer(args).parameters())
+        return Transformer(args).num_params(exclude_embeddings=not args.tie_embeddings)
 
 
 def train_loop(cfg, model, optimizer, dataset, plans, start_step, total_steps, args, device):
@@ -572,14 +574,15 @@ def finish(cfg, args, full_state, tokenizer):
     with torch.device("meta"):
         model = Transformer(args)
     model.load_state_dict(full_state, assign=True)
-    model.tie_weights() if args.tie_embeddings else None
+    if args.tie_embeddings:  # load_state_dict(assign=True) gave the two names two Parameters: tie again
+        model.output.weight = model.tok_embeddings.weight
     if cfg.export:
         export_hf(model, tokenizer, os.path.join(cfg.out_dir, "export"),
                   condition=cfg.expert_condition if cfg.use_condition else "")
         log0(f"exported a Hugging Face model to {cfg.out_dir}/export (python sample.py --model={cfg.out_dir}/export)")
     if cfg.data == "toy" and cfg.toy_eval:
         condition = cfg.expert_condition if cfg.use_condition else ""
-        accuracy, answers = evaluate_toy(model, tokenizer, data.make_toy_eval(cfg.toy_eval, cfg.seed), condition)
+        accuracy, answers = evaluate_toy(model, tokenizer, toy_task.make_toy_eval(cfg.toy_eval, cfg.seed), condition)
         results["accuracy"] = accuracy
         log0(f"toy task: {accuracy:.1%} of {cfg.toy_eval} held-out problems answered correctly "
              f"(greedy, condition {condition!r}); e.g. {answers[0][0]} -> {answers[0][1]!r}")

@@ -1,0 +1,170 @@
+"""train.py end to end on the CPU: distributed equivalence, resume, SIGTERM, corrupted checkpoints, config.
+
+Each run is a real `python train.py` / `torchrun` subprocess on a tiny model and a small toy set.
+"""
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--toy_train=240", "--toy_eval=20", "--batch_tokens=600", "--dim=32", "--n_layers=2", "--n_heads=4",
+        "--n_kv_heads=2", "--epochs=2", "--export=false"]
+
+
+def env():
+    e = dict(os.environ)
+    e.pop("TRITON_INTERPRET", None)
+    e["OMP_NUM_THREADS"] = "1"
+    return e
+
+
+def train(args, out_dir, launcher=(sys.executable,), check=True, **kwargs):
+    cmd = [*launcher, os.path.join(ROOT, "train.py"), *TINY, f"--out_dir={out_dir}", *args]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300, **kwargs)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
+    return proc
+
+
+def losses(out_dir):
+    with open(os.path.join(out_dir, "log.jsonl")) as f:
+        return {r["step"]: r["loss"] for r in map(json.loads, f)}
+
+
+def test_learning_rate_schedule_matches_hand_computation():
+    sys.path.insert(0, ROOT)
+    import train as T
+    cfg = T.TrainConfig(lr=1.0, warmup_ratio=0.05, min_lr_ratio=0.1)
+    total = 200  # warmup = 10 steps
+    assert T.learning_rate(0, total, cfg) == pytest.approx(0.1)
+    assert T.learning_rate(9, total, cfg) == pytest.approx(1.0)
+    assert T.learning_rate(10, total, cfg) == pytest.approx(1.0)
+    mid = 10 + (total - 10) / 2  # half-way down the cosine: 0.1 + 0.9 * 0.5
+    assert T.learning_rate(int(mid), total, cfg) == pytest.approx(0.55, abs=1e-3)
+    assert T.learning_rate(total, total, cfg) == pytest.approx(0.1)
+
+
+@pytest.mark.parametrize("bad, message", [
+    (["--lr=fast"], "--lr must be float"),
+    (["--no_such_key=1"], "unknown config key --no_such_key"),
+    (["--epochs=0"], "--epochs must be > 0"),
+    (["--use_condition=maybe"], "--use_condition must be true or false"),
+    (["--preset=gpt5"], "unknown preset"),
+    (["lr=1"], "expected --key=value"),
+])
+def test_bad_config_is_a_clear_error(bad, message):
+    sys.path.insert(0, ROOT)
+    import train as T
+    with pytest.raises(SystemExit) as e:
+        T.parse_config(bad)
+    assert message in str(e.value)
+
+
+def test_two_ranks_match_one_process_on_the_same_global_batch(tmp_path):
+    # One process with 2 micro-batches sees exactly the bins that 2 ranks with 1 micro-batch each see.
+    train(["--grad_accum=2", "--max_steps=6"], tmp_path / "one")
+    torchrun = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2")
+    train(["--grad_accum=1", "--max_steps=6"], tmp_path / "two", launcher=torchrun)
+    one, two = losses(tmp_path / "one"), losses(tmp_path / "two")
+    assert sorted(one) == sorted(two) == list(range(1, 7))
+    for step in one:  # fp32; only the order of the gradient reductions differs
+        assert two[step] == pytest.approx(one[step], rel=1e-5, abs=1e-6), step
+    assert one[6] < one[1]  # and it learns
+
+
+def test_first_step_loss_is_weighted_mean_over_the_global_batch(tmp_path):
+    """The logged loss of step 1 equals sum(w * CE) / sum(w) recomputed by hand from the initial model."""
+    sys.path.insert(0, ROOT)
+    import data
+    import train as T
+    from model import Transformer
+    train(["--grad_accum=2", "--max_steps=1"], tmp_path / "run")
+    cfg = T.parse_config([*TINY, "--grad_accum=2"])
+    conversations, tokenizer = T.load_conversations(cfg)
+    args = T.model_args(cfg, tokenizer)
+    dataset = data.tokenize_dataset(conversations, tokenizer, args.max_seq_len,
+                                    data.parse_class_weights(cfg.class_weights))
+    torch.manual_seed(cfg.seed)
+    model = Transformer(args)
+    model.init_weights()
+    bins = data.pack_epoch(dataset.lengths, cfg.batch_tokens, 2, cfg.seed, 0)[0]
+    num, den = 0.0, 0.0
+    for bin_ in bins:
+        for i in bin_:  # each conversation on its own: no packing involved in the reference
+            b = data.make_batch(dataset, [i])
+            logits = model(b.tokens[None]).squeeze(0)
+            ce = torch.nn.functional.cross_entropy(logits.double(), b.targets, reduction="none")
+            num += (ce * b.loss_weights.double()).sum().item()
+            den += b.loss_weights.double().sum().item()
+    assert losses(tmp_path / "run")[1] == pytest.approx(num / den, rel=1e-5)
+
+
+def test_kill_and_resume_continues_the_same_loss_curve(tmp_path):
+    train(["--max_steps=8", "--ckpt_every=1000"], tmp_path / "full")
+    reference = losses(tmp_path / "full")
+    # A real crash: SIGKILL once step 5 is logged (checkpoints every 2 steps, so step 4's is the latest).
+    out = tmp_path / "crash"
+    cmd = [sys.executable, os.path.join(ROOT, "train.py"), *TINY, f"--out_dir={out}", "--max_steps=8",
+           "--ckpt_every=2"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log = out / "log.jsonl"
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if log.exists() and any(json.loads(line)["step"] >= 5 for line in log.read_text().splitlines() if line):
+            proc.kill()
+            break
+        time.sleep(0.05)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    train(["--max_steps=8", "--ckpt_every=2"], out)
+    resumed = losses(out)  # steps after the checkpoint were logged twice: the last entry wins
+    assert sorted(resumed) == list(range(1, 9))
+    for step in range(1, 9):
+        assert resumed[step] == pytest.approx(reference[step], rel=1e-6, abs=1e-7), step
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
+    out = tmp_path / "run"
+    cmd = [sys.executable, os.path.join(ROOT, "train.py"), *TINY, f"--out_dir={out}", "--max_steps=500",
+           "--ckpt_every=1000"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    log = out / "log.jsonl"
+    deadline = time.time() + 240
+    while time.time() < deadline and not (log.exists() and log.read_text().count("\n") >= 2):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, output[-3000:]
+    latest = (out / "ckpt" / "latest").read_text().strip()
+    step = int(latest.split("_")[1])
+    assert 2 <= step < 500
+    assert (out / "ckpt" / latest / "manifest.json").exists()
+    assert "SIGTERM" in output
+
+
+def test_corrupted_or_half_written_checkpoint_is_a_clear_error(tmp_path):
+    out = tmp_path / "run"
+    train(["--max_steps=2", "--ckpt_every=2"], out)
+    ckpt = out / "ckpt" / (out / "ckpt" / "latest").read_text().strip()
+    shard = next(p for p in ckpt.iterdir() if p.suffix == ".distcp")
+    data_bytes = bytearray(shard.read_bytes())
+    data_bytes[len(data_bytes) // 2] ^= 0xFF  # a flipped byte: same size, different content
+    shard.write_bytes(bytes(data_bytes))
+    proc = train(["--max_steps=4", "--ckpt_every=2"], out, check=False)
+    assert proc.returncode != 0
+    assert "is corrupted" in proc.stderr and shard.name in proc.stderr and "CRC32" in proc.stderr
+    shard.write_bytes(bytes(data_bytes[: len(data_bytes) // 3]))  # half-written
+    proc = train(["--max_steps=4", "--ckpt_every=2"], out, check=False)
+    assert "half-written" in proc.stderr
+    (ckpt / "manifest.json").unlink()
+    proc = train(["--max_steps=4", "--ckpt_every=2"], out, check=False)
+    assert "incomplete or corrupted" in proc.stderr
+    assert math.isfinite(losses(out)[2])  # the log of the run that wrote it is untouched
