@@ -1,0 +1,259 @@
+"""Chat with a trained model in the terminal, or answer prompts given on the command line.
+
+    python sample.py                                  # out/default/export, the default run of train.py
+    python sample.py --model out/toy/export --temperature 0
+    python sample.py --model path/to/openchat_3.5 --prompt "What is 7 * 6?" --prompt "Name a prime."
+
+The prompt is OpenChat's template (data.encode_prompt) with the class condition of C-RLFT ("GPT4 Correct", the
+expert class, by default). Generation uses the model's preallocated KV cache: the prompt in one forward pass,
+then one token per step. Replies stream as they are generated and stop at <|end_of_turn|> or </s>.
+In the chat: /reset forgets the conversation, /exit (or Ctrl-D) quits, Ctrl-C stops the current reply.
+"""
+import argparse
+import os
+import sys
+from typing import Iterator, Optional
+
+import torch
+
+import data
+from model import Transformer
+
+DEFAULT_MODEL = os.path.join("out", "default", "export")
+
+
+# ----------------------------------------------------------------------------- loading
+
+def load(model_path: str, tokenizer_path: Optional[str] = None, device=None, dtype=None,
+         max_seq_len: Optional[int] = None):
+    """(model, tokenizer) from a Hugging Face LLaMA/Mistral directory: ours (train.py's export) or any other.
+
+    The tokenizer is `tokenizer_path`, else the directory's tokenizer.model, else data.Tokenizer's default.
+    Every problem is an error naming the path."""
+    if not os.path.isdir(model_path):
+        hint = " (run `python train.py` first to train and export the default model)" \
+            if os.path.normpath(model_path) == DEFAULT_MODEL else ""
+        raise FileNotFoundError(f"{model_path}: no such model directory{hint}")
+    if tokenizer_path is None and os.path.isfile(os.path.join(model_path, "tokenizer.model")):
+        tokenizer_path = os.path.join(model_path, "tokenizer.model")
+    if tokenizer_path is not None and not os.path.isfile(tokenizer_path):
+        raise FileNotFoundError(f"{tokenizer_path}: no such tokenizer file")
+    tokenizer = data.Tokenizer(tokenizer_path)
+    model = Transformer.from_pretrained(model_path, device=device, dtype=dtype, max_seq_len=max_seq_len)
+    if tokenizer.vocab_size > model.args.vocab_size:
+        raise ValueError(f"{tokenizer.model_path}: the tokenizer has {tokenizer.vocab_size} ids (with "
+                         f"<|end_of_turn|>) but {model_path}/config.json has vocab_size={model.args.vocab_size}; "
+                         "pass the tokenizer the model was trained with (--tokenizer)")
+    return model.eval(), tokenizer
+
+
+# ----------------------------------------------------------------------------- generation
+
+def sample_token(logits, temperature: float = 0.7, top_p: float = 1.0, top_k: int = 0, generator=None) -> int:
+    """One token id from logits (V,). temperature 0 is greedy; top_k 0 and top_p 1 turn those filters off."""
+    if temperature <= 0:
+        return int(logits.argmax())
+    logits = logits.float() / temperature
+    if generator is not None and logits.device != generator.device:
+        logits = logits.to(generator.device)  # a seeded CPU generator: the same draws on any device
+    if top_k > 0:
+        logits, ids = torch.topk(logits, min(top_k, logits.numel()))           # (k,), sorted
+    elif top_p < 1.0:
+        logits, ids = torch.sort(logits, descending=True)
+    else:
+        ids = None
+    probs = torch.softmax(logits, dim=-1)
+    if top_p < 1.0:
+        # Keep the smallest prefix of the sorted tokens whose probability reaches top_p (at least one token).
+        outside = probs.cumsum(-1) - probs >= top_p
+        probs = probs.masked_fill(outside, 0.0)
+    choice = int(torch.multinomial(probs, 1, generator=generator))
+    return choice if ids is None else int(ids[choice])
+
+
+def generate(model: Transformer, prompt_ids, max_new_tokens: int, temperature: float = 0.7, top_p: float = 1.0,
+             top_k: int = 0, stop_ids=(), generator: Optional[torch.Generator] = None) -> Iterator[int]:
+    """Yield up to max_new_tokens new ids after prompt_ids; a stop id, when sampled, is yielded last.
+
+    Stops early at the model's context (max_seq_len). `generator` (torch.Generator) makes sampling reproducible.
+    The prompt goes through the model in one forward pass, then each new token alone, with the KV cache."""
+    prompt_ids = list(prompt_ids)
+    n_positions = min(len(prompt_ids) + max_new_tokens, model.args.max_seq_len)
+    if not 0 < len(prompt_ids) <= n_positions:
+        raise ValueError(f"prompt of {len(prompt_ids)} tokens: must be non-empty and fit the model's context "
+                         f"of {model.args.max_seq_len} tokens")
+    if max_new_tokens <= 0:
+        return
+    device = model.output.weight.device
+    stop_ids = set(stop_ids)
+    model.setup_kv_cache(1, n_positions)
+    try:
+        # Inference mode per step, not around the yields: it must not leak into the caller's code.
+        with torch.inference_mode():
+            logits = model(torch.tensor([prompt_ids], device=device), start_pos=0)[0, -1]     # (V,)
+            token = sample_token(logits, temperature, top_p, top_k, generator)
+        pos = len(prompt_ids)
+        for i in range(max_new_tokens):
+            yield token
+            if token in stop_ids or i == max_new_tokens - 1 or pos == n_positions:
+                return
+            with torch.inference_mode():
+                logits = model(torch.tensor([[token]], device=device), start_pos=pos)[0, -1]
+                token = sample_token(logits, temperature, top_p, top_k, generator)
+            pos += 1
+    finally:
+        model.clear_kv_cache()
+
+
+def stream_text(tokenizer, ids: Iterator[int], stop_ids=()) -> Iterator[str]:
+    """Turn a stream of ids into a stream of text, decoding incrementally: text is released once its bytes are
+    complete (a character split over byte-fallback tokens), with spaces where decoding the whole reply puts
+    them. Stops before a stop id. "".join of the pieces == tokenizer.decode(all ids before the stop)."""
+    reply, shown = [], ""
+    for token in ids:
+        if token in stop_ids:
+            break
+        reply.append(token)
+        text = tokenizer.decode(reply)
+        if text.endswith("\ufffd"):  # maybe an incomplete UTF-8 character: wait for its other bytes
+            continue
+        yield text[len(shown):]
+        shown = text
+    text = tokenizer.decode(reply)
+    if len(text) > len(shown):
+        yield text[len(shown):]
+
+
+# ----------------------------------------------------------------------------- chat
+
+def fit_history(tokenizer, messages, condition, system, max_seq_len: int, room: int):
+    """Drop the oldest exchanges until the prompt leaves `room` tokens for the reply. Returns
+    (prompt ids, messages kept); the latest user message always stays."""
+    while True:
+        prompt = data.encode_prompt(tokenizer, messages, condition, system)
+        if len(prompt) + room <= max_seq_len or len(messages) <= 1:
+            return prompt, messages
+        messages = messages[2:]  # the oldest user message and the reply to it
+
+
+def respond(model, tokenizer, messages, out, condition: str = "GPT4 Correct", system: Optional[str] = None,
+            max_new_tokens: int = 512, temperature: float = 0.7, top_p: float = 1.0, top_k: int = 0,
+            generator: Optional[torch.Generator] = None):
+    """Stream the assistant's reply to the conversation `messages` (ending with a user message) to `out`.
+    Returns the history after the reply (oldest exchanges dropped when it outgrew the context)."""
+    max_seq_len = model.args.max_seq_len
+    prompt, kept = fit_history(tokenizer, messages, condition, system, max_seq_len,
+                               room=min(max_new_tokens, max_seq_len // 2))  # tokens kept free for the reply
+    if len(kept) < len(messages):
+        out.write(f"(the conversation outgrew the {max_seq_len}-token context: dropped the oldest "
+                  f"{(len(messages) - len(kept)) // 2} exchange(s))\n")
+    if len(prompt) >= max_seq_len:
+        out.write(f"(this message makes a {len(prompt)}-token prompt and the context holds {max_seq_len}: "
+                  "send something shorter)\n")
+        return kept[:-1]
+    stop_ids = {tokenizer.eot_id, tokenizer.sp.eos_id()} - {-1}  # <|end_of_turn|>, and </s> if the model has it
+    reply = ""
+    try:
+        ids = generate(model, prompt, max_new_tokens, temperature, top_p, top_k, stop_ids, generator)
+        for text in stream_text(tokenizer, ids, stop_ids):
+            out.write(text)
+            out.flush()
+            reply += text
+    except KeyboardInterrupt:  # Ctrl-C: stop this reply, keep the session and what was shown of the reply
+        out.write(" (stopped)")
+    out.write("\n")
+    if not reply.strip():  # nothing to keep (and the template has no empty messages): forget the question too
+        out.write("(empty reply: this exchange is not kept in the history)\n")
+        return kept[:-1]
+    return kept + [{"role": "assistant", "content": reply}]
+
+
+def chat(model, tokenizer, read_line=None, out=None, **settings):
+    """A multi-turn chat. read_line() returns the user's next line, or None at the end of input (default: the
+    terminal); replies stream to out (default: stdout); settings are respond's. Returns the final history."""
+    read_line = read_line or _read_terminal_line
+    out = out or sys.stdout
+    messages = []
+    while True:
+        out.write("User: ")
+        out.flush()
+        try:
+            line = read_line()
+        except KeyboardInterrupt:
+            out.write("\n(Ctrl-C stops a reply; /exit or Ctrl-D quits)\n")
+            continue
+        if line is None or line.strip() == "/exit":
+            out.write("\n" if line is None else "")
+            return messages
+        if line.strip() == "/reset":
+            messages = []
+            out.write("(history cleared)\n")
+        elif line.strip():
+            out.write("Assistant: ")
+            messages = respond(model, tokenizer, messages + [{"role": "user", "content": line}], out, **settings)
+
+
+def _read_terminal_line():
+    try:
+        return input()
+    except EOFError:
+        return None
+
+
+# ----------------------------------------------------------------------------- command line
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=DEFAULT_MODEL,
+                   help=f"Hugging Face LLaMA/Mistral directory (default: {DEFAULT_MODEL}, from `python train.py`)")
+    p.add_argument("--tokenizer", default=None,
+                   help="sentencepiece tokenizer.model (default: the model directory's, else Mistral's)")
+    p.add_argument("--condition", default="GPT4 Correct", help='C-RLFT class condition ("" for none)')
+    p.add_argument("--system", default=None, help="system prompt")
+    p.add_argument("--prompt", action="append", default=[], help="answer this prompt and exit (repeatable)")
+    p.add_argument("--prompt-file", default=None, help="answer each line of this file and exit")
+    p.add_argument("--max-new-tokens", type=int, default=512)
+    p.add_argument("--temperature", type=float, default=0.7, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0, help="0 = off")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="default: bfloat16 on GPU, float32 on CPU")
+    p.add_argument("--max-seq-len", type=int, default=None,
+                   help="context to use (default: the config's; a Mistral window needs it <= sliding_window)")
+    args = p.parse_args(argv)
+    if args.temperature < 0 or not 0 < args.top_p <= 1 or args.top_k < 0 or args.max_new_tokens < 1:
+        p.error("need --temperature >= 0, 0 < --top-p <= 1, --top-k >= 0, --max-new-tokens >= 1")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    prompts = list(args.prompt)
+    if args.prompt_file is not None:
+        if not os.path.isfile(args.prompt_file):
+            sys.exit(f"{args.prompt_file}: no such prompt file")
+        with open(args.prompt_file, encoding="utf-8") as f:
+            prompts += [line.rstrip("\n") for line in f if line.strip()]
+    try:
+        model, tokenizer = load(args.model, args.tokenizer, device=device, dtype=dtype, max_seq_len=args.max_seq_len)
+    except (FileNotFoundError, ValueError) as e:
+        sys.exit(f"error: {e}")
+    generator = torch.Generator().manual_seed(args.seed) if args.seed is not None else None
+    settings = dict(condition=args.condition, system=args.system, max_new_tokens=args.max_new_tokens,
+                    temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, generator=generator)
+    if prompts:  # each prompt on its own, a single-turn conversation
+        for text in prompts:
+            sys.stdout.write(f"User: {text}\nAssistant: ")
+            respond(model, tokenizer, [{"role": "user", "content": text}], sys.stdout, **settings)
+        return
+    print(f"{args.model}: {model.num_params() / 1e6:.1f}M parameters on {device} ({dtype}), context "
+          f"{model.args.max_seq_len}, condition {args.condition!r}. /reset clears, /exit quits.", file=sys.stderr)
+    chat(model, tokenizer, **settings)
+
+
+if __name__ == "__main__":
+    main()

