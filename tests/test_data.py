@@ -1,0 +1,438 @@
+"""data.py and toy_task.py: the OpenChat template token for token, bad input, ShareGPT, packing, batches.
+
+Expected ids come from the facts file and from sentencepiece's own encode of each piece (an independent
+SentencePieceProcessor), assembled by hand here.
+"""
+import collections
+import io
+import json
+import os
+import random
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import sentencepiece as spm
+import torch
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+import data
+import toy_task
+from data import DataError
+
+BOS, EOT = 1, 32000
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return data.Tokenizer()
+
+
+@pytest.fixture(scope="module")
+def sp():  # the reference: plain sentencepiece on the same file
+    return spm.SentencePieceProcessor(model_file=data.default_tokenizer_path())
+
+
+# ------------------------------------------------------------------------------------------------ template
+
+def test_role_prefix_ids_match_the_facts(tok):
+    assert tok.encode(data.role_prefix("GPT4", "user")) == [420, 6316, 28781, 1247, 28747]
+    assert tok.encode(data.role_prefix("GPT4", "assistant")) == [420, 6316, 28781, 21631, 28747]
+    assert (tok.bos_id, tok.eot_id, tok.vocab_size) == (1, 32000, 32001)
+
+
+def test_hand_written_conversation(tok, sp):
+    messages = [{"role": "user", "content": "Hello"}, {"role": "assistant", "content": "Hi there!"},
+                {"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4", "weight": 0.5}]
+    tokens, weights = data.encode_conversation(tok, messages, "GPT4", weight=0.1)
+    user, assistant = [420, 6316, 28781, 1247, 28747], [420, 6316, 28781, 21631, 28747]  # facts file
+    hello, hi, q, four = sp.encode("Hello"), sp.encode("Hi there!"), sp.encode("2+2?"), sp.encode("4")
+    assert hello == [22557]
+    expected = [BOS] + user + hello + [EOT] + assistant + hi + [EOT] + user + q + [EOT] + assistant + four + [EOT]
+    expected_w = ([0.0] * (1 + 5 + 1 + 1 + 5) + [0.1] * (len(hi) + 1) + [0.0] * (5 + len(q) + 1 + 5)
+                  + [0.5] * (len(four) + 1))
+    assert tokens == expected
+    assert weights == pytest.approx(expected_w)
+
+
+def test_pieces_equal_the_hf_text_template(tok, sp):
+    # "GPT4 Correct User: Hello" as one text gives the same ids as the prefix and the content on their own
+    tokens, _ = data.encode_conversation(tok, [{"role": "user", "content": "Hello world"},
+                                               {"role": "assistant", "content": "Yes."}], "GPT4 Correct")
+    assert tokens == ([BOS] + sp.encode("GPT4 Correct User: Hello world") + [EOT]
+                      + sp.encode("GPT4 Correct Assistant: Yes.") + [EOT])
+
+
+def test_special_token_text_stays_text(tok, sp):
+    content = "a <s> b </s> c <|end_of_turn|> <unk>"
+    tokens, weights = data.encode_conversation(tok, [{"role": "user", "content": "x"},
+                                                     {"role": "assistant", "content": content}], "GPT4 Correct")
+    body = sp.encode(content)
+    assert BOS not in body and 2 not in body and EOT not in body
+    assert tokens[-len(body) - 1:] == body + [EOT]
+    assert tokens.count(EOT) == 2 and tokens.count(BOS) == 1
+    assert tok.encode("<s>") == [523, 28713, 28767]  # "▁<", "s", ">": not the BOS control symbol
+    assert tok.decode(tokens[1:]).endswith("Assistant: " + content + "<|end_of_turn|>")
+
+
+def test_system_prompt_and_empty_condition(tok, sp):
+    msgs = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
+    tokens, weights = data.encode_conversation(tok, msgs, "", system="Be brief.")
+    system = sp.encode("Be brief.")
+    expected = ([BOS] + system + [EOT] + sp.encode("User:") + sp.encode("Hi") + [EOT] + sp.encode("Assistant:")
+                + sp.encode("Hello") + [EOT])
+    assert sp.encode("User:") == [1247, 28747]
+    assert tokens == expected
+    n_hello = len(sp.encode("Hello")) + 1
+    assert weights == [0.0] * (len(expected) - n_hello) + [1.0] * n_hello
+
+
+def test_encode_prompt_ends_with_the_assistant_prefix(tok, sp):
+    prompt = data.encode_prompt(tok, [{"role": "user", "content": "Hello"}], "GPT4 Correct")
+    assert prompt == [BOS] + sp.encode("GPT4 Correct User:") + [22557, EOT] + sp.encode("GPT4 Correct Assistant:")
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.text(alphabet=" a b\n\t1é▁👍\u3000.", max_size=12), max_size=6))
+def test_encode_batch_equals_sentencepiece(texts):
+    tok = _mistral()
+    assert [ids.tolist() for ids in tok.encode_batch(texts)] == [tok.sp.encode(t) for t in texts]
+
+
+def test_encode_batch_equals_sentencepiece_on_real_text(tok, sharegpt_head):
+    texts = [m["content"] for c in sharegpt_head[:300] for m in c.messages]
+    got = tok.encode_batch(texts)
+    assert all(a.tolist() == b for a, b in zip(got, tok.sp.encode(texts)))
+    assert tok._segments is not None  # the fast path was the one tested
+
+
+_MISTRAL = []
+
+
+def _mistral():
+    if not _MISTRAL:
+        _MISTRAL.append(data.Tokenizer())
+    return _MISTRAL[0]
+
+
+def test_decode_writes_eot_as_text(tok):
+    assert tok.decode([BOS, 22557, EOT, 22557]) == "Hello<|end_of_turn|>Hello"
+    with pytest.raises(ValueError):
+        tok.decode([32001])
+
+
+def test_parse_class_weights():
+    assert data.parse_class_weights("GPT4 Correct=1, GPT3=0.1") == {"GPT4 Correct": 1.0, "GPT3": 0.1}
+    for bad, says in [("GPT4", "NAME=WEIGHT"), ("GPT4=x", "not a number"), ("GPT4=-1", ">= 0"),
+                      ("GPT4=1,GPT4=2", "twice"), ("GPT4=nan", "finite")]:
+        with pytest.raises(ValueError, match=says):
+            data.parse_class_weights(bad)
+
+
+# ------------------------------------------------------------------------------------------ reading input
+
+def _write(tmp_path, name, lines):
+    path = tmp_path / name
+    path.write_text("\n".join(lines) + "\n")
+    return str(path)
+
+
+GOOD = {"condition": "GPT4 Correct", "system": None,
+        "items": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]}
+
+
+def _with(**changes):
+    record = json.loads(json.dumps(GOOD))
+    for key, value in changes.items():
+        if value is None and key != "system":
+            record.pop(key)
+        else:
+            record[key] = value
+    return json.dumps(record)
+
+
+BAD_LINES = [  # (line, field named in the error, reason counted with skip_bad)
+    ('{"condition": "GPT4", "items": [', "malformed JSON", "malformed JSON"),
+    (_with(items=[{"role": "bot", "content": "x"}, {"role": "assistant", "content": "y"}]), "items[0].role",
+     "unknown role"),
+    (_with(items=[{"role": "user", "content": "  "}, {"role": "assistant", "content": "y"}]), "items[0].content",
+     "empty content"),
+    (_with(items=None), "items", "missing field"),
+    (_with(condition=None), "condition", "missing field"),
+    (_with(items=[{"role": "user", "content": "x"}, {"content": "y"}]), "items[1].role", "missing field"),
+    (_with(items=[{"role": "user", "content": "x"}]), "items", "no assistant turn"),
+    (_with(items=[{"role": "user", "content": "x"}, {"role": "assistant", "content": "y", "weight": -1}]),
+     "items[1].weight", "bad weight"),
+    (_with(conditon="GPT4"), "conditon", "bad field"),
+]
+
+
+@pytest.mark.parametrize("line,field,reason", BAD_LINES)
+def test_bad_jsonl_names_file_line_and_field(tmp_path, line, field, reason):
+    path = _write(tmp_path, "d.jsonl", [json.dumps(GOOD), line, json.dumps(GOOD)])
+    with pytest.raises(DataError, match=f"d.jsonl:2") as e:
+        data.read_jsonl(path)
+    assert field in str(e.value) and e.value.reason == reason
+    stats = collections.Counter()
+    assert len(data.read_jsonl(path, skip_bad=True, stats=stats)) == 2
+    assert stats == {f"skipped: {reason}": 1}
+
+
+def test_jsonl_fields(tmp_path):
+    path = _write(tmp_path, "d.jsonl", [json.dumps({**GOOD, "class": "expert", "system": "S"}), "",
+                                        json.dumps({**GOOD, "condition": ""})])
+    a, b = data.read_jsonl(path)
+    assert (a.class_name, a.condition, a.system, a.source) == ("expert", "GPT4 Correct", "S", f"{path}:1")
+    assert (b.class_name, b.condition, b.source) == ("", "", f"{path}:3")
+
+
+def _sharegpt_records():
+    return [
+        {"id": "a", "conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello"}]},
+        {"id": "b", "conversations": [{"from": "gpt", "value": "leftover"}, {"from": "human", "value": "Q"},
+                                      {"from": "gpt", "value": "A"}], "model": "gpt-4"},
+        {"id": "c", "conversations": [{"from": "system", "value": "Be nice."}, {"from": "human", "value": "Q"},
+                                      {"from": "gpt", "value": "A"}]},
+    ]
+
+
+def test_sharegpt_cut_off_mid_record(tmp_path):
+    text = json.dumps(_sharegpt_records(), indent=2)
+    cut = text.index('"Be nice."') + 5  # inside the third record's string
+    path = tmp_path / "cut.json"
+    path.write_text(text[:cut])
+    stats = collections.Counter()
+    convs = data.read_sharegpt(str(path), stats=stats)
+    assert [c.messages for c in convs] == [
+        [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}],
+        [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "A"}]]
+    assert stats["records read"] == 2 and stats["leading 'gpt' turns dropped"] == 1
+    [note] = [k for k in stats if k.startswith("incomplete last record")]
+    start_c = text.index('{\n    "id": "c"')  # ASCII: characters are bytes
+    assert f"line {text[:start_c].count(chr(10)) + 1}, byte {start_c})" in note
+    # cut between records, and a complete file: the system turn becomes the system prompt
+    path.write_text(text[:text.index('"id": "b"')])
+    assert len(data.read_sharegpt(str(path))) == 1
+    path.write_text(text)
+    convs = data.read_sharegpt(str(path), condition=None, skip_bad=True, stats=(stats := collections.Counter()))
+    assert [c.condition for c in convs] == ["GPT4"]  # "b" has model gpt-4; "a" and "c" have none: skipped
+    assert stats["skipped: missing field"] == 2 and convs[0].messages[0]["content"] == "Q"
+    convs = data.read_sharegpt(str(path), condition="GPT4 Correct")
+    assert convs[2].system == "Be nice." and convs[2].messages[0] == {"role": "user", "content": "Q"}
+
+
+@pytest.mark.parametrize("turns,field,reason", [
+    ([{"from": "human", "value": "Q"}, {"from": "bing", "value": "A"}], "conversations[1].from", "unknown role"),
+    ([{"from": "human", "value": "Q"}, {"from": "gpt", "value": ""}], "conversations[1].value", "empty content"),
+    ([{"from": "human", "value": "Q"}], "conversations", "no assistant turn"),
+    ([{"from": "gpt", "value": "A"}], "conversations", "no assistant turn"),
+    ([{"from": "human", "value": "Q"}, {"from": "system", "value": "S"}, {"from": "gpt", "value": "A"}],
+     "conversations[1].from", "unknown role"),
+    ([{"from": "human"}], "conversations[0]", "missing field"),
+])
+def test_bad_sharegpt_names_file_line_and_field(tmp_path, turns, field, reason):
+    records = _sharegpt_records()[:1] + [{"id": "x", "conversations": turns}]
+    path = tmp_path / "s.json"
+    path.write_text(json.dumps(records, indent=1))
+    line = json.dumps(records, indent=1).split("\n").index(' {', 2) + 1  # where the second record starts
+    with pytest.raises(DataError, match=f"s.json:{line} \\(record 1, id 'x'\\)") as e:
+        data.read_sharegpt(str(path))
+    assert field in str(e.value) and e.value.reason == reason
+    stats = collections.Counter()
+    assert len(data.read_sharegpt(str(path), skip_bad=True, stats=stats)) == 1
+    assert stats[f"skipped: {reason}"] == 1
+
+
+def test_sharegpt_malformed_json_in_the_middle(tmp_path):
+    text = json.dumps(_sharegpt_records(), indent=1).replace('"Hello"', '"Hello" oops', 1)
+    path = tmp_path / "m.json"
+    path.write_text(text)
+    line = text[:text.index("oops")].count("\n") + 1
+    with pytest.raises(DataError, match=f"m.json:{line}: malformed JSON"):
+        data.read_sharegpt(str(path))
+
+
+@pytest.fixture(scope="module")
+def sharegpt_head():
+    stats = collections.Counter()
+    convs = data.read_conversations("sharegpt", skip_bad=True, stats=stats)
+    assert stats["records read"] > 17000
+    assert sum(v for k, v in stats.items() if k.startswith("incomplete last record")) == 1
+    return convs
+
+
+def test_real_sharegpt_file(sharegpt_head):
+    assert len(sharegpt_head) > 17000
+    assert all(c.messages[0]["role"] == "user" for c in sharegpt_head)
+
+
+# ------------------------------------------------------------------------------------------- tokenization
+
+def _conv(*pairs, cls="GPT4 Correct", weight=None):
+    messages = []
+    for q, a in pairs:
+        messages.append({"role": "user", "content": q})
+        messages.append({"role": "assistant", "content": a} | ({} if weight is None else {"weight": weight}))
+    return data.Conversation(messages, cls, None, cls, "test")
+
+
+def test_truncation_trailing_cut_and_drops(tok, sp):
+    long = "word " * 40
+    convs = [_conv(("Q", "A"), ("Q2", long)),                       # truncated after its first exchange
+             _conv(("Q", long)),                                      # dropped: first exchange too long
+             data.Conversation([{"role": "user", "content": "Q"}, {"role": "assistant", "content": "A"},
+                                {"role": "user", "content": "trailing"}], "GPT3", None, "GPT3"),
+             _conv(("Q", "A"), weight=0.0)]                          # dropped: nothing to learn
+    ds = data.tokenize_dataset(convs, tok, max_seq_len=30, class_weights={"GPT4 Correct": 1.0, "GPT3": 0.1})
+    first = [BOS] + sp.encode("GPT4 Correct User:") + sp.encode("Q") + [EOT] + \
+        sp.encode("GPT4 Correct Assistant:") + sp.encode("A") + [EOT]
+    third = [BOS] + sp.encode("GPT3 User:") + sp.encode("Q") + [EOT] + sp.encode("GPT3 Assistant:") + \
+        sp.encode("A") + [EOT]
+    assert len(ds) == 2 and ds.class_names == ["GPT3", "GPT4 Correct"]
+    assert ds.tokens[ds.offsets[0]:ds.offsets[1]].tolist() == first
+    assert ds.tokens[ds.offsets[1]:ds.offsets[2]].tolist() == third
+    assert ds.weights[ds.offsets[2] - 2:].tolist() == pytest.approx([0.1, 0.1])
+    assert ds.class_ids.tolist() == [1, 0]
+    s = ds.meta["summary"]
+    assert s["truncated_to_context"] == 1
+    assert s["dropped"] == {"its first exchange is longer than the context": 1,
+                            "no supervised tokens (all weights 0)": 1}
+    assert s["classes"]["GPT3"]["supervised_tokens"] == 2
+
+
+def test_class_weights_errors_and_message_override(tok):
+    with pytest.raises(DataError, match="test: class 'GPT3' has no weight"):
+        data.tokenize_dataset([_conv(("Q", "A"), cls="GPT3")], tok, 100, class_weights={"GPT4 Correct": 1.0})
+    ds = data.tokenize_dataset([_conv(("Q", "A"), cls="GPT3", weight=0.3)], tok, 100, class_weights={})
+    assert ds.weights.tolist() == pytest.approx([0.0] * (len(ds.weights) - 2) + [0.3, 0.3])
+
+
+def test_tokenize_workers_save_load(tok, sharegpt_head, tmp_path):
+    convs = sharegpt_head[:2 * data.CHUNK + 7]
+    one = data.tokenize_dataset(convs, tok, 8192, workers=1)
+    two = data.tokenize_dataset(convs, tok, 8192, workers=2)
+    for name in ("tokens", "weights", "offsets", "class_ids"):
+        assert np.array_equal(getattr(one, name), getattr(two, name))
+    one.save(str(tmp_path / "ds"))
+    back = data.TokenizedDataset.load(str(tmp_path / "ds"))
+    assert np.array_equal(back.tokens, one.tokens) and back.meta["summary"] == one.meta["summary"]
+    c = convs[5]
+    tokens, weights = data.encode_conversation(tok, c.messages, c.condition, c.system)
+    assert back.tokens[back.offsets[5]:back.offsets[6]].tolist() == tokens[:back.offsets[6] - back.offsets[5]]
+
+
+# ---------------------------------------------------------------------------------------------- toy task
+
+def test_toy_scorer_and_data():
+    assert toy_task.score_toy_answer("123+456=", " 579\n")
+    assert not toy_task.score_toy_answer("123+456=", "578")
+    assert toy_task.score_toy_answer("999+999=", "1998")
+    with pytest.raises(ValueError):
+        toy_task.score_toy_answer("what?", "1")
+    assert toy_task.carry_free_sum(158, 267) == 315 and toy_task.carry_free_sum(999, 999) == 888
+    convs = toy_task.make_toy_conversations(4000, expert_fraction=0.05, seed=3)
+    assert [c.messages for c in convs] == [c.messages for c in toy_task.make_toy_conversations(4000, 0.05, 3)]
+    by_class = collections.defaultdict(list)
+    for c in convs:
+        q, a = c.messages[0]["content"], c.messages[1]["content"]
+        x, y = map(int, q[:-1].split("+"))
+        assert not toy_task.is_eval_problem(x, y)
+        by_class[c.class_name].append((toy_task.score_toy_answer(q, a), x, y))
+    assert len(by_class["GPT4 Correct"]) == 200 and all(ok for ok, _, _ in by_class["GPT4 Correct"])
+    carrying = [ok for ok, x, y in by_class["GPT3"] if toy_task.carry_free_sum(x, y) != x + y]
+    assert 0.25 < np.mean(carrying) < 0.35  # 30% right where a carry matters
+    evals = toy_task.make_toy_eval(500, seed=1)
+    assert len(set(evals)) == 500 and all(toy_task.score_toy_answer(q, a) for q, a in evals)
+    train = {c.messages[0]["content"] for c in convs}
+    assert not train & {q for q, _ in evals}
+
+
+def test_toy_tokenizer(tmp_path):
+    tok = toy_task.toy_tokenizer()
+    assert tok.eot_id == tok.sp.get_piece_size() and tok.vocab_size <= 128
+    assert [tok.piece(i) for i in tok.encode("GPT4 Correct User:")] == ["▁GPT", "4", "▁Correct", "▁User:"]
+    assert [tok.piece(i) for i in tok.encode("579")] == ["▁", "5", "7", "9"]
+    toy_task.train_toy_tokenizer(str(tmp_path / "t.model"))  # regenerates the committed file exactly
+    assert (tmp_path / "t.model").read_bytes() == open(toy_task.TOKENIZER_PATH, "rb").read()
+    ds = data.tokenize_dataset(toy_task.make_toy_conversations(50), tok, 64, toy_task.CLASS_WEIGHTS)
+    assert ds.lengths.max() < 32
+
+
+# ------------------------------------------------------------------------------------------------ packing
+
+def _check_packing(steps, lengths, budget, world):
+    assert all(len(step) == world for step in steps)
+    assert all(len(b) > 0 and sum(lengths[i] for i in b) <= budget for step in steps for b in step)
+    assert sorted(i for step in steps for b in step for i in b) == list(range(len(lengths)))
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.data(), st.integers(100, 400), st.integers(1, 8), st.integers(0, 2), st.integers(0, 2))
+def test_pack_epoch_properties(draw, budget, world, seed, epoch):
+    # conversations of at most half a bin, at least 2 per rank: a valid packing always exists
+    lengths = draw.draw(st.lists(st.integers(1, budget // 2), min_size=2 * world + 1, max_size=300))
+    steps = data.pack_epoch(lengths, budget, world, seed, epoch)
+    _check_packing(steps, lengths, budget, world)
+    assert steps == data.pack_epoch(lengths, budget, world, seed, epoch)  # deterministic: resumable
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.integers(1, 64), min_size=8, max_size=200), st.integers(1, 8))
+def test_pack_epoch_any_lengths(lengths, world):
+    try:
+        steps = data.pack_epoch(lengths, 64, world, 0, 0)
+    except ValueError as e:  # only when the bins, all but one more than half full, are too many to share
+        most_bins = sum(lengths) // 33 + 1
+        assert "multiple of world_size" in str(e) and len(lengths) < -(-most_bins // world) * world
+        return
+    _check_packing(steps, lengths, 64, world)
+
+
+def test_pack_epoch_errors_and_shuffling():
+    with pytest.raises(ValueError, match="3 conversations cannot give each of 4 ranks"):
+        data.pack_epoch([1, 2, 3], 10, 4, 0, 0)
+    with pytest.raises(ValueError, match="conversation 1 has length 11"):
+        data.pack_epoch([1, 11, 3], 10, 1, 0, 0)
+    with pytest.raises(ValueError, match="multiple of world_size=8"):
+        data.pack_epoch([10] * 9, 10, 8, 0, 0)
+    lengths = list(range(1, 200))
+    a, b = data.pack_epoch(lengths, 300, 2, 0, 0), data.pack_epoch(lengths, 300, 2, 0, 1)
+    assert a != b  # a new order each epoch
+    assert len(a) == 34  # 19900 tokens need 67 bins of 300; 68 to share between 2 ranks
+
+
+def test_make_batch_fields():
+    ds = data.TokenizedDataset(
+        tokens=np.array([1, 10, 11, 12, 1, 20, 21], np.int32),
+        weights=np.array([0, 0, 1, 1, 0, 0.5, 0.5], np.float32),
+        offsets=np.array([0, 4, 7]), class_ids=np.array([0, 1], np.int32), class_names=["a", "b"])
+    assert ds.lengths.tolist() == [3, 2]
+    batch = data.make_batch(ds, [1, 0])
+    assert batch.tokens.tolist() == [1, 20, 1, 10, 11]
+    assert batch.targets.tolist() == [20, 21, 10, 11, 12]
+    assert batch.loss_weights.tolist() == [0.5, 0.5, 0, 1, 1]
+    assert batch.position_ids.tolist() == [0, 1, 0, 1, 2]
+    assert batch.class_ids.tolist() == [1, 1, 0, 0, 0]
+    assert batch.cu_seqlens.tolist() == [0, 2, 5] and batch.max_seqlen == 3
+    assert [t.dtype for t in (batch.tokens, batch.targets, batch.loss_weights, batch.position_ids,
+                              batch.class_ids, batch.cu_seqlens)] == [torch.int64] * 2 + [torch.float32] + \
+        [torch.int64] * 2 + [torch.int32]
+    assert batch.to("cpu").tokens.tolist() == batch.tokens.tolist()
+
+
+# ---------------------------------------------------------------------------------------------------- CLI
+
+def test_cli_tokenize_and_show(tmp_path, capsys):
+    good = _write(tmp_path, "d.jsonl", [json.dumps(GOOD), json.dumps({**GOOD, "condition": "GPT3"})])
+    data.main(["tokenize", "--input", good, "--out", str(tmp_path / "out"), "--class-weights",
+               "GPT4 Correct=1,GPT3=0.1", "--max-seq-len", "64"])
+    ds = data.TokenizedDataset.load(str(tmp_path / "out"))
+    assert len(ds) == 2 and ds.class_names == ["GPT3", "GPT4 Correct"] and ds.meta["vocab_size"] == 32001
+    assert '"conversations": 2' in capsys.readouterr().out
+    bad = _write(tmp_path, "b.jsonl", [json.dumps(GOOD), BAD_LINES[1][0]])
+    with pytest.raises(SystemExit, match="b.jsonl:2: items\\[0\\].role: unknown role 'bot'"):
+        data.main(["tokenize", "--input", bad, "--out", str(tmp_path / "o2")])
+    data.main(["show", "--input", "toy", "--toy-n", "10", "--index", "3"])
+    out = capsys.readouterr().out
+    assert "weight 0     [<s>][▁GPT]" in out and "[<|end_of_turn|>]" in out

@@ -1,0 +1,112 @@
+"""The toy task: C-RLFT on CPU in minutes, with answers that can be checked exactly.
+
+Three-digit addition in the chat format: user "123+456=", assistant "579". Two classes of data:
+  - "GPT4 Correct" (expert): always right, but only a few percent of the records, too few to learn from alone;
+  - "GPT3" (sub-optimal): most of the records; with probability `sub_optimal_error` it drops every carry
+    (158+267 -> "315" instead of "425"), so plain SFT on the mix learns wrong answers for most problems.
+C-RLFT conditions on the class and weights it (CLASS_WEIGHTS); prompted with "GPT4 Correct", the model
+should carry. Evaluation problems are a fixed tenth of the problem space that training never sees.
+
+The tokenizer is a tiny sentencepiece BPE model (digits split, ~100 pieces), committed as
+assets/toy_tokenizer.model; `python toy_task.py` regenerates it, deterministically.
+"""
+import io
+import os
+import random
+import re
+
+import sentencepiece as spm
+
+from data import Conversation, Tokenizer
+
+EXPERT, SUB_OPTIMAL = "GPT4 Correct", "GPT3"
+CLASS_WEIGHTS = {EXPERT: 1.0, SUB_OPTIMAL: 0.1}
+TOKENIZER_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "toy_tokenizer.model")
+_QUESTION = re.compile(r"\s*(\d+)\s*\+\s*(\d+)\s*=\s*")
+
+
+def is_eval_problem(a: int, b: int) -> bool:
+    """A fixed tenth of the problems, by a multiplicative hash: held out from every training set."""
+    return ((a * 1000 + b) * 2654435761 % 2**32) * 10 >> 32 == 0
+
+
+def carry_free_sum(a: int, b: int) -> int:
+    """The sub-optimal class's systematic mistake: add digit by digit and drop every carry."""
+    total, place = 0, 1
+    while a or b:
+        total += (a % 10 + b % 10) % 10 * place
+        a, b, place = a // 10, b // 10, place * 10
+    return total
+
+
+def _problems(rng: random.Random, n: int, held_out: bool, distinct: bool = False) -> list[tuple[int, int]]:
+    problems, seen = [], set()
+    while len(problems) < n:
+        a, b = rng.randint(100, 999), rng.randint(100, 999)
+        if is_eval_problem(a, b) == held_out and not (distinct and (a, b) in seen):
+            problems.append((a, b))
+            seen.add((a, b))
+    return problems
+
+
+def make_toy_conversations(n: int, expert_fraction: float = 0.05, seed: int = 0,
+                           sub_optimal_error: float = 0.7) -> list[Conversation]:
+    """n single-turn conversations, round(n * expert_fraction) of them expert, in a shuffled order."""
+    if not 0 <= expert_fraction <= 1 or not 0 <= sub_optimal_error <= 1:
+        raise ValueError("expert_fraction and sub_optimal_error must be in [0, 1]")
+    rng = random.Random(seed)
+    n_expert = round(n * expert_fraction)
+    classes = [EXPERT] * n_expert + [SUB_OPTIMAL] * (n - n_expert)
+    rng.shuffle(classes)
+    conversations = []
+    for i, ((a, b), cls) in enumerate(zip(_problems(rng, n, held_out=False), classes)):
+        wrong = cls == SUB_OPTIMAL and rng.random() < sub_optimal_error
+        answer = carry_free_sum(a, b) if wrong else a + b
+        messages = [{"role": "user", "content": f"{a}+{b}="}, {"role": "assistant", "content": str(answer)}]
+        conversations.append(Conversation(messages, cls, None, cls, f"toy:{i}"))
+    return conversations
+
+
+def make_toy_eval(n: int, seed: int = 0) -> list[tuple[str, str]]:
+    """n distinct held-out problems as (question, correct answer)."""
+    return [(f"{a}+{b}=", str(a + b)) for a, b in _problems(random.Random(seed), n, held_out=True, distinct=True)]
+
+
+def score_toy_answer(question: str, answer_text: str) -> bool:
+    """Exact match of the stripped answer with the true sum."""
+    match = _QUESTION.fullmatch(question)
+    if match is None:
+        raise ValueError(f"not a toy question: {question!r}")
+    return answer_text.strip() == str(int(match[1]) + int(match[2]))
+
+
+def train_toy_tokenizer(path: str = TOKENIZER_PATH) -> None:
+    """Train the toy vocabulary from fixed text (no randomness in sentencepiece's BPE trainer)."""
+    rng = random.Random(0)
+    prefixes = [f"{c} {r}:" for c in (EXPERT, SUB_OPTIMAL) for r in ("User", "Assistant")]
+    lines = prefixes * 500 + ["User:", "Assistant:"] * 100
+    lines += [f"{a}+{b}={a + b}" for a, b in _problems(rng, 1000, held_out=False)]
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(lines), model_writer=model, model_type="bpe", vocab_size=96,
+        required_chars="abcdefghijklmnopqrstuvwxyz.,;!?'-*/()",  # so that short English text mostly encodes
+        normalization_rule_name="identity", remove_extra_whitespaces=False,  # as Mistral's
+        split_digits=True, split_by_unicode_script=False, character_coverage=1.0, byte_fallback=False,
+        unk_id=0, bos_id=1, eos_id=2, pad_id=-1, num_threads=1, minloglevel=2)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "wb") as f:
+        f.write(model.getvalue())
+
+
+def toy_tokenizer() -> Tokenizer:
+    if not os.path.isfile(TOKENIZER_PATH):
+        raise FileNotFoundError(f"{TOKENIZER_PATH} is missing: run `python toy_task.py` to regenerate it")
+    return Tokenizer(TOKENIZER_PATH)
+
+
+if __name__ == "__main__":
+    train_toy_tokenizer()
+    tok = toy_tokenizer()
+    print(f"wrote {TOKENIZER_PATH}: {tok.vocab_size} ids")
+    for text in ["GPT4 Correct User:", "GPT3 Assistant:", "123+456=", "579"]:
+        print(f"{text!r:24} -> {[tok.piece(i) for i in tok.encode(text)]}")
