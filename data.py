@@ -18,7 +18,6 @@ exactly once. CLI: `python data.py tokenize ...`, `python data.py show ...` (see
 from __future__ import annotations
 
 import argparse
-import bisect
 import collections
 import contextlib
 import importlib.util
@@ -594,10 +593,11 @@ def pack_epoch(lengths, batch_tokens: int, world_size: int, seed: int, epoch: in
     """steps x ranks x conversation indices: every conversation exactly once, no bin over batch_tokens,
     every rank a non-empty bin at every step. Deterministic in (seed, epoch): resume by skipping steps.
 
-    Best-fit decreasing over the whole epoch (ties in a shuffled order): each conversation, longest first,
-    goes into the fullest bin that still has room (bisect on the sorted free capacities). Then, while the
-    number of bins is not a multiple of world_size, the fullest bin with several conversations gives its
-    shortest one to a new bin. Bins are shuffled and dealt out world_size a step.
+    Each step is a random sample of the epoch. Conversations wait in a shuffled queue; a step takes a window
+    from the front a little larger than its world_size bins, places it first-fit-decreasing, and puts back
+    at the front what did not fit. Sorting inside a step only, never over the whole epoch, matters for
+    C-RLFT: the loss is normalised by the weight of the global batch, so a batch holding one class alone
+    (classes often differ in length) would cancel that class's weight.
     """
     lengths = np.asarray(lengths, dtype=np.int64)
     if len(lengths) < world_size:
@@ -607,35 +607,36 @@ def pack_epoch(lengths, batch_tokens: int, world_size: int, seed: int, epoch: in
         raise ValueError(f"conversation {bad} has length {lengths[bad]}, outside [1, batch_tokens={batch_tokens}]: "
                          "truncate to the context first (tokenize_dataset's max_seq_len)")
     rng = np.random.default_rng([seed, epoch])
-    order = rng.permutation(len(lengths))
-    order = order[np.argsort(-lengths[order], kind="stable")]
-    bins, loads = [], []
-    free = []  # sorted (free capacity, bin index) of bins with room left
-    for i in order.tolist():
-        length = int(lengths[i])
-        k = bisect.bisect_left(free, (length, -1))
-        if k == len(free):
-            b = len(bins)
-            bins.append([])
-            loads.append(0)
-        else:
-            b = free.pop(k)[1]
-        bins[b].append(i)
-        loads[b] += length
-        if loads[b] < batch_tokens:
-            bisect.insort(free, (batch_tokens - loads[b], b))
-    while len(bins) % world_size:
-        donors = [b for b in range(len(bins)) if len(bins[b]) > 1]
-        if not donors:
-            raise ValueError(f"{len(lengths)} conversations need {len(bins)} bins of {batch_tokens} tokens, "
+    queue = collections.deque(rng.permutation(len(lengths)).tolist())
+    length = lengths.tolist()
+    steps = []
+    while queue:
+        window, total = [], 0  # ~1.5 steps' worth of tokens, and a few conversations more than bins
+        while queue and (total < 1.5 * world_size * batch_tokens or len(window) < world_size + 8):
+            window.append(queue.popleft())
+            total += length[window[-1]]
+        bins, free, left = [[] for _ in range(world_size)], [batch_tokens] * world_size, []
+        for i in sorted(window, key=lambda i: -length[i]):  # first-fit decreasing
+            b = next((b for b in range(world_size) if free[b] >= length[i]), None)
+            if b is None:
+                left.append(i)
+            else:
+                bins[b].append(i)
+                free[b] -= length[i]
+        position = {i: k for k, i in enumerate(window)}
+        queue.extendleft(sorted(left, key=position.__getitem__, reverse=True))  # front, in queue order
+        steps.append(bins)
+    # Only the last step can have empty bins (fewer conversations left than ranks): each takes the shortest
+    # conversation of the latest bin that holds two or more.
+    for empty in [b for b in steps[-1] if not b]:
+        donor = next((b for step in reversed(steps) for b in step if len(b) > 1), None)
+        if donor is None:
+            raise ValueError(f"{len(lengths)} conversations of up to {batch_tokens} tokens fill one bin each, "
                              f"not a multiple of world_size={world_size}: use more data or larger bins")
-        b = max(donors, key=loads.__getitem__)
-        moved = bins[b].pop()  # placed last, so its shortest
-        loads[b] -= int(lengths[moved])
-        bins.append([moved])
-        loads.append(int(lengths[moved]))
-    perm = rng.permutation(len(bins)).tolist()
-    return [[bins[p] for p in perm[s:s + world_size]] for s in range(0, len(bins), world_size)]
+        shortest = min(donor, key=length.__getitem__)
+        donor.remove(shortest)
+        empty.append(shortest)
+    return steps
 
 
 @dataclass

@@ -93,7 +93,7 @@ PRESETS_TRAIN = {
     "toy": {},
     # 8 x 80 GB. lr follows the public rule base * sqrt(supervised tokens per step / 4M), base 3e-4 / 6.
     "mistral-7b": dict(model="mistral-7b", data="sharegpt", class_weights="GPT4=1,GPT3=0.1",
-                       expert_condition="GPT4 Correct", batch_tokens=77824, max_seq_len=8192, lr=2e-5,
+                       expert_condition="GPT4 Correct", batch_tokens=77824, max_seq_len=4096, lr=2e-5,
                        dtype="bf16", activation_checkpointing=True, ckpt_every=500, toy_eval=0),
     "llama2-13b": dict(model="llama2-13b", data="sharegpt", class_weights="GPT4=1,GPT3=0.1",
                        expert_condition="GPT4", batch_tokens=32768, max_seq_len=4096, lr=2e-5,
@@ -217,7 +217,8 @@ def model_args(cfg, tokenizer):
     if cfg.model in PRESETS:
         args = dataclasses.replace(PRESETS[cfg.model], vocab_size=tokenizer.vocab_size)
     else:
-        args = args_from_hf_config(read_hf_config(cfg.model))
+        # A sliding window (Mistral) shorter than the context is refused: --max_seq_len must fit inside it.
+        args = args_from_hf_config(read_hf_config(cfg.model), max_seq_len=cfg.max_seq_len or None)
     overrides = {k: getattr(cfg, k) for k in ("dim", "n_layers", "n_heads", "n_kv_heads", "max_seq_len")
                  if getattr(cfg, k)}
     if "dim" in overrides or "n_heads" in overrides:  # let ModelArgs derive these again from the new shape
@@ -236,7 +237,7 @@ def full_weights_on_rank0(cfg, args):
         full = Transformer(args)
         full.init_weights()
     else:
-        full = Transformer.from_pretrained(cfg.model)
+        full = Transformer.from_pretrained(cfg.model, max_seq_len=args.max_seq_len)
         if full.args.vocab_size < args.vocab_size:
             full.grow_vocab(args.vocab_size)  # new rows = mean embedding (OpenChat's init)
     return full.state_dict()

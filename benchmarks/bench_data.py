@@ -6,7 +6,9 @@ Template OpenChat 3.5 (condition "GPT4 Correct" for all: the package's file has 
 tokenizer, context 8192. Tokenization is timed twice on the same conversations: the public allocator's way
 (one sp.encode call per piece, single thread; re-implemented here as the baseline) and data.tokenize_dataset.
 The machine is shared, so compare the two rows of one run. Packing: 8 ranks; slot use = tokens in bins /
-(steps x ranks x budget); "bound" is the best any packing reaches with every conversation in the epoch.
+(steps x ranks x budget); "bound" is the best any packing reaches with every conversation in the epoch;
+"full steps" leaves out the epoch's last, partial step, as the public allocator does (it drops the
+conversations that would fill it), so that column compares with its 97.5% / 99.0% / 99.8%.
 """
 import argparse
 import collections
@@ -77,7 +79,7 @@ def main():
 
     lengths, W = dataset.lengths, args.world_size
     total = int(lengths.sum())
-    print(f"\n{'budget':>7} {'steps':>6} {'slot use':>9} {'bound':>7} {'left out':>9} {'pack s':>7}   ({W} ranks)")
+    print(f"\n{'budget':>7} {'steps':>6} {'slot use':>9} {'bound':>7} {'full steps':>11} {'left out':>9} {'pack s':>7}   ({W} ranks)")
     for budget in (8192, 16384, 81920):
         t0 = time.perf_counter()
         steps = data.pack_epoch(lengths, budget, W, seed=0, epoch=0)
@@ -86,7 +88,8 @@ def main():
         assert sorted(packed) == list(range(len(lengths))), "every conversation exactly once"
         slot_use = total / (len(steps) * W * budget)
         bound = total / (math.ceil(total / (W * budget)) * W * budget)
-        print(f"{budget:7d} {len(steps):6d} {slot_use:9.2%} {bound:7.2%} {len(lengths) - len(packed):9d} "
+        full = sum(lengths[i] for step in steps[:-1] for b in step for i in b) / ((len(steps) - 1) * W * budget)
+        print(f"{budget:7d} {len(steps):6d} {slot_use:9.2%} {bound:7.2%} {full:11.2%} {len(lengths) - len(packed):9d} "
               f"{t_pack:7.2f}")
 
 
