@@ -151,6 +151,7 @@ def respond(model, tokenizer, messages, out, condition: str = "GPT4 Correct", sy
         out.write(f"(this message makes a {len(prompt)}-token prompt and the context holds {max_seq_len}: "
                   "send something shorter)\n")
         return kept[:-1]
+    out.write("Assistant: ")
     stop_ids = {tokenizer.eot_id, tokenizer.sp.eos_id()} - {-1}  # <|end_of_turn|>, and </s> if the model has it
     reply = ""
     try:
@@ -189,15 +190,17 @@ def chat(model, tokenizer, read_line=None, out=None, **settings):
             messages = []
             out.write("(history cleared)\n")
         elif line.strip():
-            out.write("Assistant: ")
             messages = respond(model, tokenizer, messages + [{"role": "user", "content": line}], out, **settings)
 
 
 def _read_terminal_line():
     try:
-        return input()
+        line = input()
     except EOFError:
         return None
+    if not sys.stdin.isatty():  # piped input: show it, so the transcript reads like a chat
+        print(line)
+    return line
 
 
 # ----------------------------------------------------------------------------- command line
@@ -247,7 +250,7 @@ def main(argv=None):
                     temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, generator=generator)
     if prompts:  # each prompt on its own, a single-turn conversation
         for text in prompts:
-            sys.stdout.write(f"User: {text}\nAssistant: ")
+            sys.stdout.write(f"User: {text}\n")
             respond(model, tokenizer, [{"role": "user", "content": text}], sys.stdout, **settings)
         return
     print(f"{args.model}: {model.num_params() / 1e6:.1f}M parameters on {device} ({dtype}), context "

@@ -26,7 +26,8 @@ CONVERSATIONS = [
      {"role": "user", "content": "tabs\tand\nnew lines\n\n  indented"}],
     [{"role": "user", "content": "Ünïcödé: 日本語, emoji 🙂, naïve café, ß, \u200b zero width"}],
     [{"role": "user", "content": "code:\n    def f(x):\n        return x**2  # 3.14159"}],
-    [{"role": "user", "content": "12+34="}, {"role": "assistant", "content": "46"}, {"role": "user", "content": "5+5="}],
+    [{"role": "user", "content": "12+34="}, {"role": "assistant", "content": "46"},
+     {"role": "user", "content": "5+5="}],
 ]
 SYSTEMS = [None, "You are a helpful assistant.", "  spaced system prompt 42 "]
 
@@ -96,7 +97,8 @@ def test_end_of_turn_is_one_special_token(exported):
 
 def random_texts(rng, n):
     alphabet = list("abcdefghijklmnopqrstuvwxyz ABCXYZ 0123456789 .,:;!?-_+=*/()'\"\n\t") + \
-        ["  ", "   ", "    ", "é", "日本", "🙂", "ß", "ﬁ", "\u00a0", "\u3000", "▁", " ▁", "<x>", "</", "User:", "Assistant:",
+        ["  ", "   ", "    ", "é", "日本", "🙂", "ß", "ﬁ", "\u00a0", "\u3000", "▁", " ▁", "<x>", "</", "User:",
+         "Assistant:",
          "the", "hello", "world", "def", "    return", "http://a.b/c?d=1", "1234567", "GPT4 Correct"]
     return ["".join(rng.choice(alphabet) for _ in range(rng.randint(1, 30))) for _ in range(n)]
 

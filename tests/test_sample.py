@@ -4,7 +4,6 @@ References: transformers (greedy generate with its own cache, on our weights sav
 torch's RNG for the sampling distribution, and prompts assembled by hand from sentencepiece ids.
 """
 import io
-import json
 import os
 
 import pytest
@@ -50,7 +49,8 @@ def test_greedy_matches_transformers_generate(tmp_path, heads):
     hf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path), dtype=torch.float32).eval()
     hf.generation_config.eos_token_id = None  # no early stop: both produce exactly n tokens
     hf.generation_config.pad_token_id = 0
-    prompts = [[1], [1, 5, 7, 100, 200], torch.randint(3, 300, (40,), generator=torch.Generator().manual_seed(2)).tolist()]
+    long_prompt = torch.randint(3, 300, (40,), generator=torch.Generator().manual_seed(2)).tolist()
+    prompts = [[1], [1, 5, 7, 100, 200], long_prompt]
     for prompt, n in zip(prompts, (30, 50, 60)):
         ours = list(sample.generate(model, prompt, n, temperature=0.0))
         with torch.no_grad():
@@ -228,3 +228,33 @@ def test_command_line_answers_prompts_from_an_export(tmp_path, capsys, monkeypat
     monkeypatch.chdir(tmp_path)  # no out/default/export here
     with pytest.raises(SystemExit, match="python train.py"):
         sample.main([])
+
+
+def test_ctrl_c_stops_the_reply_not_the_session(monkeypatch, toy):
+    tok, model = toy
+    rec = Recorder(monkeypatch)
+    recording = sample.generate
+    partial = tok.encode("42")
+
+    def interrupted(model, prompt_ids, *args, **kwargs):
+        if not rec.prompts:  # the first reply: two tokens, then Ctrl-C
+            rec.prompts.append(list(prompt_ids))
+            yield from partial
+            raise KeyboardInterrupt
+        yield from recording(model, prompt_ids, *args, **kwargs)
+
+    monkeypatch.setattr(sample, "generate", interrupted)
+    lines = iter(["1+2=", KeyboardInterrupt, "3+4="])
+
+    def read_line():
+        line = next(lines, None)
+        if line is KeyboardInterrupt:  # Ctrl-C at the input prompt
+            raise KeyboardInterrupt
+        return line
+
+    out = io.StringIO()
+    history = sample.chat(model, tok, read_line=read_line, out=out, max_new_tokens=4, temperature=0.0)
+    assert "(stopped)" in out.getvalue() and len(rec.prompts) == 2
+    # What was shown of the interrupted reply stays in the history.
+    assert rec.prompts[1] == by_hand(tok, "GPT4 Correct", [("User", "1+2="), ("Assistant", "42"), ("User", "3+4=")])
+    assert [m["content"] for m in history[:3]] == ["1+2=", "42", "3+4="]
