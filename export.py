@@ -222,6 +222,7 @@ def export_hf(model, tokenizer, out_dir, condition="GPT4 Correct"):
         "model_max_length": model.args.max_seq_len,
         "added_tokens_decoder": added_tokens_decoder,
         "chat_template": chat_template(condition),
+        "crlft_condition": condition,  # read by sample.py as its default condition
     })
     _write_json(os.path.join(out_dir, "generation_config.json"), {
         "bos_token_id": sp.bos_id(),

@@ -72,6 +72,8 @@ class ModelArgs:
 
 
 PRESETS = {
+    # The toy task of train.py's default run (2-digit addition; vocab_size is set from the toy tokenizer).
+    "toy": ModelArgs(dim=128, n_layers=3, n_heads=4, n_kv_heads=2, vocab_size=121, max_seq_len=256),
     # CPU: the "19M LLaMA" (dim 256, 4 layers, 32k vocab); train.py sets vocab_size to its tokenizer's.
     "tiny": ModelArgs(dim=256, n_layers=4, n_heads=8, n_kv_heads=4, vocab_size=32000, max_seq_len=1024),
     # GPU throughput tests: TinyLlama-1.1B's shape.

@@ -10,6 +10,7 @@ then one token per step. Replies stream as they are generated and stop at <|end_
 In the chat: /reset forgets the conversation, /exit (or Ctrl-D) quits, Ctrl-C stops the current reply.
 """
 import argparse
+import json
 import os
 import sys
 from typing import Iterator, Optional
@@ -205,13 +206,23 @@ def _read_terminal_line():
 
 # ----------------------------------------------------------------------------- command line
 
+def default_condition(model_path: str) -> str:
+    """The expert condition train.py's export wrote into tokenizer_config.json, else OpenChat 3.5's."""
+    try:
+        with open(os.path.join(model_path, "tokenizer_config.json"), encoding="utf-8") as f:
+            return json.load(f).get("crlft_condition", "GPT4 Correct")
+    except (OSError, ValueError):
+        return "GPT4 Correct"
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=DEFAULT_MODEL,
                    help=f"Hugging Face LLaMA/Mistral directory (default: {DEFAULT_MODEL}, from `python train.py`)")
     p.add_argument("--tokenizer", default=None,
                    help="sentencepiece tokenizer.model (default: the model directory's, else Mistral's)")
-    p.add_argument("--condition", default="GPT4 Correct", help='C-RLFT class condition ("" for none)')
+    p.add_argument("--condition", default=None,
+                   help='C-RLFT class condition ("" for none; default: the one the export names, else "GPT4 Correct")')
     p.add_argument("--system", default=None, help="system prompt")
     p.add_argument("--prompt", action="append", default=[], help="answer this prompt and exit (repeatable)")
     p.add_argument("--prompt-file", default=None, help="answer each line of this file and exit")
@@ -245,6 +256,8 @@ def main(argv=None):
         model, tokenizer = load(args.model, args.tokenizer, device=device, dtype=dtype, max_seq_len=args.max_seq_len)
     except (FileNotFoundError, ValueError) as e:
         sys.exit(f"error: {e}")
+    if args.condition is None:
+        args.condition = default_condition(args.model)
     generator = torch.Generator().manual_seed(args.seed) if args.seed is not None else None
     settings = dict(condition=args.condition, system=args.system, max_new_tokens=args.max_new_tokens,
                     temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, generator=generator)

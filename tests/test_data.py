@@ -325,9 +325,10 @@ def test_tokenize_workers_save_load(tok, sharegpt_head, tmp_path):
 # ---------------------------------------------------------------------------------------------- toy task
 
 def test_toy_scorer_and_data():
-    assert toy_task.score_toy_answer("123+456=", " 579\n")
-    assert not toy_task.score_toy_answer("123+456=", "578")
-    assert toy_task.score_toy_answer("999+999=", "1998")
+    # sums are written least-significant digit first: 12+45=57 -> "75", 99+99=198 -> "891"
+    assert toy_task.score_toy_answer("12+45=", " 75\n")
+    assert not toy_task.score_toy_answer("12+45=", "57")
+    assert toy_task.score_toy_answer("99+99=", "891")
     with pytest.raises(ValueError):
         toy_task.score_toy_answer("what?", "1")
     assert toy_task.carry_free_sum(158, 267) == 315 and toy_task.carry_free_sum(999, 999) == 888
@@ -339,8 +340,8 @@ def test_toy_scorer_and_data():
         x, y = map(int, q[:-1].split("+"))
         assert not toy_task.is_eval_problem(x, y)
         by_class[c.class_name].append((toy_task.score_toy_answer(q, a), x, y))
-    assert len(by_class["GPT4 Correct"]) == 200 and all(ok for ok, _, _ in by_class["GPT4 Correct"])
-    carrying = [ok for ok, x, y in by_class["GPT3"] if toy_task.carry_free_sum(x, y) != x + y]
+    assert len(by_class[toy_task.EXPERT]) == 200 and all(ok for ok, _, _ in by_class[toy_task.EXPERT])
+    carrying = [ok for ok, x, y in by_class[toy_task.SUB_OPTIMAL] if toy_task.carry_free_sum(x, y) != x + y]
     assert 0.25 < np.mean(carrying) < 0.35  # 30% right where a carry matters
     evals = toy_task.make_toy_eval(500, seed=1)
     assert len(set(evals)) == 500 and all(toy_task.score_toy_answer(q, a) for q, a in evals)
@@ -351,6 +352,10 @@ def test_toy_scorer_and_data():
 def test_toy_tokenizer(tmp_path):
     tok = toy_task.toy_tokenizer()
     assert tok.eot_id == tok.sp.get_piece_size() and tok.vocab_size <= 128
+    # the two classes' prefixes have the same length and no digit: the class changes one token of the
+    # prompt, not the positions of the operands, and adds no digit beside them
+    assert [tok.piece(i) for i in tok.encode("Expert User:")] == ["▁Expert", "▁User:"]
+    assert [tok.piece(i) for i in tok.encode("Novice Assistant:")] == ["▁Novice", "▁Assistant:"]
     assert [tok.piece(i) for i in tok.encode("GPT4 Correct User:")] == ["▁GPT", "4", "▁Correct", "▁User:"]
     assert [tok.piece(i) for i in tok.encode("579")] == ["▁", "5", "7", "9"]
     toy_task.train_toy_tokenizer(str(tmp_path / "t.model"))  # regenerates the committed file exactly

@@ -258,3 +258,18 @@ def test_ctrl_c_stops_the_reply_not_the_session(monkeypatch, toy):
     # What was shown of the interrupted reply stays in the history.
     assert rec.prompts[1] == by_hand(tok, "GPT4 Correct", [("User", "1+2="), ("Assistant", "42"), ("User", "3+4=")])
     assert [m["content"] for m in history[:3]] == ["1+2=", "42", "3+4="]
+
+
+def test_default_condition_is_the_one_the_export_names(tmp_path, capsys):
+    from export import export_hf
+
+    tok = toy_task.toy_tokenizer()
+    model = random_model(vocab_size=tok.vocab_size, max_seq_len=128)
+    export_hf(model, tok, str(tmp_path / "gpt4"), condition="GPT4")
+    assert sample.default_condition(str(tmp_path / "gpt4")) == "GPT4"
+    assert sample.default_condition(str(tmp_path / "nowhere")) == "GPT4 Correct"  # OpenChat 3.5's
+    sample.main(["--model", str(tmp_path / "gpt4"), "--prompt", "5+6=", "--temperature", "0",
+                 "--max-new-tokens", "5", "--device", "cpu"])
+    expected = list(sample.generate(model, by_hand(tok, "GPT4", [("User", "5+6=")]), 5, temperature=0.0))
+    expected = expected[:-1] if expected[-1] in (tok.eot_id, tok.sp.eos_id()) else expected
+    assert f"Assistant: {tok.decode(expected)}\n" in capsys.readouterr().out
