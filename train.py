@@ -52,7 +52,7 @@ class TrainConfig:
     only_classes: str = ""            # comma-separated: train on these classes only ("" = all)
     expert_condition: str = "Expert"  # the condition used at evaluation and in the exported template
     skip_bad: bool = False            # skip and count bad records instead of stopping at the first
-    toy_train: int = 20000            # toy task: training conversations
+    toy_train: int = 40000            # toy task: training conversations
     toy_expert_fraction: float = 0.05  # toy task: share of the expert class
     toy_error_rate: float = 0.7       # toy task: how often a sub-optimal answer is wrong
     toy_eval: int = 500               # toy task: held-out problems scored at the end

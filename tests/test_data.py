@@ -455,4 +455,4 @@ def test_cli_tokenize_and_show(tmp_path, capsys):
         data.main(["tokenize", "--input", bad, "--out", str(tmp_path / "o2")])
     data.main(["show", "--input", "toy", "--toy-n", "10", "--index", "3"])
     out = capsys.readouterr().out
-    assert "weight 0     [<s>][▁GPT]" in out and "[<|end_of_turn|>]" in out
+    assert "weight 0     [<s>][▁Novice][▁User:]" in out and "weight 0.1   [▁]" in out and "[<|end_of_turn|>]" in out
