@@ -34,6 +34,7 @@ from tqdm import tqdm
 
 import data
 import plot
+import readers
 import toy_task
 from checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from model import PRESETS, Transformer, args_from_hf_config, read_hf_config
@@ -196,7 +197,7 @@ def load_conversations(cfg):
     else:
         tokenizer = data.Tokenizer(cfg.tokenizer or None)
         condition = None if cfg.sharegpt_condition == "from_model" else cfg.sharegpt_condition
-        conversations = data.read_conversations(cfg.data, condition, skip_bad=cfg.skip_bad)
+        conversations = readers.read_conversations(cfg.data, condition, skip_bad=cfg.skip_bad)
     if cfg.only_classes:
         keep = {c.strip() for c in cfg.only_classes.split(",")}
         conversations = [c for c in conversations if c.class_name in keep]

@@ -21,6 +21,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import data  # noqa: E402
+import readers  # noqa: E402
 
 
 def per_piece_baseline(conversations, tokenizer, max_seq_len):
@@ -51,7 +52,7 @@ def main():
 
     stats = collections.Counter()
     t0 = time.perf_counter()
-    conversations = data.read_conversations("sharegpt", None if args.condition_from_model else "GPT4 Correct",
+    conversations = readers.read_conversations("sharegpt", None if args.condition_from_model else "GPT4 Correct",
                                             skip_bad=True, stats=stats)[:args.limit]
     print(f"read {stats['records read']} complete ShareGPT records in {time.perf_counter() - t0:.1f}s; "
           f"{len(conversations)} conversations kept")

@@ -18,6 +18,7 @@ import torch
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 import data
+import readers
 import toy_task
 from data import DataError
 
@@ -172,17 +173,17 @@ BAD_LINES = [  # (line, field named in the error, reason counted with skip_bad)
 def test_bad_jsonl_names_file_line_and_field(tmp_path, line, field, reason):
     path = _write(tmp_path, "d.jsonl", [json.dumps(GOOD), line, json.dumps(GOOD)])
     with pytest.raises(DataError, match=f"d.jsonl:2") as e:
-        data.read_jsonl(path)
+        readers.read_jsonl(path)
     assert field in str(e.value) and e.value.reason == reason
     stats = collections.Counter()
-    assert len(data.read_jsonl(path, skip_bad=True, stats=stats)) == 2
+    assert len(readers.read_jsonl(path, skip_bad=True, stats=stats)) == 2
     assert stats == {f"skipped: {reason}": 1}
 
 
 def test_jsonl_fields(tmp_path):
     path = _write(tmp_path, "d.jsonl", [json.dumps({**GOOD, "class": "expert", "system": "S"}), "",
                                         json.dumps({**GOOD, "condition": ""})])
-    a, b = data.read_jsonl(path)
+    a, b = readers.read_jsonl(path)
     assert (a.class_name, a.condition, a.system, a.source) == ("expert", "GPT4 Correct", "S", f"{path}:1")
     assert (b.class_name, b.condition, b.source) == ("", "", f"{path}:3")
 
@@ -203,7 +204,7 @@ def test_sharegpt_cut_off_mid_record(tmp_path):
     path = tmp_path / "cut.json"
     path.write_text(text[:cut])
     stats = collections.Counter()
-    convs = data.read_sharegpt(str(path), stats=stats)
+    convs = readers.read_sharegpt(str(path), stats=stats)
     assert [c.messages for c in convs] == [
         [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}],
         [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "A"}]]
@@ -213,12 +214,12 @@ def test_sharegpt_cut_off_mid_record(tmp_path):
     assert f"line {text[:start_c].count(chr(10)) + 1}, byte {start_c})" in note
     # cut between records, and a complete file: the system turn becomes the system prompt
     path.write_text(text[:text.index('"id": "b"')])
-    assert len(data.read_sharegpt(str(path))) == 1
+    assert len(readers.read_sharegpt(str(path))) == 1
     path.write_text(text)
-    convs = data.read_sharegpt(str(path), condition=None, skip_bad=True, stats=(stats := collections.Counter()))
+    convs = readers.read_sharegpt(str(path), condition=None, skip_bad=True, stats=(stats := collections.Counter()))
     assert [c.condition for c in convs] == ["GPT4"]  # "b" has model gpt-4; "a" and "c" have none: skipped
     assert stats["skipped: missing field"] == 2 and convs[0].messages[0]["content"] == "Q"
-    convs = data.read_sharegpt(str(path), condition="GPT4 Correct")
+    convs = readers.read_sharegpt(str(path), condition="GPT4 Correct")
     assert convs[2].system == "Be nice." and convs[2].messages[0] == {"role": "user", "content": "Q"}
 
 
@@ -237,10 +238,10 @@ def test_bad_sharegpt_names_file_line_and_field(tmp_path, turns, field, reason):
     path.write_text(json.dumps(records, indent=1))
     line = json.dumps(records, indent=1).split("\n").index(' {', 2) + 1  # where the second record starts
     with pytest.raises(DataError, match=f"s.json:{line} \\(record 1, id 'x'\\)") as e:
-        data.read_sharegpt(str(path))
+        readers.read_sharegpt(str(path))
     assert field in str(e.value) and e.value.reason == reason
     stats = collections.Counter()
-    assert len(data.read_sharegpt(str(path), skip_bad=True, stats=stats)) == 1
+    assert len(readers.read_sharegpt(str(path), skip_bad=True, stats=stats)) == 1
     assert stats[f"skipped: {reason}"] == 1
 
 
@@ -250,13 +251,13 @@ def test_sharegpt_malformed_json_in_the_middle(tmp_path):
     path.write_text(text)
     line = text[:text.index("oops")].count("\n") + 1
     with pytest.raises(DataError, match=f"m.json:{line}: malformed JSON"):
-        data.read_sharegpt(str(path))
+        readers.read_sharegpt(str(path))
 
 
 @pytest.fixture(scope="module")
 def sharegpt_head():
     stats = collections.Counter()
-    convs = data.read_conversations("sharegpt", skip_bad=True, stats=stats)
+    convs = readers.read_conversations("sharegpt", skip_bad=True, stats=stats)
     assert stats["records read"] > 17000
     assert sum(v for k, v in stats.items() if k.startswith("incomplete last record")) == 1
     return convs

