@@ -89,7 +89,8 @@ def main():
         assert sorted(packed) == list(range(len(lengths))), "every conversation exactly once"
         slot_use = total / (len(steps) * W * budget)
         bound = total / (math.ceil(total / (W * budget)) * W * budget)
-        full = sum(lengths[i] for step in steps[:-1] for b in step for i in b) / ((len(steps) - 1) * W * budget)
+        full = (sum(lengths[i] for step in steps[:-1] for b in step for i in b) / ((len(steps) - 1) * W * budget)
+                if len(steps) > 1 else slot_use)  # a single step is the last step
         print(f"{budget:7d} {len(steps):6d} {slot_use:9.2%} {bound:7.2%} {full:11.2%} {len(lengths) - len(packed):9d} "
               f"{t_pack:7.2f}")
 
