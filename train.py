@@ -90,15 +90,16 @@ class TrainConfig:
 
 PRESETS_TRAIN = {
     "toy": {},
+    # ShareGPT presets skip and count bad records: the real ShareGPT dump has empty turns (~2% of records).
     # 8 x 80 GB. lr follows the public rule base * sqrt(supervised tokens per step / 4M), base 3e-4 / 6.
-    "mistral-7b": dict(model="mistral-7b", data="sharegpt", class_weights="GPT4 Correct=1,GPT4=1,GPT3=0.1",
+    "mistral-7b": dict(model="mistral-7b", data="sharegpt", skip_bad=True, class_weights="GPT4 Correct=1,GPT4=1,GPT3=0.1",
                        expert_condition="GPT4 Correct", batch_tokens=77824, max_seq_len=4096, lr=2e-5,
                        dtype="bf16", activation_checkpointing=True, ckpt_every=500, toy_eval=0),
-    "llama2-13b": dict(model="llama2-13b", data="sharegpt", class_weights="GPT4=1,GPT3=0.1",
+    "llama2-13b": dict(model="llama2-13b", data="sharegpt", skip_bad=True, class_weights="GPT4=1,GPT3=0.1",
                        sharegpt_condition="GPT4", expert_condition="GPT4", batch_tokens=32768, max_seq_len=4096, lr=2e-5,
                        dtype="bf16", activation_checkpointing=True, ckpt_every=500, toy_eval=0),
     # Throughput check on one GPU: a ~1B model from scratch on packed ShareGPT, tokens/s and MFU in the bar.
-    "1b-throughput": dict(model="1b", data="sharegpt", class_weights="GPT4 Correct=1",
+    "1b-throughput": dict(model="1b", data="sharegpt", skip_bad=True, class_weights="GPT4 Correct=1",
                           expert_condition="GPT4 Correct", batch_tokens=16384, max_seq_len=4096, lr=3e-4,
                           dtype="bf16", max_steps=30, ckpt_every=10**9, export=False, toy_eval=0),
 }

@@ -17,6 +17,11 @@ hides it), so its padding waste shows as lower TFLOP/s.
 Before timing, every case is checked in bf16 against attention_reference run in float32 on the same
 inputs (relative error ||x - ref|| / ||ref|| of the output and all three gradients, bound 2e-2).
 Times are triton.testing.do_bench medians. Without a CUDA GPU the script says so and exits 0.
+
+    python benchmarks/bench_attention.py --sweep
+
+times other launch configs (tile sizes, warps, stages) of each kernel on 8k tokens, one stage at a time
+with the others at kernels/attention.py's choice, to pick kernel_config() from measurements.
 """
 import argparse
 import math
@@ -159,17 +164,73 @@ def bench(args):
         sys.exit(1)
 
 
+# (block_m, block_n, warps, stages) candidates per kernel; the sweep keeps the other kernels at the default.
+SWEEP = {
+    "fwd": [(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3), (128, 64, 8, 4), (128, 32, 4, 4),
+            (64, 64, 4, 3), (128, 128, 8, 2), (256, 64, 8, 3)],
+    "dkdv": [(32, 64, 8, 2), (64, 64, 8, 2), (32, 128, 8, 2), (64, 128, 8, 2), (16, 128, 8, 3),
+             (32, 64, 4, 3), (64, 128, 8, 3), (32, 128, 4, 2)],
+    "dq": [(128, 64, 8, 2), (64, 64, 4, 3), (128, 32, 8, 3), (64, 32, 4, 3), (128, 128, 8, 2),
+           (128, 64, 8, 3), (64, 64, 8, 2), (128, 64, 4, 2)],
+}
+
+
+def sweep(args):
+    """Time each candidate config of one kernel (others at the default) on 8k tokens, both layouts."""
+    import dataclasses
+
+    import triton.testing
+
+    import kernels.attention as attention
+
+    default_config = attention.kernel_config
+    H, H_kv, D = args.heads, args.kv_heads, args.head_dim
+    print(f"{torch.cuda.get_device_name()}: config sweep, H={H} H_kv={H_kv} D={D} bf16 causal, 8192 tokens; "
+          f"default {default_config(D, torch.bfloat16, 'cuda')}")
+    cases = [("one sequence", [8192]), ("packed", sharegpt_like_lengths(8192, seed=8192))]
+    inputs = [(name, lengths, *make_inputs(lengths, H, H_kv, D, "cuda")) for name, lengths in cases]
+    fields = {"fwd": ("fwd_block_m", "fwd_block_n", "fwd_warps", "fwd_stages"),
+              "dkdv": ("dkdv_block_m", "dkdv_block_n", "dkdv_warps", "dkdv_stages"),
+              "dq": ("dq_block_m", "dq_block_n", "dq_warps", "dq_stages")}
+    print(f"{'kernel':<6}{'block_m':>8}{'block_n':>8}{'warps':>6}{'stages':>7}"
+          + "".join(f"{name + ' ms':>18}" for name, _ in cases) + f"{'rel_err':>9}")
+    try:
+        for kernel, candidates in SWEEP.items():
+            for cand in candidates:
+                base = default_config(D, torch.bfloat16, "cuda")
+                cfg = dataclasses.replace(base, **dict(zip(fields[kernel], cand)))
+                attention.kernel_config = lambda *a, _cfg=cfg: _cfg
+                times, err = [], 0.0
+                try:
+                    for _, lengths, q, k, v, do, cu in inputs:
+                        max_len = max(lengths)
+                        err = max(err, check(q, k, v, do, cu, max_len))
+                        if kernel == "fwd":
+                            fn = lambda: flash_attention(q, k, v, cu, max_len)  # noqa: E731
+                        else:  # the whole backward (delta + dK/dV + dQ): only one of them changes
+                            out = flash_attention(q, k, v, cu, max_len)
+                            fn = lambda: torch.autograd.grad(out, (q, k, v), do, retain_graph=True)  # noqa: E731
+                        times.append(triton.testing.do_bench(fn, warmup=10, rep=50, return_mode="median"))
+                    row = "".join(f"{t:>18.3f}" for t in times) + f"{err:>9.1e}"
+                except Exception as e:  # e.g. out of shared memory for this tile size
+                    row = f"   failed: {type(e).__name__}: {str(e).splitlines()[0][:80]}"
+                print(f"{kernel:<6}{cand[0]:>8}{cand[1]:>8}{cand[2]:>6}{cand[3]:>7}{row}", flush=True)
+    finally:
+        attention.kernel_config = default_config
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--heads", type=int, default=32)
     parser.add_argument("--kv-heads", type=int, default=8)
     parser.add_argument("--head-dim", type=int, default=128)
+    parser.add_argument("--sweep", action="store_true", help="time other launch configs of each kernel")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print("bench_attention: no CUDA GPU here, nothing to time. The kernels are checked on the CPU by "
               "tests/test_attention.py (interpreter, and an ahead-of-time compile for sm_80/sm_90a).")
         return
-    bench(args)
+    sweep(args) if args.sweep else bench(args)
 
 
 if __name__ == "__main__":

@@ -15,16 +15,20 @@ only on the logits themselves, so once a chunk's logits exist we can finish ever
 take the loss, overwrite the logits with their gradient, push that through the two matmuls into
 grad_hidden and grad_weight, and throw the chunk away. Backward then only scales the stored gradients by
 grad_output (a scalar). Waiting for backward would mean keeping the logits (or recomputing them).
-Peak extra memory is one chunk of logits plus the gradients themselves, not N * V. The fixed part is
-grad_weight: an fp32 accumulator (V * D * 4 bytes, 0.5 GB at V = 32k, D = 4096) and the (V, D) product of
-each chunk in the input dtype before it is added in.
+Peak extra memory is one chunk of logits plus the gradients themselves, not N * V.
+
+grad_weight is accumulated in the input dtype, in place (addmm_: the matmul sums in fp32 and adds into the
+bf16 accumulator with one rounding per chunk), as Liger-Kernel does. An fp32 accumulator would cost V * D * 4
+bytes (0.5 GB at V = 32k, D = 4096) plus a (V, D) temporary per chunk, which is most of the memory this
+function exists to save; with ~8 chunks the extra rounding is a few bf16 ulps, below the noise of bf16
+gradients themselves (under FSDP's mixed precision every other gradient is bf16 too).
 
 Per chunk of tokens:
     logits = h_chunk @ W.T                (C, V) in the input dtype, fp32 accumulation inside the matmul
     row step (Triton kernel, or the same math in PyTorch): one pass for the row's log-sum-exp with an
         online max/sum in fp32, a second pass writing w * (softmax - onehot) over the logits in place
     grad_hidden[rows] = dlogits @ W       (C, D)
-    grad_weight      += dlogits.T @ h     (V, D), accumulated across chunks in fp32
+    grad_weight      += dlogits.T @ h     (V, D), accumulated in place in the input dtype
 
 Tokens with weight 0 (prompts, padding) are dropped before any matmul: only rows with a nonzero weight are
 gathered, so their targets may be -100 and they cost nothing. Their per-token CE is reported as 0.
@@ -179,16 +183,9 @@ def _forward_and_grads(hidden, weight, targets, loss_weights, chunk_size, need_g
 
     M = len(rows_kept)
     C = chunk_size or default_chunk_size(N, V, D)
-    n_chunks = math.ceil(M / C)
     per_token_ce = torch.zeros(N, dtype=torch.float32, device=hidden.device)
     grad_hidden = torch.zeros_like(hidden) if need_grad_hidden else None
-    grad_weight = None
-    if need_grad_weight:
-        # fp32 accumulator across chunks; a single chunk needs none (the matmul accumulates in fp32).
-        if n_chunks == 1 and hidden.dtype != torch.float32:
-            grad_weight = torch.zeros_like(weight)
-        else:
-            grad_weight = torch.zeros(V, D, dtype=torch.float32, device=weight.device)
+    grad_weight = torch.zeros_like(weight) if need_grad_weight else None  # (V, D), see the docstring
 
     for start in range(0, M, C):
         rows = rows_kept[start:start + C]                     # (C,)
@@ -200,15 +197,10 @@ def _forward_and_grads(hidden, weight, targets, loss_weights, chunk_size, need_g
         if need_grad_hidden:
             grad_hidden[rows] = dlogits @ weight              # (C, D)
         if need_grad_weight:
-            if grad_weight.dtype == dlogits.dtype:
-                grad_weight.addmm_(dlogits.t(), h)            # (V, D)
-            else:
-                grad_weight.add_(dlogits.t() @ h)             # (V, D) in input dtype, added in fp32
+            grad_weight.addmm_(dlogits.t(), h)                # (V, D)
         del logits, dlogits, h
 
     loss_sum = (per_token_ce * loss_weights.float()).sum()
-    if grad_weight is not None:
-        grad_weight = grad_weight.to(weight.dtype)            # frees the fp32 accumulator before backward
     return loss_sum, per_token_ce, grad_hidden, grad_weight
 
 
