@@ -80,6 +80,7 @@ class TrainConfig:
     # system
     dtype: str = "auto"               # bf16 params on GPU, fp32 on CPU
     activation_checkpointing: bool = False
+    compile: bool = False             # torch.compile each block (GPU): fuses RMSNorm, RoPE, SwiGLU's elementwise ops
     seed: int = 1337
     out_dir: str = "out/default"
     ckpt_every: int = 200             # steps between checkpoints (and one at the end)
@@ -278,6 +279,8 @@ def build_model(cfg, args, device, mesh):
         if cfg.activation_checkpointing:
             block = checkpoint_wrapper(block)
             model.layers[i] = block
+        if cfg.compile:  # per block, as torchtitan does; the attention kernel stays outside the graph
+            block.compile()
         # The last block's parameters are gathered again by the root right away: keep them unsharded.
         fully_shard(block, mesh=mesh, mp_policy=mp, reshard_after_forward=i < len(model.layers) - 1)
     fully_shard(model, mesh=mesh, mp_policy=mp)
@@ -322,8 +325,9 @@ def train(cfg):
         if cfg.max_steps:
             total_steps = min(total_steps, cfg.max_steps)
         model = build_model(cfg, args, device, mesh)
+        # fused: the whole AdamW update in one kernel per device on GPU, instead of many multi-tensor launches
         optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
-                                      eps=cfg.eps, weight_decay=cfg.weight_decay)
+                                      eps=cfg.eps, weight_decay=cfg.weight_decay, fused=device.type == "cuda")
         start_step = 0
         ckpt = latest_checkpoint(cfg.out_dir) if cfg.resume else None
         if ckpt is not None:

@@ -129,10 +129,12 @@ class KernelConfig:
 def kernel_config(head_dim, dtype, device_type):
     """The one launch config for this problem.
 
-    The bf16/fp16 CUDA configs were picked without a GPU, from ptxas's resource report for sm_90a:
-    wgmma in every matmul kernel, no register spills, shared memory well under the H100's 227 KiB and
-    the A100's 163 KiB (tests/test_attention.py compiles them for sm_80 and sm_90a; on sm_80 a few
-    spill some bytes). Their speed is still to be measured on an H100 (benchmarks/bench_attention.py)."""
+    head_dim 128, bf16: measured on an H200 (`python benchmarks/bench_attention.py --sweep`, 8k tokens,
+    H=32, H_kv=8): forward 128x64 tiles, 8 warps, 3 stages was the fastest of eight; the dK/dV kernel with
+    64-query steps over 128-key blocks took 4.6 ms of backward against 8.5 ms with 32x64 (bigger key
+    blocks re-read Q and dO fewer times). The other configs were picked without a GPU, from ptxas's
+    resource report for sm_90a: wgmma in every matmul kernel, no register spills, shared memory under the
+    H100's 227 KiB and the A100's 163 KiB (tests/test_attention.py compiles every one for sm_80 and sm_90a)."""
     if device_type != "cuda":
         # Interpreter: tiles small enough that the tests' sequences (up to ~100 tokens) span several,
         # and the diagonal is split into sub-blocks (block_m != block_n) in every kernel.
@@ -140,7 +142,7 @@ def kernel_config(head_dim, dtype, device_type):
     if dtype == torch.float32:  # for checking only: 4-byte tiles, so half the tile area
         return KernelConfig(64, 32, 4, 2, 32, 64, 8, 2, 64, 32, 4, 2)
     if head_dim == 128:
-        return KernelConfig(128, 64, 8, 3, 32, 64, 8, 2, 128, 64, 8, 2)
+        return KernelConfig(128, 64, 8, 3, 64, 128, 8, 2, 128, 64, 8, 3)
     if head_dim == 64:
         return KernelConfig(128, 64, 8, 3, 32, 128, 8, 3, 128, 64, 8, 3)
     return KernelConfig(64, 64, 4, 3, 32, 64, 4, 3, 64, 32, 4, 3)  # head_dim 16 / 32 (tiny test models)
@@ -484,6 +486,7 @@ def _kernel_can_run(q):
     return q.dtype in (torch.float16, torch.float32)
 
 
+@torch.compiler.disable  # under torch.compile (train.py --compile) the kernels run as they are, between graphs
 def flash_attention(q, k, v, cu_seqlens, max_seqlen, causal=True, softmax_scale=None):
     """Attention over packed sequences. q (T, H, D), k/v (T, H_kv, D), cu_seqlens int32 (n_seqs + 1,),
     max_seqlen >= the longest sequence (it sizes the grid: on CUDA it is not checked, to avoid a host
