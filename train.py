@@ -87,6 +87,7 @@ class TrainConfig:
     keep_ckpts: int = 2
     resume: bool = True               # continue from out_dir's latest checkpoint when there is one
     export: bool = True               # write a Hugging Face directory at the end
+    profile_step: int = 0             # >0: profile this step and the next two (torch.profiler), table in out_dir
 
 
 PRESETS_TRAIN = {
@@ -371,6 +372,9 @@ def train_loop(cfg, model, optimizer, dataset, plans, start_step, total_steps, a
     results = {"interrupted": False}
     try:
         while step < total_steps:
+            if cfg.profile_step and step + 1 == cfg.profile_step:
+                profiler = torch.profiler.profile(with_stack=False)
+                profiler.start()
             t0 = time.perf_counter()
             epoch, index = locate(step, plans)
             my_bins = plans[epoch][index][rank * cfg.grad_accum:(rank + 1) * cfg.grad_accum]
@@ -426,6 +430,13 @@ def train_loop(cfg, model, optimizer, dataset, plans, start_step, total_steps, a
                     postfix["mfu"] = f"{record['mfu']:.1%}"
                 bar.set_postfix(postfix, refresh=False)
                 bar.update(1)
+            if cfg.profile_step and step == cfg.profile_step + 2 and rank == 0:
+                profiler.stop()
+                sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+                table = profiler.key_averages().table(sort_by=sort, row_limit=40, max_name_column_width=70)
+                with open(os.path.join(cfg.out_dir, "profile.txt"), "w") as f:
+                    f.write(f"steps {cfg.profile_step}..{step}\n{table}\n")
+                log0(f"profile of steps {cfg.profile_step}..{step} in {cfg.out_dir}/profile.txt")
             if not math.isfinite(loss):
                 raise FloatingPointError(f"loss is {loss} at step {step}; the last checkpoint is intact")
 
