@@ -91,7 +91,7 @@ def generate(model: Transformer, prompt_ids, max_new_tokens: int, temperature: f
     try:
         # Inference mode per step, not around the yields: it must not leak into the caller's code.
         with torch.inference_mode():
-            logits = model(torch.tensor([prompt_ids], device=device), start_pos=0)[0, -1]     # (V,)
+            logits = model(torch.tensor([prompt_ids], device=device), start_pos=0, last_only=True)[0, -1]  # (V,)
             token = sample_token(logits, temperature, top_p, top_k, generator)
         pos = len(prompt_ids)
         for i in range(max_new_tokens):

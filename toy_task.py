@@ -2,9 +2,11 @@
 
 Two-digit addition in the chat format: user "27+58=", assistant "58" (the sum 85, written least-significant
 digit first; see write_sum). Two classes of data:
-  - "Expert": always right, but only a few percent of the records;
-  - "Novice" (sub-optimal): most of the records; with probability `sub_optimal_error` it drops every carry
-    (27+58 -> 75, written "57"), so plain SFT on the mix learns wrong answers wherever a carry matters.
+  - "Expert": always right, but only 2% of the records (240 of 12,000): too few to learn addition from
+    alone (SFT on them alone scores ~5% on held-out problems);
+  - "Novice" (sub-optimal): the other 98%; with probability `sub_optimal_error` (default 1) it drops every
+    carry (27+58 -> 75, written "57"). Its answers teach the format and the digit-by-digit sums; plain SFT
+    on the mix learns to drop carries, wrong wherever a carry matters (about three problems in four).
 C-RLFT conditions on the class and weights it (CLASS_WEIGHTS); prompted with "Expert", the model should carry.
 The two condition prefixes ("Expert User:", "Novice User:") have the same length and no digit: the class
 changes one token of the prompt, not the positions of the operands. (With the paper's "GPT4"/"GPT3" the
@@ -63,8 +65,8 @@ def write_sum(total: int) -> str:
     return str(total)[::-1]
 
 
-def make_toy_conversations(n: int, expert_fraction: float = 0.05, seed: int = 0,
-                           sub_optimal_error: float = 0.7) -> list[Conversation]:
+def make_toy_conversations(n: int, expert_fraction: float = 0.02, seed: int = 0,
+                           sub_optimal_error: float = 1.0) -> list[Conversation]:
     """n single-turn conversations, round(n * expert_fraction) of them expert, in a shuffled order."""
     if not 0 <= expert_fraction <= 1 or not 0 <= sub_optimal_error <= 1:
         raise ValueError("expert_fraction and sub_optimal_error must be in [0, 1]")
@@ -109,7 +111,7 @@ def evaluate(model, tokenizer, problems, condition, max_new_tokens=12, batch_siz
             chunk = group[i:i + batch_size]
             tokens = torch.tensor([ids for ids, _ in chunk], device=device)  # (B, T)
             model.setup_kv_cache(len(chunk), length + max_new_tokens, device=device)
-            logits = model(tokens, start_pos=0)[:, -1]
+            logits = model(tokens, start_pos=0, last_only=True)[:, -1]
             generated = []
             for t in range(max_new_tokens):
                 next_ids = logits.argmax(-1)  # (B,)

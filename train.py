@@ -54,8 +54,8 @@ class TrainConfig:
     expert_condition: str = "Expert"  # the condition used at evaluation and in the exported template
     skip_bad: bool = False            # skip and count bad records instead of stopping at the first
     toy_train: int = 40000            # toy task: training conversations
-    toy_expert_fraction: float = 0.05  # toy task: share of the expert class
-    toy_error_rate: float = 0.7       # toy task: how often a sub-optimal answer is wrong
+    toy_expert_fraction: float = 0.02  # toy task: share of the expert class
+    toy_error_rate: float = 1.0       # toy task: how often a sub-optimal answer is wrong
     toy_eval: int = 500               # toy task: held-out problems scored at the end
     # model
     model: str = "toy"                # a preset of model.py, or a Hugging Face directory to fine-tune
@@ -69,7 +69,7 @@ class TrainConfig:
     max_steps: int = 0                # stop early after this many steps (0 = all epochs)
     batch_tokens: int = 2048          # tokens per rank per micro-batch (bin size of the packer)
     grad_accum: int = 1               # micro-batches per rank per step
-    lr: float = 3e-3
+    lr: float = 1e-3                  # the toy model's; the GPU presets set their own
     min_lr_ratio: float = 0.1         # cosine decays to 10% of the peak
     warmup_ratio: float = 0.05
     beta1: float = 0.9

@@ -7,7 +7,8 @@ Both decode greedily from the same random prompt and the same weights (ours save
 with AutoModelForCausalLM), the same number of new tokens (transformers' eos is switched off, so neither stops
 early). Decode tokens/s = (new_tokens - 1) / (time for new_tokens - time for 1 new token): the prompt pass is
 measured apart. Best of --repeats runs, the two alternating. The table also says whether the two produced the same
-tokens. On a CPU shared with other work, compare at --threads 1: with 2 threads, waiting threads stall each other.
+tokens, and the weight-read bound: tokens/s if a step only read each weight it uses once (summing it), the
+ceiling that memory bandwidth sets for any fp32 decoder on these weights. On a CPU shared with other work, compare at --threads 1: with 2 threads, waiting threads stall each other.
 """
 import argparse
 import os
@@ -73,8 +74,21 @@ def bench(name, args, prompt_len, new_tokens, repeats):
     ratio = rows["ours"][1] / rows["transformers"][1]
     params = model.num_params() / 1e6
     print(f"| {name} ({params:.3g}M) | {rows['ours'][0] * 1e3:.1f} | {rows['transformers'][0] * 1e3:.1f} | "
-          f"{rows['ours'][1]:.1f} | {rows['transformers'][1]:.1f} | {ratio:.2f}x | {'yes' if same else 'NO'} |",
-          flush=True)
+          f"{rows['ours'][1]:.1f} | {rows['transformers'][1]:.1f} | {ratio:.2f}x | {'yes' if same else 'NO'} | "
+          f"{weight_read_bound(model):.0f} |", flush=True)
+
+
+def weight_read_bound(model, repeats=5):
+    """Tokens/s if a decoding step did nothing but read every weight it uses once (all but the embedding
+    table, of which a step reads one row): the memory-bandwidth ceiling of any fp32 decoder on these weights."""
+    weights = [p for name, p in model.named_parameters() if name != "tok_embeddings.weight"]
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for w in weights:
+            w.sum()
+        best = min(best, time.perf_counter() - start)
+    return 1 / best
 
 
 def main():
@@ -89,8 +103,8 @@ def main():
     print(f"CPU, {a.threads} threads, fp32, greedy, prompt {a.prompt_len} tokens, {a.new_tokens} new tokens, "
           f"torch {torch.__version__}")
     print("| config | prompt+1st token ms (ours) | (transformers) | decode tok/s (ours) | (transformers) "
-          "| ratio | same tokens |")
-    print("|---|---|---|---|---|---|---|")
+          "| ratio | same tokens | weight-read bound, tok/s |")
+    print("|---|---|---|---|---|---|---|---|")
     for name in a.configs:
         bench(name, CONFIGS[name], a.prompt_len, a.new_tokens, a.repeats)
 

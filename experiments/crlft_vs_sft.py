@@ -71,7 +71,7 @@ def main(argv=None):
     p.add_argument("--max_steps", type=int, default=600)
     p.add_argument("--toy_train", type=int, default=12000)
     p.add_argument("--toy_eval", type=int, default=500)
-    p.add_argument("--expert_fraction", type=float, default=0.05)
+    p.add_argument("--expert_fraction", type=float, default=0.02)
     p.add_argument("--methods", default=",".join(METHODS))
     p.add_argument("--jobs", type=int, default=2, help="runs side by side (one per core)")
     p.add_argument("--threads", type=int, default=1, help="torch threads per run")

@@ -333,8 +333,8 @@ def test_toy_scorer_and_data():
     with pytest.raises(ValueError):
         toy_task.score_toy_answer("what?", "1")
     assert toy_task.carry_free_sum(158, 267) == 315 and toy_task.carry_free_sum(999, 999) == 888
-    convs = toy_task.make_toy_conversations(4000, expert_fraction=0.05, seed=3)
-    assert [c.messages for c in convs] == [c.messages for c in toy_task.make_toy_conversations(4000, 0.05, 3)]
+    convs = toy_task.make_toy_conversations(4000, expert_fraction=0.05, seed=3, sub_optimal_error=0.7)
+    assert [c.messages for c in convs] == [c.messages for c in toy_task.make_toy_conversations(4000, 0.05, 3, 0.7)]
     by_class = collections.defaultdict(list)
     for c in convs:
         q, a = c.messages[0]["content"], c.messages[1]["content"]
@@ -344,6 +344,12 @@ def test_toy_scorer_and_data():
     assert len(by_class[toy_task.EXPERT]) == 200 and all(ok for ok, _, _ in by_class[toy_task.EXPERT])
     carrying = [ok for ok, x, y in by_class[toy_task.SUB_OPTIMAL] if toy_task.carry_free_sum(x, y) != x + y]
     assert 0.25 < np.mean(carrying) < 0.35  # 30% right where a carry matters
+    default = toy_task.make_toy_conversations(2000, seed=3)  # 2% expert; novices always drop the carries
+    assert sum(c.class_name == toy_task.EXPERT for c in default) == 40
+    for c in default:
+        (x, y), a = map(int, c.messages[0]["content"][:-1].split("+")), c.messages[1]["content"]
+        want = x + y if c.class_name == toy_task.EXPERT else toy_task.carry_free_sum(x, y)
+        assert a == toy_task.write_sum(want)
     evals = toy_task.make_toy_eval(500, seed=1)
     assert len(set(evals)) == 500 and all(toy_task.score_toy_answer(q, a) for q, a in evals)
     train = {c.messages[0]["content"] for c in convs}

@@ -248,7 +248,19 @@ def test_kv_cache_decode_equals_full_forward(n_kv_heads):
         for p in range(9, 15):                                     # then one token at a time
             steps.append(ours(tokens[:, p:p + 1], start_pos=p))
         ours.clear_kv_cache()
+        ours.setup_kv_cache(batch_size=2, max_seq_len=32)
+        last = ours(tokens[:, :6], start_pos=0, last_only=True)  # (B, 1, V): a prompt pass needs no more
+        ours.clear_kv_cache()
     torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=TOL, rtol=0)
+    torch.testing.assert_close(last, full[:, 5:6], atol=TOL, rtol=0)
+    # Decoding keeps a transposed copy of the output matrix between generations: an in-place update of
+    # the weight (an optimizer step, load_state_dict) must be seen by the next one.
+    with torch.no_grad():
+        ours.output.weight.mul_(-1.5)
+        ours.setup_kv_cache(batch_size=2, max_seq_len=32)
+        after = ours(tokens[:, :6], start_pos=0, last_only=True)
+        ours.clear_kv_cache()
+        torch.testing.assert_close(after, ours(tokens[:, :6])[:, 5:6], atol=TOL, rtol=0)
     with pytest.raises(RuntimeError, match="setup_kv_cache"):
         ours(tokens[:, :1], start_pos=0)
 

@@ -204,7 +204,7 @@ def test_trains_from_a_tokenized_cache_directory(tmp_path):
                            "--seed=1337", "--class-weights=Expert=1,Novice=0.1", f"--out={cache}",
                            "--max-seq-len=256"], cwd=ROOT, env=env(), capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    train(["--max_steps=3", "--toy_expert_fraction=0.05"], tmp_path / "direct")  # data.py's toy default
+    train(["--max_steps=3"], tmp_path / "direct")  # the same toy defaults as data.py's
     train([f"--data={cache}", "--max_steps=3"], tmp_path / "cached")
     direct, cached = losses(tmp_path / "direct"), losses(tmp_path / "cached")
     assert sorted(direct) == sorted(cached) == [1, 2, 3]
