@@ -130,9 +130,9 @@ def kernel_config(head_dim, dtype, device_type):
     """The one launch config for this problem.
 
     head_dim 128, bf16: measured on an H200 (`python benchmarks/bench_attention.py --sweep`, 8k tokens,
-    H=32, H_kv=8): forward 128x64 tiles, 8 warps, 3 stages was the fastest of eight; the dK/dV kernel with
-    64-query steps over 128-key blocks took 4.6 ms of backward against 8.5 ms with 32x64 (bigger key
-    blocks re-read Q and dO fewer times). The other configs were picked without a GPU, from ptxas's
+    H=32, H_kv=8): forward 128x64 tiles, 8 warps, 3 stages was the fastest of eight; with the dK/dV
+    kernel stepping 64 queries over 128-key blocks the whole backward took 4.6 ms against 8.5 ms with
+    32 x 64 (bigger key blocks re-read Q and dO fewer times); the dQ kernel's configs were within 6%. The other configs were picked without a GPU, from ptxas's
     resource report for sm_90a: wgmma in every matmul kernel, no register spills, shared memory under the
     H100's 227 KiB and the A100's 163 KiB (tests/test_attention.py compiles every one for sm_80 and sm_90a)."""
     if device_type != "cuda":
