@@ -103,7 +103,7 @@ PRESETS_TRAIN = {
     # Throughput check on one GPU: a ~1B model from scratch on packed ShareGPT, tokens/s and MFU in the bar.
     "1b-throughput": dict(model="1b", data="sharegpt", skip_bad=True, class_weights="GPT4 Correct=1",
                           expert_condition="GPT4 Correct", batch_tokens=16384, max_seq_len=4096, lr=3e-4,
-                          dtype="bf16", max_steps=30, ckpt_every=10**9, export=False, toy_eval=0),
+                          dtype="bf16", max_steps=30, ckpt_every=10**9, export=False, toy_eval=0, compile=True),
 }
 
 

@@ -35,7 +35,7 @@ print(f"1b: {len(rows)} steps; steps 6+: median tokens/s {med([r['tokens_per_s']
 PY
 }
 ONE_B="train.py --preset=1b-throughput --data=.gpu/sharegpt_head.json --tokenizer=.gpu/tokenizer.model.v1"
-step train_1b 180 torchrun --standalone --nproc_per_node=1 $ONE_B --out_dir=/tmp/1b
+step train_1b 180 torchrun --standalone --nproc_per_node=1 $ONE_B --compile=false --out_dir=/tmp/1b
 [[ -f /tmp/1b/log.jsonl ]] && summary /tmp/1b 2>&1 | tee -a "$OUT/train_1b.txt"
 rm -rf /tmp/1b
 step train_1b_compile 240 torchrun --standalone --nproc_per_node=1 $ONE_B --compile=true --out_dir=/tmp/1bc
