@@ -370,9 +370,10 @@ def train_loop(cfg, model, optimizer, dataset, plans, start_step, total_steps, a
     model.train()
     step = start_step
     results = {"interrupted": False}
+    profiler = None
     try:
         while step < total_steps:
-            if cfg.profile_step and step + 1 == cfg.profile_step:
+            if cfg.profile_step and step + 1 == cfg.profile_step:  # not when resuming past it
                 profiler = torch.profiler.profile(with_stack=False)
                 profiler.start()
             t0 = time.perf_counter()
@@ -430,13 +431,15 @@ def train_loop(cfg, model, optimizer, dataset, plans, start_step, total_steps, a
                     postfix["mfu"] = f"{record['mfu']:.1%}"
                 bar.set_postfix(postfix, refresh=False)
                 bar.update(1)
-            if cfg.profile_step and step == cfg.profile_step + 2 and rank == 0:
-                profiler.stop()
-                sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
-                table = profiler.key_averages().table(sort_by=sort, row_limit=40, max_name_column_width=70)
-                with open(os.path.join(cfg.out_dir, "profile.txt"), "w") as f:
-                    f.write(f"steps {cfg.profile_step}..{step}\n{table}\n")
-                log0(f"profile of steps {cfg.profile_step}..{step} in {cfg.out_dir}/profile.txt")
+            if profiler is not None and step == cfg.profile_step + 2:
+                profiler.stop()  # on every rank; rank 0 writes the table
+                if rank == 0:
+                    sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+                    table = profiler.key_averages().table(sort_by=sort, row_limit=40, max_name_column_width=70)
+                    with open(os.path.join(cfg.out_dir, "profile.txt"), "w") as f:
+                        f.write(f"steps {cfg.profile_step}..{step}\n{table}\n")
+                    log0(f"profile of steps {cfg.profile_step}..{step} in {cfg.out_dir}/profile.txt")
+                profiler = None
             if not math.isfinite(loss):
                 raise FloatingPointError(f"loss is {loss} at step {step}; the last checkpoint is intact")
 
@@ -451,6 +454,8 @@ def train_loop(cfg, model, optimizer, dataset, plans, start_step, total_steps, a
             if step % cfg.ckpt_every == 0 or step == total_steps:
                 save_checkpoint(model, optimizer, step, cfg.out_dir, cfg.keep_ckpts, dataclasses.asdict(cfg))
     finally:
+        if profiler is not None:  # the run ended inside the profiled steps
+            profiler.stop()
         bar.close()
         signal.signal(signal.SIGTERM, previous_handler)
     results["steps"] = step

@@ -159,13 +159,13 @@ def main():
         print("peak = peak RSS (VmHWM) during forward+backward - RSS before it, in a fresh process per row,"
               " mmap for every allocation >= 128 KiB (see the docstring).\nCPU times are noisy on a shared"
               " machine; --full is meant for a GPU.")
-    print(f"{'N':>6} {'D':>5} {'V':>6} {'path':>6} {'ms':>9} {'peak MiB':>9} {'time/naive':>10} "
-          f"{'mem/naive':>9}")
     if on_gpu:
         err = check_gpu(*shapes[0], dtype)
         print(f"check: fused vs fp32 naive at N={shapes[0][0]}: max relative error (loss, grad_hidden, "
               f"grad_weight) {err:.1e} {'ok' if err < 2e-2 else 'FAILED'}")
         torch.cuda.empty_cache()
+    print(f"{'N':>6} {'D':>5} {'V':>6} {'path':>6} {'ms':>9} {'peak MiB':>9} {'time/naive':>10} "
+          f"{'mem/naive':>9}")
     for N, D, V in shapes:
         base = None
         for path in paths:
