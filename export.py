@@ -29,19 +29,21 @@ from data import EOT_TEXT as EOT  # "<|end_of_turn|>"
 
 
 def chat_template(condition):
-    """OpenChat 3.5's Jinja chat template, for a class condition ("" for none): BOS, then per message
-    "{condition} {Role}: {content}<|end_of_turn|>" (a system message: "{content}<|end_of_turn|>"), and
-    "{condition} Assistant:" as the generation prompt."""
-    prefix = condition + " " if condition else ""
-    prefix = prefix.replace("\\", "\\\\").replace("'", "\\'")  # inside a Jinja string literal
+    """OpenChat 3.5's Jinja chat template: BOS, then per message "{condition} {Role}: {content}<|end_of_turn|>"
+    (system: "{content}<|end_of_turn|>"), and "{condition} Assistant:" to generate; "" gives "User:"/"Assistant:".
+    The template variable `condition` picks the class per request (transformers: apply_chat_template(...,
+    condition="GPT3"); vLLM: chat_template_kwargs={"condition": ...}); this argument is its default."""
+    default = condition.replace("\\", "\\\\").replace("'", "\\'")  # inside a Jinja string literal
     return (
+        "{% set condition = condition if condition is defined and condition is not none else '" + default + "' %}"
+        "{% set prefix = condition + ' ' if condition else '' %}"
         "{{ bos_token }}"
         "{% for message in messages %}"
         "{% if message['role'] == 'system' %}{{ message['content'] + '" + EOT + "' }}"
-        "{% else %}{{ '" + prefix + "' + message['role'] | title + ': ' + message['content'] + '" + EOT + "' }}"
+        "{% else %}{{ prefix + message['role'] | title + ': ' + message['content'] + '" + EOT + "' }}"
         "{% endif %}"
         "{% endfor %}"
-        "{% if add_generation_prompt %}{{ '" + prefix + "Assistant:' }}{% endif %}"
+        "{% if add_generation_prompt %}{{ prefix + 'Assistant:' }}{% endif %}"
     )
 
 
@@ -143,16 +145,20 @@ def _space_run_merges(lengths):
 
 def tokenizer_json(model_path, eot_id):
     """A tokenizers-library tokenizer.json equivalent to the sentencepiece model plus <|end_of_turn|> = eot_id."""
+    sp = spm.SentencePieceProcessor(model_file=model_path)  # its own short error for a file that is not a model
     settings = sentencepiece_settings(model_path)
-    wanted = {"model_type": "bpe", "normalizer": "identity", "precompiled_charsmap": b"",
-              "remove_extra_whitespaces": False, "escape_whitespaces": True}  # Mistral's and LLaMA's
-    bad = [f"{k}={settings[k]!r} (need {v!r})" for k, v in wanted.items() if settings[k] != v]
+    charsmap = len(settings.pop("precompiled_charsmap"))  # bytes (~240 KB for nmt_nfkc): only its size in messages
+    settings["normalizer"] += f" with a {charsmap / 1e3:.0f} KB precompiled_charsmap" if charsmap else ""
+    wanted = {"model_type": "bpe", "normalizer": "identity", "remove_extra_whitespaces": False,
+              "escape_whitespaces": True}  # Mistral's and LLaMA's
+    bad = [f"{k} {settings[k]} (need {v})" for k, v in wanted.items() if settings[k] != v]
     if bad:
-        raise ValueError(f"{model_path}: cannot write a tokenizer.json for this sentencepiece model: {', '.join(bad)}")
-    sp = spm.SentencePieceProcessor(model_file=model_path)
+        raise ValueError(f"{model_path}: tokenizer.json cannot reproduce this sentencepiece model: {'; '.join(bad)}")
     n_pieces = sp.get_piece_size()
     if eot_id != n_pieces:
-        raise ValueError(f"{model_path}: {EOT} must be the id right after the {n_pieces} pieces, got {eot_id}")
+        raise ValueError(f"{model_path}: {EOT} id {eot_id} (need {n_pieces}, the id right after the pieces)")
+    if min(sp.bos_id(), sp.eos_id()) < 0:
+        raise ValueError(f"{model_path}: bos_id {sp.bos_id()}, eos_id {sp.eos_id()} (need both pieces)")
     pieces = [sp.id_to_piece(i) for i in range(n_pieces)]
     specials = [i for i in range(n_pieces) if sp.is_control(i) or sp.is_unknown(i)]
     model = {"type": "BPE", "dropout": None, "unk_token": pieces[sp.unk_id()], "continuing_subword_prefix": None,
@@ -168,9 +174,7 @@ def tokenizer_json(model_path, eot_id):
     bos = {"SpecialToken": {"id": pieces[sp.bos_id()], "type_id": 0}}
     added = [(i, pieces[i]) for i in specials] + [(eot_id, EOT)]
     return {
-        "version": "1.0",
-        "truncation": None,
-        "padding": None,
+        "version": "1.0", "truncation": None, "padding": None,
         "added_tokens": [{"id": i, "content": text, "single_word": False, "lstrip": False, "rstrip": False,
                           "normalized": False, "special": True} for i, text in added],
         "normalizer": {"type": "Sequence", "normalizers": normalizers},
@@ -195,13 +199,14 @@ def _write_json(path, obj):
 
 def export_hf(model, tokenizer, out_dir, condition="GPT4 Correct"):
     """Write `model` (model.Transformer) and `tokenizer` (data.Tokenizer) as a Hugging Face model directory.
-
-    `condition` is the class string put in the chat template (the expert class; "" for plain SFT).
-    """
+    `condition`: the chat template's default class (the expert class; "" for plain SFT)."""
+    if model.args.vocab_size < tokenizer.vocab_size:  # more rows are fine (openchat_3.5: 32002 rows, 32001 ids)
+        raise ValueError(f"model vocab_size {model.args.vocab_size} (need >= the tokenizer's {tokenizer.vocab_size})")
+    tok_json = tokenizer_json(tokenizer.model_path, tokenizer.eot_id)  # checks the tokenizer before writing anything
     os.makedirs(out_dir, exist_ok=True)
     model.save_pretrained(out_dir)
     shutil.copyfile(tokenizer.model_path, os.path.join(out_dir, "tokenizer.model"))
-    _write_json(os.path.join(out_dir, "tokenizer.json"), tokenizer_json(tokenizer.model_path, tokenizer.eot_id))
+    _write_json(os.path.join(out_dir, "tokenizer.json"), tok_json)
 
     sp = spm.SentencePieceProcessor(model_file=tokenizer.model_path)
     bos, eos, unk = sp.id_to_piece(sp.bos_id()), sp.id_to_piece(sp.eos_id()), sp.id_to_piece(sp.unk_id())
@@ -227,8 +232,6 @@ def export_hf(model, tokenizer, out_dir, condition="GPT4 Correct"):
     _write_json(os.path.join(out_dir, "generation_config.json"), {
         "bos_token_id": sp.bos_id(),
         "eos_token_id": [tokenizer.eot_id, sp.eos_id()],  # stop at the end of the turn, and at </s>
-        "do_sample": True,  # OpenChat's serving defaults
-        "temperature": 0.7,
-        "top_p": 1.0,
+        "do_sample": True, "temperature": 0.7, "top_p": 1.0,  # OpenChat's serving defaults
     })
     return out_dir

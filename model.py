@@ -47,9 +47,9 @@ class ModelArgs:
     tie_embeddings: bool = False              # lm_head shares the embedding matrix
     head_dim: Optional[int] = None            # None: dim // n_heads
     init_std: float = 0.02                    # std of the normal init of every matrix (HF's initializer_range)
+    sliding_window: Optional[int] = None      # Mistral: each token sees itself and the window - 1 before it
     # Carried only into save_pretrained's config.json:
     model_type: str = "llama"                 # "llama" or "mistral"
-    sliding_window: Optional[int] = None      # Mistral: None or >= max_seq_len (we attend over everything)
     bos_token_id: Optional[int] = 1
     eos_token_id: Optional[int] = 2
 
@@ -67,9 +67,10 @@ class ModelArgs:
             raise ValueError(f"ModelArgs: n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}")
         if self.model_type not in ("llama", "mistral"):
             raise ValueError(f"ModelArgs: model_type={self.model_type!r}, expected 'llama' or 'mistral'")
-        if self.sliding_window is not None and self.sliding_window < self.max_seq_len:
-            raise ValueError(f"ModelArgs: sliding_window={self.sliding_window} < max_seq_len={self.max_seq_len}; "
-                             "this model attends over the whole sequence, so lower max_seq_len to the window")
+        if self.sliding_window is not None and (type(self.sliding_window) is not int or self.sliding_window < 1
+                                                or self.model_type != "mistral"):
+            raise ValueError(f"ModelArgs: sliding_window={self.sliding_window!r}: a Mistral model's window is an "
+                             "int >= 1 (None: none)")
 
 
 PRESETS = {
@@ -83,9 +84,9 @@ PRESETS = {
                     max_seq_len=4096),
     "llama2-7b": ModelArgs(dim=4096, n_layers=32, n_heads=32, vocab_size=32000, max_seq_len=4096),  # hidden 11008
     "llama2-13b": ModelArgs(dim=5120, n_layers=40, n_heads=40, vocab_size=32000, max_seq_len=4096),  # 13824
-    # Mistral-7B-v0.1 (vocab before <|end_of_turn|> is added); max_seq_len is its 4096-token sliding window.
+    # Mistral-7B-v0.1 as released (vocab before <|end_of_turn|> is added).
     "mistral-7b": ModelArgs(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, vocab_size=32000, hidden_dim=14336,
-                            max_seq_len=4096, model_type="mistral", sliding_window=4096),
+                            max_seq_len=32768, model_type="mistral", sliding_window=4096),
 }
 
 
@@ -124,6 +125,7 @@ class Attention(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
+        self.window = args.sliding_window
         self.wq = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=False)
         self.wk = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
         self.wv = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
@@ -141,7 +143,7 @@ class Attention(nn.Module):
             out = flash_attention(q.reshape(B * T, self.n_heads, self.head_dim),
                                   k.reshape(B * T, self.n_kv_heads, self.head_dim),
                                   v.reshape(B * T, self.n_kv_heads, self.head_dim),
-                                  cu_seqlens, max_seqlen)                                # (B*T, H, D)
+                                  cu_seqlens, max_seqlen, window=self.window)           # (B*T, H, D)
         else:
             out = self._attend_with_cache(q, k, v, start_pos)                            # (B, T, H, D)
         return self.wo(out.reshape(B, T, self.n_heads * self.head_dim))
@@ -154,12 +156,16 @@ class Attention(nn.Module):
                              f"got batch {B} and positions up to {end}")
         self.cache_k[:B, start_pos:end] = k
         self.cache_v[:B, start_pos:end] = v
-        keys = self.cache_k[:B, :end].transpose(1, 2)      # (B, H_kv, end, D)
-        values = self.cache_v[:B, :end].transpose(1, 2)
+        first = 0 if self.window is None else max(start_pos - self.window + 1, 0)  # older keys: out of every window
+        keys = self.cache_k[:B, first:end].transpose(1, 2)      # (B, H_kv, end - first, D)
+        values = self.cache_v[:B, first:end].transpose(1, 2)
         mask = None
-        if T > 1:  # a prompt chunk: query i sits at position start_pos + i and sees keys 0 .. start_pos + i
-            mask = (torch.arange(end, device=q.device)[None, :]
-                    <= torch.arange(start_pos, end, device=q.device)[:, None])  # (T, end)
+        if T > 1:  # a prompt chunk: query i sits at position start_pos + i and sees keys up to start_pos + i
+            key_pos = torch.arange(first, end, device=q.device)
+            query_pos = torch.arange(start_pos, end, device=q.device)[:, None]
+            mask = key_pos <= query_pos                                                 # (T, end - first)
+            if self.window is not None:
+                mask &= key_pos > query_pos - self.window
         out = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=mask,
                                              enable_gqa=self.n_kv_heads != self.n_heads)   # (B, H, T, D)
         return out.transpose(1, 2)
@@ -319,20 +325,22 @@ class Transformer(nn.Module):
     def flops_per_token(self, seq_len: int) -> float:
         """Training FLOPs per token (forward + backward) for MFU: 6 * N, N the parameters that do matmuls
         (everything but the embedding lookup; the lm_head counts even when tied), plus causal attention's
-        QK^T and AV, 12 * n_layers * (n_heads * head_dim) * seq_len, halved by the causal mask. For packed
-        rows seq_len is the (mean) conversation length, not the row length."""
+        QK^T and AV, 12 * n_layers * (n_heads * head_dim) * (keys a query sees on average): seq_len / 2, or
+        W - W^2 / (2 seq_len) past a sliding window W. For packed rows seq_len is the (mean) conversation
+        length, not the row length."""
         n = self.num_params(exclude_embeddings=True)
         if self.args.tie_embeddings:
             n += self.output.weight.numel()
-        attention = 12 * self.args.n_layers * self.args.n_heads * self.args.head_dim * seq_len / 2
-        return 6 * n + attention
+        w = self.args.sliding_window
+        keys = seq_len / 2 if w is None or seq_len <= w else w - w * w / (2 * seq_len)
+        return 6 * n + 12 * self.args.n_layers * self.args.n_heads * self.args.head_dim * keys
 
     # --------------------------------------------------------------- Hugging Face checkpoints
 
     @classmethod
     def from_pretrained(cls, path: str, device=None, dtype=None, max_seq_len: Optional[int] = None):
         """Load a Hugging Face LLaMA or Mistral directory (config.json + safetensors). dtype None: the
-        config's dtype. max_seq_len None: the config's max_position_embeddings (must fit a sliding window)."""
+        config's dtype. max_seq_len None: the config's max_position_embeddings."""
         config = read_hf_config(path)
         args = args_from_hf_config(config, max_seq_len, source=os.path.join(path, "config.json"))
         if dtype is None:
@@ -418,10 +426,8 @@ def args_from_hf_config(config: dict, max_seq_len: Optional[int] = None, source:
     max_positions = config.get("max_position_embeddings", 2048 if config["model_type"] == "llama" else 131072)
     seq_len = max_seq_len or max_positions
     window = config.get("sliding_window")
-    if window is not None and window < seq_len:
-        raise ValueError(f"{source}: sliding_window={window} is shorter than max_seq_len={seq_len}; this model "
-                         f"attends over the whole sequence, so load it with max_seq_len <= {window}, e.g. "
-                         f"Transformer.from_pretrained(path, max_seq_len={window})")
+    if window is not None and (type(window) is not int or window < 1 or config["model_type"] != "mistral"):
+        unsupported("sliding_window", "a Mistral model's window is an int >= 1 (or null)")
     n_heads = config["num_attention_heads"]
     return ModelArgs(
         dim=config["hidden_size"], n_layers=config["num_hidden_layers"], n_heads=n_heads,

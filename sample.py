@@ -29,22 +29,16 @@ def load(model_path: str, tokenizer_path: Optional[str] = None, device=None, dty
          max_seq_len: Optional[int] = None):
     """(model, tokenizer) from a Hugging Face LLaMA/Mistral directory: ours (train.py's export) or any other.
 
-    The tokenizer is `tokenizer_path`, else the directory's tokenizer.model, else data.Tokenizer's default.
-    Every problem is an error naming the path."""
+    The tokenizer is the directory's tokenizer.model (or `tokenizer_path`), with <|end_of_turn|> at the id
+    the directory gives it; one that does not fit the config's vocab_size is an error naming both numbers."""
     if not os.path.isdir(model_path):
         hint = " (run `python train.py` first to train and export the default model)" \
             if os.path.normpath(model_path) == DEFAULT_MODEL else ""
         raise FileNotFoundError(f"{model_path}: no such model directory{hint}")
-    if tokenizer_path is None and os.path.isfile(os.path.join(model_path, "tokenizer.model")):
-        tokenizer_path = os.path.join(model_path, "tokenizer.model")
     if tokenizer_path is not None and not os.path.isfile(tokenizer_path):
         raise FileNotFoundError(f"{tokenizer_path}: no such tokenizer file")
-    tokenizer = data.Tokenizer(tokenizer_path)
     model = Transformer.from_pretrained(model_path, device=device, dtype=dtype, max_seq_len=max_seq_len)
-    if tokenizer.vocab_size > model.args.vocab_size:
-        raise ValueError(f"{tokenizer.model_path}: the tokenizer has {tokenizer.vocab_size} ids (with "
-                         f"<|end_of_turn|>) but {model_path}/config.json has vocab_size={model.args.vocab_size}; "
-                         "pass the tokenizer the model was trained with (--tokenizer)")
+    tokenizer = data.checkpoint_tokenizer(model_path, model.args.vocab_size, tokenizer_path)
     return model.eval(), tokenizer
 
 
@@ -220,7 +214,7 @@ def parse_args(argv=None):
     p.add_argument("--model", default=DEFAULT_MODEL,
                    help=f"Hugging Face LLaMA/Mistral directory (default: {DEFAULT_MODEL}, from `python train.py`)")
     p.add_argument("--tokenizer", default=None,
-                   help="sentencepiece tokenizer.model (default: the model directory's, else Mistral's)")
+                   help="sentencepiece tokenizer.model (default: the model directory's)")
     p.add_argument("--condition", default=None,
                    help='C-RLFT class condition ("" for none; default: the one the export names, else "GPT4 Correct")')
     p.add_argument("--system", default=None, help="system prompt")
@@ -235,7 +229,7 @@ def parse_args(argv=None):
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="default: bfloat16 on GPU, float32 on CPU")
     p.add_argument("--max-seq-len", type=int, default=None,
-                   help="context to use (default: the config's; a Mistral window needs it <= sliding_window)")
+                   help="context to use (default: the config's max_position_embeddings)")
     args = p.parse_args(argv)
     if args.temperature < 0 or not 0 < args.top_p <= 1 or args.top_k < 0 or args.max_new_tokens < 1:
         p.error("need --temperature >= 0, 0 < --top-p <= 1, --top-k >= 0, --max-new-tokens >= 1")
@@ -254,8 +248,8 @@ def main(argv=None):
             prompts += [line.rstrip("\n") for line in f if line.strip()]
     try:
         model, tokenizer = load(args.model, args.tokenizer, device=device, dtype=dtype, max_seq_len=args.max_seq_len)
-    except (FileNotFoundError, ValueError) as e:
-        sys.exit(f"error: {e}")
+    except (OSError, ValueError) as e:
+        sys.exit(f"error: {data.one_line(e)}")
     if args.condition is None:
         args.condition = default_condition(args.model)
     generator = torch.Generator().manual_seed(args.seed) if args.seed is not None else None

@@ -1,7 +1,8 @@
 """The toy task: C-RLFT on CPU in minutes, with answers that can be checked exactly.
 
 Two-digit addition in the chat format: user "27+58=", assistant "58" (the sum 85, written least-significant
-digit first; see write_sum). Two classes of data:
+digit first; see write_sum), one to three sums a conversation, so that a chat goes on after its first answer.
+Two classes of data:
   - "Expert": always right, but only 2% of the records (240 of 12,000): too few to learn addition from
     alone (SFT on them alone scores ~5% on held-out problems);
   - "Novice" (sub-optimal): the other 98%; with probability `sub_optimal_error` (default 1) it drops every
@@ -17,6 +18,7 @@ The tokenizer is a tiny sentencepiece BPE model (digits split, 120 pieces), comm
 assets/toy_tokenizer.model; `python toy_task.py` regenerates it, deterministically.
 """
 import io
+import itertools
 import os
 import random
 import re
@@ -65,27 +67,34 @@ def write_sum(total: int) -> str:
     return str(total)[::-1]
 
 
-def make_toy_conversations(n: int, expert_fraction: float = 0.02, seed: int = 0,
-                           sub_optimal_error: float = 1.0) -> list[Conversation]:
-    """n single-turn conversations, round(n * expert_fraction) of them expert, in a shuffled order."""
-    if not 0 <= expert_fraction <= 1 or not 0 <= sub_optimal_error <= 1:
-        raise ValueError("expert_fraction and sub_optimal_error must be in [0, 1]")
+def make_toy_conversations(n: int, expert_fraction: float = 0.02, seed: int = 0, sub_optimal_error: float = 1.0,
+                           max_exchanges: int = 3) -> list[Conversation]:
+    """n conversations of 1 to max_exchanges sums each (a chat goes on after its first answer), every answer
+    by the conversation's class; round(n * expert_fraction) of them expert, in a shuffled order."""
+    if not 0 <= expert_fraction <= 1 or not 0 <= sub_optimal_error <= 1 or max_exchanges < 1:
+        raise ValueError("expert_fraction and sub_optimal_error must be in [0, 1], max_exchanges >= 1")
     rng = random.Random(seed)
     n_expert = round(n * expert_fraction)
     classes = [EXPERT] * n_expert + [SUB_OPTIMAL] * (n - n_expert)
     rng.shuffle(classes)
+    exchanges = [rng.randint(1, max_exchanges) for _ in range(n)]
+    problems = iter(_problems(rng, sum(exchanges), held_out=False))
     conversations = []
-    for i, ((a, b), cls) in enumerate(zip(_problems(rng, n, held_out=False), classes)):
-        wrong = cls == SUB_OPTIMAL and rng.random() < sub_optimal_error
-        answer = carry_free_sum(a, b) if wrong else a + b
-        messages = [{"role": "user", "content": f"{a}+{b}="}, {"role": "assistant", "content": write_sum(answer)}]
+    for i, (cls, k) in enumerate(zip(classes, exchanges)):
+        messages = []
+        for a, b in itertools.islice(problems, k):
+            wrong = cls == SUB_OPTIMAL and rng.random() < sub_optimal_error
+            answer = carry_free_sum(a, b) if wrong else a + b
+            messages += [{"role": "user", "content": f"{a}+{b}="}, {"role": "assistant", "content": write_sum(answer)}]
         conversations.append(Conversation(messages, cls, None, cls, f"toy:{i}"))
     return conversations
 
 
-def make_toy_eval(n: int, seed: int = 0) -> list[tuple[str, str]]:
-    """n distinct held-out problems as (question, correct answer)."""
-    return [(f"{a}+{b}=", write_sum(a + b)) for a, b in _problems(random.Random(seed), n, held_out=True, distinct=True)]
+def make_toy_eval(n: int, seed: int = 0, carry_free: bool = False) -> list[tuple[str, str]]:
+    """n distinct held-out problems as (question, answer): the true sum, or the novices' carry-free one."""
+    add = carry_free_sum if carry_free else (lambda a, b: a + b)
+    return [(f"{a}+{b}=", write_sum(add(a, b))) for a, b in _problems(random.Random(seed), n, held_out=True,
+                                                                     distinct=True)]
 
 
 def score_toy_answer(question: str, answer_text: str) -> bool:
@@ -97,19 +106,24 @@ def score_toy_answer(question: str, answer_text: str) -> bool:
 
 
 @torch.no_grad()
-def evaluate(model, tokenizer, problems, condition, max_new_tokens=12, batch_size=250):
-    """Accuracy of greedy answers. Prompts of equal length are decoded together with the KV cache."""
+def evaluate(model, tokenizer, problems, condition, max_new_tokens=12, batch_size=250, turn=1):
+    """Share of greedy answers equal to the answers of `problems` (question, answer), each asked as the
+    `turn`-th question of a chat after turn - 1 exchanges of other problems with their answers. Prompts of
+    equal length are decoded together."""
     model.eval()
     device = next(model.parameters()).device
     groups = {}
-    for question, answer in problems:
-        ids = encode_prompt(tokenizer, [{"role": "user", "content": question}], condition)
-        groups.setdefault(len(ids), []).append((ids, question))
+    for k, (question, answer) in enumerate(problems):
+        history = []
+        for q, a in (problems[(k + j + 1) % len(problems)] for j in range(turn - 1)):
+            history += [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
+        ids = encode_prompt(tokenizer, history + [{"role": "user", "content": question}], condition)
+        groups.setdefault(len(ids), []).append((ids, question, answer))
     correct, answers = 0, []
     for length, group in groups.items():
         for i in range(0, len(group), batch_size):
             chunk = group[i:i + batch_size]
-            tokens = torch.tensor([ids for ids, _ in chunk], device=device)  # (B, T)
+            tokens = torch.tensor([ids for ids, _, _ in chunk], device=device)  # (B, T)
             model.setup_kv_cache(len(chunk), length + max_new_tokens, device=device)
             logits = model(tokens, start_pos=0, last_only=True)[:, -1]
             generated = []
@@ -118,10 +132,10 @@ def evaluate(model, tokenizer, problems, condition, max_new_tokens=12, batch_siz
                 generated.append(next_ids)
                 logits = model(next_ids[:, None], start_pos=length + t)[:, -1]
             generated = torch.stack(generated, 1).tolist()  # (B, max_new_tokens)
-            for (_, question), ids in zip(chunk, generated):
+            for (_, question, answer), ids in zip(chunk, generated):
                 ids = ids[:ids.index(tokenizer.eot_id)] if tokenizer.eot_id in ids else ids
                 text = tokenizer.decode(ids)
-                correct += score_toy_answer(question, text)
+                correct += text.strip() == answer
                 answers.append((question, text))
     model.clear_kv_cache()
     return correct / max(1, len(problems)), answers

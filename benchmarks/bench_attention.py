@@ -14,6 +14,11 @@ Packs sum this over their sequences. The SDPA baseline is credited with the same
 it runs on the padded (n_seqs, max_len) batch (one call; padding sits after each sequence, so is_causal
 hides it), so its padding waste shows as lower TFLOP/s.
 
+Then Mistral's sliding window: one sequence of 16k tokens, forward and backward time with a window of
+4096 against full causal attention on the same inputs, and the ratio. The window kernels skip the key
+blocks out of reach, so the ideal ratio is the share of (query, key) pairs left: (W - W^2 / 2L) / (L / 2)
+= 0.44 here (the masked blocks at the window's edge cost a little more).
+
 Before timing, every case is checked in bf16 against attention_reference run in float32 on the same
 inputs (relative error ||x - ref|| / ||ref|| of the output and all three gradients, bound 2e-2).
 Times are triton.testing.do_bench medians. Without a CUDA GPU the script says so and exits 0.
@@ -36,6 +41,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from kernels.attention import attention_reference, flash_attention  # noqa: E402
 
 TOTALS = (1024, 2048, 4096, 8192, 16384)
+WINDOW, WINDOW_TOKENS = 4096, 16384  # Mistral-7B's sliding window, over one sequence of 16k tokens
 MAX_REL_ERR = 2e-2  # bf16 operands: errors of 1e-3 .. 1e-2 expected
 
 
@@ -70,12 +76,12 @@ def make_inputs(lengths, n_heads, n_kv_heads, head_dim, device):
     return q, k, v, do, cu_seqlens
 
 
-def check(q, k, v, do, cu_seqlens, max_seqlen):
+def check(q, k, v, do, cu_seqlens, max_seqlen, window=None):
     """Max relative error of (out, dq, dk, dv) against the float32 reference on the same bf16 inputs."""
-    out = flash_attention(q, k, v, cu_seqlens, max_seqlen)
+    out = flash_attention(q, k, v, cu_seqlens, max_seqlen, window=window)
     got = (out, *torch.autograd.grad(out, (q, k, v), do))
     q32, k32, v32 = [x.detach().float().requires_grad_() for x in (q, k, v)]
-    ref = attention_reference(q32, k32, v32, cu_seqlens, max_seqlen)
+    ref = attention_reference(q32, k32, v32, cu_seqlens, max_seqlen, window=window)
     want = (ref, *torch.autograd.grad(ref, (q32, k32, v32), do.float()))
     assert all(torch.isfinite(x).all() for x in got), "non-finite values in the kernel's results"
     return max(rel_err(x, y) for x, y in zip(got, want))
@@ -120,6 +126,10 @@ def bench(args):
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}; "
           f"H={H} H_kv={H_kv} D={D} bf16 causal; SDPA flash backend, "
           f"{'enable_gqa' if gqa_ok else 'K/V repeated per query head (enable_gqa not available on flash)'}")
+
+    def ms(fn):
+        return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+
     rows, failed = [], False
     for layout in ("one sequence", "packed"):
         for total in TOTALS:
@@ -129,9 +139,6 @@ def bench(args):
             err = check(q, k, v, do, cu, max_len)
             failed |= not err < MAX_REL_ERR
             fwd_flops, bwd_flops = causal_flops(lengths, H, D)
-
-            def ms(fn):
-                return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
 
             ours_fwd = ms(lambda: flash_attention(q, k, v, cu, max_len))
             out = flash_attention(q, k, v, cu, max_len)
@@ -159,6 +166,25 @@ def bench(args):
     for r in rows:
         print(f"{r[0]:<13}{r[1]:>7}{r[2]:>6}{r[3]:>8}{r[4]:>9.1e}{r[5]:>10.1f}{r[6]:>10.1f}{r[7]:>10.1f}"
               f"{r[8]:>10.1f}{r[9]:>8.3f}{r[10]:>8.3f}")
+
+    # Sliding window against full causal attention on the same 16k-token sequence.
+    q, k, v, do, cu = make_inputs([WINDOW_TOKENS], H, H_kv, D, device)
+    window_rows = []
+    for window in (None, WINDOW):
+        err = check(q, k, v, do, cu, WINDOW_TOKENS, window)
+        failed |= not err < MAX_REL_ERR
+        fwd = ms(lambda: flash_attention(q, k, v, cu, WINDOW_TOKENS, window=window))
+        out = flash_attention(q, k, v, cu, WINDOW_TOKENS, window=window)
+        bwd = ms(lambda: torch.autograd.grad(out, (q, k, v), do, retain_graph=True))
+        window_rows.append(("causal" if window is None else f"window {window}", err, fwd, bwd))
+        del out
+    ideal = (WINDOW - WINDOW ** 2 / (2 * WINDOW_TOKENS)) / (WINDOW_TOKENS / 2)
+    print(f"\none sequence of {WINDOW_TOKENS} tokens, time against full causal (ideal {ideal:.2f}: the share "
+          f"of (query, key) pairs in the window)")
+    print(f"{'attention':<13}{'rel_err':>9}{'fwd ms':>8}{'bwd ms':>8}{'fwd x':>7}{'bwd x':>7}")
+    for name, err, fwd, bwd in window_rows:
+        print(f"{name:<13}{err:>9.1e}{fwd:>8.3f}{bwd:>8.3f}{fwd / window_rows[0][2]:>7.2f}"
+              f"{bwd / window_rows[0][3]:>7.2f}")
     if failed:
         print(f"FAILED: a relative error is over {MAX_REL_ERR} (or NaN); the timings above are of wrong results")
         sys.exit(1)
@@ -177,8 +203,6 @@ SWEEP = {
 
 def sweep(args):
     """Time each candidate config of one kernel (others at the default) on 8k tokens, both layouts."""
-    import dataclasses
-
     import triton.testing
 
     import kernels.attention as attention
@@ -189,16 +213,13 @@ def sweep(args):
           f"default {default_config(D, torch.bfloat16, 'cuda')}")
     cases = [("one sequence", [8192]), ("packed", sharegpt_like_lengths(8192, seed=8192))]
     inputs = [(name, lengths, *make_inputs(lengths, H, H_kv, D, "cuda")) for name, lengths in cases]
-    fields = {"fwd": ("fwd_block_m", "fwd_block_n", "fwd_warps", "fwd_stages"),
-              "dkdv": ("dkdv_block_m", "dkdv_block_n", "dkdv_warps", "dkdv_stages"),
-              "dq": ("dq_block_m", "dq_block_n", "dq_warps", "dq_stages")}
     print(f"{'kernel':<6}{'block_m':>8}{'block_n':>8}{'warps':>6}{'stages':>7}"
           + "".join(f"{name + ' ms':>18}" for name, _ in cases) + f"{'rel_err':>9}")
     try:
         for kernel, candidates in SWEEP.items():
             for cand in candidates:
                 base = default_config(D, torch.bfloat16, "cuda")
-                cfg = dataclasses.replace(base, **dict(zip(fields[kernel], cand)))
+                cfg = base._replace(**{kernel: attention.Tiles(*cand)})
                 attention.kernel_config = lambda *a, _cfg=cfg: _cfg
                 times, err = [], 0.0
                 try:

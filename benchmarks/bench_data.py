@@ -3,10 +3,10 @@
     python benchmarks/bench_data.py [--condition-from-model] [--limit N]
 
 Template OpenChat 3.5 (condition "GPT4 Correct" for all: the package's file has no "model" field), Mistral v1
-tokenizer, context 8192. Tokenization is timed twice on the same conversations: the public allocator's way
-(one sp.encode call per piece, single thread; re-implemented here as the baseline) and data.tokenize_dataset,
-and sentencepiece's batched encode of the same texts on all cores alone, the ceiling of any tokenizer built
-on sentencepiece.
+tokenizer, context 8192. Tokenization is timed on the same conversations, per core: the public allocator's
+way (one sp.encode call per piece; re-implemented here as the baseline) and data.tokenize_dataset, both on one
+process and both on one process per core; and sentencepiece's batched encode of the same texts on all cores
+alone, the ceiling of any tokenizer built on sentencepiece.
 The machine is shared, so compare the two rows of one run. Packing: 8 ranks; slot use = tokens in bins /
 (steps x ranks x budget); "bound" is the best any packing reaches with every conversation in the epoch;
 "full steps" leaves out the epoch's last, partial step, as the public allocator does (it drops the
@@ -15,6 +15,7 @@ conversations that would fill it), so that column compares with its 97.5% / 99.0
 import argparse
 import collections
 import math
+import multiprocessing
 import os
 import sys
 import time
@@ -63,28 +64,38 @@ def main():
             print(f"  {key}: {n}")
 
     tokenizer = data.Tokenizer()
+    cores = os.cpu_count()
+    chunks = [conversations[i::cores] for i in range(cores)]
     t0 = time.perf_counter()
     per_piece_baseline(conversations, tokenizer, 8192)
+    t_base1 = time.perf_counter() - t0
+    t0 = time.perf_counter()  # the same, one process per core (each with its own tokenizer)
+    with multiprocessing.get_context("fork").Pool(cores) as pool:
+        pool.starmap(per_piece_baseline, [(chunk, tokenizer, 8192) for chunk in chunks])
     t_base = time.perf_counter() - t0
     # The ceiling for any sentencepiece-based tokenizer here: sentencepiece's own batched C++ encode of every
     # piece's text on all cores, nothing else (no template, no weights, no arrays).
     texts = [t for c in conversations for t in ([c.system] if c.system is not None else [])
              + [m["content"] for m in c.messages]]
     t0 = time.perf_counter()
-    tokenizer.sp.encode(texts, num_threads=os.cpu_count())
+    tokenizer.sp.encode(texts, num_threads=cores)
     t_sp = time.perf_counter() - t0
-    tokenizer = data.Tokenizer()  # a fresh one: its segment cache starts empty
+    t0 = time.perf_counter()  # a fresh tokenizer each time: its segment cache starts empty
+    data.tokenize_dataset(conversations, data.Tokenizer(), max_seq_len=8192, workers=1)
+    t_ours1 = time.perf_counter() - t0
     t0 = time.perf_counter()
-    dataset = data.tokenize_dataset(conversations, tokenizer, max_seq_len=8192)
+    dataset = data.tokenize_dataset(conversations, data.Tokenizer(), max_seq_len=8192, workers=cores)
     t_ours = time.perf_counter() - t0
     summary = dataset.meta["summary"]
     n, tokens = len(conversations), summary["tokens"]
-    print(f"\nload average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
-    print(f"{'tokenization':34} {'seconds':>8} {'conv/s':>8} {'Mtok/s':>7}")
-    print(f"{'per piece (public way), 1 thread':34} {t_base:8.1f} {n / t_base:8.0f} {tokens / t_base / 1e6:7.2f}")
-    print(f"{'data.tokenize_dataset':34} {t_ours:8.1f} {n / t_ours:8.0f} {tokens / t_ours / 1e6:7.2f}"
-          f"   ({t_base / t_ours:.2f}x)")
-    print(f"{f'sentencepiece alone, {os.cpu_count()} threads':34} {t_sp:8.1f} {n / t_sp:8.0f} "
+    print(f"\nload average {os.getloadavg()[0]:.1f} on {cores} cores; each pair of rows on the same cores")
+    print(f"{'tokenization':40} {'seconds':>8} {'conv/s':>8} {'Mtok/s':>7}")
+    for name, t, base in [("per piece (public way), 1 process", t_base1, None),
+                          ("data.tokenize_dataset, 1 process", t_ours1, t_base1),
+                          (f"per piece (public way), {cores} processes", t_base, None),
+                          (f"data.tokenize_dataset, {cores} processes", t_ours, t_base)]:
+        print(f"{name:40} {t:8.1f} {n / t:8.0f} {tokens / t / 1e6:7.2f}" + (f"   ({base / t:.2f}x)" if base else ""))
+    print(f"{f'sentencepiece alone, {cores} threads':40} {t_sp:8.1f} {n / t_sp:8.0f} "
           f"{tokens / t_sp / 1e6:7.2f}   (the ceiling: its encode of the texts, nothing else)")
     print(f"{len(dataset)} conversations, {tokens:,} tokens, {summary['truncated_to_context']} truncated, "
           f"dropped: {summary['dropped']}")

@@ -1,6 +1,7 @@
-"""kernels/attention.py: the Triton kernels (run in the CPU interpreter) against the PyTorch reference,
-the reference against a naive per-sequence softmax(QK^T)V, and an ahead-of-time compile of the real GPU
-launch configs for sm_80 and sm_90a.
+"""kernels/attention.py: the Triton kernels (run in the CPU interpreter) against the PyTorch reference
+and, with a sliding window, against a naive per-sequence softmax(QK^T)V over the allowed keys; the
+reference against the naive one; an ahead-of-time compile of the real GPU launch configs for sm_80 and
+sm_90a.
 
 Error measure: max |x - x_ref| / max |x_ref| per tensor, x_ref computed in float64 from the same
 (rounded) inputs. Tolerances: float32 1e-5 (seen ~5e-7); float16 1e-2 (seen ~1e-3: P, dS and the output
@@ -18,7 +19,9 @@ import torch
 from kernels import attention
 from kernels.attention import attention_reference, flash_attention
 
-pytestmark = pytest.mark.triton
+# numpy warns (0/0, log2(0)) on the padding rows of a window's last tile, which see no key and are never
+# stored, and on the NaN inputs of the skipping test.
+pytestmark = [pytest.mark.triton, pytest.mark.filterwarnings("ignore::RuntimeWarning")]
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOL = {torch.float32: 1e-5, torch.float16: 1e-2}
@@ -45,18 +48,18 @@ def random_lengths(seed, n_short=6, long=100):
     return [lengths[i] for i in perm]
 
 
-def run(fn, q, k, v, do, cu_seqlens, causal=True, dtype=None):
+def run(fn, q, k, v, do, cu_seqlens, causal=True, dtype=None, **kwargs):
     """Output and (dq, dk, dv) of fn, optionally computed on inputs upcast to `dtype`."""
     q, k, v = [x.detach().to(dtype or x.dtype).requires_grad_() for x in (q, k, v)]
     max_seqlen = int(cu_seqlens.diff().max())
-    out = fn(q, k, v, cu_seqlens, max_seqlen, causal=causal)
+    out = fn(q, k, v, cu_seqlens, max_seqlen, causal=causal, **kwargs)
     grads = torch.autograd.grad(out, (q, k, v), do.to(out.dtype))
     return (out, *grads)
 
 
-def naive_attention(q, k, v, cu_seqlens, causal=True):
-    """softmax(scale * Q K^T) V per sequence and head, written out directly. Returns out (T, H, D) and
-    lse (H, T)."""
+def naive_attention(q, k, v, cu_seqlens, causal=True, window=None):
+    """softmax(scale * Q K^T) V per sequence and head, written out directly; with a window, query i
+    attends to keys i - window < j <= i only. Returns out (T, H, D) and lse (H, T)."""
     n_heads, head_dim = q.shape[1], q.shape[2]
     group = n_heads // k.shape[1]
     outs, lses = [], []
@@ -65,30 +68,34 @@ def naive_attention(q, k, v, cu_seqlens, causal=True):
         ks = k[start:end].repeat_interleave(group, dim=1).transpose(0, 1)
         vs = v[start:end].repeat_interleave(group, dim=1).transpose(0, 1)
         scores = qs @ ks.transpose(1, 2) / math.sqrt(head_dim)  # (H, L, L)
+        i, j = torch.arange(end - start)[:, None], torch.arange(end - start)[None, :]
         if causal:
-            future = torch.ones(end - start, end - start, dtype=torch.bool).triu(1)
-            scores = scores.masked_fill(future, float("-inf"))
+            scores = scores.masked_fill(j > i, float("-inf"))
+        if window is not None:
+            scores = scores.masked_fill(j <= i - window, float("-inf"))
         lses.append(scores.logsumexp(-1))
         outs.append((scores.softmax(-1) @ vs).transpose(0, 1))
     return torch.cat(outs), torch.cat(lses, dim=1)
 
 
-def rel_err(x, ref):
+def rel_err(x, ref, floor=0.0):
+    """max |x - ref| / max |ref|; `floor` bounds the denominator below (window 1: dq = dk = 0 exactly)."""
     assert torch.isfinite(x).all()
-    return ((x.double() - ref.double()).abs().max() / ref.double().abs().max()).item()
+    return ((x.double() - ref.double()).abs().max() / max(ref.double().abs().max().item(), floor)).item()
 
 
 # ----------------------------------------------------------------------------------------------------
 # The reference, checked independently
 
-@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("causal,window", [(True, None), (False, None), (True, 1), (True, 7), (True, 33)])
 @pytest.mark.parametrize("group", [1, 2, 4])
-def test_reference_matches_naive_per_sequence_attention(group, causal):
+def test_reference_matches_naive_per_sequence_attention(group, causal, window):
     q, k, v, do, cu = make_pack(random_lengths(seed=group, long=60), 4, 4 // group, 16, torch.float64, seed=group)
-    got = run(attention_reference, q, k, v, do, cu, causal)
-    want = run(lambda *a, causal: naive_attention(*a[:4], causal)[0], q, k, v, do, cu, causal)
+    got = run(attention_reference, q, k, v, do, cu, causal, window=window)
+    want = run(lambda *a, causal, window: naive_attention(*a[:4], causal, window)[0], q, k, v, do, cu, causal,
+               window=window)
     for name, x, ref in zip(("out", "dq", "dk", "dv"), got, want):
-        assert rel_err(x, ref) < 1e-12, name
+        assert rel_err(x, ref, floor=1.0) < 1e-12, name
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -113,23 +120,26 @@ def test_kernel_non_causal_and_lse():
     want = run(attention_reference, q, k, v, do, cu, causal=False, dtype=torch.float64)
     for name, x, ref in zip(("out", "dq", "dk", "dv"), got, want):
         assert rel_err(x, ref) < TOL[torch.float32], name
-    # The saved log-sum-exp, which the backward relies on, in both modes.
-    for causal in (True, False):
-        _, lse = attention._forward(q, k, v, cu, max(lengths), causal, 1 / math.sqrt(32))
-        _, lse_ref = naive_attention(q.double(), k.double(), v.double(), cu, causal)
+    # The saved log-sum-exp, which the backward relies on, in every mode.
+    for causal, window in ((True, None), (False, None), (True, 16)):
+        _, lse = attention._forward(q, k, v, cu, max(lengths), causal, 1 / math.sqrt(32), window)
+        _, lse_ref = naive_attention(q.double(), k.double(), v.double(), cu, causal, window)
         assert (lse.double() - lse_ref).abs().max() < 1e-5
 
 
-def test_gpu_launch_config_in_interpreter(monkeypatch):
+# One long sequence: 2 query tiles, the second partial. With the window (400 tokens): window-edge,
+# unmasked and diagonal key blocks in the query tiles, unmasked and masked query blocks after the
+# diagonal, the window's edge on a block boundary in both.
+@pytest.mark.parametrize("length,window", [(230, None), (400, 191)])
+def test_gpu_launch_config_in_interpreter(monkeypatch, length, window):
     """The CUDA block sizes (128-row tiles), so the real tiling is checked for numbers too, not only
     compiled."""
     cuda_config = attention.kernel_config
     monkeypatch.setattr(attention, "kernel_config", lambda head_dim, dtype, device_type: cuda_config(
         head_dim, dtype, "cuda"))
-    lengths = [230]  # a pack of one long sequence: 2 query tiles, the second one partial
-    q, k, v, do, cu = make_pack(lengths, 4, 2, 64, torch.float16, seed=1)
-    got = run(flash_attention, q, k, v, do, cu)
-    want = run(attention_reference, q, k, v, do, cu, dtype=torch.float64)
+    q, k, v, do, cu = make_pack([length], 4, 2, 64, torch.float16, seed=1)
+    got = run(flash_attention, q, k, v, do, cu, window=window)
+    want = run(attention_reference, q, k, v, do, cu, dtype=torch.float64, window=window)
     for name, x, ref in zip(("out", "dq", "dk", "dv"), got, want):
         assert rel_err(x, ref) < TOL[torch.float16], name
 
@@ -148,6 +158,56 @@ def test_sequences_do_not_leak_into_each_other():
     for name, x, y in zip(("out", "dq", "dk", "dv"), before, after):
         assert torch.equal(x[others], y[others]), name
         assert not torch.equal(x[~others], y[~others]), name  # the changed sequence did change
+
+
+# ----------------------------------------------------------------------------------------------------
+# Sliding window (interpreter)
+
+def naive_window(q, k, v, cu_seqlens, max_seqlen, causal, window):
+    return naive_attention(q, k, v, cu_seqlens, causal, window)[0]
+
+
+# The interpreter's tiles are 64 queries x 32 keys (dK/dV: 64 keys x 32 queries): windows 1..33 end
+# inside the diagonal block or the one before it; 64 and 95 also give unmasked blocks in between, 95
+# with the window's edge on a block boundary (one more key or query unmasked would be wrong).
+@pytest.mark.parametrize("window,group,dtype", [(1, 1, torch.float32), (2, 2, torch.float32), (7, 4, torch.float32),
+                                                (16, 1, torch.float16), (33, 2, torch.float32),
+                                                (64, 4, torch.float16), (95, 2, torch.float32)])
+def test_window_kernel_matches_naive(window, group, dtype):
+    """Packs of sequences shorter and longer than the window (up to 2 * window + 70 tokens), against
+    float64 softmax over the allowed keys; window 1: every query sees itself only (dq = dk = 0)."""
+    lengths = random_lengths(seed=window, long=2 * window + 70)
+    q, k, v, do, cu = make_pack(lengths, 4, 4 // group, 32, dtype, seed=window)
+    got = run(flash_attention, q, k, v, do, cu, window=window)
+    want = run(naive_window, q, k, v, do, cu, dtype=torch.float64, window=window)
+    for name, x, ref in zip(("out", "dq", "dk", "dv"), got, want):
+        assert x.dtype == dtype
+        assert rel_err(x, ref, floor=1.0) < TOL[dtype], (name, lengths)
+
+
+def test_window_kernels_skip_blocks_outside_the_window():
+    """Cost grows with the window, not the sequence: K/V of tokens 0..63 and Q/dO of tokens 256..319 are
+    NaN, and a program that read any of them, even masked (0 * NaN = NaN), would spoil its whole tile.
+    With a window of 16, the tiles of tokens 128..191 (forward, dQ and dK/dV) must not reach them."""
+    length, window, middle = 320, 16, slice(128, 192)
+    q, k, v, do, cu = make_pack([length], 4, 2, 32, torch.float32, seed=7)
+    want = run(naive_window, q, k, v, do, cu, dtype=torch.float64, window=window)
+    k[:64], v[:64], q[256:], do[256:] = float("nan"), float("nan"), float("nan"), float("nan")
+    got = run(flash_attention, q, k, v, do, cu, window=window)
+    for name, x, ref in zip(("out", "dq", "dk", "dv"), got, want):
+        assert rel_err(x[middle], ref[middle], floor=1.0) < TOL[torch.float32], name
+    out, dq, dk, dv = run(flash_attention, q, k, v, do, cu)  # without a window they do read them
+    assert out[middle].isnan().all() and dq[middle].isnan().all() and dk[middle].isnan().all()
+
+
+def test_window_covering_every_sequence_runs_the_plain_causal_kernels(monkeypatch):
+    windows = []
+    launch_specs = attention.launch_specs
+    monkeypatch.setattr(attention, "launch_specs", lambda *args: windows.append(args[4]) or launch_specs(*args))
+    q, k, v, do, cu = make_pack([23, 40, 1], 4, 2, 32, torch.float32, seed=2)
+    for window in (40, 1000, 39):
+        run(flash_attention, q, k, v, do, cu, window=window)
+    assert windows == [None, None, None, None, 39, 39]  # forward and backward each
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -172,6 +232,10 @@ def test_bad_input_names_the_problem():
         flash_attention(q, k, v, cu, 3)
     with pytest.raises(ValueError, match="token count 7"):
         flash_attention(q, k, v, torch.tensor([0, 3, 6], dtype=torch.int32), 4)
+    for bad in (dict(window=0), dict(window=-2), dict(window=4.0), dict(window=True), dict(window=3, causal=False)):
+        for fn in (flash_attention, attention_reference):
+            with pytest.raises(ValueError, match="window="):
+                fn(q, k, v, cu, 4, **bad)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -181,7 +245,7 @@ def test_bad_input_names_the_problem():
 SMEM_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
 
 AOT_SCRIPT = r"""
-import json, sys, torch, triton
+import itertools, json, sys, torch, triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from kernels.attention import launch_specs
@@ -189,35 +253,36 @@ from kernels.attention import launch_specs
 limits = {int(k): v for k, v in json.loads(sys.argv[1]).items()}
 results = []
 # Every config the launcher uses on sm_90 (the H100 target); on sm_80 only bf16, which compiles to the
-# same tiles as fp16, to keep the test short.
+# same tiles as fp16, to keep the test short. Each kernel with and without a window (Mistral's 4096);
+# the delta kernel has no window.
 for cc, dtypes in ((90, ("bf16", "fp16")), (80, ("bf16",))):
-    for dt in dtypes:
-        for head_dim in (64, 128):
-            specs = launch_specs(head_dim, getattr(torch, {"bf16": "bfloat16", "fp16": "float16"}[dt]), "cuda")
-            for name, (kernel, constexprs, opts) in specs.items():
-                if cc == 80 and name == "delta":
-                    continue
-                signature = {}
-                for arg in kernel.arg_names:  # naming convention: UPPER = pointer, lower = scalar
-                    if arg in constexprs:
-                        signature[arg] = "constexpr"
-                    elif arg in ("LSE", "DELTA"):
-                        signature[arg] = "*fp32"
-                    elif arg == "CU_SEQLENS":
-                        signature[arg] = "*i32"
-                    elif arg.isupper():
-                        signature[arg] = "*" + dt
-                    else:
-                        signature[arg] = "fp32" if arg == "softmax_scale" else "i32"
-                # torch allocations are 16-byte aligned and the launcher sees that: without this hint
-                # the compiler skips the async copies and reports half the shared memory.
-                attrs = {(kernel.arg_names.index(a),): [["tt.divisibility", 16]]
-                         for a, t in signature.items() if t.startswith("*")}
-                src = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
-                compiled = triton.compile(src, target=GPUTarget("cuda", cc, 32), options=opts)
-                results.append(dict(cc=cc, dtype=dt, head_dim=head_dim, kernel=name,
-                                    shared=compiled.metadata.shared, wgmma="wgmma" in compiled.asm["ptx"],
-                                    cubin=len(compiled.asm["cubin"]) > 0))
+    for dt, head_dim, window in itertools.product(dtypes, (64, 128), (None, 4096)):
+        specs = launch_specs(head_dim, getattr(torch, {"bf16": "bfloat16", "fp16": "float16"}[dt]), "cuda",
+                             window=window)
+        for name, (kernel, constexprs, opts) in specs.items():
+            if name == "delta" and (cc == 80 or window):
+                continue
+            signature = {}
+            for arg in kernel.arg_names:  # naming convention: UPPER = pointer, lower = scalar
+                if arg in constexprs:
+                    signature[arg] = "constexpr"
+                elif arg in ("LSE", "DELTA"):
+                    signature[arg] = "*fp32"
+                elif arg == "CU_SEQLENS":
+                    signature[arg] = "*i32"
+                elif arg.isupper():
+                    signature[arg] = "*" + dt
+                else:
+                    signature[arg] = "fp32" if arg == "softmax_scale" else "i32"
+            # torch allocations are 16-byte aligned and the launcher sees that: without this hint
+            # the compiler skips the async copies and reports half the shared memory.
+            attrs = {(kernel.arg_names.index(a),): [["tt.divisibility", 16]]
+                     for a, t in signature.items() if t.startswith("*")}
+            src = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
+            compiled = triton.compile(src, target=GPUTarget("cuda", cc, 32), options=opts)
+            results.append(dict(cc=cc, dtype=dt, head_dim=head_dim, kernel=name, window=window,
+                                shared=compiled.metadata.shared, wgmma="wgmma" in compiled.asm["ptx"],
+                                cubin=len(compiled.asm["cubin"]) > 0))
 print(json.dumps(results))
 """
 
@@ -229,7 +294,8 @@ def test_gpu_kernels_compile_ahead_of_time_for_sm80_and_sm90():
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     results = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert len(results) == 2 * 2 * 4 + 2 * 3
+    assert len(results) == 2 * 2 * 4 + 2 * 3 + 3 * 2 * 3  # + the window variants of fwd, dK/dV, dQ
+    assert {r["kernel"] for r in results if r["window"]} == {"fwd", "dkdv", "dq"}
     for r in results:
         assert r["cubin"], r
         assert r["shared"] <= SMEM_LIMIT[r["cc"]], f"shared memory over the sm_{r['cc']} limit: {r}"

@@ -160,98 +160,12 @@ BAD_LINES = [  # (line, field named in the error, reason counted with skip_bad)
     (_with(items=[{"role": "user", "content": "  "}, {"role": "assistant", "content": "y"}]), "items[0].content",
      "empty content"),
     (_with(items=None), "items", "missing field"),
-    (_with(condition=None), "condition", "missing field"),
     (_with(items=[{"role": "user", "content": "x"}, {"content": "y"}]), "items[1].role", "missing field"),
     (_with(items=[{"role": "user", "content": "x"}]), "items", "no assistant turn"),
     (_with(items=[{"role": "user", "content": "x"}, {"role": "assistant", "content": "y", "weight": -1}]),
      "items[1].weight", "bad weight"),
     (_with(conditon="GPT4"), "conditon", "bad field"),
 ]
-
-
-@pytest.mark.parametrize("line,field,reason", BAD_LINES)
-def test_bad_jsonl_names_file_line_and_field(tmp_path, line, field, reason):
-    path = _write(tmp_path, "d.jsonl", [json.dumps(GOOD), line, json.dumps(GOOD)])
-    with pytest.raises(DataError, match=f"d.jsonl:2") as e:
-        readers.read_jsonl(path)
-    assert field in str(e.value) and e.value.reason == reason
-    stats = collections.Counter()
-    assert len(readers.read_jsonl(path, skip_bad=True, stats=stats)) == 2
-    assert stats == {f"skipped: {reason}": 1}
-
-
-def test_jsonl_fields(tmp_path):
-    path = _write(tmp_path, "d.jsonl", [json.dumps({**GOOD, "class": "expert", "system": "S"}), "",
-                                        json.dumps({**GOOD, "condition": ""})])
-    a, b = readers.read_jsonl(path)
-    assert (a.class_name, a.condition, a.system, a.source) == ("expert", "GPT4 Correct", "S", f"{path}:1")
-    assert (b.class_name, b.condition, b.source) == ("", "", f"{path}:3")
-
-
-def _sharegpt_records():
-    return [
-        {"id": "a", "conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello"}]},
-        {"id": "b", "conversations": [{"from": "gpt", "value": "leftover"}, {"from": "human", "value": "Q"},
-                                      {"from": "gpt", "value": "A"}], "model": "gpt-4"},
-        {"id": "c", "conversations": [{"from": "system", "value": "Be nice."}, {"from": "human", "value": "Q"},
-                                      {"from": "gpt", "value": "A"}]},
-    ]
-
-
-def test_sharegpt_cut_off_mid_record(tmp_path):
-    text = json.dumps(_sharegpt_records(), indent=2)
-    cut = text.index('"Be nice."') + 5  # inside the third record's string
-    path = tmp_path / "cut.json"
-    path.write_text(text[:cut])
-    stats = collections.Counter()
-    convs = readers.read_sharegpt(str(path), stats=stats)
-    assert [c.messages for c in convs] == [
-        [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}],
-        [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "A"}]]
-    assert stats["records read"] == 2 and stats["leading 'gpt' turns dropped"] == 1
-    [note] = [k for k in stats if k.startswith("incomplete last record")]
-    start_c = text.index('{\n    "id": "c"')  # ASCII: characters are bytes
-    assert f"line {text[:start_c].count(chr(10)) + 1}, byte {start_c})" in note
-    # cut between records, and a complete file: the system turn becomes the system prompt
-    path.write_text(text[:text.index('"id": "b"')])
-    assert len(readers.read_sharegpt(str(path))) == 1
-    path.write_text(text)
-    convs = readers.read_sharegpt(str(path), condition=None, skip_bad=True, stats=(stats := collections.Counter()))
-    assert [c.condition for c in convs] == ["GPT4"]  # "b" has model gpt-4; "a" and "c" have none: skipped
-    assert stats["skipped: missing field"] == 2 and convs[0].messages[0]["content"] == "Q"
-    convs = readers.read_sharegpt(str(path), condition="GPT4 Correct")
-    assert convs[2].system == "Be nice." and convs[2].messages[0] == {"role": "user", "content": "Q"}
-
-
-@pytest.mark.parametrize("turns,field,reason", [
-    ([{"from": "human", "value": "Q"}, {"from": "bing", "value": "A"}], "conversations[1].from", "unknown role"),
-    ([{"from": "human", "value": "Q"}, {"from": "gpt", "value": ""}], "conversations[1].value", "empty content"),
-    ([{"from": "human", "value": "Q"}], "conversations", "no assistant turn"),
-    ([{"from": "gpt", "value": "A"}], "conversations", "no assistant turn"),
-    ([{"from": "human", "value": "Q"}, {"from": "system", "value": "S"}, {"from": "gpt", "value": "A"}],
-     "conversations[1].from", "unknown role"),
-    ([{"from": "human"}], "conversations[0]", "missing field"),
-])
-def test_bad_sharegpt_names_file_line_and_field(tmp_path, turns, field, reason):
-    records = _sharegpt_records()[:1] + [{"id": "x", "conversations": turns}]
-    path = tmp_path / "s.json"
-    path.write_text(json.dumps(records, indent=1))
-    line = json.dumps(records, indent=1).split("\n").index(' {', 2) + 1  # where the second record starts
-    with pytest.raises(DataError, match=f"s.json:{line} \\(record 1, id 'x'\\)") as e:
-        readers.read_sharegpt(str(path))
-    assert field in str(e.value) and e.value.reason == reason
-    stats = collections.Counter()
-    assert len(readers.read_sharegpt(str(path), skip_bad=True, stats=stats)) == 1
-    assert stats[f"skipped: {reason}"] == 1
-
-
-def test_sharegpt_malformed_json_in_the_middle(tmp_path):
-    text = json.dumps(_sharegpt_records(), indent=1).replace('"Hello"', '"Hello" oops', 1)
-    path = tmp_path / "m.json"
-    path.write_text(text)
-    line = text[:text.index("oops")].count("\n") + 1
-    with pytest.raises(DataError, match=f"m.json:{line}: malformed JSON"):
-        readers.read_sharegpt(str(path))
 
 
 @pytest.fixture(scope="module")
@@ -261,11 +175,6 @@ def sharegpt_head():
     assert stats["records read"] > 17000
     assert sum(v for k, v in stats.items() if k.startswith("incomplete last record")) == 1
     return convs
-
-
-def test_real_sharegpt_file(sharegpt_head):
-    assert len(sharegpt_head) > 17000
-    assert all(c.messages[0]["role"] == "user" for c in sharegpt_head)
 
 
 # ------------------------------------------------------------------------------------------- tokenization
@@ -368,7 +277,9 @@ def test_toy_tokenizer(tmp_path):
     toy_task.train_toy_tokenizer(str(tmp_path / "t.model"))  # regenerates the committed file exactly
     assert (tmp_path / "t.model").read_bytes() == open(toy_task.TOKENIZER_PATH, "rb").read()
     ds = data.tokenize_dataset(toy_task.make_toy_conversations(50), tok, 64, toy_task.CLASS_WEIGHTS)
-    assert ds.lengths.max() < 32
+    exchanges = [int((ds.tokens[a:b] == tok.eot_id).sum()) // 2 for a, b in zip(ds.offsets[:-1], ds.offsets[1:])]
+    assert set(exchanges) == {1, 2, 3}  # a chat goes on after its first answer
+    assert ds.lengths.max() <= 3 * 16  # an exchange is at most 16 tokens: the toy model's context is ample
 
 
 # ------------------------------------------------------------------------------------------------ packing
@@ -457,9 +368,6 @@ def test_cli_tokenize_and_show(tmp_path, capsys):
     ds = data.TokenizedDataset.load(str(tmp_path / "out"))
     assert len(ds) == 2 and ds.class_names == ["GPT3", "GPT4 Correct"] and ds.meta["vocab_size"] == 32001
     assert '"conversations": 2' in capsys.readouterr().out
-    bad = _write(tmp_path, "b.jsonl", [json.dumps(GOOD), BAD_LINES[1][0]])
-    with pytest.raises(SystemExit, match="b.jsonl:2: items\\[0\\].role: unknown role 'bot'"):
-        data.main(["tokenize", "--input", bad, "--out", str(tmp_path / "o2")])
     data.main(["show", "--input", "toy", "--toy-n", "10", "--index", "3"])
     out = capsys.readouterr().out
     assert "weight 0     [<s>][▁Novice][▁User:]" in out and "weight 0.1   [▁]" in out and "[<|end_of_turn|>]" in out

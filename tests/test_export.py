@@ -57,10 +57,15 @@ def exported(request, tmp_path_factory):
     return tok, condition, model, out, transformers.AutoTokenizer.from_pretrained(out)
 
 
-def hf_prompt(hf_tok, messages, system):
+def hf_prompt(hf_tok, messages, system, **template_kwargs):
     chat = ([{"role": "system", "content": system}] if system is not None else []) + messages
-    ids = hf_tok.apply_chat_template(chat, add_generation_prompt=True)  # tokenize=True is the default
+    ids = hf_tok.apply_chat_template(chat, add_generation_prompt=True, **template_kwargs)  # tokenize=True: default
     return list(ids["input_ids"] if not isinstance(ids, list) else ids)
+
+
+def conditions(default):
+    """The export's default condition, another class, and the empty condition."""
+    return [default, "GPT3" if default != "GPT3" else "GPT4 Correct", ""]
 
 
 @pytest.mark.parametrize("system", SYSTEMS)
@@ -72,14 +77,37 @@ def test_chat_template_gives_our_prompt_ids(exported, system):
         assert ours.count(tok.eot_id) == len(messages) + (system is not None)
 
 
+@pytest.mark.parametrize("system", SYSTEMS)
+def test_condition_kwarg_picks_the_class(exported, system):
+    """apply_chat_template(..., condition=c) (vLLM: chat_template_kwargs={"condition": c}) gives the prompt
+    training built for class c, whatever the export's default."""
+    tok, default, _, _, hf_tok = exported
+    for condition in conditions(default):
+        for messages in CONVERSATIONS:
+            ours = data.encode_prompt(tok, messages, condition, system)
+            assert hf_prompt(hf_tok, messages, system, condition=condition) == ours, (condition, messages, system)
+
+
 def test_chat_template_text_is_openchats(exported):
     """Rendered text, checked against the published template (written out by hand here)."""
-    tok, condition, _, _, hf_tok = exported
+    tok, default, _, _, hf_tok = exported
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
-                {"role": "assistant", "content": "Hello"}]
-    text = hf_tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    p = f"{condition} " if condition else ""
-    assert text == f"<s>Be brief.{EOT}{p}User: Hi{EOT}{p}Assistant: Hello{EOT}{p}Assistant:"
+                {"role": "assistant", "content": "Hello"}, {"role": "user", "content": "Bye"}]
+
+    def text(**kwargs):
+        return hf_tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False, **kwargs)
+
+    for condition in conditions(default):
+        p = f"{condition} " if condition else ""
+        expected = f"<s>Be brief.{EOT}{p}User: Hi{EOT}{p}Assistant: Hello{EOT}{p}User: Bye{EOT}{p}Assistant:"
+        assert text(condition=condition) == expected, condition
+        if condition == default:
+            assert text() == text(condition=None) == expected  # no condition given: the export's default
+    # vLLM passes a chat_template_kwargs entry only if the template reads it as a variable of its own
+    # (vllm/renderers/hf.py, resolve_chat_template_kwargs: jinja2.meta.find_undeclared_variables).
+    jinja2 = pytest.importorskip("jinja2.sandbox")
+    parsed = jinja2.ImmutableSandboxedEnvironment().parse(hf_tok.chat_template)
+    assert "condition" in pytest.importorskip("jinja2.meta").find_undeclared_variables(parsed)
 
 
 def test_end_of_turn_is_one_special_token(exported):
@@ -133,7 +161,7 @@ def test_real_sharegpt_messages_encode_like_sentencepiece(exported, sharegpt):
     if tok.model_path != data.default_tokenizer_path():
         pytest.skip("real text: Mistral tokenizer only")
     for c in sharegpt:
-        messages = [m for m in c.messages if m["role"] in data.ROLES]
+        messages = [m for m in c.messages if m["role"] in ("user", "assistant")]
         if EOT in "".join(m["content"] for m in messages):
             continue  # the adversarial case, below
         assert hf_prompt(hf_tok, messages, None) == data.encode_prompt(tok, messages, condition), c.source
@@ -176,11 +204,12 @@ def test_tied_embeddings_export_loads(tmp_path):
 
 
 def test_condition_with_quotes_renders(tmp_path):
-    condition = "It's \"A\\B\""
+    condition = "It's \"A\\B\" %} {{ x }}"  # the default is written into the template as a string literal
     env = pytest.importorskip("jinja2").Environment()
-    text = env.from_string(chat_template(condition)).render(
-        bos_token="<s>", messages=[{"role": "user", "content": "hi"}], add_generation_prompt=True)
-    assert text == f"<s>{condition} User: hi{EOT}{condition} Assistant:"
+    template = env.from_string(chat_template(condition))
+    kwargs = dict(bos_token="<s>", messages=[{"role": "user", "content": "hi"}], add_generation_prompt=True)
+    assert template.render(**kwargs) == f"<s>{condition} User: hi{EOT}{condition} Assistant:"
+    assert template.render(**kwargs, condition="GPT3") == f"<s>GPT3 User: hi{EOT}GPT3 Assistant:"
 
 
 def test_unsupported_sentencepiece_model_is_a_clear_error(tmp_path):
@@ -194,5 +223,47 @@ def test_unsupported_sentencepiece_model_is_a_clear_error(tmp_path):
         spm.SentencePieceTrainer.train(sentence_iterator=iter(["hello world", "the cat sat"] * 50),
                                        model_writer=model, model_type="unigram", vocab_size=15, minloglevel=2)
         f.write(model.getvalue())
-    with pytest.raises(ValueError, match="unigram.model.*model_type='unigram'.*nmt_nfkc"):
+    expected = r"unigram.model: .*model_type unigram \(need bpe\).*normalizer nmt_nfkc with a \d+ KB"
+    with pytest.raises(ValueError, match=expected) as e:
         tokenizer_json(path, 15)
+    message = str(e.value)  # once ~1 MB: it held the precompiled_charsmap's bytes
+    assert "\n" not in message and len(message.replace(path, "")) < 220, message
+
+
+def test_export_errors_are_short_and_write_nothing(tmp_path):
+    from export import tokenizer_json
+
+    tok = toy_task.toy_tokenizer()
+    with pytest.raises(ValueError, match=f"id {tok.eot_id + 1} \\(need {tok.eot_id}") as e:
+        tokenizer_json(tok.model_path, tok.eot_id + 1)
+    assert str(e.value).startswith(tok.model_path) and len(str(e.value)) < len(tok.model_path) + 100
+    out = tmp_path / "out"
+    too_small = rf"model vocab_size {tok.vocab_size - 1} \(need >= the tokenizer's {tok.vocab_size}\)"
+    with pytest.raises(ValueError, match=too_small):
+        export_hf(tiny_model(tok.vocab_size - 1), tok, str(out))
+    assert not out.exists()
+    (tmp_path / "junk.model").write_bytes(bytes(range(256)) * 4)  # not a model: sentencepiece's one-line error
+    with pytest.raises(RuntimeError, match="junk.model$"):
+        tokenizer_json(str(tmp_path / "junk.model"), 100)
+
+
+def test_model_with_more_rows_than_token_ids_loads(tmp_path):
+    """openchat_3.5's shape: 32002 embedding rows, 32001 ids (the pieces and <|end_of_turn|> = 32000)."""
+    tok = data.Tokenizer()
+    model = tiny_model(tok.vocab_size + 1)
+    export_hf(model, tok, str(tmp_path))
+    with open(tmp_path / "config.json") as f:
+        assert json.load(f)["vocab_size"] == tok.vocab_size + 1 == 32002
+    hf_tok = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
+    assert len(hf_tok) == tok.vocab_size and hf_tok.convert_tokens_to_ids(EOT) == tok.eot_id == 32000
+    for system in SYSTEMS:
+        for condition in conditions("GPT4 Correct"):
+            ours = data.encode_prompt(tok, CONVERSATIONS[1], condition, system)
+            assert hf_prompt(hf_tok, CONVERSATIONS[1], system, condition=condition) == ours
+    assert hf_tok.decode(ours + [tok.vocab_size]) == hf_tok.decode(ours)  # a sampled extra row decodes to nothing
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path), dtype=torch.float32).eval()
+    ids = torch.tensor([ours])
+    with torch.no_grad():
+        theirs = hf(ids).logits
+        torch.testing.assert_close(theirs, model(ids), rtol=1e-4, atol=1e-5)
+    assert theirs.shape[-1] == 32002

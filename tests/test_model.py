@@ -1,6 +1,6 @@
 """model.py against transformers' LlamaForCausalLM / MistralForCausalLM (the independent reference), in float32
 on the PyTorch reference kernels: checkpoint loading and saving both ways, packed rows, the fused loss path,
-the KV cache, grow_vocab, meta-device init."""
+the KV cache, Mistral's sliding window, grow_vocab, meta-device init."""
 import json
 import os
 import subprocess
@@ -159,18 +159,38 @@ def test_unsupported_config_is_a_clear_error(field, value, tmp_path):
     assert "config.json" in str(error.value)
 
 
-def test_sliding_window_loads_with_max_seq_len_within_it(tmp_path):
-    hf = make_hf("mistral-gqa")
-    hf.config.sliding_window = 16  # HF now masks beyond 16 tokens back; no difference for sequences <= 16
+@pytest.mark.parametrize("max_positions", [32768, 8192])  # Mistral-7B-v0.1's, openchat_3.5's
+def test_released_mistral_config_loads_at_full_context(max_positions, tmp_path):
+    """A released-shaped config (sliding_window 4096 < max_position_embeddings), tiny dims: loads with no
+    argument at the config's full context and keeps the window, in and out."""
+    config = MistralConfig(vocab_size=259, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max_positions,
+                           sliding_window=4096, rope_theta=10000.0)
+    torch.manual_seed(0)
+    hf = randomize_(MistralForCausalLM(config)).eval()
     hf.save_pretrained(tmp_path)
-    with pytest.raises(ValueError, match="max_seq_len <= 16"):
-        M.Transformer.from_pretrained(str(tmp_path))
-    ours = M.Transformer.from_pretrained(str(tmp_path), max_seq_len=16)
-    tokens = torch.randint(0, 259, (1, 16))
+    ours = M.Transformer.from_pretrained(str(tmp_path))
+    assert ours.args.max_seq_len == max_positions and ours.args.sliding_window == 4096
+    tokens = torch.randint(0, 259, (1, 20))
     with torch.no_grad():
         torch.testing.assert_close(ours(tokens), hf_logits(hf, tokens), atol=TOL, rtol=0)
-    with pytest.raises(ValueError, match="max_seq_len"):
-        ours(torch.randint(0, 259, (1, 17)))
+    ours.save_pretrained(str(tmp_path / "again"))
+    again = json.loads((tmp_path / "again" / "config.json").read_text())
+    assert again["sliding_window"] == 4096 and again["max_position_embeddings"] == max_positions
+
+
+@pytest.mark.parametrize("window", [0, -1, 4.5, "16", True])
+def test_bad_sliding_window_is_a_clear_error(window, tmp_path):
+    make_hf("mistral-gqa").save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["sliding_window"] = window
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="config.json: sliding_window="):
+        M.Transformer.from_pretrained(str(tmp_path))
+    with pytest.raises(ValueError, match="sliding_window="):
+        tiny_args(model_type="mistral", sliding_window=window)
+    with pytest.raises(ValueError, match="sliding_window=16"):  # Mistral's: a LlamaConfig has no window
+        tiny_args(sliding_window=16)
 
 
 def test_missing_and_unexpected_tensors_are_named(tmp_path):
@@ -236,9 +256,10 @@ def test_loss_path_equals_cross_entropy_of_logits(tie):
         torch.testing.assert_close(grads[n], p.grad, atol=1e-5, rtol=1e-4, msg=n)
 
 
-@pytest.mark.parametrize("n_kv_heads", [4, 2])
-def test_kv_cache_decode_equals_full_forward(n_kv_heads):
-    ours = tiny_model(n_kv_heads=n_kv_heads)
+@pytest.mark.parametrize("n_kv_heads,window", [(4, None), (2, None), (2, 4)])
+def test_kv_cache_decode_equals_full_forward(n_kv_heads, window):
+    """With a window of 4 the prompt chunk and the decoding steps run past it."""
+    ours = tiny_model(n_kv_heads=n_kv_heads, **(dict(model_type="mistral", sliding_window=window) if window else {}))
     tokens = torch.randint(0, 317, (2, 15))
     with torch.no_grad():
         full = ours(tokens)
@@ -263,6 +284,93 @@ def test_kv_cache_decode_equals_full_forward(n_kv_heads):
         torch.testing.assert_close(after, ours(tokens[:, :6])[:, 5:6], atol=TOL, rtol=0)
     with pytest.raises(RuntimeError, match="setup_kv_cache"):
         ours(tokens[:, :1], start_pos=0)
+
+
+# ----------------------------------------------------------------------------- sliding window (Mistral)
+# transformers masks key j for query i unless i - W < j <= i (masking_utils.sliding_window_overlay and
+# causal_mask_function, for eager and sdpa alike); packed rows (position_ids restarting, no attention_mask,
+# no cache) get per-conversation masks on the positions (find_packed_sequence_indices).
+
+WINDOW_CONFIG = dict(vocab_size=263, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+                     num_key_value_heads=2, max_position_embeddings=128, sliding_window=16, rope_theta=10000.0)
+
+
+def windowed_pair(path, attn_implementation="eager"):
+    """transformers' MistralForCausalLM with a window of 16 (head_dim 16, which the Triton kernel takes too)
+    and our model loaded from its checkpoint."""
+    torch.manual_seed(0)
+    hf = randomize_(MistralForCausalLM(MistralConfig(**WINDOW_CONFIG, attn_implementation=attn_implementation)))
+    assert hf.config._attn_implementation == attn_implementation
+    hf.save_pretrained(path)
+    ours = M.Transformer.from_pretrained(str(path))
+    assert ours.args.sliding_window == 16 and ours.args.max_seq_len == 128
+    return hf.eval(), ours
+
+
+@pytest.mark.parametrize("attn_implementation,packed,kernel", [
+    ("eager", False, False), ("eager", True, False), ("sdpa", False, False), ("sdpa", True, False),
+    # numpy warns (0/0) on the padding rows of a window's last tile: no key to see, never stored
+    pytest.param("sdpa", True, True, marks=[pytest.mark.triton, pytest.mark.filterwarnings("ignore::RuntimeWarning")],
+                 id="sdpa-True-triton-kernel")])
+def test_sliding_window_matches_transformers(attn_implementation, packed, kernel, tmp_path):
+    """Sequences of 50-100 tokens, several windows long: logits and every parameter's gradient of a summed
+    cross-entropy, unpacked ((2, 70) batch) and packed (conversations of 60, 9, 85 and 30 tokens in one row);
+    once through the Triton kernel (CPU interpreter) instead of the PyTorch reference."""
+    from kernels import use_triton
+    assert use_triton(torch.zeros(1)) == kernel
+    hf, ours = windowed_pair(tmp_path, attn_implementation)
+    g = torch.Generator().manual_seed(1)
+    if packed:
+        lengths = [60, 9, 85, 30]
+        _, tokens, position_ids, cu_seqlens = packed_batch(lengths, 263, seed=3)
+        hf_batch = dict(position_ids=position_ids)
+        batch = dict(hf_batch, cu_seqlens=cu_seqlens, max_seqlen=max(lengths))
+    else:
+        tokens = torch.randint(0, 263, (2, 70), generator=g)
+        batch, hf_batch = {}, {}
+    targets = torch.randint(0, 263, tokens.shape, generator=g)
+
+    logits = hf(tokens, use_cache=False, **hf_batch).logits
+    F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="sum").backward()
+    loss, _ = ours(tokens, targets=targets, **batch)
+    loss.backward()
+    with torch.no_grad():
+        torch.testing.assert_close(ours(tokens, **batch), logits, atol=TOL, rtol=0)
+    ours_params, hf_params = dict(ours.named_parameters()), dict(hf.named_parameters())
+    for name, hf_name in M.hf_names(ours.args).items():
+        mine, theirs = ours_params[name].grad, hf_params[hf_name].grad
+        assert (mine - theirs).abs().max() <= 1e-4 * theirs.abs().max(), name
+    for layer in ours.layers:  # the window matters here: attending over whole sequences gives other logits
+        layer.attention.window = None
+    with torch.no_grad():
+        assert (ours(tokens, **batch) - logits).abs().max() > 0.1
+
+
+@pytest.mark.parametrize("prompt_len", [5, 40])  # shorter and longer than the window of 16
+def test_greedy_decoding_past_the_window_matches_transformers(prompt_len, tmp_path):
+    """80 new tokens with the KV cache (the prompt in two chunks), against transformers' greedy generate."""
+    hf, ours = windowed_pair(tmp_path)
+    hf.generation_config.eos_token_id = None  # never stop early
+    prompt = torch.randint(0, 263, (1, prompt_len), generator=torch.Generator().manual_seed(prompt_len))
+    n_new, split = 80, prompt_len // 2
+
+    def greedy():
+        ours.setup_kv_cache(1, prompt_len + n_new)
+        ours(prompt[:, :split], start_pos=0)
+        logits = ours(prompt[:, split:], start_pos=split, last_only=True)
+        tokens = []
+        for pos in range(prompt_len, prompt_len + n_new):
+            tokens.append(int(logits[0, -1].argmax()))
+            logits = ours(torch.tensor([tokens[-1:]]), start_pos=pos)
+        return tokens
+    with torch.no_grad():
+        # An explicit mask: generate would otherwise take a prompt token equal to pad_token_id for padding.
+        want = hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n_new, do_sample=False,
+                           pad_token_id=0)[0, prompt_len:].tolist()
+        assert greedy() == want
+        for layer in ours.layers:  # and the window matters: attending over everything decodes otherwise
+            layer.attention.window = None
+        assert greedy() != want
 
 
 # ----------------------------------------------------------------------------- parameters
@@ -323,6 +431,11 @@ def test_flops_per_token_by_hand():
     expected = 6 * non_embedding + 6 * 2 * 64 * 100
     assert M.Transformer(args).flops_per_token(100) == expected
     assert M.Transformer(tiny_args(tie_embeddings=True)).flops_per_token(100) == expected
+    # A sliding window of 40 over 100 tokens: queries see 1, 2, .., 40, 40, .. keys, ~ 40 - 40^2 / 200 = 32
+    # on average; within the window, seq_len / 2 as without one.
+    windowed = M.Transformer(tiny_args(model_type="mistral", sliding_window=40))
+    assert windowed.flops_per_token(100) == 6 * non_embedding + 12 * 2 * 64 * 32
+    assert windowed.flops_per_token(40) == 6 * non_embedding + 12 * 2 * 64 * 20
 
 
 def test_import_without_gpu():

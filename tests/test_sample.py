@@ -206,8 +206,10 @@ def test_load_errors_name_the_path(tmp_path):
         sample.load(str(missing))
     model = random_model(vocab_size=50)
     model.save_pretrained(str(tmp_path / "m"))
-    with pytest.raises(ValueError, match="vocab_size=50"):  # the default (Mistral) tokenizer has 32001 ids
+    with pytest.raises(FileNotFoundError, match="tokenizer.model"):  # no tokenizer of its own, none given
         sample.load(str(tmp_path / "m"))
+    with pytest.raises(ValueError, match="32000 pieces .* vocab_size=50"):  # not this model's tokenizer
+        sample.load(str(tmp_path / "m"), tokenizer_path=data.default_tokenizer_path())
     os.remove(tmp_path / "m" / "model.safetensors")
     with pytest.raises(FileNotFoundError, match="model.safetensors"):
         sample.load(str(tmp_path / "m"), tokenizer_path=toy_task.TOKENIZER_PATH)
@@ -277,3 +279,42 @@ def test_default_condition_is_the_one_the_export_names(tmp_path, capsys):
     expected = list(sample.generate(model, by_hand(tok, "GPT4", [("User", "5+6=")]), 5, temperature=0.0))
     expected = expected[:-1] if expected[-1] in (tok.eot_id, tok.sp.eos_id()) else expected
     assert f"Assistant: {tok.decode(expected)}\n" in capsys.readouterr().out
+
+
+def test_command_line_on_an_openchat_3_5_shaped_directory(tmp_path, capsys):
+    """A directory shaped like openchat_3.5, written by transformers: MistralForCausalLM whose sliding window is
+    shorter than max_position_embeddings, vocab 32002, <|end_of_turn|> = 32000 and <|pad_0|> = 32001 as added
+    tokens, the Mistral tokenizer.model. `sample.py --model=DIR` loads it as it is (no max_seq_len argument, the
+    tokenizer not grown) and answers with transformers' greedy tokens, 60 of them, well past the window."""
+    import json
+    import shutil
+    config = transformers.MistralConfig(vocab_size=32002, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, sliding_window=16,
+                                        max_position_embeddings=256, bos_token_id=1, eos_token_id=32000)
+    torch.manual_seed(0)
+    hf = transformers.MistralForCausalLM(config).eval()
+    with torch.no_grad():  # well separated logits: greedy has no near-ties
+        for p in hf.parameters():
+            if p.dim() == 2:
+                p.normal_(0.0, 0.2)
+    hf.save_pretrained(tmp_path)
+    shutil.copyfile(data.default_tokenizer_path(), tmp_path / "tokenizer.model")
+    (tmp_path / "added_tokens.json").write_text(json.dumps({"<|end_of_turn|>": 32000, "<|pad_0|>": 32001}))
+    decoder = {str(i): {"content": t, "special": True} for i, t in [(0, "<unk>"), (1, "<s>"), (2, "</s>"),
+                                                                   (32000, "<|end_of_turn|>"), (32001, "<|pad_0|>")]}
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"added_tokens_decoder": decoder}))
+
+    model, tok = sample.load(str(tmp_path))
+    assert (tok.eot_id, tok.vocab_size, model.args.vocab_size) == (32000, 32001, 32002)
+    assert (model.args.max_seq_len, model.args.sliding_window) == (256, 16)
+    sample.main(["--model", str(tmp_path), "--prompt", "What is 7 * 6?", "--temperature", "0",
+                 "--max-new-tokens", "60", "--device", "cpu"])
+    reply = capsys.readouterr().out.split("Assistant: ", 1)[1].rstrip("\n")
+    prompt = data.encode_prompt(tok, [{"role": "user", "content": "What is 7 * 6?"}], "GPT4 Correct")
+    hf.generation_config.eos_token_id = [32000, 2]
+    hf.generation_config.pad_token_id = 0
+    with torch.no_grad():
+        theirs = hf.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                             max_new_tokens=60, do_sample=False)[0, len(prompt):].tolist()
+    theirs = theirs[:next((k for k, t in enumerate(theirs) if t in (32000, 2)), len(theirs))]
+    assert len(prompt) + len(theirs) > 2 * 16 and reply == tok.decode(theirs)  # decoded well past the window

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import torch
 
@@ -33,9 +34,15 @@ def train(args, out_dir, launcher=(sys.executable,), check=True, **kwargs):
     return proc
 
 
-def losses(out_dir):
+def log(out_dir):
     with open(os.path.join(out_dir, "log.jsonl")) as f:
-        return {r["step"]: r["loss"] for r in map(json.loads, f)}
+        return [json.loads(line) for line in f]
+
+
+def losses(out_dir):
+    steps = [r["step"] for r in log(out_dir) if "loss" in r]
+    assert len(steps) == len(set(steps)), "a step logged twice"
+    return {r["step"]: r["loss"] for r in log(out_dir) if "loss" in r}
 
 
 def test_learning_rate_schedule_matches_hand_computation():
@@ -62,7 +69,7 @@ def test_learning_rate_schedule_matches_hand_computation():
 def test_bad_config_is_a_clear_error(bad, message):
     sys.path.insert(0, ROOT)
     import train as T
-    with pytest.raises(SystemExit) as e:
+    with pytest.raises(ValueError) as e:
         T.parse_config(bad)
     assert message in str(e.value)
 
@@ -87,17 +94,16 @@ def test_first_step_loss_is_weighted_mean_over_the_global_batch(tmp_path):
     from model import Transformer
     train(["--grad_accum=2", "--max_steps=1"], tmp_path / "run")
     cfg = T.parse_config([*TINY, "--grad_accum=2"])
-    conversations, tokenizer = T.load_conversations(cfg)
-    args = T.model_args(cfg, tokenizer)
-    dataset = data.tokenize_dataset(conversations, tokenizer, args.max_seq_len,
-                                    data.parse_class_weights(cfg.class_weights))
+    tokenizer, args = T.tokenizer_and_args(cfg)
+    dataset = data.TokenizedDataset.load(str(tmp_path / "run" / "data"))
+    train_ids, _ = data.split_holdout(dataset.class_ids, cfg.val_fraction, cfg.val_max, cfg.seed)
     torch.manual_seed(cfg.seed)
     model = Transformer(args)
     model.init_weights()
-    bins = data.pack_epoch(dataset.lengths, cfg.batch_tokens, 2, cfg.seed, 0)[0]
+    bins = data.pack_epoch(dataset.lengths[train_ids], cfg.batch_tokens, 2, cfg.seed, 0)[0]
     num, den = 0.0, 0.0
     for bin_ in bins:
-        for i in bin_:  # each conversation on its own: no packing involved in the reference
+        for i in train_ids[bin_]:  # each conversation on its own: no packing involved in the reference
             b = data.make_batch(dataset, [i])
             logits = model(b.tokens[None]).squeeze(0)
             ce = torch.nn.functional.cross_entropy(logits.double(), b.targets, reduction="none")
@@ -124,7 +130,7 @@ def test_kill_and_resume_continues_the_same_loss_curve(tmp_path):
     proc.wait()
     assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
     train(["--max_steps=8", "--ckpt_every=2"], out)
-    resumed = losses(out)  # steps after the checkpoint were logged twice: the last entry wins
+    resumed = losses(out)  # each step once: the steps after the checkpoint were logged again, not twice
     assert sorted(resumed) == list(range(1, 9))
     for step in range(1, 9):
         assert resumed[step] == pytest.approx(reference[step], rel=1e-6, abs=1e-7), step
@@ -224,3 +230,111 @@ def test_compile_and_profile_match_eager(tmp_path):
     with open(tmp_path / "compiled" / "profile.txt") as f:
         table = f.read()
     assert table.startswith("steps 1..3") and "aten::mm" in table
+
+
+TORCHRUN = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2")
+
+
+def test_data_is_prepared_once_per_job_and_reused(tmp_path):
+    """Under torchrun, rank 0 tokenizes and rank 1 memory-maps the same files; a restart with the same inputs
+    reuses them (file times unchanged); another class weight tokenizes again."""
+    out = tmp_path / "run"
+    proc = train(["--max_steps=1", "--ckpt_every=1"], out, launcher=TORCHRUN)
+    assert proc.stdout.count("tokenized") == 1 and "rank 0 tokenized" in proc.stdout, proc.stdout
+    files = {p: p.stat().st_mtime_ns for p in (out / "data").iterdir()}
+    proc = train(["--max_steps=2"], out, launcher=TORCHRUN)  # resumes at step 1
+    assert "tokenized" not in proc.stdout and f"reusing {out / 'data'}" in proc.stdout
+    assert {p: p.stat().st_mtime_ns for p in (out / "data").iterdir()} == files
+    assert sorted(losses(out)) == [1, 2]
+    proc = train(["--max_steps=1", "--class_weights=Expert=1,Novice=0.2", "--resume=false"], out, launcher=TORCHRUN)
+    assert proc.stdout.count("rank 0 tokenized") == 1
+    meta = json.loads((out / "data" / "meta.json").read_text())
+    assert meta["summary"]["classes"]["Novice"]["weight_sum"] == pytest.approx(
+        0.2 * meta["summary"]["classes"]["Novice"]["supervised_tokens"], rel=1e-5)
+
+
+def test_validation_loss_is_the_held_out_weighted_mean_and_every_epoch_is_exported(tmp_path):
+    """2 epochs: 2 validation records, whose losses equal sum(w * CE) / sum(w) over the held-out conversations
+    computed by transformers from each epoch's export (overall and per class); the held-out conversations are
+    in no training bin; epoch_1, epoch_2 and the final export."""
+    sys.path.insert(0, ROOT)
+    import data
+    import train as T
+    from transformers import LlamaForCausalLM
+    out = tmp_path / "run"
+    train(["--val_fraction=0.1", "--export=true"], out)
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith("epoch_")) == ["epoch_1", "epoch_2"]
+    assert (out / "export" / "model.safetensors").exists()
+    cfg = T.parse_config([*TINY, "--val_fraction=0.1"])
+    dataset = data.TokenizedDataset.load(str(out / "data"))
+    train_ids, held_out = data.split_holdout(dataset.class_ids, cfg.val_fraction, cfg.val_max, cfg.seed)
+    assert len(held_out) >= 20 and set(dataset.class_ids[held_out]) == {0, 1}  # both classes validated
+    trained = {int(train_ids[i]) for epoch in T.plan_epochs(dataset.lengths[train_ids], cfg, 1)
+               for step in epoch for b in step for i in b}
+    assert trained == set(train_ids.tolist()) and not trained & set(held_out.tolist())
+    records = [r for r in log(out) if "val_loss" in r]
+    assert [r["epoch"] for r in records] == [0, 1]
+    for epoch, record in enumerate(records, 1):
+        hf = LlamaForCausalLM.from_pretrained(str(out / f"epoch_{epoch}"), dtype=torch.float64).eval()
+        num, den = np.zeros(2), np.zeros(2)
+        for i in held_out:
+            tokens = torch.from_numpy(dataset.tokens[dataset.offsets[i]:dataset.offsets[i + 1]].astype(np.int64))
+            w = dataset.weights[dataset.offsets[i] + 1:dataset.offsets[i + 1]].astype(np.float64)
+            with torch.no_grad():
+                ce = torch.nn.functional.cross_entropy(hf(input_ids=tokens[None, :-1]).logits[0], tokens[1:],
+                                                       reduction="none").numpy()
+            num[dataset.class_ids[i]] += (w * ce).sum()
+            den[dataset.class_ids[i]] += w.sum()
+        assert record["val_loss"] == pytest.approx(num.sum() / den.sum(), rel=1e-5)
+        for c, name in enumerate(dataset.class_names):
+            assert record["val_loss_per_class"][name] == pytest.approx(num[c] / den[c], rel=1e-5)
+
+
+def test_resume_refuses_a_changed_setting_by_name(tmp_path):
+    out = tmp_path / "run"
+    train(["--max_steps=2", "--ckpt_every=1"], out)
+    assert sorted(p.name for p in (out / "ckpt" / "step_0000002").iterdir() if "rng" in p.name) == \
+        ["rng_rank0.safetensors"]  # read back without unpickling
+    for change, says in [("--batch_tokens=700", "batch_tokens was 600"), ("--seed=1", "seed was 1337"),
+                         ("--class_weights=Expert=1,Novice=0.5", "class_weights was"),
+                         ("--dim=64", "model was"), ("--grad_accum=2", "grad_accum was 1")]:
+        proc = train(["--max_steps=4", change], out, check=False)
+        assert proc.returncode != 0 and says in proc.stderr and "--resume=false" in proc.stderr, (change, proc.stderr)
+        assert proc.stderr.count("\n") == 1
+    train(["--max_steps=3", "--ckpt_every=7"], out)  # safe to change: it continues
+    assert sorted(losses(out)) == [1, 2, 3]
+    train(["--max_steps=1", "--batch_tokens=700", "--resume=false"], out)  # starting over is allowed
+    assert sorted(losses(out)) == [1]
+
+
+def test_fine_tunes_a_transformers_checkpoint_with_its_own_tokenizer_on_two_class_files(tmp_path):
+    """A tiny Llama written by transformers, with a tokenizer that is not Mistral's (the toy one), fine-tuned at
+    2 ranks on two files given two classes: the export holds that tokenizer, the summary names both classes."""
+    sys.path.insert(0, ROOT)
+    import toy_task
+    from transformers import LlamaConfig, LlamaForCausalLM
+    checkpoint = tmp_path / "tiny-llama"
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(vocab_size=120, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+                     ).save_pretrained(checkpoint)
+    (checkpoint / "tokenizer.model").write_bytes(open(toy_task.TOKENIZER_PATH, "rb").read())
+    for name, answer in (("a", lambda x, y: x + y), ("b", toy_task.carry_free_sum)):
+        with open(tmp_path / f"{name}.jsonl", "w") as f:
+            for x in range(10, 40):
+                items = [{"role": "user", "content": f"{x}+{x + 7}="},
+                         {"role": "assistant", "content": toy_task.write_sum(answer(x, x + 7))}]
+                f.write(json.dumps({"items": items}) + "\n")
+    proc = train([f"--model={checkpoint}", f"--data=A={tmp_path / 'a.jsonl'},B={tmp_path / 'b.jsonl'}",
+                  "--class_weights=A=1,B=0.1", "--expert_condition=A", "--max_steps=2", "--export=true",
+                  "--dim=0", "--n_layers=0", "--n_heads=0", "--n_kv_heads=0"], tmp_path / "run", launcher=TORCHRUN)
+    assert "class 'A'" in proc.stdout and "class 'B'" in proc.stdout and "plain SFT" not in proc.stdout
+    assert f"tokenizer: {checkpoint / 'tokenizer.model'}" in proc.stdout
+    export = tmp_path / "run" / "export"
+    assert (export / "tokenizer.model").read_bytes() == (checkpoint / "tokenizer.model").read_bytes()
+    assert json.loads((export / "config.json").read_text())["vocab_size"] == 121  # + <|end_of_turn|>
+    assert json.loads((export / "tokenizer_config.json").read_text())["crlft_condition"] == "A"
+    import data
+    proc = train([f"--model={checkpoint}", "--max_steps=1", f"--tokenizer={data.default_tokenizer_path()}"],
+                 tmp_path / "bad", check=False)  # Mistral's tokenizer does not fit this checkpoint
+    assert proc.returncode != 0 and "32000 pieces" in proc.stderr and "vocab_size=120" in proc.stderr

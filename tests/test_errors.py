@@ -1,0 +1,151 @@
+"""Bad input, as a user meets it: through `python data.py tokenize` and `train.py` (plain and under torchrun),
+every error from bad data or config is one line on stderr naming the file, the line and the field, the exit
+code is not 0, there is no traceback, and nothing is left behind (no --out, no new out_dir, checkpoints
+untouched). The readers' own messages are checked field by field in tests/test_readers.py; here the same bad
+records go through the commands."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from test_readers import BAD_JSONL, BAD_SHAREGPT, GOOD, HI, _write
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+import data  # noqa: E402
+
+TINY = ["--dim=32", "--n_layers=2", "--n_heads=4", "--n_kv_heads=2", "--batch_tokens=600", "--epochs=1",
+        "--toy_eval=0", "--export=false"]
+
+
+def env():
+    e = dict(os.environ, OMP_NUM_THREADS="1")
+    e.pop("TRITON_INTERPRET", None)
+    return e
+
+
+def one_line_error(stderr, *says):
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in stderr, stderr[-3000:]
+    for text in says:
+        assert text in lines[0], (text, lines[0])
+    return lines[0]
+
+
+def bad_files(tmp_path):
+    """(file, line, field) for every bad record of the readers' tests, as JSONL and as ShareGPT files."""
+    files = []
+    for k, (line, field, found, *_) in enumerate(BAD_JSONL):
+        files.append((_write(tmp_path, f"bad{k}.jsonl", [json.dumps(GOOD), line]), 2, field, found))
+    for k, (record, field, found, *_) in enumerate(BAD_SHAREGPT):
+        records = [{"id": "a", "conversations": HI, "model": "gpt-4"}, record]
+        path = _write(tmp_path, f"bad{k}.json", ["[", ",\n".join(json.dumps(r) for r in records), "]"])
+        files.append((path, 3, field, found))
+    return files
+
+
+def test_data_py_every_bad_record_is_one_line_and_writes_nothing(tmp_path, capsys):
+    for path, line, field, found in bad_files(tmp_path):
+        out = tmp_path / "out"
+        args = ["tokenize", "--input", path, "--out", str(out)]
+        if path.endswith(".json"):
+            args.append("--condition-from-model")
+        with pytest.raises(SystemExit) as e:
+            data.main(args)
+        assert e.value.code not in (0, None)
+        err = one_line_error(capsys.readouterr().err, f"{path}:{line}", field)
+        assert found in err or found == "missing" or "malformed" in err, err
+        assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
+
+
+def test_data_py_command_line(tmp_path):
+    """The real command: one line, exit 1, nothing written; undecodable bytes name their file and line."""
+    path = tmp_path / "b.jsonl"
+    path.write_bytes(json.dumps(GOOD).encode() + b"\n" + json.dumps(GOOD).encode()[:-8] + b"\xff\xfe\"}]}\n")
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "data.py"), "tokenize", f"--input={path}",
+                           f"--out={tmp_path / 'out'}"], cwd=ROOT, env=env(), capture_output=True, text=True)
+    assert proc.returncode == 1 and not (tmp_path / "out").exists()
+    one_line_error(proc.stderr, f"{path}:2", "UTF-8")
+
+
+def train(tmp_path, *args, launcher=(sys.executable,)):
+    out = tmp_path / "run"
+    proc = subprocess.run([*launcher, os.path.join(ROOT, "train.py"), *TINY, f"--out_dir={out}", *args], cwd=ROOT,
+                          env=env(), capture_output=True, text=True, timeout=300)
+    return proc, out
+
+
+@pytest.mark.parametrize("case", ["content 42", "unknown role", "malformed JSON", "undecodable", "empty file",
+                                  "missing file", "class without weight"])
+def test_train_py_bad_data_is_one_line_and_leaves_nothing(tmp_path, case):
+    path = tmp_path / "d.jsonl"
+    good = json.dumps(GOOD)
+    lines = {"content 42": [good, json.dumps({**GOOD, "items": [HI_U, {"role": "assistant", "content": 42}]})],
+             "unknown role": [good, json.dumps({**GOOD, "items": [{"role": "bot", "content": "x"}, HI_A]})],
+             "malformed JSON": [good, good[:-3]],
+             "class without weight": [good, json.dumps({**GOOD, "condition": "GPT5"})]}.get(case, [good])
+    path.write_text("\n".join(lines) + "\n")
+    where = {"content 42": f"{path}:2", "unknown role": f"{path}:2", "malformed JSON": f"{path}:2",
+             "undecodable": f"{path}:1", "empty file": str(path), "missing file": str(tmp_path / "nope.jsonl"),
+             "class without weight": f"{path}:2"}[case]
+    field = {"content 42": "items[1].content", "unknown role": "items[0].role", "malformed JSON": "column",
+             "undecodable": "UTF-8", "empty file": "empty", "missing file": "", "class without weight": "GPT5"}[case]
+    if case == "undecodable":
+        path.write_bytes(b'{"items": "\xff"}\n')
+    if case == "empty file":
+        path.write_text("")
+    source = tmp_path / "nope.jsonl" if case == "missing file" else path
+    proc, out = train(tmp_path, f"--data=GPT4 Correct={source}" if case != "class without weight" else f"--data={source}",
+                      "--class_weights=GPT4 Correct=1")
+    assert proc.returncode != 0
+    one_line_error(proc.stderr, where, field)
+    assert not out.exists()
+
+
+HI_U, HI_A = {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}
+
+
+@pytest.mark.parametrize("args, says", [
+    (["--lr=fast"], "--lr must be float, got 'fast'"),
+    (["--no_such_key=1"], "unknown config key --no_such_key"),
+    (["--epochs=0"], "--epochs must be > 0"),
+    (["--class_weights=GPT4"], "GPT4"),
+    (["--preset=mistral-7b"], "--model"),
+    (["--preset=nope"], "--preset"),
+    (["--model=/no/such/dir"], "--model='/no/such/dir'"),
+    (["--tokenizer=/no/such/tokenizer.model"], "/no/such/tokenizer.model"),
+])
+def test_train_py_bad_config_is_one_line(tmp_path, args, says):
+    proc, out = train(tmp_path, *args)
+    assert proc.returncode != 0
+    one_line_error(proc.stderr, says)
+    assert not out.exists()
+
+
+def test_under_torchrun_the_error_is_printed_once(tmp_path):
+    path = _write(tmp_path, "d.jsonl", [json.dumps(GOOD), json.dumps({**GOOD, "items": [HI_U, {**HI_A, "weight": -1}]})])
+    torchrun = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2")
+    proc, out = train(tmp_path, f"--data={path}", "--class_weights=GPT4 Correct=1", launcher=torchrun)
+    assert proc.returncode != 0 and not out.exists()
+    ours = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert ours == [f"error: {path}:2: items[1].weight: found -1 (a number), expected a finite number >= 0"]
+    assert "train.py\", line" not in proc.stderr  # torchrun adds its own report, but no traceback of ours
+
+
+def test_a_failed_run_never_touches_an_existing_run(tmp_path):
+    """A run exists in out_dir (data, checkpoint, log); the same out_dir with a bad input fails and leaves every
+    file as it was."""
+    path = _write(tmp_path, "d.jsonl", [json.dumps(GOOD)] * 30)
+    proc, out = train(tmp_path, f"--data={path}", "--class_weights=GPT4 Correct=1", "--max_steps=2")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
+    bad = _write(tmp_path, "bad.jsonl", [json.dumps(GOOD), "{"])
+    proc, _ = train(tmp_path, f"--data={bad}", "--class_weights=GPT4 Correct=1", "--max_steps=4")
+    assert proc.returncode != 0  # resuming: other data than the checkpoint's, refused before reading it
+    one_line_error(proc.stderr, "ckpt/step_", "data_hash was")
+    proc, _ = train(tmp_path, f"--data={bad}", "--class_weights=GPT4 Correct=1", "--resume=false")
+    assert proc.returncode != 0  # starting over: the bad line stops it before anything is written
+    one_line_error(proc.stderr, f"{bad}:2", "malformed JSON")
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before
