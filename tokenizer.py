@@ -1,0 +1,156 @@
+"""The tokenizer of the OpenChat template: sentencepiece plus `<|end_of_turn|>`, one id after the model's pieces
+(or the id a checkpoint already gives it), and a fast batched encode that is exactly sentencepiece's.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import re
+
+import numpy as np
+import sentencepiece as spm
+
+EOT_TEXT = "<|end_of_turn|>"
+
+
+# ----------------------------------------------------------------------------------------------- tokenizer
+
+def default_tokenizer_path() -> str:
+    spec = importlib.util.find_spec("mistral_common")
+    if spec is None:
+        raise FileNotFoundError("the default tokenizer is mistral-common's tokenizer.model.v1: "
+                                "`pip install mistral-common`, or pass your own tokenizer.model")
+    return os.path.join(os.path.dirname(spec.origin), "data", "tokenizer.model.v1")
+
+
+class Tokenizer:
+    """sentencepiece plus one special id, `<|end_of_turn|>`, right after the model's pieces.
+
+    encode() never produces a special id: "<s>" or "<|end_of_turn|>" inside text stays text.
+    decode() writes eot_id as the text "<|end_of_turn|>".
+    """
+
+    def __init__(self, model_path: str | None = None, eot_id: int | None = None):
+        self.model_path = str(model_path or default_tokenizer_path())
+        if not os.path.isfile(self.model_path):
+            raise FileNotFoundError(f"{self.model_path}: tokenizer model not found")
+        try:
+            self.sp = spm.SentencePieceProcessor(model_file=self.model_path)
+        except (RuntimeError, OSError) as e:
+            raise ValueError(f"{self.model_path}: not a sentencepiece model ({str(e).splitlines()[0][:100]})") from None
+        self.bos_id = self.sp.bos_id()
+        if self.bos_id < 0:
+            raise ValueError(f"{self.model_path}: the tokenizer has no BOS piece")
+        # A checkpoint that already has <|end_of_turn|> (openchat_3.5: an added token, id 32000) keeps its id;
+        # otherwise it is the id right after the model's pieces, as OpenChat added it.
+        self.eot_id = self.sp.get_piece_size() if eot_id is None else eot_id
+        if self.eot_id < self.sp.get_piece_size():
+            raise ValueError(f"{self.model_path}: {EOT_TEXT} id {self.eot_id} is one of the model's own pieces")
+        self.vocab_size = self.eot_id + 1
+        self.num_threads = os.cpu_count() or 1
+        self.bos_ids, self.eot_ids = np.array([self.bos_id], np.int32), np.array([self.eot_id], np.int32)
+        self._cached: dict[str, np.ndarray] = {}  # role prefixes
+        self._segments: dict[str, list[int]] | None = {} if _segments_are_independent(self.sp) else None
+
+    def encode(self, text: str) -> list[int]:
+        return self.sp.encode(text)
+
+    def encode_cached(self, text: str) -> np.ndarray:
+        """encode(text) as int32, remembered: for the few role prefixes."""
+        ids = self._cached.get(text)
+        if ids is None:
+            ids = self._cached[text] = np.array(self.sp.encode(text), np.int32)
+        return ids
+
+    def encode_batch(self, texts: list[str]) -> list[np.ndarray]:
+        """[encode(t) for t in texts] as int32 arrays, fast: each text is cut into segments (a run of spaces
+        and the word after it), and each segment is encoded once, then looked up.
+
+        Exact because no piece spans a boundary between a non-space character and a space, and the
+        normaliser only turns spaces into "▁" (both checked in _segments_are_independent): sentencepiece's
+        output is then the concatenation of its encodings of the segments of " " + text (the " " is its
+        dummy prefix). tests/test_data.py compares with encode() on real data.
+        """
+        if self._segments is None:
+            return [np.array(ids, np.int32) for ids in self.sp.encode(list(texts), num_threads=self.num_threads)]
+        if len(self._segments) > 1_000_000:  # bound the memory on huge corpora
+            self._segments.clear()
+        cache, get = self._segments, self._segments.__getitem__  # segment -> its ids as int32 bytes
+        out, missed = [b""] * len(texts), []
+        for i, text in enumerate(texts):
+            if "▁" in text:  # sentencepiece reads a literal "▁" as a space: encode such rare texts whole
+                out[i] = np.array(self.sp.encode(text), np.int32).tobytes()
+                continue
+            segments = _SEGMENT.findall(" " + text)
+            try:
+                out[i] = b"".join(map(get, segments))
+            except KeyError:
+                missed.append((i, segments))
+        new = set()
+        for _, segments in missed:
+            new.update(set(segments).difference(cache))
+        if new:  # one threaded call; segment " foo" is encode("foo"): sentencepiece adds the "▁" itself
+            new = list(new)
+            for s, ids in zip(new, self.sp.encode([s[1:] for s in new], num_threads=self.num_threads)):
+                cache[s] = np.array(ids, np.int32).tobytes()
+            for i, segments in missed:
+                out[i] = b"".join(map(get, segments))
+        return [np.frombuffer(ids, np.int32) for ids in out]
+
+    def decode(self, ids) -> str:
+        ids = [int(i) for i in ids]
+        if any(i < 0 or i >= self.vocab_size for i in ids):
+            raise ValueError(f"token id out of range [0, {self.vocab_size}): {ids}")
+        parts, start = [], 0
+        for k, i in enumerate(ids + [self.eot_id]):
+            if i == self.eot_id:
+                parts.append(self.sp.decode(ids[start:k]))
+                start = k + 1
+        return EOT_TEXT.join(parts)
+
+    def piece(self, i: int) -> str:
+        return EOT_TEXT if i == self.eot_id else self.sp.id_to_piece(int(i))
+
+
+def checkpoint_tokenizer(model_dir: str, vocab_size: int, path: str | None = None) -> Tokenizer:
+    """The tokenizer of a Hugging Face checkpoint directory: `path` (--tokenizer) or the directory's own
+    tokenizer.model. <|end_of_turn|> keeps the id the directory gives it (added_tokens.json or
+    tokenizer_config.json: openchat_3.5's 32000), else it will be a new row right after the pieces. The
+    tokenizer must fit the config's vocab_size: its pieces, plus at most the ids the directory adds."""
+    path = path or os.path.join(model_dir, "tokenizer.model")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: not found (a sentencepiece tokenizer.model is needed: pass one with "
+                                "--tokenizer)")
+    added = {}
+    for name in ("added_tokens.json", "tokenizer_config.json"):
+        file = os.path.join(model_dir, name)
+        if os.path.isfile(file):
+            try:
+                with open(file, encoding="utf-8") as f:
+                    config = json.load(f)
+                if name == "added_tokens.json":
+                    added.update({text: int(i) for text, i in config.items()})
+                else:
+                    added.update({t["content"]: int(i) for i, t in config.get("added_tokens_decoder", {}).items()})
+            except (ValueError, TypeError, KeyError, AttributeError) as e:
+                raise ValueError(f"{file}: unreadable added tokens ({type(e).__name__}: {str(e)[:80]})") from None
+    tokenizer = Tokenizer(path, added.get(EOT_TEXT))
+    n_pieces = tokenizer.sp.get_piece_size()
+    if not n_pieces <= vocab_size <= max([n_pieces, *(i + 1 for i in added.values())]):
+        raise ValueError(f"{path}: the tokenizer has {n_pieces} pieces but {model_dir}/config.json has "
+                         f"vocab_size={vocab_size}: not this model's tokenizer (pass its own with --tokenizer)")
+    return tokenizer
+
+
+# A segment is a run of spaces and the word after it; trailing spaces stay with the last word.
+_SEGMENT = re.compile(r" *[^ ]+(?: +\Z)?| +")
+
+
+def _segments_are_independent(sp) -> bool:
+    for i in range(sp.get_piece_size()):
+        p = sp.id_to_piece(i)
+        if "▁" in p.lstrip("▁"):
+            return False  # a piece like "a▁b" could span two segments
+    probes = ["a  b", " a", "a ", "\u3000x", "\xa0y", "ｆ", "e\u0301", "\t\n", "A\r\nB"]
+    return all(sp.normalize(t) == "▁" + t.replace(" ", "▁") for t in probes)  # identity normaliser
