@@ -1,13 +1,11 @@
 """Checkpoints that survive crashes: sharded (torch.distributed.checkpoint), atomic, verified on load.
 
 out_dir/ckpt/step_XXXXXXX holds every rank's shard of the model and optimizer (DCP), each rank's RNG state
-(safetensors: read without unpickling), and a manifest of every file's size and CRC32 and of the settings
-that decide the model and the data order. It is written as step_XXXXXXX.tmp and renamed when complete, then
-out_dir/ckpt/latest is replaced (also atomically) to name it: a crash at any point leaves the previous
-checkpoint as the latest. The data order and the learning rate are functions of the step, so the step is all
-the "data position" and "scheduler state" a resumed run needs, provided the settings are the same: a resume
-that changes one is refused by name (check_same_run).
-
+(safetensors: read without unpickling), and a manifest of every file's size and CRC32 and of the settings that
+decide the model and the data order. It is written as step_XXXXXXX.tmp and renamed when complete, then
+ckpt/latest is replaced (also atomically) to name it: a crash at any point leaves the previous checkpoint as the
+latest. The data order and the learning rate are functions of the step, so the step is all the "data position"
+a resumed run needs, provided those settings are the same: a resume that changes one is refused by name.
 DCP's own metadata file is a pickle: a checkpoint directory is trusted input (exports are safetensors).
 """
 import json
@@ -35,11 +33,9 @@ def _crc32(path):
 
 
 def save_checkpoint(model, optimizer, step, out_dir, keep=2, config=None, run=None):
-    """Write out_dir/ckpt/step_XXXXXXX (every rank its shard), then point ckpt/latest at it; keep the newest
-    `keep`. `config` (a dict) is stored in the manifest for the reader; `run` (a dict of the settings that
-    decide the model and the data order) is what a resume must match."""
-    rank = dist.get_rank()
-    root = os.path.join(out_dir, "ckpt")
+    """Every rank writes its shard to ckpt/step_XXXXXXX, then ckpt/latest names it; the newest `keep` stay.
+    `config` is stored for the reader, `run` (what decides the model and the data order) for check_same_run."""
+    rank, root = dist.get_rank(), os.path.join(out_dir, "ckpt")
     final = os.path.join(root, f"step_{step:07d}")
     tmp = final + ".tmp"
     if rank == 0:
@@ -48,31 +44,26 @@ def save_checkpoint(model, optimizer, step, out_dir, keep=2, config=None, run=No
     dist.barrier()
     model_sd, optim_sd = get_state_dict(model, optimizer)
     dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp)
-    rng = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        rng["cuda"] = torch.cuda.get_rng_state()
+    rng = {"torch": torch.get_rng_state(), **({"cuda": torch.cuda.get_rng_state()} if torch.cuda.is_available() else {})}
     save_file(rng, os.path.join(tmp, f"rng_rank{rank}.safetensors"))
     dist.barrier()
     if rank == 0:
-        files = sorted(os.listdir(tmp))
-        state = {"step": step, "world_size": dist.get_world_size(), "run": run, "config": config,
-                 "files": {f: [os.path.getsize(os.path.join(tmp, f)), _crc32(os.path.join(tmp, f))]
-                           for f in files}}
+        files = {f: [os.path.getsize(os.path.join(tmp, f)), _crc32(os.path.join(tmp, f))] for f in sorted(os.listdir(tmp))}
         with open(os.path.join(tmp, "manifest.json"), "w") as f:
-            json.dump(state, f, indent=1)
+            json.dump({"step": step, "world_size": dist.get_world_size(), "run": run, "config": config,
+                       "files": files}, f, indent=1)
         shutil.rmtree(final, ignore_errors=True)
         os.rename(tmp, final)  # atomic: a crash before this line leaves the previous checkpoint as latest
         with open(os.path.join(root, "latest.tmp"), "w") as f:
             f.write(os.path.basename(final))
         os.replace(os.path.join(root, "latest.tmp"), os.path.join(root, "latest"))
-        old = sorted(d for d in os.listdir(root) if d.startswith("step_") and not d.endswith(".tmp"))
-        for d in old[:-keep]:
+        for d in sorted(d for d in os.listdir(root) if d.startswith("step_") and not d.endswith(".tmp"))[:-keep]:
             shutil.rmtree(os.path.join(root, d), ignore_errors=True)
     dist.barrier()
 
 
 def verify_checkpoint(path):
-    """Raise CheckpointError with a clear message if `path` is not a complete, intact checkpoint."""
+    """The manifest of `path`; CheckpointError naming the file if it is not a complete, intact checkpoint."""
     manifest = os.path.join(path, "manifest.json")
     try:
         with open(manifest) as f:
@@ -95,10 +86,9 @@ def verify_checkpoint(path):
 
 def latest_checkpoint(out_dir):
     """The newest complete checkpoint of out_dir, or None."""
-    root = os.path.join(out_dir, "ckpt")
     try:
-        with open(os.path.join(root, "latest")) as f:
-            return os.path.join(root, f.read().strip())
+        with open(os.path.join(out_dir, "ckpt", "latest")) as f:
+            return os.path.join(out_dir, "ckpt", f.read().strip())
     except FileNotFoundError:
         return None
 
@@ -111,17 +101,14 @@ def check_same_run(path, run):
                               "manifest); start over with --resume=false or another --out_dir")
     for field, value in json.loads(json.dumps(run)).items():  # as the manifest stores it: tuples are lists
         if field in saved and saved[field] != value:
-            raise CheckpointError(f"{path}: {field} was {_short(saved[field])} in the run that wrote this "
-                                  f"checkpoint, now {_short(value)}: the model or the data order would differ. "
-                                  "Resume with the same value, or start over with --resume=false")
-
-
-def _short(value, limit=120):
-    text = json.dumps(value, sort_keys=True)
-    return text if len(text) <= limit else text[:limit] + "..."
+            short = [v if len(v) <= 120 else v[:120] + "..." for v in (json.dumps(saved[field]), json.dumps(value))]
+            raise CheckpointError(f"{path}: {field} was {short[0]} in the run that wrote this checkpoint, now "
+                                  f"{short[1]}: the model or the data order would differ. Resume with the same "
+                                  "value, or start over with --resume=false")
 
 
 def load_checkpoint(path, model, optimizer):
+    """Model, optimizer and this rank's RNG from `path`; returns its step."""
     state = verify_checkpoint(path)
     model_sd, optim_sd = get_state_dict(model, optimizer)
     sd = {"model": model_sd, "optim": optim_sd}
@@ -132,5 +119,3 @@ def load_checkpoint(path, model, optimizer):
     if "cuda" in rng and torch.cuda.is_available():
         torch.cuda.set_rng_state(rng["cuda"])
     return state["step"]
-
-

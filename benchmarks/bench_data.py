@@ -7,10 +7,11 @@ tokenizer, context 8192. Tokenization is timed on the same conversations, per co
 way (one sp.encode call per piece; re-implemented here as the baseline) and data.tokenize_dataset, both on one
 process and both on one process per core; and sentencepiece's batched encode of the same texts on all cores
 alone, the ceiling of any tokenizer built on sentencepiece.
-The machine is shared, so compare the two rows of one run. Packing: 8 ranks; slot use = tokens in bins /
-(steps x ranks x budget); "bound" is the best any packing reaches with every conversation in the epoch;
-"full steps" leaves out the epoch's last, partial step, as the public allocator does (it drops the
-conversations that would fill it), so that column compares with its 97.5% / 99.0% / 99.8%.
+The machine is shared, so compare the rows of one run. Packing: 8 ranks, ours (data.pack_epoch) against the
+public allocator re-implemented from its description (public_allocator below); slot use = tokens in bins /
+(steps x ranks x budget); "bound" is the best any packing reaches with every conversation in the epoch; "full
+steps" leaves out our epoch's last, partial step, as the public allocator does (it drops the conversations
+that would fill it), so that column is the one to compare.
 """
 import argparse
 import collections
@@ -102,19 +103,55 @@ def main():
 
     lengths, W = dataset.lengths, args.world_size
     total = int(lengths.sum())
-    print(f"\n{'budget':>7} {'steps':>6} {'slot use':>9} {'bound':>7} {'full steps':>11} {'left out':>9} {'pack s':>7}   ({W} ranks)")
+    print(f"\n{'budget':>7} {'packer':>7} {'steps':>6} {'slot use':>9} {'bound':>7} {'full steps':>11} {'left out':>9} "
+          f"{'pack s':>7}   ({W} ranks)")
     for budget in (8192, 16384, 81920):
-        t0 = time.perf_counter()
-        steps = data.pack_epoch(lengths, budget, W, seed=0, epoch=0)
-        t_pack = time.perf_counter() - t0
-        packed = [i for step in steps for b in step for i in b]
-        assert sorted(packed) == list(range(len(lengths))), "every conversation exactly once"
-        slot_use = total / (len(steps) * W * budget)
-        bound = total / (math.ceil(total / (W * budget)) * W * budget)
-        full = (sum(lengths[i] for step in steps[:-1] for b in step for i in b) / ((len(steps) - 1) * W * budget)
-                if len(steps) > 1 else slot_use)  # a single step is the last step
-        print(f"{budget:7d} {len(steps):6d} {slot_use:9.2%} {bound:7.2%} {full:11.2%} {len(lengths) - len(packed):9d} "
-              f"{t_pack:7.2f}")
+        for name, packer in (("ours", lambda: data.pack_epoch(lengths, budget, W, seed=0, epoch=0)),
+                             ("public", lambda: public_allocator(lengths, budget, W, seed=0))):
+            t0 = time.perf_counter()
+            steps = packer()
+            t_pack = time.perf_counter() - t0
+            packed = [i for step in steps for b in step for i in b]
+            assert len(set(packed)) == len(packed) and all(sum(lengths[i] for i in b) <= budget
+                                                           for step in steps for b in step)
+            slot_use = sum(lengths[i] for i in packed) / (len(steps) * W * budget)
+            bound = total / (math.ceil(total / (W * budget)) * W * budget)
+            full = (sum(lengths[i] for step in steps[:-1] for b in step for i in b) / ((len(steps) - 1) * W * budget)
+                    if len(steps) > 1 and name == "ours" else slot_use)  # the public way keeps full steps only
+            print(f"{budget:7d} {name:>7} {len(steps):6d} {slot_use:9.2%} {bound:7.2%} {full:11.2%} "
+                  f"{len(lengths) - len(packed):9d} {t_pack:7.2f}")
+
+
+def _ffd(lengths, budget, world):
+    """First-fit decreasing into `world` bins of `budget`: the bins (index lists), or None when one does not fit."""
+    bins, free = [[] for _ in range(world)], [budget] * world
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        b = next((b for b in range(world) if free[b] >= lengths[i]), None)
+        if b is None:
+            return None
+        bins[b].append(i)
+        free[b] -= lengths[i]
+    return bins
+
+
+def public_allocator(lengths, budget, world, seed):
+    """The public code's packing, re-implemented from its description as the baseline: a seeded permutation of
+    the epoch, then repeatedly the longest prefix of what is left that first-fit decreasing places into the
+    world's bins (binary search on its length); the last, incomplete group is dropped."""
+    order = np.random.default_rng(seed).permutation(len(lengths))
+    prefix = np.concatenate([[0], np.cumsum(lengths[order])])
+    steps, start = [], 0
+    while start < len(order):
+        lo, hi = 1, int(np.searchsorted(prefix, prefix[start] + world * budget, side="right")) - 1 - start
+        while lo < hi:  # the longest prefix that fits (no prefix longer than the tokens the bins hold can)
+            mid = (lo + hi + 1) // 2
+            lo, hi = (mid, hi) if _ffd(lengths[order[start:start + mid]], budget, world) else (lo, mid - 1)
+        if start + lo == len(order):
+            break  # the incomplete last group: dropped
+        chosen = order[start:start + lo]
+        steps.append([[int(chosen[i]) for i in b] for b in _ffd(lengths[chosen], budget, world)])
+        start += lo
+    return steps
 
 
 if __name__ == "__main__":

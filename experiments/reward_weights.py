@@ -54,6 +54,7 @@ def job(size, reward, seed, args):
 
 
 def run_job(spec, run_dir):
+    import data
     import sample
     import toy_task
     import train
@@ -66,7 +67,8 @@ def run_job(spec, run_dir):
     scores = {}
     for condition, carry_free in ((EXPERT, False), (NOVICE, True)):
         problems = toy_task.make_toy_eval(args["toy_eval"], seed, carry_free=carry_free)
-        scores[condition.lower()], _ = toy_task.evaluate(model, tokenizer, problems, condition)
+        scores[condition.lower()], _ = toy_task.evaluate(
+            model, tokenizer, problems, lambda messages: data.encode_prompt(tokenizer, messages, condition))
     with open(os.path.join(run_dir, "scores.json"), "w") as f:
         json.dump(scores, f)
 

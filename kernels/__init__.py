@@ -1,7 +1,7 @@
 """Custom Triton kernels, each with a plain PyTorch reference beside it.
 
-The kernel runs where it can: on a CUDA tensor, or on a CPU tensor when TRITON_INTERPRET=1 was set
-before triton was imported (the tests do this). Everywhere else the PyTorch reference runs.
+The kernel runs where it can: on a CUDA tensor, or on a CPU tensor when TRITON_INTERPRET=1 was set before
+triton was imported (the tests do this). Everywhere else the PyTorch reference runs.
 """
 import os
 
@@ -16,8 +16,4 @@ except ImportError:  # e.g. macOS, or a CPU-only install without triton
 
 def use_triton(t: torch.Tensor) -> bool:
     """True when the Triton kernel can run on tensor `t`."""
-    if not HAS_TRITON:
-        return False
-    if t.is_cuda:
-        return True
-    return t.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
+    return HAS_TRITON and (t.is_cuda or (t.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"))

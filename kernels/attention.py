@@ -1,6 +1,5 @@
-"""Causal flash attention over packed variable-length sequences, with grouped-query attention and
-Mistral's sliding window. `attention_reference` is the same in plain PyTorch: the CPU path, and the
-tests' reference.
+"""Causal flash attention over packed variable-length sequences, with grouped-query attention and Mistral's
+sliding window. `attention_reference` is the same in plain PyTorch (the CPU path, and the tests' reference).
 
 Layout (as flash-attn's varlen API): the sequences of a pack are concatenated along the token axis.
     q (T, H, D), k and v (T, H_kv, D), cu_seqlens int32 (n_seqs + 1,): sequence i owns tokens
@@ -21,7 +20,8 @@ kernels work in base 2 (exp2 is one instruction): scores are pre-multiplied by l
 Backward, with dO the output gradient and delta_i = sum_d dO_id O_id (= sum_j P_ij dP_ij):
     P = exp(S - lse)          (recomputed from the saved lse, no second softmax pass)
     dV = P^T dO,   dP = dO V^T,   dS = P * (dP - delta),   dQ = scale * dS K,   dK = scale * dS^T Q.
-Three kernels: delta; dK/dV per key block; dQ per query block (see _attn_bwd_dkdv for why).
+Three kernels: delta; dK/dV, a program per key block over every query (of every GQA head) that sees it:
+each element written once, no atomics; and so dQ (a sum over keys) per query block, recomputing P and dP.
 
 Sliding window W (causal only; transformers' convention): query i sees the W keys i - W < j <= i. A query
 tile [m, m + BM) visits key blocks from the one holding key m - W + 1 (its first row's oldest) to its
@@ -43,11 +43,10 @@ if HAS_TRITON:
     import triton.language as tl
 
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)  # tl.dot needs power-of-two tiles of at least 16
+DELTA_BLOCK = 64  # tokens per program of the delta kernel
 
 
-# ----------------------------------------------------------------------------------------------------
-# Plain PyTorch reference (CPU training path)
-
+# ---- Plain PyTorch reference (CPU training path) -------------------------------------------------------
 def _fail(message):
     raise ValueError(f"kernels/attention.py: {message}")
 
@@ -59,69 +58,59 @@ def _check_inputs(q, k, v, cu_seqlens, causal, window, max_seqlen=None):
               f"{tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
     if q.shape[1] % k.shape[1] != 0:
         _fail(f"n_heads ({q.shape[1]}) must be a multiple of n_kv_heads ({k.shape[1]})")
-    if not (q.dtype == k.dtype == v.dtype and q.device == k.device == v.device):
-        _fail("q, k, v must share dtype and device")
     if cu_seqlens.dtype != torch.int32 or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
         _fail(f"cu_seqlens must be int32 of shape (n_seqs + 1,); got {cu_seqlens.dtype} {tuple(cu_seqlens.shape)}")
-    if cu_seqlens.device != q.device:
-        _fail(f"cu_seqlens is on {cu_seqlens.device}, q on {q.device}")
+    if not (q.dtype == k.dtype == v.dtype and q.device == k.device == v.device == cu_seqlens.device):
+        _fail(f"q, k, v must share dtype and device, cu_seqlens the device; got q {q.dtype} on {q.device}, k "
+              f"{k.dtype} on {k.device}, v {v.dtype} on {v.device}, cu_seqlens on {cu_seqlens.device}")
     if window is not None and (type(window) is not int or window < 1 or not causal):
         _fail(f"window={window!r} (causal={causal}): a sliding window is an int >= 1, for causal attention only")
-    if max_seqlen is None:
-        return
-    lengths = cu_seqlens.diff()
-    if cu_seqlens[0] != 0 or cu_seqlens[-1] != q.shape[0] or (lengths < 0).any():
-        _fail(f"cu_seqlens must rise from 0 to the token count {q.shape[0]}; got {cu_seqlens.tolist()[:8]}...")
-    if lengths.max() > max_seqlen:
-        _fail(f"max_seqlen={max_seqlen} is below the longest sequence ({lengths.max().item()})")
+    if max_seqlen is not None:
+        lengths = cu_seqlens.diff()
+        if cu_seqlens[0] != 0 or cu_seqlens[-1] != q.shape[0] or (lengths < 0).any():
+            _fail(f"cu_seqlens must rise from 0 to the token count {q.shape[0]}; got {cu_seqlens.tolist()[:8]}...")
+        if lengths.max() > max_seqlen:
+            _fail(f"max_seqlen={max_seqlen} is below the longest sequence ({lengths.max().item()})")
 
 
 def attention_reference(q, k, v, cu_seqlens, max_seqlen, causal=True, softmax_scale=None, window=None):
-    """Same contract as flash_attention, in plain differentiable PyTorch. The pack is gathered into a
-    padded (n_seqs, max_seqlen) batch for one F.scaled_dot_product_attention call, then the real tokens
-    are scattered back. Padding sits after each sequence's real tokens, so a causal mask already hides
-    it from every real query; without causality a key mask hides it. A window is an explicit mask."""
+    """flash_attention in plain differentiable PyTorch: the pack is gathered into a padded (n_seqs, L) batch
+    for one F.scaled_dot_product_attention call. Padding sits after each sequence's real tokens, so a causal
+    mask hides it from every real query, else a key mask does. A window is an explicit mask."""
     _check_inputs(q, k, v, cu_seqlens, causal, window, max_seqlen)
-    n_tokens, n_heads, head_dim = q.shape
     lengths = cu_seqlens.diff().long()
-    n_seqs = lengths.numel()
-    max_seqlen = int(lengths.max()) if n_seqs else 0  # pad only as far as the pack needs
+    n_seqs, max_seqlen = lengths.numel(), int(lengths.max())  # pad only as far as the pack needs
     # valid[i, p]: slot p of sequence i holds a real token. Row-major order of the True slots is token
     # order, so a boolean index gathers/scatters the whole pack in one op.
-    valid = torch.arange(max_seqlen, device=q.device)[None, :] < lengths[:, None]  # (n_seqs, L)
+    pos = torch.arange(max_seqlen, device=q.device)
+    valid = pos[None, :] < lengths[:, None]  # (n_seqs, L)
 
     def pad(x):  # (T, h, D) -> (n_seqs, h, L, D), zeros in the padding
-        padded = x.new_zeros(n_seqs, max_seqlen, x.shape[1], head_dim).index_put((valid,), x)
-        return padded.transpose(1, 2)
+        return x.new_zeros(n_seqs, max_seqlen, *x.shape[1:]).index_put((valid,), x).transpose(1, 2)
 
     mask = None if causal else valid[:, None, None, :]  # (n_seqs, 1, 1, L)
     if window is not None and window < max_seqlen:
-        pos = torch.arange(max_seqlen, device=q.device)
         back = pos[:, None] - pos[None, :]  # (L, L): how far key j lies behind query i
         mask, causal = (back >= 0) & (back < window), False
-    # enable_gqa: each K/V head serves n_heads // n_kv_heads consecutive query heads, without copies
-    # where the backend supports it (on CPU it beat repeat_interleave by ~25%).
+    # enable_gqa: no K/V copies where the backend supports it (on CPU ~25% faster than repeat_interleave).
     out = F.scaled_dot_product_attention(pad(q), pad(k), pad(v), attn_mask=mask, is_causal=causal,
-                                         scale=softmax_scale,
-                                         enable_gqa=k.shape[1] != n_heads)  # (n_seqs, H, L, D)
-    return out.transpose(1, 2)[valid]  # (T, H, D)
+                                         scale=softmax_scale, enable_gqa=k.shape[1] != q.shape[1])
+    return out.transpose(1, 2)[valid]  # (n_seqs, H, L, D) -> (T, H, D)
 
 
-# ----------------------------------------------------------------------------------------------------
-# Launch configuration: one per (device, head_dim, dtype), no autotuning (it breaks under the interpreter;
-# tests/test_attention.py compiles exactly what launch_specs returns for sm_80 and sm_90a). fwd and dQ
-# programs own block_m queries and step over block_n keys, dK/dV programs the reverse; the outer block
-# is a multiple of the inner (the unmasked stages cover whole diagonal-aligned ranges).
+# ---- Launch configuration: one per (device, head_dim, dtype), no autotuning (it breaks under the interpreter;
+# the AOT test compiles exactly what launch_specs returns). fwd and dQ programs own block_m queries and step over
+# block_n keys, dK/dV programs the reverse; the outer block is a multiple of the inner (the unmasked stages cover
+# whole diagonal-aligned ranges).
 Tiles = namedtuple("Tiles", "block_m block_n warps stages")
 KernelConfig = namedtuple("KernelConfig", "fwd dkdv dq")  # a Tiles for each kernel
 
 
 def kernel_config(head_dim, dtype, device_type):
-    """The one launch config for this problem, with or without a window. head_dim 128, bf16, measured on an
-    H200 (`benchmarks/bench_attention.py --sweep`, 8k tokens, H=32, H_kv=8): forward 128x64 tiles, 8 warps,
-    3 stages, the fastest of eight; dK/dV stepping 64 queries over 128-key blocks, backward 4.6 ms against
-    8.5 ms with 32 x 64 (fewer re-reads of Q and dO); dQ configs within 6%. The others from ptxas's sm_90a
-    report: wgmma in every matmul kernel, no spills, shared memory under 227 KiB (H100), 163 KiB (A100)."""
+    """The one launch config, window or not. head_dim 128, bf16, measured on an H200 (bench_attention.py --sweep,
+    8k tokens, H=32, H_kv=8): forward 128x64 tiles, 8 warps, 3 stages, the fastest of eight; dK/dV 64 queries over
+    128-key blocks, backward 4.6 ms vs 8.5 ms with 32 x 64 (fewer re-reads of Q, dO); dQ configs within 6%. The
+    others from ptxas's sm_90a report: wgmma in every matmul kernel, no spills, shared memory under the limits."""
     if device_type != "cuda":
         # Interpreter: the tests' short sequences span several tiles, diagonals split into sub-blocks.
         return KernelConfig(Tiles(64, 32, 4, 1), Tiles(32, 64, 4, 1), Tiles(64, 32, 4, 1))
@@ -134,18 +123,17 @@ def kernel_config(head_dim, dtype, device_type):
     return KernelConfig(Tiles(64, 64, 4, 3), Tiles(32, 64, 4, 3), Tiles(64, 32, 4, 3))  # head_dim 16/32: tiny models
 
 
-# ----------------------------------------------------------------------------------------------------
-# Triton kernels. All tensors are contiguous: q/o/dq/do (T, H, D), k/v/dk/dv (T, H_kv, D), lse/delta
-# (H, T) fp32. Grids are (blocks along the sequence, n_seqs, heads); programs past the end of their
-# sequence return at once. WINDOW (constexpr) is the sliding window, 0 for none: without one, the
-# window code is compiled out and the kernels are plain causal attention, as tuned.
+# ---- Triton kernels ------------------------------------------------------------------------------------
+# All tensors are contiguous: q/o/dq/do (T, H, D), k/v/dk/dv (T, H_kv, D), lse/delta (H, T) fp32. Grids are
+# (blocks along the sequence, n_seqs, heads); programs past the end of their sequence return at once. WINDOW
+# (constexpr) is the sliding window, 0 for none: the window code is compiled out, plain causal attention as
+# tuned. MASK=False (constexpr) for blocks every row/column of the tile sees in full: no masks there.
 
 if HAS_TRITON:
 
     @triton.jit
     def _tile(CU_SEQLENS, BLOCK: tl.constexpr):
-        """This program's block start in its sequence, the sequence's first token and length. The grid runs
-        backwards: the longest tiles (far along: the most keys) start first, the short ones fill in."""
+        """Block start in the sequence (the grid runs backwards: the longest tiles first), its first token, length."""
         start = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK
         seq_start = tl.load(CU_SEQLENS + tl.program_id(1)).to(tl.int64)
         return start, seq_start, tl.load(CU_SEQLENS + tl.program_id(1) + 1) - seq_start.to(tl.int32)
@@ -154,7 +142,7 @@ if HAS_TRITON:
     def _key_ranges(start_m, seq_len, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
                     WINDOW: tl.constexpr):
         """Key blocks of a query tile before its masked diagonal (or partial last) block: masked [lo, mid) at
-        the window's edge (module docstring; none without a window), then unmasked [mid, mid_end)."""
+        the window's edge (none without a window), then unmasked [mid, mid_end)."""
         lo, mid = 0, 0
         if WINDOW > 0:
             lo = tl.maximum(start_m - WINDOW + 1, 0) // BLOCK_N * BLOCK_N
@@ -174,10 +162,8 @@ if HAS_TRITON:
     @triton.jit
     def _fwd_inner(acc, m_i, l_i, q, K, V, kv_stride, rows, lo, hi, seq_len, qk_scale, HEAD_DIM: tl.constexpr,
                    BLOCK_N: tl.constexpr, MASK: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr):
-        """Online-softmax recurrence (module docstring) over key blocks [lo, hi); K, V at this sequence's first
-        token and K/V head. MASK=False only for blocks every row of the tile sees in full: no masks there."""
-        offs_n = tl.arange(0, BLOCK_N)
-        offs_d = tl.arange(0, HEAD_DIM)
+        """The online softmax over key blocks [lo, hi); K, V point at this sequence's first token, K/V head."""
+        offs_n, offs_d = tl.arange(0, BLOCK_N), tl.arange(0, HEAD_DIM)
         for start_n in tl.range(lo, hi, BLOCK_N):
             cols = start_n + offs_n
             kT_ptrs = K + cols[None, :] * kv_stride + offs_d[:, None]  # (D, BLOCK_N)
@@ -205,18 +191,14 @@ if HAS_TRITON:
             return
         head = tl.program_id(2)
         kv_head = head // group
-        q_stride = n_heads * HEAD_DIM
-        kv_stride = (n_heads // group) * HEAD_DIM
-        rows = start_m + tl.arange(0, BLOCK_M)
-        offs_d = tl.arange(0, HEAD_DIM)
+        q_stride, kv_stride = n_heads * HEAD_DIM, (n_heads // group) * HEAD_DIM
+        rows, offs_d = start_m + tl.arange(0, BLOCK_M), tl.arange(0, HEAD_DIM)
         q_ptrs = Q + (seq_start + rows[:, None]) * q_stride + head * HEAD_DIM + offs_d[None, :]
         q = tl.load(q_ptrs, mask=rows[:, None] < seq_len, other=0.0)  # (BLOCK_M, D)
-        K += seq_start * kv_stride + kv_head * HEAD_DIM
-        V += seq_start * kv_stride + kv_head * HEAD_DIM
+        K, V = K + (seq_start * kv_stride + kv_head * HEAD_DIM), V + (seq_start * kv_stride + kv_head * HEAD_DIM)
         # A window's edge may hide every key of a row's first blocks: then m starts finite (_fwd_inner).
         m_i = tl.full([BLOCK_M], float("-inf") if WINDOW == 0 else -1.0e30, tl.float32)
-        l_i = tl.zeros([BLOCK_M], tl.float32)
-        acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+        l_i, acc = tl.zeros([BLOCK_M], tl.float32), tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
         qk_scale = softmax_scale * 1.4426950408889634  # fold log2(e) in: exp2 below
         lo, mid, mid_end = _key_ranges(start_m, seq_len, BLOCK_M, BLOCK_N, CAUSAL, WINDOW)
         if WINDOW > 0:
@@ -235,7 +217,6 @@ if HAS_TRITON:
 
     @triton.jit
     def _attn_bwd_delta(O, DO, DELTA, n_tokens, n_heads, HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr):
-        """delta[h, t] = sum_d dO[t, h, d] * O[t, h, d]: the row term of dS = P * (dP - delta)."""
         tokens = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         head = tl.program_id(1)
         offs = tokens.to(tl.int64)[:, None] * (n_heads * HEAD_DIM) + head * HEAD_DIM + tl.arange(0, HEAD_DIM)[None, :]
@@ -249,8 +230,7 @@ if HAS_TRITON:
                     BLOCK_M: tl.constexpr, MASK: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr):
         """dV += P^T dO and dK += dS^T Q over query blocks [lo, hi), transposed (keys along rows) so the key block
         stays put. Q, DO point at this sequence's first token and one query head, LSE, DELTA likewise."""
-        offs_m = tl.arange(0, BLOCK_M)
-        offs_d = tl.arange(0, HEAD_DIM)
+        offs_m, offs_d = tl.arange(0, BLOCK_M), tl.arange(0, HEAD_DIM)
         for start_m in tl.range(lo, hi, BLOCK_M):
             rows = start_m + offs_m
             qT_ptrs = Q + rows[None, :] * q_stride + offs_d[:, None]   # (D, BLOCK_M)
@@ -273,29 +253,21 @@ if HAS_TRITON:
     def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, CU_SEQLENS, n_tokens, n_heads, group, softmax_scale,
                        HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                        CAUSAL: tl.constexpr, WINDOW: tl.constexpr):
-        """One program owns BLOCK_N keys of one K/V head and computes their dK, dV in full, over every query
-        head of its GQA group and every query that sees these keys: each element is written once, no atomics.
-        The price: dQ (a sum over keys) needs its own kernel, _attn_bwd_dq, which recomputes P and dP."""
         start_n, seq_start, seq_len = _tile(CU_SEQLENS, BLOCK_N)
         if start_n >= seq_len:
             return
         kv_head = tl.program_id(2)
-        q_stride = n_heads * HEAD_DIM
-        kv_stride = (n_heads // group) * HEAD_DIM
-        cols = start_n + tl.arange(0, BLOCK_N)
-        offs_d = tl.arange(0, HEAD_DIM)
+        q_stride, kv_stride = n_heads * HEAD_DIM, (n_heads // group) * HEAD_DIM
+        cols, offs_d = start_n + tl.arange(0, BLOCK_N), tl.arange(0, HEAD_DIM)
         kv_offs = (seq_start + cols[:, None]) * kv_stride + kv_head * HEAD_DIM + offs_d[None, :]
         k = tl.load(K + kv_offs, mask=cols[:, None] < seq_len, other=0.0)  # (BLOCK_N, D)
         v = tl.load(V + kv_offs, mask=cols[:, None] < seq_len, other=0.0)
-        dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
-        dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
+        dk, dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32), tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
         qk_scale = softmax_scale * 1.4426950408889634
         for g in tl.range(0, group):
             head = kv_head * group + g
-            Qh = Q + seq_start * q_stride + head * HEAD_DIM
-            DOh = DO + seq_start * q_stride + head * HEAD_DIM
-            LSEh = LSE + head * n_tokens + seq_start
-            DELTAh = DELTA + head * n_tokens + seq_start
+            Qh, DOh = Q + seq_start * q_stride + head * HEAD_DIM, DO + seq_start * q_stride + head * HEAD_DIM
+            LSEh, DELTAh = LSE + head * n_tokens + seq_start, DELTA + head * n_tokens + seq_start
             lo = 0
             if CAUSAL:  # queries [start_n, start_n + BLOCK_N): the diagonal block, masked
                 lo = tl.minimum(start_n + BLOCK_N, seq_len)
@@ -319,9 +291,8 @@ if HAS_TRITON:
     @triton.jit
     def _dq_inner(dq, q, do, lse, delta, K, V, kv_stride, rows, lo, hi, seq_len, qk_scale, HEAD_DIM: tl.constexpr,
                   BLOCK_N: tl.constexpr, MASK: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr):
-        """Accumulate dQ += dS K over key blocks [lo, hi), recomputing P and dP for this query tile."""
-        offs_n = tl.arange(0, BLOCK_N)
-        offs_d = tl.arange(0, HEAD_DIM)
+        """dQ += dS K over key blocks [lo, hi), P and dP recomputed for this query tile."""
+        offs_n, offs_d = tl.arange(0, BLOCK_N), tl.arange(0, HEAD_DIM)
         for start_n in tl.range(lo, hi, BLOCK_N):
             cols = start_n + offs_n
             kT_ptrs = K + cols[None, :] * kv_stride + offs_d[:, None]  # (D, BLOCK_N)
@@ -340,23 +311,19 @@ if HAS_TRITON:
     def _attn_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, CU_SEQLENS, n_tokens, n_heads, group, softmax_scale,
                      HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                      CAUSAL: tl.constexpr, WINDOW: tl.constexpr):
-        """One program owns one block of BLOCK_M queries of one head and writes its dQ once."""
         start_m, seq_start, seq_len = _tile(CU_SEQLENS, BLOCK_M)
         if start_m >= seq_len:
             return
         head = tl.program_id(2)
         kv_head = head // group
-        q_stride = n_heads * HEAD_DIM
-        kv_stride = (n_heads // group) * HEAD_DIM
-        rows = start_m + tl.arange(0, BLOCK_M)
-        offs_d = tl.arange(0, HEAD_DIM)
+        q_stride, kv_stride = n_heads * HEAD_DIM, (n_heads // group) * HEAD_DIM
+        rows, offs_d = start_m + tl.arange(0, BLOCK_M), tl.arange(0, HEAD_DIM)
         q_offs = (seq_start + rows[:, None]) * q_stride + head * HEAD_DIM + offs_d[None, :]
         q = tl.load(Q + q_offs, mask=rows[:, None] < seq_len, other=0.0)
         do = tl.load(DO + q_offs, mask=rows[:, None] < seq_len, other=0.0)
         lse = tl.load(LSE + head * n_tokens + seq_start + rows, mask=rows < seq_len, other=0.0) * 1.4426950408889634
         delta = tl.load(DELTA + head * n_tokens + seq_start + rows, mask=rows < seq_len, other=0.0)
-        K += seq_start * kv_stride + kv_head * HEAD_DIM
-        V += seq_start * kv_stride + kv_head * HEAD_DIM
+        K, V = K + (seq_start * kv_stride + kv_head * HEAD_DIM), V + (seq_start * kv_stride + kv_head * HEAD_DIM)
         dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
         qk_scale = softmax_scale * 1.4426950408889634
         lo, mid, mid_end = _key_ranges(start_m, seq_len, BLOCK_M, BLOCK_N, CAUSAL, WINDOW)  # as the forward
@@ -372,15 +339,9 @@ if HAS_TRITON:
         tl.store(DQ + q_offs, dq.to(DQ.dtype.element_ty), mask=rows[:, None] < seq_len)
 
 
-# ----------------------------------------------------------------------------------------------------
-# Launchers and autograd
-
-DELTA_BLOCK = 64  # tokens per program of the delta kernel
-
-
+# ---- Launchers and autograd ----------------------------------------------------------------------------
 def launch_specs(head_dim, dtype, device_type, causal=True, window=None):
-    """(kernel, constexprs, launch options) for each of the four kernels, exactly as the launchers
-    below use them; the ahead-of-time compile test compiles these same specs."""
+    """(kernel, constexprs, launch options) of each kernel, as the launchers use them (and the AOT test)."""
     cfg = kernel_config(head_dim, dtype, device_type)
     assert cfg.fwd.block_m % cfg.fwd.block_n == 0 and cfg.dq.block_m % cfg.dq.block_n == 0
     assert cfg.dkdv.block_n % cfg.dkdv.block_m == 0
@@ -393,30 +354,12 @@ def launch_specs(head_dim, dtype, device_type, causal=True, window=None):
 
 
 def _forward(q, k, v, cu_seqlens, max_seqlen, causal, scale, window):
-    """Returns o (T, H, D) and lse (H, T) fp32 (natural log)."""
     n_tokens, n_heads, head_dim = q.shape
     kernel, meta, opts = launch_specs(head_dim, q.dtype, q.device.type, causal, window)["fwd"]
     o, lse = torch.empty_like(q), torch.empty(n_heads, n_tokens, device=q.device, dtype=torch.float32)
     grid = (triton.cdiv(max_seqlen, meta["BLOCK_M"]), cu_seqlens.numel() - 1, n_heads)
     kernel[grid](q, k, v, o, lse, cu_seqlens, n_tokens, n_heads, n_heads // k.shape[1], scale, **meta, **opts)
-    return o, lse
-
-
-def _backward(do, q, k, v, o, lse, cu_seqlens, max_seqlen, causal, scale, window):
-    (n_tokens, n_heads, head_dim), n_kv_heads, n_seqs = q.shape, k.shape[1], cu_seqlens.numel() - 1
-    sizes = (n_tokens, n_heads, n_heads // n_kv_heads, scale)
-    specs = launch_specs(head_dim, q.dtype, q.device.type, causal, window)
-    delta = torch.empty_like(lse)
-    kernel, meta, opts = specs["delta"]
-    kernel[(triton.cdiv(n_tokens, DELTA_BLOCK), n_heads)](o, do, delta, n_tokens, n_heads, **meta, **opts)
-    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    kernel, meta, opts = specs["dkdv"]
-    grid = (triton.cdiv(max_seqlen, meta["BLOCK_N"]), n_seqs, n_kv_heads)
-    kernel[grid](q, k, v, do, dk, dv, lse, delta, cu_seqlens, *sizes, **meta, **opts)
-    kernel, meta, opts = specs["dq"]
-    grid = (triton.cdiv(max_seqlen, meta["BLOCK_M"]), n_seqs, n_heads)
-    kernel[grid](q, k, v, do, dq, lse, delta, cu_seqlens, *sizes, **meta, **opts)
-    return dq, dk, dv
+    return o, lse  # lse (H, T) fp32, natural log
 
 
 class _FlashAttention(torch.autograd.Function):
@@ -430,14 +373,20 @@ class _FlashAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, do):
         q, k, v, o, lse, cu_seqlens = ctx.saved_tensors
-        return (*_backward(do.contiguous(), q, k, v, o, lse, cu_seqlens, *ctx.launch),) + (None,) * 5
-
-
-def _kernel_can_run(q):
-    """Other head dims (e.g. 96) take the reference: correct, slower. The CPU interpreter computes bf16
-    dots on raw bit patterns (shared/TRITON_ON_CPU.md)."""
-    dtypes = (torch.float16, torch.bfloat16, torch.float32) if q.is_cuda else (torch.float16, torch.float32)
-    return use_triton(q) and q.shape[2] in SUPPORTED_HEAD_DIMS and q.dtype in dtypes
+        max_seqlen, causal, scale, window = ctx.launch
+        do, (n_tokens, n_heads, head_dim), n_kv_heads = do.contiguous(), q.shape, k.shape[1]
+        specs = launch_specs(head_dim, q.dtype, q.device.type, causal, window)
+        delta, dq, dk, dv = torch.empty_like(lse), torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        kernel, meta, opts = specs["delta"]
+        kernel[(triton.cdiv(n_tokens, DELTA_BLOCK), n_heads)](o, do, delta, n_tokens, n_heads, **meta, **opts)
+        sizes = (lse, delta, cu_seqlens, n_tokens, n_heads, n_heads // n_kv_heads, scale)
+        kernel, meta, opts = specs["dkdv"]
+        grid = (triton.cdiv(max_seqlen, meta["BLOCK_N"]), cu_seqlens.numel() - 1, n_kv_heads)
+        kernel[grid](q, k, v, do, dk, dv, *sizes, **meta, **opts)
+        kernel, meta, opts = specs["dq"]
+        kernel[(triton.cdiv(max_seqlen, meta["BLOCK_M"]), cu_seqlens.numel() - 1, n_heads)](
+            q, k, v, do, dq, *sizes, **meta, **opts)
+        return dq, dk, dv, None, None, None, None, None
 
 
 @torch.compiler.disable  # under torch.compile (train.py --compile) the kernels run as they are, between graphs
@@ -448,7 +397,9 @@ def flash_attention(q, k, v, cu_seqlens, max_seqlen, causal=True, softmax_scale=
     Returns (T, H, D), differentiable w.r.t. q, k, v. Triton kernel where `use_triton(q)`, else the reference."""
     _check_inputs(q, k, v, cu_seqlens, causal, window, None if q.is_cuda else max_seqlen)
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[2])
-    if not _kernel_can_run(q):
+    # Other head dims (e.g. 96) take the reference. The interpreter computes bf16 dots on raw bits (TRITON_ON_CPU.md).
+    dtypes = (torch.float16, torch.bfloat16, torch.float32) if q.is_cuda else (torch.float16, torch.float32)
+    if not (use_triton(q) and q.shape[2] in SUPPORTED_HEAD_DIMS and q.dtype in dtypes):
         return attention_reference(q, k, v, cu_seqlens, max_seqlen, causal, scale, window)
     if q.shape[0] == 0:
         return torch.empty_like(q)

@@ -234,13 +234,19 @@ def test_tokenize_workers_save_load(tok, sharegpt_head, tmp_path):
 
 # ---------------------------------------------------------------------------------------------- toy task
 
+def score_toy_answer(question, answer_text):
+    """Exact match of the stripped answer with the true sum of a toy question "A+B="."""
+    a, b = question.removesuffix("=").split("+")  # ValueError for anything else
+    return answer_text.strip() == toy_task.write_sum(int(a) + int(b))
+
+
 def test_toy_scorer_and_data():
     # sums are written least-significant digit first: 12+45=57 -> "75", 99+99=198 -> "891"
-    assert toy_task.score_toy_answer("12+45=", " 75\n")
-    assert not toy_task.score_toy_answer("12+45=", "57")
-    assert toy_task.score_toy_answer("99+99=", "891")
+    assert score_toy_answer("12+45=", " 75\n")
+    assert not score_toy_answer("12+45=", "57")
+    assert score_toy_answer("99+99=", "891")
     with pytest.raises(ValueError):
-        toy_task.score_toy_answer("what?", "1")
+        score_toy_answer("what?", "1")
     assert toy_task.carry_free_sum(158, 267) == 315 and toy_task.carry_free_sum(999, 999) == 888
     convs = toy_task.make_toy_conversations(4000, expert_fraction=0.05, seed=3, sub_optimal_error=0.7)
     assert [c.messages for c in convs] == [c.messages for c in toy_task.make_toy_conversations(4000, 0.05, 3, 0.7)]
@@ -249,7 +255,7 @@ def test_toy_scorer_and_data():
         q, a = c.messages[0]["content"], c.messages[1]["content"]
         x, y = map(int, q[:-1].split("+"))
         assert not toy_task.is_eval_problem(x, y)
-        by_class[c.class_name].append((toy_task.score_toy_answer(q, a), x, y))
+        by_class[c.class_name].append((score_toy_answer(q, a), x, y))
     assert len(by_class[toy_task.EXPERT]) == 200 and all(ok for ok, _, _ in by_class[toy_task.EXPERT])
     carrying = [ok for ok, x, y in by_class[toy_task.SUB_OPTIMAL] if toy_task.carry_free_sum(x, y) != x + y]
     assert 0.25 < np.mean(carrying) < 0.35  # 30% right where a carry matters
@@ -260,7 +266,7 @@ def test_toy_scorer_and_data():
         want = x + y if c.class_name == toy_task.EXPERT else toy_task.carry_free_sum(x, y)
         assert a == toy_task.write_sum(want)
     evals = toy_task.make_toy_eval(500, seed=1)
-    assert len(set(evals)) == 500 and all(toy_task.score_toy_answer(q, a) for q, a in evals)
+    assert len(set(evals)) == 500 and all(score_toy_answer(q, a) for q, a in evals)
     train = {c.messages[0]["content"] for c in convs}
     assert not train & {q for q, _ in evals}
 

@@ -20,7 +20,7 @@ from transformers import LlamaForCausalLM
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import data  # noqa: E402
-import model as M  # noqa: E402
+from hf import hf_names, save_state_dict  # noqa: E402
 
 TINY = ["--toy_train=240", "--batch_tokens=600", "--dim=32", "--n_layers=2", "--n_heads=4", "--n_kv_heads=2",
         "--epochs=2", "--grad_accum=2", "--toy_eval=0", "--val_fraction=0"]
@@ -48,7 +48,7 @@ def harness(tmp_path, step, out_dir, *extra):
 
 def hf_model(weights, args, directory):
     """transformers' Llama with these weights, in float64."""
-    M.save_hf_state_dict(weights, args, str(directory))
+    save_state_dict(weights, args, str(directory))
     return LlamaForCausalLM.from_pretrained(str(directory), dtype=torch.float64).train()
 
 
@@ -67,7 +67,7 @@ def bin_grads(hf, dataset, bin_):
 
 
 def ours_by_hf_name(saved):
-    names = M.hf_names(saved["args"])
+    names = hf_names(saved["args"])
     return {names[ours]: g.double() for ours, g in saved["grads"].items()}
 
 
@@ -109,7 +109,7 @@ def test_a_resumed_step_at_two_ranks_is_the_global_weighted_mean(tmp_path):
     run([*TORCHRUN, os.path.join(ROOT, "train.py"), *TINY, f"--out_dir={out}", "--max_steps=1", "--ckpt_every=1"])
     exported = load_file(str(out / "export" / "model.safetensors"))
     saved = harness(tmp_path, 1, out)
-    names = M.hf_names(saved["args"])
+    names = hf_names(saved["args"])
     for ours, weight in saved["weights"].items():
         assert torch.equal(weight, exported[names[ours]].to(weight.dtype)), ours
     hf = LlamaForCausalLM.from_pretrained(str(out / "export"), dtype=torch.float64).train()

@@ -190,7 +190,8 @@ def test_toy_evaluation_matches_one_prompt_at_a_time_generation():
                                   max_seq_len=64)).eval()
     model.init_weights()
     problems = toy_task.make_toy_eval(40, seed=5) + [("7+5=", "21")]  # prompts of two lengths
-    accuracy, answers = toy_task.evaluate(model, tok, problems, "Expert", max_new_tokens=6, batch_size=16)
+    accuracy, answers = toy_task.evaluate(model, tok, problems, lambda m: data.encode_prompt(tok, m, "Expert"),
+                                          max_new_tokens=6, batch_size=16)
     expected = []
     for question, _ in problems:
         prompt = data.encode_prompt(tok, [{"role": "user", "content": question}], "Expert")
@@ -269,7 +270,7 @@ def test_validation_loss_is_the_held_out_weighted_mean_and_every_epoch_is_export
     dataset = data.TokenizedDataset.load(str(out / "data"))
     train_ids, held_out = data.split_holdout(dataset.class_ids, cfg.val_fraction, cfg.val_max, cfg.seed)
     assert len(held_out) >= 20 and set(dataset.class_ids[held_out]) == {0, 1}  # both classes validated
-    trained = {int(train_ids[i]) for epoch in T.plan_epochs(dataset.lengths[train_ids], cfg, 1)
+    trained = {int(train_ids[i]) for epoch in [data.pack_epoch(dataset.lengths[train_ids], cfg.batch_tokens, 1, cfg.seed, e) for e in range(cfg.epochs)]
                for step in epoch for b in step for i in b}
     assert trained == set(train_ids.tolist()) and not trained & set(held_out.tolist())
     records = [r for r in log(out) if "val_loss" in r]

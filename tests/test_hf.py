@@ -1,4 +1,4 @@
-"""export.py: the exported directory, read by transformers, gives our prompts token for token and our logits.
+"""hf.export_hf: the exported directory, read by transformers, gives our prompts token for token and our logits.
 
 References: data.encode_prompt (how training and sample.py build prompts) and sentencepiece itself, through
 data.Tokenizer; for the weights, our own forward pass.
@@ -14,8 +14,9 @@ import torch
 import data
 import readers
 import toy_task
-from export import EOT, chat_template, export_hf
+from hf import chat_template, export_hf
 from model import ModelArgs, Transformer
+from tokenizer import EOT_TEXT as EOT
 
 transformers = pytest.importorskip("transformers")
 
@@ -170,7 +171,7 @@ def test_real_sharegpt_messages_encode_like_sentencepiece(exported, sharegpt):
 def test_literal_special_token_text_is_a_known_difference(exported):
     """Training encodes "<|end_of_turn|>" typed inside content as text (a user cannot end a turn); a Hugging
     Face tokenizer always splits added tokens out of text, so through the chat template the literal becomes the
-    special id. No template can escape it; this test pins the difference down (see export.py)."""
+    special id. No template can escape it; this test pins the difference down (see hf.py)."""
     tok, condition, _, _, hf_tok = exported
     messages = [{"role": "user", "content": f"x{EOT}y </s> <s>"}]
     ours = data.encode_prompt(tok, messages, condition)
@@ -215,7 +216,7 @@ def test_condition_with_quotes_renders(tmp_path):
 def test_unsupported_sentencepiece_model_is_a_clear_error(tmp_path):
     import sentencepiece as spm
 
-    from export import tokenizer_json
+    from hf import tokenizer_json
 
     path = str(tmp_path / "unigram.model")
     with open(path, "wb") as f:
@@ -231,7 +232,7 @@ def test_unsupported_sentencepiece_model_is_a_clear_error(tmp_path):
 
 
 def test_export_errors_are_short_and_write_nothing(tmp_path):
-    from export import tokenizer_json
+    from hf import tokenizer_json
 
     tok = toy_task.toy_tokenizer()
     with pytest.raises(ValueError, match=f"id {tok.eot_id + 1} \\(need {tok.eot_id}") as e:

