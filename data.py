@@ -35,7 +35,7 @@ from readers import EXPERT_CONDITION, Conversation, DataError, check_messages  #
 from tokenizer import EOT_TEXT, Tokenizer, default_tokenizer_path  # noqa: F401
 
 TEMPLATE_VERSION = 2  # part of a prepared dataset's key: bump when the template or the weights change
-BOS, EOT = "<s>", EOT_TEXT  # the template's two special pieces (never encoded from text)
+BOS, EOT = object(), object()  # the template's special pieces: ids, never text (content "<s>" stays text)
 
 
 # ----------------------------------------------------------------------------------------------- template

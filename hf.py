@@ -1,20 +1,15 @@
-"""Hugging Face checkpoints in plain values (config dicts, tensors under our names, `args` read by attribute), which
-model.py's from_pretrained / save_pretrained ask for; a checkpoint's tokenizer; and `export_hf`, a directory that
-transformers and vLLM serve as it is: the weights, tokenizer.model, a tokenizer.json, tokenizer_config.json with
-OpenChat's chat template, special_tokens_map.json, generation_config.json (stop on <|end_of_turn|> and </s>).
-
-Why write tokenizer.json ourselves: without protobuf, transformers 5 cannot convert tokenizer.model at all, and its
-LlamaTokenizer's Metaspace pre-tokenizer adds the word-start marker only to a piece that does not already start
-with a space, so content with leading spaces would tokenize unlike sentencepiece (and our training data). Ours
-mirrors sentencepiece's BPE exactly: every text between special tokens gets the marker (the dummy prefix: so the
-template's "User: " + content gives the ids of "User:" and of the content), spaces become "▁", and merges rank by
-the score of the piece they make. tokenizer_class PreTrainedTokenizerFast: transformers loads it as it is.
-
-One known disagreement: content holding the literal text <|end_of_turn|> (or <s>, </s>). Training encodes it as
-text, so a user cannot end a turn by typing it; a Hugging Face tokenizer (and so vLLM) splits added tokens out of
-any text first, so through `apply_chat_template` it becomes the special id. A template renders a string and cannot
-escape it; tests/test_hf.py pins the difference down.
-"""
+"""Hugging Face checkpoints in plain values (config dicts, tensors under our names, `args` read by attribute) for
+model.py's from_pretrained / save_pretrained; a checkpoint's tokenizer; and `export_hf`: a directory transformers
+and vLLM serve as it is (weights, tokenizer.model, tokenizer.json, tokenizer_config.json with OpenChat's chat
+template, special_tokens_map.json, generation_config.json: stop on <|end_of_turn|> and </s>).
+Why our own tokenizer.json: without protobuf, transformers 5 cannot convert tokenizer.model, and its
+LlamaTokenizer's Metaspace adds the word-start marker only to a piece not already starting with a space, so content
+with leading spaces would tokenize unlike sentencepiece (and our training data). Ours mirrors sentencepiece's BPE: a
+Prepend normalizer marks every text between special tokens (the dummy prefix: "User: " + content gives the ids of
+"User:" and of the content), spaces become "▁", merges rank by the score of the piece they make; tokenizer_class
+PreTrainedTokenizerFast loads it as it is. One known disagreement: the literal text <|end_of_turn|> (or <s>, </s>)
+in content. Training encodes it as text, so a user cannot end a turn by typing it; Hugging Face tokenizers (so vLLM)
+split added tokens out of any text first: the special id, which a template cannot escape (see tests/test_hf.py)."""
 import json
 import os
 import shutil
@@ -37,13 +32,11 @@ _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch
 
 def hf_names(args) -> dict:
     """Our parameter name -> HF tensor name, for the tensors an HF checkpoint stores (a tied lm_head isn't)."""
-    names = {"tok_embeddings.weight": "model.embed_tokens.weight"}
-    names.update({f"layers.{i}.{ours}.weight": f"model.layers.{i}.{theirs}.weight"
-                  for i in range(args.n_layers) for ours, theirs in _LAYER_NAMES.items()})
-    names["norm.weight"] = "model.norm.weight"
-    if not args.tie_embeddings:
-        names["output.weight"] = "lm_head.weight"
-    return names
+    names = {"tok_embeddings.weight": "model.embed_tokens.weight",
+             **{f"layers.{i}.{ours}.weight": f"model.layers.{i}.{theirs}.weight"
+                for i in range(args.n_layers) for ours, theirs in _LAYER_NAMES.items()},
+             "norm.weight": "model.norm.weight"}
+    return names if args.tie_embeddings else names | {"output.weight": "lm_head.weight"}
 
 
 def _read_config(path: str) -> dict:
@@ -59,22 +52,18 @@ def model_config(path: str, max_seq_len=None) -> dict:
     (rope_parameters): what the model cannot compute exactly is an error naming the field (the caller: the file)."""
     config = _read_config(path)
 
-    def unsupported(field, why):
-        raise ValueError(f"{field}={config.get(field)!r} is not supported: {why}")
-    if config.get("hidden_act", "silu") != "silu":
-        unsupported("hidden_act", "the feed-forward is SwiGLU (silu)")
-    for field in ("attention_bias", "mlp_bias"):
-        if config.get(field):
-            unsupported(field, "the projections have no bias")
-    if config.get("quantization_config") is not None:
-        unsupported("quantization_config", "load an unquantized checkpoint")
+    def check(field, ok, why):
+        if not ok:
+            raise ValueError(f"{field}={config.get(field)!r} is not supported: {why}")
+    check("hidden_act", config.get("hidden_act", "silu") == "silu", "the feed-forward is SwiGLU (silu)")
+    check("attention_bias", not config.get("attention_bias"), "the projections have no bias")
+    check("mlp_bias", not config.get("mlp_bias"), "the projections have no bias")
+    check("quantization_config", config.get("quantization_config") is None, "load an unquantized checkpoint")
     rope_theta = config.get("rope_theta", 10000.0)
     for field in ("rope_scaling", "rope_parameters"):  # 4.x puts scaling in rope_scaling, 5.x in rope_parameters
-        rope = config.get(field)
-        if rope is not None:
-            if rope.get("rope_type", rope.get("type", "default")) != "default":
-                unsupported(field, "only the default RoPE (no scaling)")
-            rope_theta = rope.get("rope_theta", rope_theta)
+        rope = config.get(field) or {}
+        check(field, rope.get("rope_type", rope.get("type", "default")) == "default", "only default RoPE (no scaling)")
+        rope_theta = rope.get("rope_theta", rope_theta)
     for field in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size"):
         if field not in config:
             raise ValueError(f"missing {field!r}")
@@ -93,7 +82,7 @@ def model_config(path: str, max_seq_len=None) -> dict:
 def hf_config(args, dtype) -> dict:
     """A config.json that transformers 4.x and 5.x (and so vLLM) read as LlamaConfig / MistralConfig."""
     dtype_name = str(dtype).removeprefix("torch.")
-    config = {
+    return {
         "architectures": ["MistralForCausalLM" if args.model_type == "mistral" else "LlamaForCausalLM"],
         "model_type": args.model_type, "vocab_size": args.vocab_size, "hidden_size": args.dim,
         "intermediate_size": args.hidden_dim, "num_hidden_layers": args.n_layers, "num_attention_heads": args.n_heads,
@@ -104,33 +93,29 @@ def hf_config(args, dtype) -> dict:
         "tie_word_embeddings": args.tie_embeddings, "attention_dropout": 0.0, "initializer_range": args.init_std,
         "bos_token_id": args.bos_token_id, "eos_token_id": args.eos_token_id, "use_cache": True,
         "torch_dtype": dtype_name, "dtype": dtype_name,                                  # 4.x, 5.x
+        **({"sliding_window": args.sliding_window} if args.model_type == "mistral" else  # MistralConfig: a window,
+           {"attention_bias": False, "mlp_bias": False}),                               # LlamaConfig: biases
     }
-    if args.model_type == "mistral":  # a MistralConfig has a window, a LlamaConfig biases
-        return config | {"sliding_window": args.sliding_window}
-    return config | {"attention_bias": False, "mlp_bias": False}
-
-
-def _weight_files(path: str) -> list:
-    index = os.path.join(path, "model.safetensors.index.json")
-    if os.path.isfile(index):
-        with open(index) as f:
-            return sorted(set(json.load(f)["weight_map"].values()))
-    if os.path.isfile(os.path.join(path, "model.safetensors")):
-        return ["model.safetensors"]
-    raise FileNotFoundError(f"{path}: neither model.safetensors nor model.safetensors.index.json (safetensors only)")
 
 
 def load_state_dict(path: str, args, shapes: dict, device=None, dtype=None) -> dict:
-    """A checkpoint's tensors keyed by our names (`shapes`: ours -> the shape the model needs), each read straight
-    onto `device` in `dtype` (None: the config's). Tied, "output.weight" is "tok_embeddings.weight" again. A
-    missing, unexpected, duplicated or wrongly shaped tensor is an error naming it and its file."""
+    """A checkpoint's tensors under our names, of `shapes` (ours -> shape), read onto `device` in `dtype` (None: the
+    config's); tied, "output.weight" is the embedding. A missing, unexpected, duplicated or mis-shaped tensor: error."""
     if dtype is None:
         config = _read_config(path)
         dtype = _DTYPES.get(config.get("dtype") or config.get("torch_dtype"), torch.float32)
     ours_by_hf = {theirs: ours for ours, theirs in hf_names(args).items()}
     device = str(torch.device(device if device is not None else "cpu"))
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        with open(index) as f:
+            files = sorted(set(json.load(f)["weight_map"].values()))
+    elif os.path.isfile(os.path.join(path, "model.safetensors")):
+        files = ["model.safetensors"]
+    else:
+        raise FileNotFoundError(f"{path}: neither model.safetensors nor its .index.json (safetensors only)")
     state_dict, found_in = {}, {}
-    for file in _weight_files(path):
+    for file in files:
         file_path = os.path.join(path, file)
         with safetensors.safe_open(file_path, framework="pt", device=device) as f:
             for name in f.keys():
@@ -147,17 +132,15 @@ def load_state_dict(path: str, args, shapes: dict, device=None, dtype=None) -> d
                 state_dict[ours], found_in[name] = tensor.to(dtype), file_path
     missing = [name for name in ours_by_hf if name not in found_in]
     if missing:
-        raise ValueError(f"{path}: missing tensor(s) {missing[:5]}{' ...' if len(missing) > 5 else ''} "
-                         f"in {_weight_files(path)}")
+        raise ValueError(f"{path}: missing tensor(s) {missing[:5]}{' ...' if len(missing) > 5 else ''} in {files}")
     if args.tie_embeddings:
         state_dict["output.weight"] = state_dict["tok_embeddings.weight"]
     return state_dict
 
 
 def save_state_dict(state_dict: dict, args, path: str, dtype=None, max_shard_bytes: int = 5 * 10**9):
-    """Write `state_dict` (our names, full tensors) as an HF checkpoint directory. The files go to a temporary
-    directory beside `path`, moved in only when all are complete, so a failure leaves a previous save intact;
-    other files in `path` (a tokenizer, say) are kept."""
+    """Write `state_dict` (our names, full tensors) as an HF checkpoint directory, via a temporary directory beside
+    `path` moved in only when complete: a failure leaves a previous save intact. Other files in `path` are kept."""
     tensors = [(theirs, state_dict[ours]) for ours, theirs in hf_names(args).items()]  # a tied matrix once
     dtype = dtype or tensors[0][1].dtype
     shards, shard_bytes = [[]], 0
@@ -173,12 +156,11 @@ def save_state_dict(state_dict: dict, args, path: str, dtype=None, max_shard_byt
     os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp-", dir=os.path.dirname(path))
     try:
-        weight_map = {}
         for file, shard in zip(files, shards):
             safetensors.torch.save_file({name: t.detach().to("cpu", dtype).contiguous() for name, t in shard},
                                         os.path.join(tmp, file), metadata={"format": "pt"})
-            weight_map.update({name: file for name, _ in shard})
         if n > 1:
+            weight_map = {name: file for file, shard in zip(files, shards) for name, _ in shard}
             _write_json(os.path.join(tmp, "model.safetensors.index.json"), {"metadata": {
                 "total_size": sum(t.numel() * dtype.itemsize for _, t in tensors)}, "weight_map": weight_map})
         _write_json(os.path.join(tmp, "config.json"), hf_config(args, dtype))
@@ -200,9 +182,8 @@ def _write_json(path, obj):
 
 
 def checkpoint_tokenizer(model_dir: str, vocab_size: int, path: str | None = None) -> Tokenizer:
-    """A checkpoint directory's tokenizer: `path` (--tokenizer) or its own tokenizer.model. <|end_of_turn|> keeps the
-    id the directory gives it (added_tokens.json, tokenizer_config.json: openchat_3.5's 32000), else a new row right
-    after the pieces. It must fit the config's vocab_size: its pieces, plus at most the ids the directory adds."""
+    """A checkpoint's tokenizer: `path` (--tokenizer) or its own tokenizer.model. <|end_of_turn|> keeps the id the
+    directory gives it (openchat_3.5: 32000), else the row after the pieces. vocab_size must fit: pieces + added ids."""
     path = path or os.path.join(model_dir, "tokenizer.model")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: not found (a sentencepiece tokenizer.model is needed: pass --tokenizer)")
@@ -226,9 +207,8 @@ def checkpoint_tokenizer(model_dir: str, vocab_size: int, path: str | None = Non
 
 
 def chat_template(condition):
-    """OpenChat 3.5's Jinja chat template: BOS, per message "{condition} {Role}: {content}<|end_of_turn|>" (system:
-    "{content}<|end_of_turn|>"), "{condition} Assistant:" to generate ("" gives "User:"). The variable `condition`
-    picks the class per request (apply_chat_template(..., condition=c); vLLM: chat_template_kwargs): default here."""
+    """OpenChat 3.5's template: BOS, per message "{condition} {Role}: {content}<|end_of_turn|>" (system: no prefix),
+    "{condition} Assistant:" to generate. Set per request (condition=c; vLLM: chat_template_kwargs); default: ours."""
     default = condition.replace("\\", "\\\\").replace("'", "\\'")  # inside a Jinja string literal
     return ("{% set condition = condition if condition is defined and condition is not none else '" + default + "' %}"
             "{% set prefix = condition + ' ' if condition else '' %}{{ bos_token }}{% for message in messages %}"
@@ -241,23 +221,20 @@ def _protobuf_fields(buf):
     """{field number: last value} of one protobuf message (varints as int, everything else as bytes): enough to
     read the few sentencepiece settings its Python API does not expose."""
     def varint(i):
-        value = shift = 0
-        while True:
-            byte, i = buf[i], i + 1
-            value, shift = value | (byte & 0x7F) << shift, shift + 7
-            if byte < 0x80:
-                return value, i
+        value, shift = 0, 0
+        while buf[i] & 0x80:  # 7 bits a byte, low first; the last byte has the top bit clear
+            value, shift, i = value | (buf[i] & 0x7F) << shift, shift + 7, i + 1
+        return value | buf[i] << shift, i + 1
     out, i = {}, 0
     while i < len(buf):
         key, i = varint(i)
         wire_type = key & 7
         if wire_type == 0:
-            value, i = varint(i)
+            out[key >> 3], i = varint(i)
         else:
             assert wire_type in (1, 2, 5), f"unsupported protobuf wire type {wire_type}"
             size, i = varint(i) if wire_type == 2 else (8 if wire_type == 1 else 4, i)
-            value, i = buf[i:i + size], i + size
-        out[key >> 3] = value
+            out[key >> 3], i = buf[i:i + size], i + size
     return out
 
 
@@ -273,11 +250,10 @@ def sentencepiece_settings(model_path):
 
 
 def bpe_merges(sp):
-    """The merge list, best first, for tokenizers' BPE to split text exactly as sentencepiece's BPE does, which
-    merges the adjacent pair whose concatenation is the highest-scoring piece: every split (left, right) of a normal
-    piece into two normal pieces, ranked by that score. Where scores tie, sentencepiece merges the leftmost pair
-    first but tokenizers merges by rank, so the ranks must be chosen. The only ties we know of are Mistral's runs of
-    spaces ("▁" * k, k = 2..14 and 16, all -1e9: merged last, when a run stands alone): _space_run_merges."""
+    """The merge list, best first, for tokenizers' BPE to split text exactly as sentencepiece's BPE does, which merges
+    the adjacent pair whose concatenation is the highest-scoring piece: every split (left, right) of a normal piece
+    into two normal pieces, ranked by that score. On ties sentencepiece merges the leftmost pair, tokenizers by rank:
+    the only ties we know of are Mistral's runs of spaces, ranked by _space_run_merges."""
     normal = {sp.id_to_piece(i): i for i in range(sp.get_piece_size())
               if not (sp.is_control(i) or sp.is_unknown(i) or sp.is_byte(i) or sp.is_unused(i))}
     score = {p: sp.get_score(i) for p, i in normal.items()}
@@ -295,12 +271,11 @@ def bpe_merges(sp):
 
 
 def _space_run_merges(lengths):
-    """Ranked (left, right) run lengths for runs of "▁" whose pieces all have one score. sentencepiece then merges
-    the leftmost pair first, so a run grows from the left: Mistral's run of n spaces becomes pieces of 16 and then
-    the rest in one piece (15: 14 + 1). With these ranks tokenizers' BPE gives the same: first equal halves, 1+1,
-    2+2, 4+4, 8+8 (each pairing from the left, so the run becomes 16s and then the rest's binary digits, largest
-    first), then the digits joined from the left (8+4, then +2, then +1). tests/test_hf.py checks every run length
-    against sentencepiece."""
+    """Ranked (left, right) lengths for runs of "▁" whose pieces tie (Mistral's "▁" * k, k = 2..14 and 16, all -1e9:
+    merged last, when a run stands alone). sentencepiece grows a run from the left: n spaces become 16s, then the rest
+    in one piece (15: 14 + 1). tokenizers' BPE does the same with these ranks: first equal halves 1+1 .. 8+8 (pairing
+    from the left: 16s, then the rest's binary digits, largest first), then the digits joined from the left (8+4, +2,
+    +1). tests/test_hf.py checks every run length against sentencepiece."""
     merges, half = [], 1
     while 2 * half in lengths:
         merges.append((half, half))
@@ -314,8 +289,7 @@ def _space_run_merges(lengths):
 
 
 def _special(text):
-    return {"content": text, "single_word": False, "lstrip": False, "rstrip": False, "normalized": False,
-            "special": True}
+    return dict(content=text, single_word=False, lstrip=False, rstrip=False, normalized=False, special=True)
 
 
 def tokenizer_json(model_path, eot_id):
@@ -324,8 +298,7 @@ def tokenizer_json(model_path, eot_id):
     settings = sentencepiece_settings(model_path)
     charsmap = len(settings.pop("precompiled_charsmap"))  # bytes (~240 KB for nmt_nfkc): only its size in messages
     settings["normalizer"] += f" with a {charsmap / 1e3:.0f} KB precompiled_charsmap" if charsmap else ""
-    wanted = {"model_type": "bpe", "normalizer": "identity", "remove_extra_whitespaces": False,
-              "escape_whitespaces": True}  # Mistral's and LLaMA's
+    wanted = dict(model_type="bpe", normalizer="identity", remove_extra_whitespaces=False, escape_whitespaces=True)
     bad = [f"{k} {settings[k]} (need {v})" for k, v in wanted.items() if settings[k] != v]
     if bad:
         raise ValueError(f"{model_path}: tokenizer.json cannot reproduce this sentencepiece model: {'; '.join(bad)}")
@@ -336,11 +309,9 @@ def tokenizer_json(model_path, eot_id):
         raise ValueError(f"{model_path}: bos_id {sp.bos_id()}, eos_id {sp.eos_id()} (need both pieces)")
     pieces = [sp.id_to_piece(i) for i in range(n_pieces)]
     added = [(i, pieces[i]) for i in range(n_pieces) if sp.is_control(i) or sp.is_unknown(i)] + [(eot_id, EOT_TEXT)]
-    # Prepend (unlike Metaspace) adds the marker to every non-empty text piece, even one starting with a space.
     normalizers = [{"type": "Prepend", "prepend": "▁"}] if settings["add_dummy_prefix"] else []
     decoders = [{"type": "Replace", "pattern": {"String": "▁"}, "content": " "}, {"type": "ByteFallback"},
-                {"type": "Fuse"}] + ([{"type": "Strip", "content": " ", "start": 1, "stop": 0}]
-                                     if settings["add_dummy_prefix"] else [])
+                {"type": "Fuse"}, *([{"type": "Strip", "content": " ", "start": 1, "stop": 0}] if normalizers else [])]
     bos_piece = pieces[sp.bos_id()]
     bos, text = {"SpecialToken": {"id": bos_piece, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}
     return {
@@ -367,8 +338,7 @@ def export_hf(model, tokenizer, out_dir, condition=EXPERT_CONDITION):
     if model.args.vocab_size < tokenizer.vocab_size:  # more rows are fine (openchat_3.5: 32002 rows, 32001 ids)
         raise ValueError(f"model vocab_size {model.args.vocab_size} (need >= the tokenizer's {tokenizer.vocab_size})")
     tok_json = tokenizer_json(tokenizer.model_path, tokenizer.eot_id)  # checks the tokenizer before writing anything
-    os.makedirs(out_dir, exist_ok=True)
-    model.save_pretrained(out_dir)
+    model.save_pretrained(out_dir)  # makes out_dir
     shutil.copyfile(tokenizer.model_path, os.path.join(out_dir, "tokenizer.model"))
     _write_json(os.path.join(out_dir, "tokenizer.json"), tok_json)
     sp = tokenizer.sp

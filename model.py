@@ -1,13 +1,8 @@
-"""A LLaMA / Mistral decoder, written to be read: pre-norm blocks of RMSNorm -> grouped-query attention with
-rotary embeddings -> RMSNorm -> SwiGLU, in the Hugging Face tensor layout (RoPE rotates the two halves of each
-head), so the checkpoints hf.py reads load without permuting anything.
-
-Three ways through `Transformer.forward`: training, a packed row of conversations (cu_seqlens, position_ids
-restarting at 0) or a plain (B, T) batch, with targets giving the loss of the fused linear cross-entropy (the
-(tokens x vocab) logits never exist at once); logits, the same without targets; generation, `setup_kv_cache`
-once, then `forward(tokens, start_pos=p)` for the prompt and each new token. The model knows nothing of FSDP
-(train.py wraps `model.layers[i]`); RoPE cos/sin are computed in forward: no buffers, a simple meta-device init.
-"""
+"""A LLaMA / Mistral decoder, written to be read: pre-norm blocks of RMSNorm -> grouped-query attention with rotary
+embeddings -> RMSNorm -> SwiGLU, in the Hugging Face layout (RoPE rotates the two halves of each head), so the
+checkpoints hf.py reads load without permuting anything. `Transformer.forward` trains, gives logits, or generates
+(its docstring). It knows nothing of FSDP (train.py wraps `model.layers[i]`); RoPE cos/sin are computed in forward:
+no buffers, a simple meta-device init."""
 import math
 import os
 from dataclasses import dataclass, replace
@@ -67,27 +62,24 @@ class ModelArgs:
             raise ValueError(f"{os.path.join(path, 'config.json')}: {e}") from None
 
 
-PRESETS = {
-    # The toy task of train.py's default run (2-digit addition; vocab_size is set from the toy tokenizer).
-    # init_std 0.05, not 0.02: at 0.02 the C-RLFT run sat on the toy task's loss plateau for 500+ steps.
+PRESETS = {  # train.py sets vocab_size to its tokenizer's
+    # train.py's default run, the toy task (2-digit addition). init_std 0.05: at 0.02 C-RLFT sat 500+ steps on a plateau
     "toy": ModelArgs(dim=128, n_layers=3, n_heads=4, n_kv_heads=2, vocab_size=121, max_seq_len=256, init_std=0.05),
-    # CPU: the "19M LLaMA" (dim 256, 4 layers, 32k vocab); train.py sets vocab_size to its tokenizer's.
+    # CPU: the "19M LLaMA" (dim 256, 4 layers, 32k vocab).
     "tiny": ModelArgs(dim=256, n_layers=4, n_heads=8, n_kv_heads=4, vocab_size=32000, max_seq_len=1024),
     "1b": ModelArgs(dim=2048, n_layers=22, n_heads=32, n_kv_heads=4, vocab_size=32000, hidden_dim=5632,
                     max_seq_len=4096),  # GPU throughput tests: TinyLlama-1.1B's shape
     "llama2-7b": ModelArgs(dim=4096, n_layers=32, n_heads=32, vocab_size=32000, max_seq_len=4096),  # hidden 11008
     "llama2-13b": ModelArgs(dim=5120, n_layers=40, n_heads=40, vocab_size=32000, max_seq_len=4096),  # 13824
-    # Mistral-7B-v0.1 as released (vocab before <|end_of_turn|> is added).
     "mistral-7b": ModelArgs(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, vocab_size=32000, hidden_dim=14336,
-                            max_seq_len=32768, model_type="mistral", sliding_window=4096),
+                            max_seq_len=32768, model_type="mistral", sliding_window=4096),  # v0.1 as released
 }
 
 
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps, self.weight = eps, nn.Parameter(torch.ones(dim))
 
     def forward(self, x):  # in fp32, cast back before the weight, as Hugging Face does (bf16 results then agree)
         x32 = x.float()
@@ -134,19 +126,15 @@ class Attention(nn.Module):
     def _attend_with_cache(self, q, k, v, start_pos: int):
         B, T = q.shape[:2]
         end = start_pos + T
-        if end > self.cache_k.shape[1] or B > self.cache_k.shape[0]:
-            raise ValueError(f"KV cache holds {tuple(self.cache_k.shape[:2])} (batch, positions): got ({B}, {end})")
+        assert B <= self.cache_k.shape[0] and end <= self.cache_k.shape[1], "larger than the KV cache: setup_kv_cache"
         self.cache_k[:B, start_pos:end], self.cache_v[:B, start_pos:end] = k, v
         first = 0 if self.window is None else max(start_pos - self.window + 1, 0)  # older keys: out of every window
-        keys = self.cache_k[:B, first:end].transpose(1, 2)      # (B, H_kv, end - first, D)
-        values = self.cache_v[:B, first:end].transpose(1, 2)
+        keys, values = (c[:B, first:end].transpose(1, 2) for c in (self.cache_k, self.cache_v))  # (B, H_kv, keys, D)
         mask = None
         if T > 1:  # a prompt chunk: query i sits at position start_pos + i and sees keys up to start_pos + i
             key_pos = torch.arange(first, end, device=q.device)
-            query_pos = torch.arange(start_pos, end, device=q.device)[:, None]
-            mask = key_pos <= query_pos                                                 # (T, end - first)
-            if self.window is not None:
-                mask &= key_pos > query_pos - self.window
+            query_pos = key_pos[start_pos - first:, None]                               # the last T positions
+            mask = (key_pos <= query_pos) & (key_pos > query_pos - (self.window or end))  # (T, end - first)
         out = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=mask,
                                              enable_gqa=self.n_kv_heads != self.n_heads)   # (B, H, T, D)
         return out.transpose(1, 2)
@@ -198,8 +186,7 @@ class Transformer(nn.Module):
         if start_pos is not None:
             if self.layers[0].attention.cache_k is None:
                 raise RuntimeError("forward(start_pos=...) needs the KV cache: call setup_kv_cache first")
-            if targets is not None:
-                raise ValueError("targets are for training; the KV-cache path returns logits only")
+            assert targets is None, "targets are for training; the KV-cache path returns logits only"
         elif cu_seqlens is None:  # a plain batch: B sequences of length T
             cu_seqlens, max_seqlen = torch.arange(0, (B + 1) * T, T, dtype=torch.int32, device=tokens.device), T
         elif max_seqlen is None:
@@ -216,22 +203,21 @@ class Transformer(nn.Module):
             return (self.output(h) if start_pos is None else h @ self.output_t).float()  # output_t: generating
         if loss_weights is None:  # plain language modelling: every token with a target counts once
             loss_weights = (targets != -100).float()
-        # Inside forward on purpose: FSDP2 unshards the root's parameters (output.weight) only here.
+        # Fused: no (tokens x vocab) logits at once. Inside forward: FSDP2 unshards the root's output.weight only here.
         return fused_linear_cross_entropy(h.reshape(B * T, -1), self.output.weight, targets.reshape(-1),
                                           loss_weights.reshape(-1), return_per_token=True)
 
     def setup_kv_cache(self, batch_size: int, max_seq_len: int, device=None, dtype=None):
         """Preallocate each layer's K/V cache, (batch_size, max_seq_len, n_kv_heads, head_dim)."""
-        if max_seq_len > self.args.max_seq_len:
-            raise ValueError(f"KV cache of {max_seq_len} positions exceeds max_seq_len={self.args.max_seq_len}")
+        assert max_seq_len <= self.args.max_seq_len, f"a KV cache of {max_seq_len} > max_seq_len positions"
         weight = self.output.weight
         shape = (batch_size, max_seq_len, self.args.n_kv_heads, self.args.head_dim)
         for layer in self.layers:
             layer.attention.cache_k = torch.zeros(shape, device=device or weight.device, dtype=dtype or weight.dtype)
             layer.attention.cache_v = torch.zeros_like(layer.attention.cache_k)
-        # Each decoding step reads all of the (V, D) output matrix: `h @ output_t`, a (D, V) copy, ran 1.8x (D = 768)
-        # to 3.5x (D = 256) faster on this CPU than F.linear (32k vocab, one thread), same numbers up to fp32 rounding.
-        # Kept across generations; made again when the weight changed (moved, replaced, or in place: _version).
+        # Each decoding step reads all the (V, D) output matrix: `h @ output_t`, a (D, V) copy, ran 1.8x (D = 768) to
+        # 3.5x (D = 256) faster on CPU than F.linear (32k vocab, one thread; equal up to fp32 rounding). Kept across
+        # generations; remade when the weight changed (moved, replaced, or in place: _version).
         of = (weight.data_ptr(), weight._version, weight.dtype)
         if self._output_t_of != of:
             self.output_t, self._output_t_of = weight.detach().t().contiguous(), of
@@ -270,8 +256,7 @@ class Transformer(nn.Module):
 
     def num_params(self, exclude_embeddings: bool = False) -> int:
         """Parameter count (a tied matrix once); exclude_embeddings drops the input embedding table."""
-        n = sum(p.numel() for p in self.parameters())
-        return n - self.tok_embeddings.weight.numel() if exclude_embeddings else n
+        return sum(p.numel() for p in self.parameters()) - exclude_embeddings * self.tok_embeddings.weight.numel()
 
     @classmethod
     def from_pretrained(cls, path: str, device=None, dtype=None, max_seq_len: Optional[int] = None):

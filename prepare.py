@@ -17,11 +17,8 @@ import data
 
 
 def file_digest(path):
-    digest = hashlib.sha256()
     with open(path, "rb") as f:
-        while chunk := f.read(1 << 24):
-            digest.update(chunk)
-    return digest.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def inputs_key(cfg, tokenizer, max_seq_len):

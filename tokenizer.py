@@ -1,6 +1,5 @@
 """The tokenizer of the OpenChat template: sentencepiece plus `<|end_of_turn|>`, one id after the model's pieces
-(or the id a checkpoint already gives it), and a fast batched encode that is exactly sentencepiece's.
-"""
+(or the id a checkpoint already gives it), and a fast batched encode that is exactly sentencepiece's."""
 from __future__ import annotations
 
 import importlib.util
@@ -44,20 +43,17 @@ class Tokenizer:
         self.vocab_size = self.eot_id + 1
         self.num_threads = os.cpu_count() or 1
         self.bos_ids, self.eot_ids = np.array([self.bos_id], np.int32), np.array([self.eot_id], np.int32)
-        self._segments: dict[str, list[int]] | None = {} if _segments_are_independent(self.sp) else None
+        self._segments: dict[str, bytes] | None = {} if _segments_are_independent(self.sp) else None
 
     def encode(self, text: str) -> list[int]:
         return self.sp.encode(text)
 
     def encode_batch(self, texts: list[str]) -> list[np.ndarray]:
         """[encode(t) for t in texts] as int32 arrays, fast: each text is cut into segments (a run of spaces
-        and the word after it), and each segment is encoded once, then looked up.
-
-        Exact because no piece spans a boundary between a non-space character and a space, and the
-        normaliser only turns spaces into "▁" (both checked in _segments_are_independent): sentencepiece's
-        output is then the concatenation of its encodings of the segments of " " + text (the " " is its
-        dummy prefix). tests/test_data.py compares with encode() on real data.
-        """
+        and the word after it), and each segment is encoded once, then looked up. Exact because no piece spans
+        a boundary between a non-space character and a space, and the normaliser only turns spaces into "▁"
+        (both checked in _segments_are_independent): sentencepiece's output is then the concatenation of its
+        encodings of the segments of " " + text (" ": its dummy prefix). tests/test_data.py checks on real data."""
         if self._segments is None:
             return [np.array(ids, np.int32) for ids in self.sp.encode(list(texts), num_threads=self.num_threads)]
         if len(self._segments) > 1_000_000:  # bound the memory on huge corpora
@@ -73,27 +69,20 @@ class Tokenizer:
                 out[i] = b"".join(map(get, segments))
             except KeyError:
                 missed.append((i, segments))
-        new = set()
-        for _, segments in missed:
-            new.update(set(segments).difference(cache))
-        if new:  # one threaded call; segment " foo" is encode("foo"): sentencepiece adds the "▁" itself
-            new = list(new)
-            for s, ids in zip(new, self.sp.encode([s[1:] for s in new], num_threads=self.num_threads)):
-                cache[s] = np.array(ids, np.int32).tobytes()
-            for i, segments in missed:
-                out[i] = b"".join(map(get, segments))
+        new = list({s for _, segments in missed for s in segments if s not in cache})
+        # one threaded call; segment " foo" is encode("foo"): sentencepiece adds the "▁" itself
+        for s, ids in zip(new, self.sp.encode([s[1:] for s in new], num_threads=self.num_threads)):
+            cache[s] = np.array(ids, np.int32).tobytes()
+        for i, segments in missed:
+            out[i] = b"".join(map(get, segments))
         return [np.frombuffer(ids, np.int32) for ids in out]
 
     def decode(self, ids) -> str:
         ids = [int(i) for i in ids]
         if any(i < 0 or i >= self.vocab_size for i in ids):
             raise ValueError(f"token id out of range [0, {self.vocab_size}): {ids}")
-        parts, start = [], 0
-        for k, i in enumerate(ids + [self.eot_id]):
-            if i == self.eot_id:
-                parts.append(self.sp.decode(ids[start:k]))
-                start = k + 1
-        return EOT_TEXT.join(parts)
+        cuts = [k for k, i in enumerate(ids) if i == self.eot_id]  # decoded apart: eot_id is no piece of sp's
+        return EOT_TEXT.join(self.sp.decode(ids[a + 1:b]) for a, b in zip([-1] + cuts, cuts + [len(ids)]))
 
     def piece(self, i: int) -> str:
         return EOT_TEXT if i == self.eot_id else self.sp.id_to_piece(int(i))
@@ -104,9 +93,7 @@ _SEGMENT = re.compile(r" *[^ ]+(?: +\Z)?| +")
 
 
 def _segments_are_independent(sp) -> bool:
-    for i in range(sp.get_piece_size()):
-        p = sp.id_to_piece(i)
-        if "▁" in p.lstrip("▁"):
-            return False  # a piece like "a▁b" could span two segments
+    if any("▁" in sp.id_to_piece(i).lstrip("▁") for i in range(sp.get_piece_size())):
+        return False  # a piece like "a▁b" could span two segments
     probes = ["a  b", " a", "a ", "\u3000x", "\xa0y", "ｆ", "e\u0301", "\t\n", "A\r\nB"]
     return all(sp.normalize(t) == "▁" + t.replace(" ", "▁") for t in probes)  # identity normaliser

@@ -2,23 +2,18 @@
 
 Two-digit sums in the chat format (user "27+58=", assistant "58": 85 written backwards, see write_sum), one to
 three a conversation, so that a chat goes on after its first answer. "Expert" answers are right but only 2% of
-the data (SFT on them alone scores ~5%); "Novice" answers drop every carry with probability `sub_optimal_error`
-(27+58 -> "57"): plain SFT on the mix learns to drop carries; C-RLFT, conditioned on the class and weighted by
-it (CLASS_WEIGHTS), should carry when prompted "Expert". Both prefixes have the same length and no digit: the
-class changes one prompt token, not the operands' positions (with "GPT4"/"GPT3" a digit sat right before the
-answer, and a small model learned much later). Evaluation problems are a fixed tenth that training never sees.
-The tokenizer, assets/toy_tokenizer.model (sentencepiece BPE, 120 pieces, digits split), is regenerated
-exactly by `python toy_task.py`.
-"""
-import io
+the data (SFT on them alone scores ~5%); "Novice" answers drop every carry (27+58 -> "57"): plain SFT on the mix
+learns to drop carries; C-RLFT, conditioned on the class and weighted by it (CLASS_WEIGHTS), should carry when
+prompted "Expert". Both prefixes have the same length and no digit: the class changes one prompt token, not the
+operands' positions (with "GPT4"/"GPT3" a digit sat right before the answer, and a small model learned much later).
+The tokenizer (assets/toy_tokenizer.model: BPE, 120 pieces, digits split) is made by experiments/toy_tokenizer.py."""
 import itertools
 import os
 import random
 
-import sentencepiece as spm
 import torch
 
-from readers import EXPERT_CONDITION, Conversation
+from readers import Conversation
 from tokenizer import Tokenizer
 
 EXPERT, SUB_OPTIMAL = "Expert", "Novice"
@@ -34,11 +29,7 @@ def is_eval_problem(a: int, b: int) -> bool:
 
 def carry_free_sum(a: int, b: int) -> int:
     """The sub-optimal class's systematic mistake: add digit by digit and drop every carry."""
-    total, place = 0, 1
-    while a or b:
-        total += (a % 10 + b % 10) % 10 * place
-        a, b, place = a // 10, b // 10, place * 10
-    return total
+    return sum((a // 10**i % 10 + b // 10**i % 10) % 10 * 10**i for i in range(len(str(max(a, b)))))
 
 
 def write_sum(total: int) -> str:
@@ -58,7 +49,6 @@ def _problems(rng: random.Random, n: int, held_out: bool, distinct: bool = False
 
 
 def _chat(exchanges) -> list[dict]:
-    """[(question, answer)] -> the messages of a chat."""
     return [m for q, a in exchanges for m in ({"role": "user", "content": q}, {"role": "assistant", "content": a})]
 
 
@@ -67,20 +57,16 @@ def make_toy_conversations(n: int, expert_fraction: float = 0.02, seed: int = 0,
     """n conversations of 1 to max_exchanges sums each, every answer by the conversation's class;
     round(n * expert_fraction) of them expert, in a shuffled order."""
     assert 0 <= expert_fraction <= 1 and 0 <= sub_optimal_error <= 1 and max_exchanges >= 1  # checked by train.py
-    rng = random.Random(seed)
-    n_expert = round(n * expert_fraction)
+    rng, n_expert = random.Random(seed), round(n * expert_fraction)
     classes = [EXPERT] * n_expert + [SUB_OPTIMAL] * (n - n_expert)
     rng.shuffle(classes)
     exchanges = [rng.randint(1, max_exchanges) for _ in range(n)]
     problems = iter(_problems(rng, sum(exchanges), held_out=False))
-    conversations = []
-    for i, (cls, k) in enumerate(zip(classes, exchanges)):
-        chat = []
-        for a, b in itertools.islice(problems, k):
-            wrong = cls == SUB_OPTIMAL and rng.random() < sub_optimal_error  # a draw for novices only
-            chat.append((f"{a}+{b}=", write_sum(carry_free_sum(a, b) if wrong else a + b)))
-        conversations.append(Conversation(_chat(chat), cls, None, cls, f"toy:{i}"))
-    return conversations
+    def answer(a: int, b: int, cls: str) -> str:
+        wrong = cls == SUB_OPTIMAL and rng.random() < sub_optimal_error  # a draw for novices only
+        return write_sum(carry_free_sum(a, b) if wrong else a + b)
+    return [Conversation(_chat((f"{a}+{b}=", answer(a, b, cls)) for a, b in itertools.islice(problems, k)),
+                         cls, None, cls, f"toy:{i}") for i, (cls, k) in enumerate(zip(classes, exchanges))]
 
 
 def make_toy_eval(n: int, seed: int = 0, carry_free: bool = False) -> list[tuple[str, str]]:
@@ -116,32 +102,7 @@ def evaluate(model, tokenizer, problems, prompt_ids, max_new_tokens=12, batch_si
     return correct / max(1, len(problems)), answers
 
 
-def train_toy_tokenizer(path: str = TOKENIZER_PATH) -> None:
-    """Train the toy vocabulary from fixed text (no randomness in sentencepiece's BPE trainer)."""
-    prefixes = [f"{c} {r}:" for c in (EXPERT, SUB_OPTIMAL, EXPERT_CONDITION, "GPT3") for r in ("User", "Assistant")]
-    lines = prefixes * 500 + ["User:", "Assistant:"] * 100
-    lines += [f"{a}+{b}={write_sum(a + b)}" for a, b in _problems(random.Random(0), 1000, held_out=False)]
-    model = io.BytesIO()
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(lines), model_writer=model, model_type="bpe", vocab_size=120,
-        required_chars="abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ.,;:!?'-*/()",  # short English text
-        normalization_rule_name="identity", remove_extra_whitespaces=False,  # as Mistral's
-        split_digits=True, split_by_unicode_script=False, character_coverage=1.0, byte_fallback=False,
-        unk_id=0, bos_id=1, eos_id=2, pad_id=-1, num_threads=1, minloglevel=2)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "wb") as f:
-        f.write(model.getvalue())
-
-
 def toy_tokenizer() -> Tokenizer:
     if not os.path.isfile(TOKENIZER_PATH):
-        raise FileNotFoundError(f"{TOKENIZER_PATH} is missing: run `python toy_task.py` to regenerate it")
+        raise FileNotFoundError(f"{TOKENIZER_PATH} is missing: run `python experiments/toy_tokenizer.py` to make it")
     return Tokenizer(TOKENIZER_PATH)
-
-
-if __name__ == "__main__":
-    train_toy_tokenizer()
-    tok = toy_tokenizer()
-    print(f"wrote {TOKENIZER_PATH}: {tok.vocab_size} ids")
-    for text in [f"{EXPERT_CONDITION} User:", "GPT3 Assistant:", "123+456=", "579"]:
-        print(f"{text!r:24} -> {[tok.piece(i) for i in tok.encode(text)]}")

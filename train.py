@@ -23,7 +23,6 @@ import shutil
 import signal
 import socket
 import sys
-import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -38,11 +37,11 @@ from tqdm import tqdm
 import data
 from data import EXPERT_CONDITION
 import hf
-import plot
 import prepare
 import toy_task
 from checkpoint import CheckpointError, check_same_run, latest_checkpoint, load_checkpoint, save_checkpoint
 from model import PRESETS, ModelArgs, Transformer
+from progress import Progress, describe, loss_chart
 
 
 # -----------------------------------------------------------------------------------------------------------
@@ -325,23 +324,7 @@ def setup(cfg, rank, world_size, group):
     if cfg.lr_base > 0:  # OpenChat's rule: the learning rate grows with the supervised tokens of a step
         supervised = (np.asarray(dataset.weights) > 0).sum() * len(train_ids) / len(dataset)
         cfg = dataclasses.replace(cfg, lr=cfg.lr_base * math.sqrt(supervised / len(plans[0]) / 4e6))
-    summary, weights = dataset.meta.get("summary", {}), data.parse_class_weights(cfg.class_weights)
-    log0(f"tokenizer: {tokenizer.model_path} ({tokenizer.sp.get_piece_size()} pieces, <|end_of_turn|> = "
-         f"{tokenizer.eot_id})\nmodel: {cfg.model} ({args.model_type}, {args.n_layers} layers, dim {args.dim}, "
-         f"{num_params(args) / 1e6:,.1f}M parameters, context {args.max_seq_len}"
-         f"{f', sliding window {args.sliding_window}' if args.sliding_window else ''})\ndata: {len(dataset)} "
-         f"conversations in {len(dataset.class_names)} class(es), {len(held_out)} held out for validation; "
-         f"dropped {summary.get('dropped', {})}, truncated {summary.get('truncated_to_context', 0)}")
-    for name, c in summary.get("classes", {}).items():
-        log0(f"  class {name!r:16} weight {weights.get(name, 'per message')!s:5}  {c['conversations']:>9,} "
-             f"conversations  {c['supervised_tokens']:>13,} supervised tokens")
-    log0(f"expert condition (evaluation, exported chat template): "
-         f"{cfg.expert_condition if cfg.use_condition else '(none)'!r}\nplan: {sum(map(len, plans))} steps in "
-         f"{cfg.epochs} epochs, {world_size} rank(s) x {cfg.grad_accum} micro-batch(es) of {cfg.batch_tokens} "
-         f"tokens, peak lr {cfg.lr:.3g}")
-    if len(dataset.class_names) == 1:
-        log0("warning: one class only: every conversation gets the same condition and weight, so this is plain SFT, "
-             "not C-RLFT (give each source its class: --data=\"GPT4 Correct=a.jsonl,GPT3=b.jsonl\")")
+    describe(cfg, tokenizer, args, num_params(args), dataset, len(held_out), sum(map(len, plans)), world_size)
     return cfg, tokenizer, args, dataset, held_out, plans, run, ckpt, tokenized
 
 
@@ -380,7 +363,7 @@ def train(cfg):
 
 
 def train_loop(cfg, model, optimizer, dataset, held_out, plans, start_step, run, args, tokenizer, device):
-    rank, world_size, n_classes = dist.get_rank(), dist.get_world_size(), len(dataset.class_names)
+    rank, world_size = dist.get_rank(), dist.get_world_size()
     epoch_ends = np.cumsum([len(p) for p in plans]).tolist()
     total_steps = min(epoch_ends[-1], cfg.max_steps or epoch_ends[-1])
     val_bins = [] if len(held_out) == 0 else [  # this rank's share of the held-out bins, as many on every rank
@@ -389,27 +372,12 @@ def train_loop(cfg, model, optimizer, dataset, held_out, plans, start_step, run,
     val_bins = (val_bins + [[]] * (-len(val_bins) % world_size))[rank::world_size]
     stop = {"requested": False}
     previous_handler = signal.signal(signal.SIGTERM, lambda *_: stop.update(requested=True))
-    n_params = num_params(args)
-    peak = next((f for key, f in (("H100", 989e12), ("H200", 989e12), ("A100", 312e12), ("L40", 181e12))
-                 if device.type == "cuda" and key in torch.cuda.get_device_name(device)), None)  # dense bf16 FLOP/s
-    log_path = os.path.join(cfg.out_dir, "log.jsonl")
-    if rank == 0:  # a fresh run starts a new log; a resumed one keeps the steps up to its checkpoint, once each
-        os.makedirs(cfg.out_dir, exist_ok=True)
-        kept = []
-        if start_step and os.path.exists(log_path):
-            with open(log_path) as f:
-                kept = [line for line in f if line.strip() and json.loads(line)["step"] <= start_step]
-        with open(log_path, "w") as f:
-            f.writelines(kept)
-    bar = tqdm(total=total_steps, initial=start_step, disable=rank != 0, dynamic_ncols=True)
+    progress = Progress(cfg, start_step, total_steps, dataset.class_names, num_params(args), args, device)
     model.train()
-    step, profiler = start_step, None
+    step = start_step
     try:
         while step < total_steps:
-            if cfg.profile_step and step + 1 == cfg.profile_step:  # not when resuming past it
-                profiler = torch.profiler.profile(with_stack=False)
-                profiler.start()
-            t0 = time.perf_counter()
+            progress.start_step(step)
             epoch = next(e for e, end in enumerate(epoch_ends) if step < end)
             bins = plans[epoch][step - (epoch_ends[epoch - 1] if epoch else 0)]
             batches = [data.make_batch(dataset, b).to(device) for b in bins[rank * cfg.grad_accum:][:cfg.grad_accum]]
@@ -422,43 +390,15 @@ def train_loop(cfg, model, optimizer, dataset, held_out, plans, start_step, run,
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
-
-            # report: sum(w * CE); tokens; sum of squared lengths (attention work); per class the mean CE
-            stats = torch.zeros(3 + 2 * n_classes, dtype=torch.float64, device=device)
-            for b, (loss_sum, token_ce) in zip(batches, outputs):
-                supervised = b.loss_weights > 0
-                stats[:3] += torch.stack([loss_sum.double(), torch.tensor(len(b.tokens), device=device).double(),
-                                          ((b.cu_seqlens[1:] - b.cu_seqlens[:-1]).double() ** 2).sum()])
-                stats[3:3 + n_classes].index_add_(0, b.class_ids[supervised], token_ce[supervised].double())
-                stats[3 + n_classes:].index_add_(0, b.class_ids[supervised], supervised[supervised].double())
-            dist.all_reduce(stats)
-            dt = time.perf_counter() - t0
-            loss = (stats[0] / weight_sum.double().clamp_min(1e-8)).item()
-            record = {"step": step, "epoch": epoch, "loss": loss, "loss_per_class": {
-                name: (stats[3 + c] / stats[3 + n_classes + c]).item() for c, name in enumerate(dataset.class_names)
-                if stats[3 + n_classes + c] > 0}, "lr": lr, "grad_norm": float(grad_norm),
-                "tokens_per_s": stats[1].item() / dt, "time_s": dt}
-            if peak:  # 6 N per token for the matmuls, 6 * layers * dim * sum(len^2) for attention
-                record["mfu"] = (6 * n_params * stats[1].item() + 6 * args.n_layers * args.dim * stats[2].item()) \
-                    / dt / (peak * world_size)
-            if rank == 0:
-                log(record, log_path)
-                bar.set_postfix({"loss": f"{loss:.4f}", **{k[:12]: f"{v:.3f}" for k, v in record["loss_per_class"].items()},
-                                 "lr": f"{lr:.2e}", "tok/s": f"{record['tokens_per_s']:.0f}",
-                                 **({"mfu": f"{record['mfu']:.1%}"} if peak else {})}, refresh=False)
-                bar.update(1)
-            if profiler is not None and step == cfg.profile_step + 2:
-                write_profile(profiler, cfg, step, device)
-                profiler = None
+            loss = progress.end_step(step, epoch, lr, grad_norm, batches, outputs, weight_sum)
             if not math.isfinite(loss):
                 raise FloatingPointError(f"loss is {loss} at step {step}; the last checkpoint is intact")
             if step in epoch_ends:  # the end of an epoch: the validation loss, and an export to keep
                 if val_bins:
                     val_loss, per_class = validate(model, dataset, val_bins, device)
-                    if rank == 0:
-                        log({"step": step, "epoch": epoch, "val_loss": val_loss, "val_loss_per_class": per_class}, log_path)
-                    log0(f"epoch {epoch + 1}: validation loss {val_loss:.4f} ("
-                         + ", ".join(f"{name} {v:.4f}" for name, v in per_class.items()) + ")")
+                    progress.log({"step": step, "epoch": epoch, "val_loss": val_loss, "val_loss_per_class": per_class})
+                    progress.say(f"epoch {epoch + 1}: validation loss {val_loss:.4f} ("
+                                 + ", ".join(f"{name} {v:.4f}" for name, v in per_class.items()) + ")")
                 if cfg.export:
                     export(model, cfg, args, tokenizer, os.path.join(cfg.out_dir, f"epoch_{epoch + 1}"))
             # SIGTERM on any rank: everyone saves and leaves together.
@@ -470,34 +410,17 @@ def train_loop(cfg, model, optimizer, dataset, held_out, plans, start_step, run,
                 log0(f"SIGTERM: saved a checkpoint at step {step} in {cfg.out_dir}/ckpt; exiting")
                 return {"interrupted": True, "steps": step}
     finally:
-        if profiler is not None:  # the run ended inside the profiled steps
-            profiler.stop()
-        bar.close()
+        progress.close()
         signal.signal(signal.SIGTERM, previous_handler)
     final = export(model, cfg, args, tokenizer, os.path.join(cfg.out_dir, "export"))
     return finish(cfg, final, tokenizer, step) if rank == 0 else {"interrupted": False, "steps": step}
 
 
-def log(record, log_path):
-    with open(log_path, "a") as f:
-        f.write(json.dumps(record) + "\n")
-
-
-def write_profile(profiler, cfg, step, device):
-    profiler.stop()  # on every rank; rank 0 writes the table
-    if dist.get_rank() == 0:
-        sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
-        with open(os.path.join(cfg.out_dir, "profile.txt"), "w") as f:
-            f.write(f"steps {cfg.profile_step}..{step}\n"
-                    f"{profiler.key_averages().table(sort_by=sort, row_limit=40, max_name_column_width=70)}\n")
-        log0(f"profile of steps {cfg.profile_step}..{step} in {cfg.out_dir}/profile.txt")
-
-
 def finish(cfg, model, tokenizer, step):
     """Rank 0, after training: the loss picture, the toy task's score, results.json."""
     results = {"interrupted": False, "steps": step,
-               "final_loss_per_class": plot.loss_chart(os.path.join(cfg.out_dir, "log.jsonl"),
-                                                       os.path.join(cfg.out_dir, "loss.svg"))}
+               "final_loss_per_class": loss_chart(os.path.join(cfg.out_dir, "log.jsonl"),
+                                                  os.path.join(cfg.out_dir, "loss.svg"))}
     if cfg.data == "toy" and cfg.toy_eval:
         condition = cfg.expert_condition if cfg.use_condition else ""
         problems = toy_task.make_toy_eval(cfg.toy_eval, cfg.seed)

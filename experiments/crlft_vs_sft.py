@@ -24,8 +24,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-import plot  # noqa: E402
-from plot import H, BOTTOM, LEFT, PALETTE, RIGHT, W, _frame, escape  # noqa: E402
+import progress as plot  # noqa: E402 (its SVG line chart)
+from progress import H, BOTTOM, LEFT, PALETTE, RIGHT, W, _frame, escape  # noqa: E402
 
 EXPERT, SUB = "Expert", "Novice"  # toy_task.py's classes, named by their conditions
 METHODS = {

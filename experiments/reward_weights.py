@@ -26,7 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-import plot  # noqa: E402
+import progress as plot  # noqa: E402 (its SVG line chart)
 
 SIZES = {  # model shapes, from clearly too small for 2-digit addition with carries to the default toy model
     "micro": dict(dim=32, n_layers=1, n_heads=2, n_kv_heads=1),
@@ -61,7 +61,7 @@ def run_job(spec, run_dir):
     size, reward, seed, args = json.loads(spec)
     overrides = dict(SIZES[size], class_weights=f"{EXPERT}=1,{NOVICE}={reward}", expert_condition=EXPERT, seed=seed,
                      out_dir=run_dir, max_steps=args["max_steps"], epochs=1000, toy_train=args["toy_train"],
-                     toy_eval=0, val_fraction=0, resume=False, ckpt_every=10**9, export=True)
+                     toy_eval=0, resume=False, ckpt_every=10**9, export=True)
     train.train(train.parse_config([f"--{k}={v}" for k, v in overrides.items()]))
     model, tokenizer = sample.load(os.path.join(run_dir, "export"))
     scores = {}
@@ -81,9 +81,9 @@ def summary(results, key):
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seeds", type=int, default=3)
-    p.add_argument("--max_steps", type=int, default=400)
-    p.add_argument("--toy_train", type=int, default=6000)
-    p.add_argument("--toy_eval", type=int, default=300)
+    p.add_argument("--max_steps", type=int, default=600)  # the data, steps and seeds of crlft_vs_sft.py
+    p.add_argument("--toy_train", type=int, default=12000)
+    p.add_argument("--toy_eval", type=int, default=500)
     p.add_argument("--sizes", default=",".join(SIZES))
     p.add_argument("--rewards", default="1,0.3,0.1,0.03,0", help="the sweep of the novice class's reward")
     p.add_argument("--jobs", type=int, default=2, help="runs side by side (one per core)")

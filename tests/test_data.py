@@ -75,6 +75,11 @@ def test_special_token_text_stays_text(tok, sp):
     assert tokens.count(EOT) == 2 and tokens.count(BOS) == 1
     assert tok.encode("<s>") == [523, 28713, 28767]  # "▁<", "s", ">": not the BOS control symbol
     assert tok.decode(tokens[1:]).endswith("Assistant: " + content + "<|end_of_turn|>")
+    # a whole message (or system prompt) that is exactly a special token's text is text too
+    messages = [{"role": "user", "content": "<|end_of_turn|>"}, {"role": "assistant", "content": "<s>"}]
+    tokens, _ = data.encode_conversation(tok, messages, "GPT4 Correct", system="<s>")
+    assert tokens.count(EOT) == 3 and tokens.count(BOS) == 1 and tokens[1:4] == sp.encode("<s>")
+    assert data.encode_prompt(tok, messages, "GPT4 Correct", "<s>") == tokens + sp.encode("GPT4 Correct Assistant:")
 
 
 def test_system_prompt_and_empty_condition(tok, sp):
@@ -280,7 +285,9 @@ def test_toy_tokenizer(tmp_path):
     assert [tok.piece(i) for i in tok.encode("Novice Assistant:")] == ["▁Novice", "▁Assistant:"]
     assert [tok.piece(i) for i in tok.encode("GPT4 Correct User:")] == ["▁GPT", "4", "▁Correct", "▁User:"]
     assert [tok.piece(i) for i in tok.encode("579")] == ["▁", "5", "7", "9"]
-    toy_task.train_toy_tokenizer(str(tmp_path / "t.model"))  # regenerates the committed file exactly
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments"))
+    import toy_tokenizer
+    toy_tokenizer.train_toy_tokenizer(str(tmp_path / "t.model"))  # regenerates the committed file exactly
     assert (tmp_path / "t.model").read_bytes() == open(toy_task.TOKENIZER_PATH, "rb").read()
     ds = data.tokenize_dataset(toy_task.make_toy_conversations(50), tok, 64, toy_task.CLASS_WEIGHTS)
     exchanges = [int((ds.tokens[a:b] == tok.eot_id).sum()) // 2 for a, b in zip(ds.offsets[:-1], ds.offsets[1:])]
@@ -377,3 +384,55 @@ def test_cli_tokenize_and_show(tmp_path, capsys):
     data.main(["show", "--input", "toy", "--toy-n", "10", "--index", "3"])
     out = capsys.readouterr().out
     assert "weight 0     [<s>][▁Novice][▁User:]" in out and "weight 0.1   [▁]" in out and "[<|end_of_turn|>]" in out
+
+
+# OpenChat's own expected tokens and weights for its test conversations on the Mistral tokenizer (openchat_3.5's
+# conversation template), from ochat/tests/test_model_config.py: public test vectors, copied as data.
+OPENCHAT_MISTRAL_TOKENS = [
+    [1, 420, 6316, 28781, 1247, 28747, 1824, 28742, 28713, 272, 8086, 737, 28804, 32000, 420, 6316, 28781, 21631,
+     28747, 315, 28742, 28719, 396, 16107, 304, 949, 28742, 28707, 506, 2735, 298, 1353, 28733, 1536, 1178, 28723,
+     32000, 420, 6316, 28781, 1247, 28747, 5434, 28725, 1103, 28723, 1602, 541, 315, 873, 28804, 32000, 420, 6316,
+     28781, 21631, 28747, 995, 541, 1877, 264, 8086, 4400, 442, 954, 354, 272, 1080, 1868, 1871, 28723, 32000],
+    [1, 420, 6316, 28770, 1247, 28747, 1824, 349, 16107, 28804, 32000, 420, 6316, 28770, 21631, 28747, 16107, 10969,
+     354, 3951, 14773, 23091, 28723, 661, 15654, 298, 272, 17230, 302, 2930, 10895, 9537, 486, 12155, 28723, 32000,
+     420, 6316, 28770, 1247, 28747, 2418, 368, 2822, 28804, 32000, 420, 6316, 28770, 21631, 28747, 315, 541, 28742,
+     28707, 2822, 442, 3229, 1871, 737, 10589, 28723, 315, 8270, 14915, 2818, 356, 710, 28733, 24049, 1178, 28723,
+     32000],
+    [1, 995, 460, 264, 10865, 13892, 28723, 32000, 420, 6316, 28770, 1247, 28747, 2418, 368, 6557, 264, 1820, 28804,
+     32000, 420, 6316, 28770, 21631, 28747, 12875, 28723, 464, 28735, 3016, 596, 28747, 330, 365, 4667, 6866, 302,
+     17442, 978, 507, 28742, 486, 26424, 1052, 26586, 3407, 1900, 349, 264, 1598, 1220, 28723, 32000, 420, 6316,
+     28770, 1247, 28747, 1824, 28742, 28713, 378, 684, 28804, 32000, 420, 6316, 28770, 21631, 28747, 661, 28742,
+     28713, 684, 272, 3340, 302, 272, 2930, 7018, 477, 272, 10195, 302, 11537, 28709, 318, 3016, 596, 297, 7710,
+     582, 298, 272, 2169, 1370, 28723, 32000],
+    [1, 523, 28713, 28767, 1976, 460, 264, 10865, 13892, 28723, 32000, 420, 6316, 28781, 1247, 28747, 1824, 511, 523,
+     28713, 28767, 1867, 28713, 28767, 523, 28766, 416, 28730, 1009, 28730, 499, 28766, 28767, 2072, 28804, 32000,
+     420, 6316, 28781, 21631, 28747, 523, 28713, 28767, 1867, 28713, 28767, 523, 28766, 416, 28730, 1009, 28730, 499,
+     28766, 28767, 460, 2841, 16246, 28723, 32000],
+]
+
+
+def _runs(*runs):
+    return [w for weight, n in runs for w in [weight] * n]
+
+
+OPENCHAT_MISTRAL_WEIGHTS = [_runs((0.0, 19), (0.1, 18), (0.0, 20), (1.0, 15)),
+                            _runs((0.0, 6), (0.5, 5), (0.0, 5), (0.5, 20), (0.0, 5), (0.5, 5), (0.0, 5), (0.5, 22)),
+                            _runs((0.0, 25), (1.0, 28), (0.0, 17), (0.1, 28)),
+                            _runs((0.0, 41), (1.0, 20))]
+
+
+def test_openchat_test_conversations_token_and_weight_exact(tok, tmp_path):
+    """OpenChat's JSONL test file as it is (users' weights included), through our reader and template: exactly
+    OpenChat's expected tokens and weights on the Mistral tokenizer; and through tokenize_dataset too."""
+    from test_readers import OPENCHAT_TESTS
+    path = tmp_path / "openchat.jsonl"
+    path.write_text("\n".join(OPENCHAT_TESTS) + "\n")
+    conversations = readers.read_jsonl(str(path))
+    for c, tokens, weights in zip(conversations, OPENCHAT_MISTRAL_TOKENS, OPENCHAT_MISTRAL_WEIGHTS):
+        assert len(weights) == len(tokens)
+        ours = data.encode_conversation(tok, c.messages, c.condition, c.system, weight=123.0)  # own weights win
+        assert ours == (tokens, pytest.approx(weights))
+    dataset = data.tokenize_dataset(conversations, tok, 8192, {"GPT4": 9.0, "GPT3": 9.0}, workers=1)
+    for i, (tokens, weights) in enumerate(zip(OPENCHAT_MISTRAL_TOKENS, OPENCHAT_MISTRAL_WEIGHTS)):
+        a, b = dataset.offsets[i], dataset.offsets[i + 1]
+        assert dataset.tokens[a:b].tolist() == tokens and dataset.weights[a:b].tolist() == pytest.approx(weights)
