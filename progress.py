@@ -13,21 +13,22 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+from data import parse_class_weights
+
 
 def describe(cfg, tokenizer, args, n_params, dataset, n_held_out, n_steps, world_size):
     """Say what is about to be trained (rank 0): tokenizer, model, each class with its weight, the expert
     condition, the plan; and warn when one class only makes it plain SFT."""
     if dist.get_rank() != 0:
         return
-    summary, weights = dataset.meta.get("summary", {}), dict(
-        part.split("=", 1) for part in cfg.class_weights.split(","))
+    summary, weights = dataset.meta.get("summary", {}), parse_class_weights(cfg.class_weights)
     lines = [f"tokenizer: {tokenizer.model_path} ({tokenizer.sp.get_piece_size()} pieces, <|end_of_turn|> = "
              f"{tokenizer.eot_id})", f"model: {cfg.model} ({args.model_type}, {args.n_layers} layers, dim {args.dim}, "
              f"{n_params / 1e6:,.1f}M parameters, context {args.max_seq_len}"
              f"{f', sliding window {args.sliding_window}' if args.sliding_window else ''})",
              f"data: {len(dataset)} conversations in {len(dataset.class_names)} class(es), {n_held_out} held out for "
              f"validation; dropped {summary.get('dropped', {})}, truncated {summary.get('truncated_to_context', 0)}"]
-    lines += [f"  class {name!r:16} weight {weights.get(name, 'per message').strip():5}  {c['conversations']:>9,} "
+    lines += [f"  class {name!r:16} weight {weights.get(name, 'per message')!s:5}  {c['conversations']:>9,} "
               f"conversations  {c['supervised_tokens']:>13,} supervised tokens" for name, c in
               summary.get("classes", {}).items()]
     lines += [f"expert condition (evaluation, exported chat template): "

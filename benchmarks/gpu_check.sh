@@ -27,7 +27,7 @@ step cross_entropy 60 python3 benchmarks/bench_cross_entropy.py
 summary() {  # tokens/s and MFU of a 1b run, from its JSONL log (the first 5 steps are warm-up)
     python3 - "$1" <<'PY'
 import json, sys
-rows = [json.loads(l) for l in open(sys.argv[1] + "/log.jsonl")]
+rows = [r for r in map(json.loads, open(sys.argv[1] + "/log.jsonl")) if "loss" in r]
 late = rows[5:] or rows
 med = lambda xs: sorted(xs)[len(xs) // 2]
 print(f"1b: {len(rows)} steps; steps 6+: median tokens/s {med([r['tokens_per_s'] for r in late]):.0f}, "

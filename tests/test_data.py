@@ -4,11 +4,8 @@ Expected ids come from the facts file and from sentencepiece's own encode of eac
 SentencePieceProcessor), assembled by hand here.
 """
 import collections
-import io
 import json
 import os
-import random
-import subprocess
 import sys
 
 import numpy as np
@@ -21,6 +18,7 @@ import data
 import readers
 import toy_task
 from data import DataError
+from test_readers import GOOD, _write
 
 BOS, EOT = 1, 32000
 
@@ -137,41 +135,6 @@ def test_parse_class_weights():
 
 
 # ------------------------------------------------------------------------------------------ reading input
-
-def _write(tmp_path, name, lines):
-    path = tmp_path / name
-    path.write_text("\n".join(lines) + "\n")
-    return str(path)
-
-
-GOOD = {"condition": "GPT4 Correct", "system": None,
-        "items": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]}
-
-
-def _with(**changes):
-    record = json.loads(json.dumps(GOOD))
-    for key, value in changes.items():
-        if value is None and key != "system":
-            record.pop(key)
-        else:
-            record[key] = value
-    return json.dumps(record)
-
-
-BAD_LINES = [  # (line, field named in the error, reason counted with skip_bad)
-    ('{"condition": "GPT4", "items": [', "malformed JSON", "malformed JSON"),
-    (_with(items=[{"role": "bot", "content": "x"}, {"role": "assistant", "content": "y"}]), "items[0].role",
-     "unknown role"),
-    (_with(items=[{"role": "user", "content": "  "}, {"role": "assistant", "content": "y"}]), "items[0].content",
-     "empty content"),
-    (_with(items=None), "items", "missing field"),
-    (_with(items=[{"role": "user", "content": "x"}, {"content": "y"}]), "items[1].role", "missing field"),
-    (_with(items=[{"role": "user", "content": "x"}]), "items", "no assistant turn"),
-    (_with(items=[{"role": "user", "content": "x"}, {"role": "assistant", "content": "y", "weight": -1}]),
-     "items[1].weight", "bad weight"),
-    (_with(conditon="GPT4"), "conditon", "bad field"),
-]
-
 
 @pytest.fixture(scope="module")
 def sharegpt_head():

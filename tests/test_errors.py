@@ -116,6 +116,9 @@ HI_U, HI_A = {"role": "user", "content": "Hi"}, {"role": "assistant", "content":
     (["--preset=nope"], "--preset"),
     (["--model=/no/such/dir"], "--model='/no/such/dir'"),
     (["--tokenizer=/no/such/tokenizer.model"], "/no/such/tokenizer.model"),
+    (["--use_condition=maybe"], "--use_condition must be true or false"),
+    (["--preset=gpt5"], "unknown preset"),
+    (["lr=1"], "expected --key=value"),
 ])
 def test_train_py_bad_config_is_one_line(tmp_path, args, says):
     proc, out = train(tmp_path, *args)
