@@ -436,6 +436,10 @@ def finish(cfg, model, tokenizer, step):
 
 
 def main(argv):
+    if {"-h", "--help"} & set(argv):  # every option is a field of TrainConfig: --name=value
+        print(__doc__ + "\noptions (--name=value; the comments in TrainConfig say what each is):")
+        print("\n".join(f"  --{f.name}={f.default}" for f in dataclasses.fields(TrainConfig)))
+        return print(f"  --preset=NAME, one of {', '.join(PRESETS_TRAIN)}, before the other options")
     try:
         cfg = parse_config(argv)
     except ValueError as e:

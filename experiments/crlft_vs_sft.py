@@ -1,6 +1,6 @@
 """C-RLFT vs SFT on the toy mixed-quality task: the paper's central claim, at CPU scale, in one command.
 
-    python experiments/crlft_vs_sft.py                 # 5 methods x 3 seeds, ~25 minutes on 2 cores
+    python experiments/crlft_vs_sft.py                 # 5 methods x 3 seeds, ~30 minutes on 2 cores
     python experiments/crlft_vs_sft.py --seeds=1 --max_steps=20 --toy_train=500 --toy_eval=50   # smoke
 
 Every method trains the same model size for the same number of steps on the same data and seed; only the

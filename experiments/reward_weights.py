@@ -2,8 +2,8 @@
 sub-optimal class's reward where the two differ most. One command, ~30 minutes on 2 CPU cores:
 
     python experiments/reward_weights.py
-    python experiments/reward_weights.py --seeds=1 --max_steps=20 --toy_train=500 --toy_eval=50 --sizes=micro
-        --rewards=1,0   # smoke
+    python experiments/reward_weights.py --seeds=1 --max_steps=20 --toy_train=500 --toy_eval=50 --sizes=micro \
+        --rewards=1,0 --out_dir=out/smoke   # a smoke run
 
 The prediction (README, "Why the weights"): under condition c the optimum of the KL-regularised objective is
 the class's own behaviour pi_c, whatever the reward r_c, so with capacity to spare the weights change little;
