@@ -16,6 +16,12 @@ from tqdm import tqdm
 from data import parse_class_weights
 
 
+def say(*args):
+    """Print on rank 0, above the progress bar."""
+    if dist.get_rank() == 0:
+        tqdm.write(" ".join(str(a) for a in args))
+
+
 def describe(cfg, tokenizer, args, n_params, dataset, n_held_out, n_steps, world_size):
     """Say what is about to be trained (rank 0): tokenizer, model, each class with its weight, the expert
     condition, the plan; and warn when one class only makes it plain SFT."""
@@ -99,7 +105,7 @@ class Progress:
                                                       max_name_column_width=70)
                 with open(os.path.join(self.cfg.out_dir, "profile.txt"), "w") as f:
                     f.write(f"steps {self.cfg.profile_step}..{step}\n{table}\n")
-                self.say(f"profile of steps {self.cfg.profile_step}..{step} in {self.cfg.out_dir}/profile.txt")
+                say(f"profile of steps {self.cfg.profile_step}..{step} in {self.cfg.out_dir}/profile.txt")
         return loss
 
     def log(self, record):
@@ -107,9 +113,6 @@ class Progress:
             with open(self.log_path, "a") as f:
                 f.write(json.dumps(record) + "\n")
 
-    def say(self, *args):
-        if self.rank == 0:
-            tqdm.write(" ".join(str(a) for a in args))
 
     def close(self):
         if self.profiler is not None:  # the run ended inside the profiled steps

@@ -32,7 +32,6 @@ from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoi
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-from tqdm import tqdm
 
 import data
 from data import EXPERT_CONDITION
@@ -41,7 +40,7 @@ import prepare
 import toy_task
 from checkpoint import CheckpointError, check_same_run, latest_checkpoint, load_checkpoint, save_checkpoint
 from model import PRESETS, ModelArgs, Transformer
-from progress import Progress, describe, loss_chart
+from progress import Progress, describe, loss_chart, say
 
 
 # -----------------------------------------------------------------------------------------------------------
@@ -177,11 +176,6 @@ def setup_distributed():
     return dist.get_rank(), dist.get_world_size(), device, init_device_mesh(device.type, (dist.get_world_size(),))
 
 
-def log0(*args):
-    if dist.get_rank() == 0:
-        tqdm.write(" ".join(str(a) for a in args))
-
-
 # -----------------------------------------------------------------------------------------------------------
 # Tokenizer and model: the checkpoint's own tokenizer, and a row for <|end_of_turn|> where it has none.
 def tokenizer_and_args(cfg):
@@ -297,7 +291,7 @@ def export(model, cfg, args, tokenizer, directory):
     if cfg.export:
         dtype = torch.bfloat16 if is_bf16(cfg, next(model.parameters()).device) else torch.float32
         hf.export_hf(local.to(dtype), tokenizer, directory, condition=cfg.expert_condition if cfg.use_condition else "")
-        log0(f"exported a Hugging Face model to {directory} (python sample.py --model={directory})")
+        say(f"exported a Hugging Face model to {directory} (python sample.py --model={directory})")
     return local
 
 
@@ -355,7 +349,7 @@ def train(cfg):
                                       weight_decay=cfg.weight_decay, fused=device.type == "cuda")
         start_step = load_checkpoint(ckpt, model, optimizer) if ckpt else 0
         if ckpt:
-            log0(f"resumed from {ckpt} at step {start_step}")
+            say(f"resumed from {ckpt} at step {start_step}")
         return train_loop(cfg, model, optimizer, dataset, held_out, plans, start_step, run, args, tokenizer, device)
     finally:
         dist.barrier()  # before teardown, or gloo aborts now and then
@@ -397,7 +391,7 @@ def train_loop(cfg, model, optimizer, dataset, held_out, plans, start_step, run,
                 if val_bins:
                     val_loss, per_class = validate(model, dataset, val_bins, device)
                     progress.log({"step": step, "epoch": epoch, "val_loss": val_loss, "val_loss_per_class": per_class})
-                    progress.say(f"epoch {epoch + 1}: validation loss {val_loss:.4f} ("
+                    say(f"epoch {epoch + 1}: validation loss {val_loss:.4f} ("
                                  + ", ".join(f"{name} {v:.4f}" for name, v in per_class.items()) + ")")
                 if cfg.export:
                     export(model, cfg, args, tokenizer, os.path.join(cfg.out_dir, f"epoch_{epoch + 1}"))
@@ -407,7 +401,7 @@ def train_loop(cfg, model, optimizer, dataset, held_out, plans, start_step, run,
             if flag.item() > 0 or step % cfg.ckpt_every == 0 or step == total_steps:
                 save_checkpoint(model, optimizer, step, cfg.out_dir, cfg.keep_ckpts, dataclasses.asdict(cfg), run)
             if flag.item() > 0:
-                log0(f"SIGTERM: saved a checkpoint at step {step} in {cfg.out_dir}/ckpt; exiting")
+                say(f"SIGTERM: saved a checkpoint at step {step} in {cfg.out_dir}/ckpt; exiting")
                 return {"interrupted": True, "steps": step}
     finally:
         progress.close()
@@ -427,7 +421,7 @@ def finish(cfg, model, tokenizer, step):
         prompt = lambda messages: data.encode_prompt(tokenizer, messages, condition)  # noqa: E731
         results["accuracy"], answers = toy_task.evaluate(model.float(), tokenizer, problems, prompt)
         results["accuracy_turn3"], _ = toy_task.evaluate(model, tokenizer, problems, prompt, turn=3)
-        log0(f"toy task: {results['accuracy']:.1%} of {cfg.toy_eval} held-out problems answered correctly as the "
+        say(f"toy task: {results['accuracy']:.1%} of {cfg.toy_eval} held-out problems answered correctly as the "
              f"first question of a chat, {results['accuracy_turn3']:.1%} as the third (greedy, condition "
              f"{condition!r}); e.g. {answers[0][0]} -> {answers[0][1]!r}")
     with open(os.path.join(cfg.out_dir, "results.json"), "w") as f:
