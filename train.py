@@ -406,7 +406,8 @@ def train_loop(cfg, model, optimizer, dataset, held_out, plans, start_step, run,
     finally:
         progress.close()
         signal.signal(signal.SIGTERM, previous_handler)
-    final = export(model, cfg, args, tokenizer, os.path.join(cfg.out_dir, "export"))
+    scored = cfg.data == "toy" and cfg.toy_eval  # the full model is gathered only to export or to score it
+    final = export(model, cfg, args, tokenizer, os.path.join(cfg.out_dir, "export")) if cfg.export or scored else None
     return finish(cfg, final, tokenizer, step) if rank == 0 else {"interrupted": False, "steps": step}
 
 
