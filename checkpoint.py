@@ -1,13 +1,9 @@
 """Checkpoints that survive crashes: sharded (torch.distributed.checkpoint), atomic, verified on load.
-
-out_dir/ckpt/step_XXXXXXX holds every rank's shard of the model and optimizer (DCP), each rank's RNG state
-(safetensors: read without unpickling), and a manifest of every file's size and CRC32 and of the settings that
-decide the model and the data order. It is written as step_XXXXXXX.tmp and renamed when complete, then
-ckpt/latest is replaced (also atomically) to name it: a crash at any point leaves the previous checkpoint as the
-latest. The data order and the learning rate are functions of the step, so the step is all the "data position"
-a resumed run needs, provided those settings are the same: a resume that changes one is refused by name.
-DCP's own metadata file is a pickle: a checkpoint directory is trusted input (exports are safetensors).
-"""
+ckpt/step_XXXXXXX holds every rank's DCP shard of model and optimizer, its RNG state (safetensors: no unpickling)
+and a manifest of each file's size and CRC32 and of the run settings. It is written as .tmp and renamed when
+complete, then ckpt/latest is atomically replaced to name it: a crash at any point leaves the previous one latest.
+Data order and learning rate are functions of the step, so the step is the whole "data position" if the run settings
+match (a resume changing one is refused by name). DCP's metadata is a pickle: trusted input (exports: safetensors)."""
 import json
 import os
 import shutil
@@ -33,8 +29,7 @@ def _crc32(path):
 
 
 def save_checkpoint(model, optimizer, step, out_dir, keep=2, config=None, run=None):
-    """Every rank writes its shard to ckpt/step_XXXXXXX, then ckpt/latest names it; the newest `keep` stay.
-    `config` is stored for the reader, `run` (what decides the model and the data order) for check_same_run."""
+    """Write ckpt/step_XXXXXXX as above; the newest `keep` stay. `config` for the reader, `run` for check_same_run."""
     rank, root = dist.get_rank(), os.path.join(out_dir, "ckpt")
     final = os.path.join(root, f"step_{step:07d}")
     tmp = final + ".tmp"
@@ -44,11 +39,14 @@ def save_checkpoint(model, optimizer, step, out_dir, keep=2, config=None, run=No
     dist.barrier()
     model_sd, optim_sd = get_state_dict(model, optimizer)
     dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp)
-    rng = {"torch": torch.get_rng_state(), **({"cuda": torch.cuda.get_rng_state()} if torch.cuda.is_available() else {})}
+    rng = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state()
     save_file(rng, os.path.join(tmp, f"rng_rank{rank}.safetensors"))
     dist.barrier()
     if rank == 0:
-        files = {f: [os.path.getsize(os.path.join(tmp, f)), _crc32(os.path.join(tmp, f))] for f in sorted(os.listdir(tmp))}
+        paths = {f: os.path.join(tmp, f) for f in sorted(os.listdir(tmp))}
+        files = {f: [os.path.getsize(p), _crc32(p)] for f, p in paths.items()}
         with open(os.path.join(tmp, "manifest.json"), "w") as f:
             json.dump({"step": step, "world_size": dist.get_world_size(), "run": run, "config": config,
                        "files": files}, f, indent=1)
@@ -111,9 +109,8 @@ def load_checkpoint(path, model, optimizer):
     """Model, optimizer and this rank's RNG from `path`; returns its step."""
     state = verify_checkpoint(path)
     model_sd, optim_sd = get_state_dict(model, optimizer)
-    sd = {"model": model_sd, "optim": optim_sd}
-    dcp.load(sd, checkpoint_id=path)
-    set_state_dict(model, optimizer, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
+    dcp.load({"model": model_sd, "optim": optim_sd}, checkpoint_id=path)  # in place
+    set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd)
     rng = load_file(os.path.join(path, f"rng_rank{dist.get_rank()}.safetensors"))
     torch.set_rng_state(rng["torch"])
     if "cuda" in rng and torch.cuda.is_available():

@@ -13,8 +13,6 @@ whole global batch: L = sum(w * CE) / sum(w).
 Records come from readers.py (files) or toy_task.py; tokenized data is a few flat numpy arrays, memory-mapped;
 each step packs conversations into world_size bins of `batch_tokens`. `python data.py tokenize|show ...`.
 """
-from __future__ import annotations
-
 import argparse
 import collections
 import itertools

@@ -1,15 +1,10 @@
-"""Hugging Face checkpoints in plain values (config dicts, tensors under our names, `args` read by attribute) for
-model.py's from_pretrained / save_pretrained; a checkpoint's tokenizer; and `export_hf`: a directory transformers
-and vLLM serve as it is (weights, tokenizer.model, tokenizer.json, tokenizer_config.json with OpenChat's chat
-template, special_tokens_map.json, generation_config.json: stop on <|end_of_turn|> and </s>).
-Why our own tokenizer.json: without protobuf, transformers 5 cannot convert tokenizer.model, and its
-LlamaTokenizer's Metaspace adds the word-start marker only to a piece not already starting with a space, so content
-with leading spaces would tokenize unlike sentencepiece (and our training data). Ours mirrors sentencepiece's BPE: a
-Prepend normalizer marks every text between special tokens (the dummy prefix: "User: " + content gives the ids of
-"User:" and of the content), spaces become "▁", merges rank by the score of the piece they make; tokenizer_class
-PreTrainedTokenizerFast loads it as it is. One known disagreement: the literal text <|end_of_turn|> (or <s>, </s>)
-in content. Training encodes it as text, so a user cannot end a turn by typing it; Hugging Face tokenizers (so vLLM)
-split added tokens out of any text first: the special id, which a template cannot escape (see tests/test_hf.py)."""
+"""Hugging Face checkpoints as plain values (config dicts, tensors under our names) for model.py; a checkpoint's
+tokenizer; `export_hf`: a directory transformers and vLLM serve as it is. Why our own tokenizer.json: without protobuf
+transformers 5 cannot convert tokenizer.model, and its LlamaTokenizer's Metaspace marks only pieces not already starting
+with a space, so leading spaces would tokenize unlike sentencepiece and our training data. Ours mirrors sentencepiece's
+BPE: a Prepend normalizer (the dummy prefix, per text between special tokens), spaces as "▁", merges ranked by the score
+of the piece they make. Known disagreement: <|end_of_turn|> (or <s>, </s>) in content is text to us (no user can end a
+turn) but the special id to Hugging Face tokenizers (vLLM), which no template can escape (tests/test_hf.py)."""
 import json
 import os
 import shutil
@@ -218,8 +213,7 @@ def chat_template(condition):
 
 
 def _protobuf_fields(buf):
-    """{field number: last value} of one protobuf message (varints as int, everything else as bytes): enough to
-    read the few sentencepiece settings its Python API does not expose."""
+    """{field number: last value} of one protobuf message, varints as int, the rest as bytes (no protobuf needed)."""
     def varint(i):
         value, shift = 0, 0
         while buf[i] & 0x80:  # 7 bits a byte, low first; the last byte has the top bit clear
@@ -250,19 +244,17 @@ def sentencepiece_settings(model_path):
 
 
 def bpe_merges(sp):
-    """The merge list, best first, for tokenizers' BPE to split text exactly as sentencepiece's BPE does, which merges
-    the adjacent pair whose concatenation is the highest-scoring piece: every split (left, right) of a normal piece
-    into two normal pieces, ranked by that score. On ties sentencepiece merges the leftmost pair, tokenizers by rank:
-    the only ties we know of are Mistral's runs of spaces, ranked by _space_run_merges."""
+    """Merges, best first, for tokenizers' BPE to split as sentencepiece's BPE does (it merges the adjacent pair that
+    makes the highest-scoring piece): every split of a normal piece into two normal pieces, ranked by that score. On
+    ties sentencepiece merges the leftmost pair, tokenizers by rank: Mistral's runs of spaces, see _space_run_merges."""
     normal = {sp.id_to_piece(i): i for i in range(sp.get_piece_size())
               if not (sp.is_control(i) or sp.is_unknown(i) or sp.is_byte(i) or sp.is_unused(i))}
     score = {p: sp.get_score(i) for p, i in normal.items()}
     runs = sorted(len(p) for p in normal if set(p) == {"▁"})
     tied_runs = len(runs) > 2 and len({score["▁" * k] for k in runs if k > 1}) == 1
-    merges = []  # (-score of the merged piece, rank among equal scores, left, right)
-    for p in normal:
-        if not (tied_runs and set(p) == {"▁"}):
-            merges += [(-score[p], 0, p[:k], p[k:]) for k in range(1, len(p)) if p[:k] in normal and p[k:] in normal]
+    # (-score of the merged piece, rank among equal scores, left, right)
+    merges = [(-score[p], 0, p[:k], p[k:]) for p in normal if not (tied_runs and set(p) == {"▁"})
+              for k in range(1, len(p)) if p[:k] in normal and p[k:] in normal]
     if tied_runs:
         merges += [(-score["▁" * (a + b)], rank, "▁" * a, "▁" * b)
                    for rank, (a, b) in enumerate(_space_run_merges(set(runs)))]
@@ -309,22 +301,20 @@ def tokenizer_json(model_path, eot_id):
         raise ValueError(f"{model_path}: bos_id {sp.bos_id()}, eos_id {sp.eos_id()} (need both pieces)")
     pieces = [sp.id_to_piece(i) for i in range(n_pieces)]
     added = [(i, pieces[i]) for i in range(n_pieces) if sp.is_control(i) or sp.is_unknown(i)] + [(eot_id, EOT_TEXT)]
-    normalizers = [{"type": "Prepend", "prepend": "▁"}] if settings["add_dummy_prefix"] else []
+    prefix = [{"type": "Prepend", "prepend": "▁"}] if settings["add_dummy_prefix"] else []
+    normalizers = prefix + [{"type": "Replace", "pattern": {"String": " "}, "content": "▁"}]
     decoders = [{"type": "Replace", "pattern": {"String": "▁"}, "content": " "}, {"type": "ByteFallback"},
-                {"type": "Fuse"}, *([{"type": "Strip", "content": " ", "start": 1, "stop": 0}] if normalizers else [])]
+                {"type": "Fuse"}, *([{"type": "Strip", "content": " ", "start": 1, "stop": 0}] if prefix else [])]
     bos_piece = pieces[sp.bos_id()]
     bos, text = {"SpecialToken": {"id": bos_piece, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}
     return {
         "version": "1.0", "truncation": None, "padding": None,
         "added_tokens": [{"id": i, **_special(t)} for i, t in added],
-        "normalizer": {"type": "Sequence", "normalizers": normalizers + [
-            {"type": "Replace", "pattern": {"String": " "}, "content": "▁"}]},
-        "pre_tokenizer": None,
+        "normalizer": {"type": "Sequence", "normalizers": normalizers}, "pre_tokenizer": None,
         "post_processor": {  # tokenizer(text) starts with BOS, like sentencepiece-based LLaMA tokenizers
             "type": "TemplateProcessing", "single": [bos, text],
             "pair": [bos, text, bos, {"Sequence": {"id": "B", "type_id": 1}}],
-            "special_tokens": {bos_piece: {"id": bos_piece, "ids": [sp.bos_id()], "tokens": [bos_piece]}},
-        },
+            "special_tokens": {bos_piece: {"id": bos_piece, "ids": [sp.bos_id()], "tokens": [bos_piece]}}},
         "decoder": {"type": "Sequence", "decoders": decoders},
         "model": {"type": "BPE", "dropout": None, "unk_token": pieces[sp.unk_id()], "continuing_subword_prefix": None,
                   "end_of_word_suffix": None, "fuse_unk": True, "byte_fallback": settings["byte_fallback"],

@@ -62,17 +62,13 @@ class ModelArgs:
             raise ValueError(f"{os.path.join(path, 'config.json')}: {e}") from None
 
 
-PRESETS = {  # train.py sets vocab_size to its tokenizer's
-    # train.py's default run, the toy task (2-digit addition). init_std 0.05: at 0.02 C-RLFT sat 500+ steps on a plateau
+PRESETS = {  # models trained from scratch (released ones come from their directories); vocab_size: the tokenizer's
+    # the toy task of train.py's default run. init_std 0.05: at 0.02 C-RLFT sat 500+ steps on a plateau
     "toy": ModelArgs(dim=128, n_layers=3, n_heads=4, n_kv_heads=2, vocab_size=121, max_seq_len=256, init_std=0.05),
     # CPU: the "19M LLaMA" (dim 256, 4 layers, 32k vocab).
     "tiny": ModelArgs(dim=256, n_layers=4, n_heads=8, n_kv_heads=4, vocab_size=32000, max_seq_len=1024),
     "1b": ModelArgs(dim=2048, n_layers=22, n_heads=32, n_kv_heads=4, vocab_size=32000, hidden_dim=5632,
                     max_seq_len=4096),  # GPU throughput tests: TinyLlama-1.1B's shape
-    "llama2-7b": ModelArgs(dim=4096, n_layers=32, n_heads=32, vocab_size=32000, max_seq_len=4096),  # hidden 11008
-    "llama2-13b": ModelArgs(dim=5120, n_layers=40, n_heads=40, vocab_size=32000, max_seq_len=4096),  # 13824
-    "mistral-7b": ModelArgs(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, vocab_size=32000, hidden_dim=14336,
-                            max_seq_len=32768, model_type="mistral", sliding_window=4096),  # v0.1 as released
 }
 
 

@@ -244,6 +244,3 @@ def read_sources(spec_or_list: str | list[tuple[str | None, str]], condition: st
         conversations += found if class_name is None else \
             [dataclasses.replace(c, condition=class_name, class_name=class_name) for c in found]
     return conversations
-
-
-read_conversations = read_sources  # the older name, still used by tests and benchmarks

@@ -78,8 +78,7 @@ def generate(model: Transformer, prompt_ids, max_new_tokens: int, temperature: f
 
 
 def stream_text(tokenizer, ids: Iterator[int], stop_ids=()) -> Iterator[str]:
-    """Text pieces of the ids before the first stop id, decoding the whole reply each time (spaces as decode puts
-    them); "".join(pieces) == tokenizer.decode(those ids)."""
+    """Text pieces of the ids before the first stop id: "".join(pieces) == tokenizer.decode(those ids), spaces too."""
     reply, shown = [], ""
     for token in itertools.takewhile(lambda t: t not in stop_ids, ids):
         reply.append(token)
@@ -110,8 +109,7 @@ def respond(model, tokenizer, messages, out, condition: str = EXPERT_CONDITION, 
     try:
         ids = generate(model, prompt, max_new_tokens, temperature, top_p, top_k, stop_ids, generator)
         for text in stream_text(tokenizer, ids, stop_ids):
-            out.write(text)
-            out.flush()
+            print(text, end="", file=out, flush=True)
             reply += text
     except KeyboardInterrupt:  # Ctrl-C: stop this reply, keep the session and what was shown of the reply
         out.write(" (stopped)")
@@ -128,8 +126,7 @@ def chat(model, tokenizer, read_line=None, out=None, **settings):
     echo = read_line is None and not sys.stdin.isatty()  # piped input: show it, so the transcript reads like a chat
     read_line, out, messages = read_line or input, out or sys.stdout, []
     while True:
-        out.write("User: ")
-        out.flush()
+        print("User: ", end="", file=out, flush=True)
         try:
             line = read_line()
         except EOFError:  # Ctrl-D, or the end of piped input
@@ -158,7 +155,7 @@ def default_condition(model_path: str) -> str:
         return EXPERT_CONDITION
 
 
-def parse_args(argv=None):
+def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=DEFAULT_MODEL, help="Hugging Face LLaMA/Mistral directory (default: %(default)s)")
     p.add_argument("--tokenizer", default=None, help="sentencepiece tokenizer.model (default: the model directory's)")
@@ -177,20 +174,13 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.temperature < 0 or not 0 < args.top_p <= 1 or args.top_k < 0 or args.max_new_tokens < 1:
         p.error("need --temperature >= 0, 0 < --top-p <= 1, --top-k >= 0, --max-new-tokens >= 1")
-    return args
-
-
-def main(argv=None):
-    args = parse_args(argv)
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     prompts = list(args.prompt)
-    if args.prompt_file is not None:
-        if not os.path.isfile(args.prompt_file):
-            sys.exit(f"{args.prompt_file}: no such prompt file")
-        with open(args.prompt_file, encoding="utf-8") as f:
-            prompts += [line.rstrip("\n") for line in f if line.strip()]
     try:
+        if args.prompt_file is not None:
+            with open(args.prompt_file, encoding="utf-8") as f:
+                prompts += [line.rstrip("\n") for line in f if line.strip()]
         model, tokenizer = load(args.model, args.tokenizer, device=device, dtype=dtype, max_seq_len=args.max_seq_len)
     except (OSError, ValueError) as e:
         sys.exit(f"error: {data.one_line(e)}")
@@ -198,14 +188,13 @@ def main(argv=None):
     settings = dict(condition=condition, system=args.system, max_new_tokens=args.max_new_tokens,
                     temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                     generator=None if args.seed is None else torch.Generator().manual_seed(args.seed))
-    if prompts:  # each prompt on its own, a single-turn conversation
-        for text in prompts:
-            sys.stdout.write(f"User: {text}\n")
-            respond(model, tokenizer, [{"role": "user", "content": text}], sys.stdout, **settings)
-        return
-    print(f"{args.model}: {model.num_params() / 1e6:.1f}M parameters on {device} ({dtype}), context "
-          f"{model.args.max_seq_len}, condition {condition!r}. /reset clears, /exit quits.", file=sys.stderr)
-    chat(model, tokenizer, **settings)
+    for text in prompts:  # each prompt on its own, a single-turn conversation
+        print(f"User: {text}")
+        respond(model, tokenizer, [{"role": "user", "content": text}], sys.stdout, **settings)
+    if not prompts:
+        print(f"{args.model}: {model.num_params() / 1e6:.1f}M parameters on {device} ({dtype}), context "
+              f"{model.args.max_seq_len}, condition {condition!r}. /reset clears, /exit quits.", file=sys.stderr)
+        chat(model, tokenizer, **settings)
 
 
 if __name__ == "__main__":

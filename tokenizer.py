@@ -1,5 +1,5 @@
-"""The tokenizer of the OpenChat template: sentencepiece plus `<|end_of_turn|>`, one id after the model's pieces
-(or the id a checkpoint already gives it), and a fast batched encode that is exactly sentencepiece's."""
+"""sentencepiece plus `<|end_of_turn|>` (the id after the model's pieces, as OpenChat added it, or the one a
+checkpoint gives it: openchat_3.5's 32000), and a batched encode exactly like sentencepiece's, only faster."""
 from __future__ import annotations
 
 import importlib.util
@@ -21,8 +21,7 @@ def default_tokenizer_path() -> str:
 
 
 class Tokenizer:
-    """sentencepiece plus `<|end_of_turn|>` (eot_id). encode() never produces a special id: "<s>" or
-    "<|end_of_turn|>" inside text stays text; decode() writes eot_id as the text "<|end_of_turn|>"."""
+    """encode() gives no special id ("<s>", "<|end_of_turn|>" in text stay text); decode() writes eot_id as text."""
 
     def __init__(self, model_path: str | None = None, eot_id: int | None = None):
         self.model_path = str(model_path or default_tokenizer_path())
@@ -35,8 +34,6 @@ class Tokenizer:
         self.bos_id = self.sp.bos_id()
         if self.bos_id < 0:
             raise ValueError(f"{self.model_path}: the tokenizer has no BOS piece")
-        # A checkpoint that already has <|end_of_turn|> (openchat_3.5: an added token, id 32000) keeps its id;
-        # otherwise it is the id right after the model's pieces, as OpenChat added it.
         self.eot_id = self.sp.get_piece_size() if eot_id is None else eot_id
         if self.eot_id < self.sp.get_piece_size():
             raise ValueError(f"{self.model_path}: {EOT_TEXT} id {self.eot_id} is one of the model's own pieces")
@@ -49,11 +46,10 @@ class Tokenizer:
         return self.sp.encode(text)
 
     def encode_batch(self, texts: list[str]) -> list[np.ndarray]:
-        """[encode(t) for t in texts] as int32 arrays, fast: each text is cut into segments (a run of spaces
-        and the word after it), and each segment is encoded once, then looked up. Exact because no piece spans
-        a boundary between a non-space character and a space, and the normaliser only turns spaces into "▁"
-        (both checked in _segments_are_independent): sentencepiece's output is then the concatenation of its
-        encodings of the segments of " " + text (" ": its dummy prefix). tests/test_data.py checks on real data."""
+        """[encode(t) for t in texts] as int32 arrays, fast: each segment (_SEGMENT) is encoded once, then looked up.
+        Exact because no piece spans a boundary between a non-space character and a space, and the normaliser only
+        turns spaces into "▁" (both checked in _segments_are_independent): sentencepiece's output is then the
+        concatenation of its encodings of the segments of " " + text (" ": its dummy prefix). See tests/test_data.py."""
         if self._segments is None:
             return [np.array(ids, np.int32) for ids in self.sp.encode(list(texts), num_threads=self.num_threads)]
         if len(self._segments) > 1_000_000:  # bound the memory on huge corpora

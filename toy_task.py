@@ -103,6 +103,4 @@ def evaluate(model, tokenizer, problems, prompt_ids, max_new_tokens=12, batch_si
 
 
 def toy_tokenizer() -> Tokenizer:
-    if not os.path.isfile(TOKENIZER_PATH):
-        raise FileNotFoundError(f"{TOKENIZER_PATH} is missing: run `python experiments/toy_tokenizer.py` to make it")
     return Tokenizer(TOKENIZER_PATH)

@@ -40,7 +40,7 @@ import prepare
 import toy_task
 from checkpoint import CheckpointError, check_same_run, latest_checkpoint, load_checkpoint, save_checkpoint
 from model import PRESETS, ModelArgs, Transformer
-from progress import Progress, describe, loss_chart, say
+from progress import Progress, describe, say
 
 
 # -----------------------------------------------------------------------------------------------------------
@@ -149,6 +149,8 @@ def parse_config(argv):
             raise ValueError(f"--{key} must be in [{lo:g}, {hi:g}], got {getattr(cfg, key)}")
     if cfg.dtype not in ("auto", "bf16", "fp32"):
         raise ValueError(f"--dtype must be auto, bf16 or fp32, got {cfg.dtype!r}")
+    if cfg.dtype == "auto":  # bf16 compute wherever the GPU path runs (setup_distributed picks the device alike)
+        cfg = dataclasses.replace(cfg, dtype="bf16" if torch.cuda.is_available() else "fp32")
     if cfg.model.startswith("<"):
         raise ValueError(f"--model: this preset fine-tunes a released checkpoint: pass its Hugging Face directory, "
                          f"--model=/path/to/{cfg.model.strip('<>').split()[0]}")
@@ -200,7 +202,7 @@ def build_model(cfg, args, device, mesh):
     with torch.device("meta"):
         model = Transformer(args)
     # Parameters stay fp32 (the optimizer's master copy); compute in bf16, reduce gradients in fp32.
-    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if is_bf16(cfg, device) else None, reduce_dtype=torch.float32)
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if cfg.dtype == "bf16" else None, reduce_dtype=torch.float32)
     for i, block in enumerate(model.layers):
         if cfg.activation_checkpointing:
             model.layers[i] = block = checkpoint_wrapper(block)
@@ -222,10 +224,6 @@ def build_model(cfg, args, device, mesh):
         full = weights.state_dict()
     set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
     return model
-
-
-def is_bf16(cfg, device):
-    return cfg.dtype == "bf16" or (cfg.dtype == "auto" and device.type == "cuda")
 
 
 # -----------------------------------------------------------------------------------------------------------
@@ -289,8 +287,8 @@ def export(model, cfg, args, tokenizer, directory):
     if args.tie_embeddings:  # load_state_dict(assign=True) gave the two names two Parameters: tie again
         local.output.weight = local.tok_embeddings.weight
     if cfg.export:
-        dtype = torch.bfloat16 if is_bf16(cfg, next(model.parameters()).device) else torch.float32
-        hf.export_hf(local.to(dtype), tokenizer, directory, condition=cfg.expert_condition if cfg.use_condition else "")
+        hf.export_hf(local.to(torch.bfloat16 if cfg.dtype == "bf16" else torch.float32), tokenizer, directory,
+                     condition=cfg.expert_condition if cfg.use_condition else "")
         say(f"exported a Hugging Face model to {directory} (python sample.py --model={directory})")
     return local
 
@@ -412,10 +410,8 @@ def train_loop(cfg, model, optimizer, dataset, held_out, plans, start_step, run,
 
 
 def finish(cfg, model, tokenizer, step):
-    """Rank 0, after training: the loss picture, the toy task's score, results.json."""
-    results = {"interrupted": False, "steps": step,
-               "final_loss_per_class": loss_chart(os.path.join(cfg.out_dir, "log.jsonl"),
-                                                  os.path.join(cfg.out_dir, "loss.svg"))}
+    """Rank 0, after training: the toy task's score, results.json."""
+    results = {"interrupted": False, "steps": step}
     if cfg.data == "toy" and cfg.toy_eval:
         condition = cfg.expert_condition if cfg.use_condition else ""
         problems = toy_task.make_toy_eval(cfg.toy_eval, cfg.seed)

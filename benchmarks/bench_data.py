@@ -56,8 +56,8 @@ def main():
 
     stats = collections.Counter()
     t0 = time.perf_counter()
-    conversations = readers.read_conversations("sharegpt", None if args.condition_from_model else "GPT4 Correct",
-                                            skip_bad=True, stats=stats)[:args.limit]
+    conversations = readers.read_sources("sharegpt", None if args.condition_from_model else "GPT4 Correct",
+                                      skip_bad=True, stats=stats)[:args.limit]
     print(f"read {stats['records read']} complete ShareGPT records in {time.perf_counter() - t0:.1f}s; "
           f"{len(conversations)} conversations kept")
     for key, n in sorted(stats.items()):

@@ -24,8 +24,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-import progress as plot  # noqa: E402 (its SVG line chart)
-from progress import H, BOTTOM, LEFT, PALETTE, RIGHT, W, _frame, escape  # noqa: E402
+import plot  # noqa: E402 (experiments/plot.py: SVG line charts)
+from plot import H, BOTTOM, LEFT, PALETTE, RIGHT, W, _frame, escape  # noqa: E402
 
 EXPERT, SUB = "Expert", "Novice"  # toy_task.py's classes, named by their conditions
 METHODS = {
@@ -58,6 +58,7 @@ def run(method, seed, args, out_dir):
     with open(os.path.join(run_dir, "log.jsonl")) as f:
         log = [r for r in map(json.loads, f) if "loss" in r]
     results["curve"] = [(r["step"], r["loss_per_class"].get(EXPERT)) for r in log]
+    results["final_loss_per_class"] = log[-1]["loss_per_class"]
     # Every run first sits on a plateau (~1.2 nats: the format learned, not the digits); where it leaves it:
     # the first step with the trained-on class's CE under 0.5 (the novices', or the experts' when alone).
     watched = EXPERT if "only_classes" in METHODS[method] else SUB

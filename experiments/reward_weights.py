@@ -26,7 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-import progress as plot  # noqa: E402 (its SVG line chart)
+import plot  # noqa: E402 (experiments/plot.py: SVG line charts)
 
 SIZES = {  # model shapes, from clearly too small for 2-digit addition with carries to the default toy model
     "micro": dict(dim=32, n_layers=1, n_heads=2, n_kv_heads=1),

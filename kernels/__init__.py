@@ -1,8 +1,5 @@
-"""Custom Triton kernels, each with a plain PyTorch reference beside it.
-
-The kernel runs where it can: on a CUDA tensor, or on a CPU tensor when TRITON_INTERPRET=1 was set before
-triton was imported (the tests do this). Everywhere else the PyTorch reference runs.
-"""
+"""Triton kernels, each with a plain PyTorch reference beside it. The kernel runs on a CUDA tensor, or on a CPU
+tensor when TRITON_INTERPRET=1 was set before triton was imported (the tests); elsewhere the reference runs."""
 import os
 
 import torch
@@ -15,5 +12,4 @@ except ImportError:  # e.g. macOS, or a CPU-only install without triton
 
 
 def use_triton(t: torch.Tensor) -> bool:
-    """True when the Triton kernel can run on tensor `t`."""
     return HAS_TRITON and (t.is_cuda or (t.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"))

@@ -1,30 +1,26 @@
 """Fused linear + weighted cross-entropy that never holds the (N, V) logits.
 
-C-RLFT trains on sum_t w_t * CE(logits_t, y_t), divided by the total weight of the global batch (the caller
-divides). With a 32k vocabulary and 80k tokens per GPU the logits alone are 80k * 32k * 4 bytes ~ 10 GB in
-fp32, and autograd would keep them (and a softmax of the same size) alive until backward.
+C-RLFT trains on sum_t w_t * CE(logits_t, y_t) (the caller divides by the global batch's weight). At 80k tokens
+per GPU and a 32k vocabulary the fp32 logits alone are ~10 GB, and autograd would keep them (and a softmax as
+large) until backward.
 
-The math, for one token with final hidden state h (D,), logits z = W h (W (V, D): lm_head), target y, weight w:
+For one token with final hidden state h (D,), logits z = W h (W (V, D): lm_head), target y, weight w:
     CE = logsumexp(z) - z[y]
     dz = d(w * CE) / dz = w * (softmax(z) - onehot(y))        softmax(z) = exp(z - logsumexp(z))
     d/dh = dz @ W        d/dW = dz.T @ h   (summed over tokens)
 
-The gradients are computed in the forward: the loss is a scalar and dz depends only on z, so once a chunk's
-logits exist everything can be finished with them, and backward only scales the stored gradients by
-grad_output (a scalar); waiting for it would mean keeping (or recomputing) the logits. Peak extra memory is
-one chunk of logits plus the gradients themselves, not N * V. Per chunk of C tokens:
+The loss is a scalar and dz depends only on z: the gradients are finished in the forward, a chunk of logits at a
+time, and backward only scales them by grad_output (waiting for it would mean keeping or recomputing the logits).
+Per chunk of C tokens:
     logits = h_chunk @ W.T         (C, V) in the input dtype, fp32 accumulation inside the matmul
-    row step (Triton kernel, or the same in PyTorch): the row's log-sum-exp in one pass (online max and sum,
-        fp32), then a second pass writing dz = w * (softmax - onehot) over the logits in place
+    row step (Triton kernel, or PyTorch): each row's log-sum-exp in one pass (online max and sum, fp32), then
+        a second pass overwriting the logits with dz = w * (softmax - onehot)
     grad_hidden[rows] = dz @ W     (C, D)
     grad_weight += dz.T @ h        (V, D), in place in the input dtype: addmm_ sums in fp32 and rounds once
                                    per chunk into the bf16 accumulator, as Liger-Kernel does.
-An fp32 accumulator would cost V * D * 4 bytes (0.5 GB at V = 32k, D = 4096) plus a (V, D) temporary per
-chunk, most of the memory this function exists to save; with ~8 chunks the extra rounding is a few bf16 ulps,
-below the noise of bf16 gradients (under FSDP's mixed precision every other gradient is bf16 too).
-
-Tokens with weight 0 (prompts, padding) are dropped before any matmul: their targets may be -100, they cost
-nothing, and their per-token CE is reported as 0.
+An fp32 accumulator would cost V * D * 4 bytes (0.5 GB at V = 32k, D = 4096) plus a (V, D) temporary per chunk,
+most of the memory saved; with ~8 chunks the extra rounding is a few bf16 ulps, below the noise of bf16 gradients.
+Tokens with weight 0 (prompts, padding) skip every matmul: their targets may be -100, their CE reads 0.
 """
 import math
 

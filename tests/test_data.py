@@ -139,7 +139,7 @@ def test_parse_class_weights():
 @pytest.fixture(scope="module")
 def sharegpt_head():
     stats = collections.Counter()
-    convs = readers.read_conversations("sharegpt", skip_bad=True, stats=stats)
+    convs = readers.read_sources("sharegpt", skip_bad=True, stats=stats)
     assert stats["records read"] > 17000
     assert sum(v for k, v in stats.items() if k.startswith("incomplete last record")) == 1
     return convs

@@ -31,3 +31,16 @@ def test_crlft_vs_sft_runs_every_method_and_writes_table_and_pictures(tmp_path):
         assert set(expert["loss_per_class"]) == {"Expert"}
     for name in ("accuracy.svg", "curves.svg"):
         assert (tmp_path / name).read_text().startswith("<svg")
+
+
+def test_plot_draws_a_runs_log(tmp_path):
+    """experiments/plot.py LOG: one curve each for the weighted loss, the validation loss and every class's CE."""
+    records = [{"step": s, "loss": 1.0 / s, "loss_per_class": {"A": 2.0 / s, "B": 0.5 / s}} for s in (1, 2, 3)]
+    records.insert(2, {"step": 2, "epoch": 0, "val_loss": 0.7, "val_loss_per_class": {"A": 0.9, "B": 0.4}})
+    (tmp_path / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "experiments", "plot.py"), str(tmp_path / "log.jsonl")],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    svg = (tmp_path / "loss.svg").read_text()
+    assert svg.startswith("<svg") and svg.count("<polyline") == 4
+    assert all(f">{name}</text>" in svg for name in ("loss (weighted)", "validation loss", "CE A", "CE B"))

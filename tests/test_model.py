@@ -413,12 +413,16 @@ def test_meta_device_build_then_init_weights(tie):
 
 
 def test_presets_parameter_counts():
-    """Against the published sizes of the released checkpoints."""
-    counts = {"llama2-7b": 6_738_415_616, "llama2-13b": 13_015_864_320, "mistral-7b": 7_241_732_096}
-    for name, count in counts.items():
+    """Released shapes (hidden_dim from LLaMA's rule where the config gives none) against their published sizes."""
+    released = {
+        "llama2-7b": (M.ModelArgs(dim=4096, n_layers=32, n_heads=32, vocab_size=32000), 6_738_415_616),
+        "llama2-13b": (M.ModelArgs(dim=5120, n_layers=40, n_heads=40, vocab_size=32000), 13_015_864_320),
+        "mistral-7b": (M.ModelArgs(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, vocab_size=32000,
+                                   hidden_dim=14336, model_type="mistral", sliding_window=4096), 7_241_732_096)}
+    for name, (args, count) in released.items():
         with torch.device("meta"):
-            assert M.Transformer(M.PRESETS[name]).num_params() == count, name
-    assert M.PRESETS["llama2-7b"].hidden_dim == 11008 and M.PRESETS["llama2-13b"].hidden_dim == 13824
+            assert M.Transformer(args).num_params() == count, name
+    assert released["llama2-7b"][0].hidden_dim == 11008 and released["llama2-13b"][0].hidden_dim == 13824
     with torch.device("meta"):
         tiny = M.Transformer(M.PRESETS["tiny"])
         one_b = M.Transformer(M.PRESETS["1b"])

@@ -289,7 +289,7 @@ def test_sharegpt_malformed_json_in_the_middle(tmp_path):
 
 def test_real_sharegpt_file():
     stats = collections.Counter()
-    convs = readers.read_conversations("sharegpt", skip_bad=True, stats=stats)
+    convs = readers.read_sources("sharegpt", skip_bad=True, stats=stats)
     assert stats["records read"] > 17000
     assert sum(v for k, v in stats.items() if k.startswith("incomplete last record")) == 1
     assert len(convs) > 17000
@@ -342,7 +342,6 @@ def test_read_sources_classes_override_conditions(tmp_path):
     convs = readers.read_sources(f"{gpt35},{gpt4}", condition="Human")
     assert [(c.condition, c.class_name) for c in convs] == [("Human", "Human")] * 2 + [("GPT3", "c"), ("", "")]
     assert readers.read_sources([("Z", gpt4)])[0].condition == "Z"
-    assert readers.read_conversations is readers.read_sources
     with pytest.raises(DataError, match="model: missing"):
         readers.read_sources(str(gpt35), condition=None)
 
