@@ -14,7 +14,6 @@ import random
 import torch
 
 from readers import Conversation
-from tokenizer import Tokenizer
 
 EXPERT, SUB_OPTIMAL = "Expert", "Novice"
 CLASS_WEIGHTS = {EXPERT: 1.0, SUB_OPTIMAL: 0.1}
@@ -100,7 +99,3 @@ def evaluate(model, tokenizer, problems, prompt_ids, max_new_tokens=12, batch_si
                 answers.append((question, text))
     model.clear_kv_cache()
     return correct / max(1, len(problems)), answers
-
-
-def toy_tokenizer() -> Tokenizer:
-    return Tokenizer(TOKENIZER_PATH)

@@ -406,13 +406,15 @@ def train_loop(cfg, model, optimizer, dataset, held_out, plans, start_step, run,
         signal.signal(signal.SIGTERM, previous_handler)
     scored = cfg.data == "toy" and cfg.toy_eval  # the full model is gathered only to export or to score it
     final = export(model, cfg, args, tokenizer, os.path.join(cfg.out_dir, "export")) if cfg.export or scored else None
-    return finish(cfg, final, tokenizer, step) if rank == 0 else {"interrupted": False, "steps": step}
+    if rank != 0:
+        return {"interrupted": False, "steps": step}
+    return finish(cfg, final if scored else None, tokenizer, step)
 
 
 def finish(cfg, model, tokenizer, step):
-    """Rank 0, after training: the toy task's score, results.json."""
+    """Rank 0, after training: the toy task's score (given the model to score), results.json."""
     results = {"interrupted": False, "steps": step}
-    if cfg.data == "toy" and cfg.toy_eval:
+    if model is not None:
         condition = cfg.expert_condition if cfg.use_condition else ""
         problems = toy_task.make_toy_eval(cfg.toy_eval, cfg.seed)
         prompt = lambda messages: data.encode_prompt(tokenizer, messages, condition)  # noqa: E731

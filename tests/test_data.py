@@ -240,7 +240,7 @@ def test_toy_scorer_and_data():
 
 
 def test_toy_tokenizer(tmp_path):
-    tok = toy_task.toy_tokenizer()
+    tok = data.Tokenizer(toy_task.TOKENIZER_PATH)
     assert tok.eot_id == tok.sp.get_piece_size() and tok.vocab_size <= 128
     # the two classes' prefixes have the same length and no digit: the class changes one token of the
     # prompt, not the positions of the operands, and adds no digit beside them

@@ -43,7 +43,7 @@ def tiny_model(vocab_size, tie=False):
     return model
 
 
-TOKENIZERS = {"mistral": lambda: data.Tokenizer(), "toy": toy_task.toy_tokenizer}
+TOKENIZERS = {"mistral": lambda: data.Tokenizer(), "toy": lambda: data.Tokenizer(toy_task.TOKENIZER_PATH)}
 EXPORTS = [("mistral", "GPT4 Correct"), ("mistral", ""), ("toy", "GPT4 Correct"), ("toy", "GPT3")]
 
 
@@ -195,7 +195,7 @@ def test_exported_model_gives_our_logits(exported):
 
 
 def test_tied_embeddings_export_loads(tmp_path):
-    tok = toy_task.toy_tokenizer()
+    tok = data.Tokenizer(toy_task.TOKENIZER_PATH)
     model = tiny_model(tok.vocab_size, tie=True)
     export_hf(model, tok, str(tmp_path))
     hf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path), dtype=torch.float32).eval()
@@ -234,7 +234,7 @@ def test_unsupported_sentencepiece_model_is_a_clear_error(tmp_path):
 def test_export_errors_are_short_and_write_nothing(tmp_path):
     from hf import tokenizer_json
 
-    tok = toy_task.toy_tokenizer()
+    tok = data.Tokenizer(toy_task.TOKENIZER_PATH)
     with pytest.raises(ValueError, match=f"id {tok.eot_id + 1} \\(need {tok.eot_id}") as e:
         tokenizer_json(tok.model_path, tok.eot_id + 1)
     assert str(e.value).startswith(tok.model_path) and len(str(e.value)) < len(tok.model_path) + 100

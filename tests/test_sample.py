@@ -146,7 +146,7 @@ def by_hand(tok, condition, turns, system=None):
 
 @pytest.fixture(scope="module")
 def toy():
-    tok = toy_task.toy_tokenizer()
+    tok = data.Tokenizer(toy_task.TOKENIZER_PATH)
     return tok, random_model(vocab_size=tok.vocab_size, max_seq_len=256)
 
 
@@ -175,7 +175,7 @@ def test_chat_prompts_token_for_token(monkeypatch, toy, condition, system):
 
 
 def test_chat_drops_the_oldest_turns_when_the_context_is_full(monkeypatch):
-    tok = toy_task.toy_tokenizer()
+    tok = data.Tokenizer(toy_task.TOKENIZER_PATH)
     model = random_model(vocab_size=tok.vocab_size, max_seq_len=64)
     rec = Recorder(monkeypatch)
     questions = [f"{100 + i}+{200 + i}=" for i in range(6)]
@@ -220,7 +220,7 @@ def test_load_errors_name_the_path(tmp_path):
 def test_command_line_answers_prompts_from_an_export(tmp_path, capsys, monkeypatch):
     from hf import export_hf
 
-    tok = toy_task.toy_tokenizer()
+    tok = data.Tokenizer(toy_task.TOKENIZER_PATH)
     model = random_model(vocab_size=tok.vocab_size, max_seq_len=128)
     export_hf(model, tok, str(tmp_path))
     (tmp_path / "prompts.txt").write_text("1+2=\n\n3+4=\n")
@@ -269,7 +269,7 @@ def test_ctrl_c_stops_the_reply_not_the_session(monkeypatch, toy):
 def test_default_condition_is_the_one_the_export_names(tmp_path, capsys):
     from hf import export_hf
 
-    tok = toy_task.toy_tokenizer()
+    tok = data.Tokenizer(toy_task.TOKENIZER_PATH)
     model = random_model(vocab_size=tok.vocab_size, max_seq_len=128)
     export_hf(model, tok, str(tmp_path / "gpt4"), condition="GPT4")
     assert sample.default_condition(str(tmp_path / "gpt4")) == "GPT4"

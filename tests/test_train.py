@@ -168,7 +168,7 @@ def test_toy_evaluation_matches_one_prompt_at_a_time_generation():
     import sample
     import toy_task
     from model import ModelArgs, Transformer
-    tok = toy_task.toy_tokenizer()
+    tok = data.Tokenizer(toy_task.TOKENIZER_PATH)
     torch.manual_seed(0)
     model = Transformer(ModelArgs(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=tok.vocab_size,
                                   max_seq_len=64)).eval()
