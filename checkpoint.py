@@ -1,9 +1,7 @@
-"""Checkpoints that survive crashes: sharded (torch.distributed.checkpoint), atomic, verified on load.
-ckpt/step_XXXXXXX holds every rank's DCP shard of model and optimizer, its RNG state (safetensors: no unpickling)
-and a manifest of each file's size and CRC32 and of the run settings. It is written as .tmp and renamed when
-complete, then ckpt/latest is atomically replaced to name it: a crash at any point leaves the previous one latest.
-Data order and learning rate are functions of the step, so the step is the whole "data position" if the run settings
-match (a resume changing one is refused by name). DCP's metadata is a pickle: trusted input (exports: safetensors)."""
+"""Checkpoints that survive crashes: ckpt/step_XXXXXXX holds every rank's DCP shard of model and optimizer, its RNG
+(safetensors) and a manifest of each file's size and CRC32 and of the run settings; written as .tmp and renamed when
+complete, then ckpt/latest is replaced atomically. The step is the whole data position (data order and learning rate
+are functions of it), so a resume that changes a run setting is refused by name."""
 import json
 import os
 import shutil

@@ -4,14 +4,11 @@ OpenChat 3.5's template, token for token (`template` below is its one spelling):
 
     <s>[{system}<|end_of_turn|>]GPT4 Correct User: Hi<|end_of_turn|>GPT4 Correct Assistant: Hello<|end_of_turn|>
 
-The condition names the conversation's class ("GPT4 Correct", "GPT3"): the policy learns pi(y | x, c). Every
-token carries the weight of predicting it (C-RLFT's coarse reward): 0 for BOS, system and role prefixes, the
-class weight for assistant content and its `<|end_of_turn|>` (so the model learns to stop), 0 for user
-content; a message's own "weight" (OpenChat's JSONL) overrides both. train.py normalises by the weight of the
-whole global batch: L = sum(w * CE) / sum(w).
-
-Records come from readers.py (files) or toy_task.py; tokenized data is a few flat numpy arrays, memory-mapped;
-each step packs conversations into world_size bins of `batch_tokens`. `python data.py tokenize|show ...`.
+The condition names the conversation's class ("GPT4 Correct", "GPT3"): the policy learns pi(y | x, c). Every token
+carries the weight of predicting it, C-RLFT's coarse reward: the class weight on assistant content and its
+`<|end_of_turn|>` (so the model learns to stop), 0 elsewhere; a message's own "weight" (OpenChat's JSONL) overrides
+it. Records come from readers.py or toy_task.py; tokenized data is a few flat numpy arrays, memory-mapped; each step
+packs conversations into world_size bins of `batch_tokens`. `python data.py tokenize|show ...`.
 """
 import argparse
 import collections
@@ -86,17 +83,16 @@ def parse_class_weights(spec: str) -> dict[str, float]:
     """"GPT4 Correct=1,GPT3=0.1" -> {"GPT4 Correct": 1.0, "GPT3": 0.1} (names are stripped)."""
     weights = {}
     for part in spec.split(","):
-        name, eq, value = part.partition("=")
+        name, eq, value = (x.strip() for x in part.partition("="))
         try:
-            w, problem = float(value), None
+            w = float(value)
         except ValueError:
-            w, problem = math.nan, f"weight {value!r} is not a number"
-        problem = ("is not NAME=WEIGHT" if not eq else problem
-                   or (None if math.isfinite(w) and w >= 0 else "needs a weight that is finite and >= 0")
-                   or ("is given twice" if name.strip() in weights else None))
+            w = math.nan
+        problem = "is not NAME=WEIGHT" if not eq else "is given twice" if name in weights else \
+            None if math.isfinite(w) and w >= 0 else f"needs a weight that is a finite number >= 0, not {value!r}"
         if problem:
             raise ValueError(f"class weights {spec!r}: {part.strip()!r} {problem}")
-        weights[name.strip()] = w
+        weights[name] = w
     return weights
 
 
@@ -134,27 +130,24 @@ class TokenizedDataset:
             shutil.rmtree(tmp, ignore_errors=True)
 
     @classmethod
-    def load(cls, directory: str, mmap: bool = True) -> "TokenizedDataset":
+    def load(cls, directory: str) -> "TokenizedDataset":
         try:
             with open(os.path.join(directory, "meta.json")) as f:
                 meta = json.load(f)
         except (OSError, ValueError) as e:
             raise DataError(os.path.join(directory, "meta.json"),
                             f"not a tokenized dataset (`python data.py tokenize`): {type(e).__name__}") from None
-        arrays = {n: np.load(os.path.join(directory, f"{n}.npy"), mmap_mode="r" if mmap else None) for n in cls.ARRAYS}
+        arrays = {n: np.load(os.path.join(directory, f"{n}.npy"), mmap_mode="r") for n in cls.ARRAYS}
         return cls(**arrays, class_names=meta.pop("class_names"), meta=meta)
 
 
 def tokenize_dataset(conversations: list[Conversation], tokenizer: Tokenizer, max_seq_len: int = 8192,
                      class_weights: dict[str, float] | None = None, workers: int | None = None,
                      progress: bool = False) -> TokenizedDataset:
-    """Encode and weight every conversation, cut its trailing zero-weight tokens and fit it to the context.
-
-    A message's own "weight", else class_weights[class] (None: every class 1.0, plain SFT). A conversation
-    longer than max_seq_len + 1 keeps its leading turns up to the last assistant turn that fits, or is
-    dropped (counted in meta["summary"]). Chunks of CHUNK conversations go to `workers` processes (default:
-    one per core, up to 8), each with its own tokenizer.
-    """
+    """Encode and weight every conversation (a message's own "weight", else class_weights[class]; None: 1.0 for all,
+    plain SFT), cut its trailing zero-weight tokens and fit it to the context: a conversation longer than max_seq_len
+    + 1 keeps its leading turns up to the last assistant turn that fits, or is dropped (counted in meta["summary"]).
+    Chunks of CHUNK conversations go to `workers` processes (default: one per core, up to 8)."""
     from tqdm import tqdm
 
     class_names = sorted({c.class_name for c in conversations})

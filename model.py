@@ -25,8 +25,7 @@ class ModelArgs:
     n_kv_heads: Optional[int] = None          # None: = n_heads (plain multi-head attention)
     vocab_size: int = 32000
     hidden_dim: Optional[int] = None          # SwiGLU width; None: LLaMA's rule below
-    multiple_of: int = 256                    # LLaMA's rule: 8/3 * dim, times ffn_dim_multiplier,
-    ffn_dim_multiplier: Optional[float] = None  # rounded up to a multiple of multiple_of
+    multiple_of: int = 256                    # LLaMA's rule: 8/3 * dim rounded up to a multiple of this
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0
     max_seq_len: int = 4096                   # longest sequence (conversation, KV cache) the model takes
@@ -42,9 +41,7 @@ class ModelArgs:
         self.n_kv_heads = self.n_heads if self.n_kv_heads is None else self.n_kv_heads
         self.head_dim = self.dim // self.n_heads if self.head_dim is None else self.head_dim
         if self.hidden_dim is None:
-            hidden = int(2 * 4 * self.dim / 3)
-            hidden = hidden if self.ffn_dim_multiplier is None else int(self.ffn_dim_multiplier * hidden)
-            self.hidden_dim = self.multiple_of * math.ceil(hidden / self.multiple_of)
+            self.hidden_dim = self.multiple_of * math.ceil(int(2 * 4 * self.dim / 3) / self.multiple_of)
         if self.n_heads % self.n_kv_heads != 0:
             raise ValueError(f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}")
         if self.model_type not in ("llama", "mistral"):
@@ -238,8 +235,7 @@ class Transformer(nn.Module):
         """Add rows to the embedding (and an untied lm_head), each new row the mean of the existing rows, as
         OpenChat initialised <|end_of_turn|>. Build the optimizer after this."""
         old_size = self.args.vocab_size
-        if new_size < old_size:
-            raise ValueError(f"grow_vocab: new_size={new_size} is smaller than vocab_size={old_size}")
+        assert new_size >= old_size, f"grow_vocab: new_size={new_size} < vocab_size={old_size}"
 
         def grown(weight):
             new = torch.empty(new_size, weight.shape[1], device=weight.device, dtype=weight.dtype)

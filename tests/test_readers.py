@@ -325,7 +325,7 @@ def test_unknown_extension(tmp_path):
     _one_line_error(lambda: readers.parse_sources("a.jsonl,X=b.csv"), "b.csv", "found an unknown extension",
                     "expected a .jsonl (OpenChat's) or .json (ShareGPT) file, or 'sharegpt'")
     good = _write(tmp_path, "g.jsonl", [json.dumps(GOOD)])
-    _one_line_error(lambda: readers.read_sources([(None, good), ("X", "b.txt")]), "b.txt", "unknown extension")
+    _one_line_error(lambda: readers.read_sources(f"{good},X=b.txt"), "b.txt", "unknown extension")
 
 
 def test_read_sources_classes_override_conditions(tmp_path):
@@ -341,7 +341,7 @@ def test_read_sources_classes_override_conditions(tmp_path):
     # order kept, and without a class each source keeps its own: the JSONL's fields, ShareGPT's `condition`
     convs = readers.read_sources(f"{gpt35},{gpt4}", condition="Human")
     assert [(c.condition, c.class_name) for c in convs] == [("Human", "Human")] * 2 + [("GPT3", "c"), ("", "")]
-    assert readers.read_sources([("Z", gpt4)])[0].condition == "Z"
+    assert readers.read_sources(f"Z={gpt4}")[0].condition == "Z"
     with pytest.raises(DataError, match="model: missing"):
         readers.read_sources(str(gpt35), condition=None)
 
