@@ -85,11 +85,12 @@ def parse_class_weights(spec: str) -> dict[str, float]:
     for part in spec.split(","):
         name, eq, value = (x.strip() for x in part.partition("="))
         try:
-            w = float(value)
+            w, problem = float(value), None
         except ValueError:
-            w = math.nan
-        problem = "is not NAME=WEIGHT" if not eq else "is given twice" if name in weights else \
-            None if math.isfinite(w) and w >= 0 else f"needs a weight that is a finite number >= 0, not {value!r}"
+            w, problem = 0.0, f"weight {value!r} is not a number"
+        if not (math.isfinite(w) and w >= 0):
+            problem = "needs a weight that is finite and >= 0"
+        problem = "is not NAME=WEIGHT" if not eq else "is given twice" if name in weights else problem
         if problem:
             raise ValueError(f"class weights {spec!r}: {part.strip()!r} {problem}")
         weights[name] = w

@@ -235,7 +235,8 @@ class Transformer(nn.Module):
         """Add rows to the embedding (and an untied lm_head), each new row the mean of the existing rows, as
         OpenChat initialised <|end_of_turn|>. Build the optimizer after this."""
         old_size = self.args.vocab_size
-        assert new_size >= old_size, f"grow_vocab: new_size={new_size} < vocab_size={old_size}"
+        if new_size < old_size:
+            raise ValueError(f"grow_vocab: new_size={new_size} is smaller than vocab_size={old_size}")
 
         def grown(weight):
             new = torch.empty(new_size, weight.shape[1], device=weight.device, dtype=weight.dtype)
