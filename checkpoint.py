@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(ValueError):  # bad input: on_rank0 hands it to every rank, train.py prints one line
     pass
 
 
@@ -104,8 +104,7 @@ def check_same_run(path, run):
 
 
 def load_checkpoint(path, model, optimizer):
-    """Model, optimizer and this rank's RNG from `path`; returns its step."""
-    state = verify_checkpoint(path)
+    """Model, optimizer and this rank's RNG from `path` (verified by check_same_run); returns its step."""
     model_sd, optim_sd = get_state_dict(model, optimizer)
     dcp.load({"model": model_sd, "optim": optim_sd}, checkpoint_id=path)  # in place
     set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd)
@@ -113,4 +112,4 @@ def load_checkpoint(path, model, optimizer):
     torch.set_rng_state(rng["torch"])
     if "cuda" in rng and torch.cuda.is_available():
         torch.cuda.set_rng_state(rng["cuda"])
-    return state["step"]
+    return int(os.path.basename(path).removeprefix("step_"))

@@ -12,6 +12,7 @@ packs conversations into world_size bins of `batch_tokens`. `python data.py toke
 """
 import argparse
 import collections
+import contextlib
 import itertools
 import json
 import math
@@ -26,6 +27,7 @@ import numpy as np
 import torch
 
 import readers
+import toy_task
 from readers import EXPERT_CONDITION, Conversation, DataError, check_messages  # noqa: F401 (re-exported)
 from tokenizer import EOT_TEXT, Tokenizer, default_tokenizer_path  # noqa: F401
 
@@ -55,13 +57,13 @@ def _encode(tokenizer: Tokenizer, conversations: list[list]) -> list[tuple[np.nd
     """Each conversation's template pieces -> (tokens (L,) int32, weights (L,) float32, token count after each
     assistant turn: where a long conversation may be cut). All text of the batch is encoded in one call."""
     texts = iter(tokenizer.encode_batch([p for pieces in conversations for p, _, _ in pieces if p not in (BOS, EOT)]))
-    special = {BOS: tokenizer.bos_ids, EOT: tokenizer.eot_ids}
+    special = {BOS: np.array([tokenizer.bos_id], np.int32), EOT: np.array([tokenizer.eot_id], np.int32)}
     out = []
     for pieces in conversations:
         ids = [special[p] if p in special else next(texts) for p, _, _ in pieces]
-        ends = np.cumsum([len(i) for i in ids])
-        out.append((np.concatenate(ids), np.repeat(np.array([w for _, w, _ in pieces], np.float32), [len(i) for i in ids]),
-                    [int(e) for e, (_, _, turn) in zip(ends, pieces) if turn]))
+        lengths = [len(i) for i in ids]
+        out.append((np.concatenate(ids), np.repeat(np.array([w for _, w, _ in pieces], np.float32), lengths),
+                    [int(e) for e, (_, _, turn) in zip(np.cumsum(lengths), pieces) if turn]))
     return out
 
 
@@ -160,25 +162,21 @@ def tokenize_dataset(conversations: list[Conversation], tokenizer: Tokenizer, ma
     pool = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn").Pool(
         workers, _start_worker, (tokenizer.model_path, tokenizer.eot_id)) if workers > 1 else None
     # disable=None: a bar on a terminal only, so that logs and piped stderr hold messages, not bar frames
-    with tqdm(total=len(conversations), disable=None if progress else True, unit="conv", desc="tokenize") as bar:
-        try:
-            for chunk, result in zip(chunks, pool.imap(_tokenize_chunk, chunks) if pool else
-                                     (_tokenize_chunk(c, tokenizer) for c in chunks)):
-                parts += result[0]
-                dropped.update(result[1])
-                bar.update(len(chunk[0]))
-        finally:
-            if pool:
-                pool.terminate()
+    bar = tqdm(total=len(conversations), disable=None if progress else True, unit="conv", desc="tokenize")
+    with pool or contextlib.nullcontext(), bar:  # a Pool's exit terminates its workers, on errors too
+        for chunk, result in zip(chunks, pool.imap(_tokenize_chunk, chunks) if pool else
+                                 (_tokenize_chunk(c, tokenizer) for c in chunks)):
+            parts += result[0]
+            dropped.update(result[1])
+            bar.update(len(chunk[0]))
     if not parts:
         raise DataError("tokenize_dataset", f"no conversation left ({dict(dropped)})", "empty")
     offsets = np.cumsum([0] + [len(t) for t, _, _ in parts], dtype=np.int64)
     data = TokenizedDataset(np.concatenate([t for t, _, _ in parts]), np.concatenate([w for _, w, _ in parts]),
                             offsets, np.array([c for _, _, c in parts], np.int32), class_names)
-    truncated = dropped.pop("truncated", 0)
     data.meta = {"tokenizer": tokenizer.model_path, "vocab_size": tokenizer.vocab_size, "bos_id": tokenizer.bos_id,
                  "eot_id": tokenizer.eot_id, "max_seq_len": max_seq_len,
-                 "summary": _summary(data, len(conversations), truncated, dropped)}
+                 "summary": _summary(data, len(conversations), dropped)}
     return data
 
 
@@ -234,7 +232,7 @@ def _fit(weights: np.ndarray, turn_ends: list[int], max_seq_len: int) -> tuple[i
     return int(supervised[-1]) + 1, "truncated"
 
 
-def _summary(data: TokenizedDataset, n_in: int, truncated: int, dropped) -> dict:
+def _summary(data: TokenizedDataset, n_in: int, dropped) -> dict:
     token_class = np.repeat(data.class_ids, np.diff(data.offsets))  # (N,) class of each token
     n = len(data.class_names)
     conversations, supervised = np.bincount(data.class_ids, minlength=n), np.bincount(token_class[data.weights > 0],
@@ -243,7 +241,7 @@ def _summary(data: TokenizedDataset, n_in: int, truncated: int, dropped) -> dict
     classes = {name: {"conversations": int(conversations[i]), "supervised_tokens": int(supervised[i]),
                       "weight_sum": float(weight_sums[i])} for i, name in enumerate(data.class_names)}
     return {"conversations_in": n_in, "conversations": len(data), "tokens": int(len(data.tokens)),
-            "truncated_to_context": truncated, "dropped": dict(dropped), "classes": classes}
+            "truncated_to_context": dropped.pop("truncated", 0), "dropped": dict(dropped), "classes": classes}
 
 
 def load_conversations(sources: str, condition: str | None = EXPERT_CONDITION, skip_bad: bool = False,
@@ -251,7 +249,6 @@ def load_conversations(sources: str, condition: str | None = EXPERT_CONDITION, s
     """The one source loader of train.py and `python data.py`: "toy" (toy_task.py; toy = (n, expert fraction,
     seed, error rate)) or readers.py's comma-separated [CLASS=]path list ("from_model": ShareGPT's field)."""
     if sources == "toy":
-        import toy_task
         return toy_task.make_toy_conversations(toy[0], toy[1], toy[2], sub_optimal_error=toy[3])
     return readers.read_sources(sources, None if condition == "from_model" else condition, skip_bad, stats)
 
@@ -276,21 +273,17 @@ def one_line(error: BaseException) -> str:
 
 # ------------------------------------------------------------------------------------------------ packing
 def pack_epoch(lengths, batch_tokens: int, world_size: int, seed: int, epoch: int) -> list[list[list[int]]]:
-    """steps x ranks x conversation indices: every conversation exactly once, no bin over batch_tokens,
-    every rank a non-empty bin at every step. Deterministic in (seed, epoch): resume by skipping steps.
-
-    Each step is a random sample of the epoch: a window from the front of a shuffled queue, a little larger
-    than the step, placed first-fit-decreasing; what did not fit goes back to the front. Sorting inside a step
-    only, never over the epoch, matters for C-RLFT: the loss is normalised by the weight of the global batch,
-    so a batch of one class alone (classes often differ in length) would cancel that class's weight.
-    """
+    """steps x ranks x conversation indices: every conversation exactly once, no bin over batch_tokens, every rank
+    a non-empty bin at every step. Deterministic in (seed, epoch): resume by skipping steps. Each step is a random
+    sample of the epoch: a window from the front of a shuffled queue, placed first-fit-decreasing; what did not fit
+    goes back to the front. Never sorted over the epoch: the loss is normalised by the global batch's weight, so a
+    batch of one class alone (classes often differ in length) would cancel that class's weight."""
     lengths = np.asarray(lengths, dtype=np.int64)
     if len(lengths) < world_size:
         raise ValueError(f"{len(lengths)} conversations cannot give each of {world_size} ranks a bin")
-    if len(lengths) and (lengths.min() < 1 or lengths.max() > batch_tokens):
-        bad = int(np.flatnonzero((lengths < 1) | (lengths > batch_tokens))[0])
-        raise ValueError(f"conversation {bad} has length {lengths[bad]}, outside [1, batch_tokens={batch_tokens}]: "
-                         "truncate to the context first (tokenize_dataset's max_seq_len)")
+    if len(bad := np.flatnonzero((lengths < 1) | (lengths > batch_tokens))):
+        raise ValueError(f"conversation {bad[0]} has length {lengths[bad[0]]}, outside [1, batch_tokens="
+                         f"{batch_tokens}]: truncate to the context first (tokenize_dataset's max_seq_len)")
     queue = collections.deque(np.random.default_rng([seed, epoch]).permutation(len(lengths)).tolist())
     length, steps = lengths.tolist(), []
     while queue:
@@ -298,16 +291,15 @@ def pack_epoch(lengths, batch_tokens: int, world_size: int, seed: int, epoch: in
         while queue and (total < 1.5 * world_size * batch_tokens or len(window) < world_size + 8):
             window.append(queue.popleft())
             total += length[window[-1]]
-        bins, free, left = [[] for _ in range(world_size)], [batch_tokens] * world_size, []
+        bins, free, left = [[] for _ in range(world_size)], [batch_tokens] * world_size, set()
         for i in sorted(window, key=lambda i: -length[i]):  # first-fit decreasing
             b = next((b for b in range(world_size) if free[b] >= length[i]), None)
             if b is None:
-                left.append(i)
+                left.add(i)
             else:
                 bins[b].append(i)
                 free[b] -= length[i]
-        position = {i: k for k, i in enumerate(window)}
-        queue.extendleft(sorted(left, key=position.__getitem__, reverse=True))  # front, in queue order
+        queue.extendleft(i for i in reversed(window) if i in left)  # front, in queue order
         steps.append(bins)
     # Only the last step can have empty bins (fewer conversations left than ranks): each takes the shortest
     # conversation of the latest bin that holds two or more.
@@ -333,9 +325,7 @@ class PackedBatch:
     max_seqlen: int
 
     def to(self, device) -> "PackedBatch":
-        return PackedBatch(*(getattr(self, n).to(device) for n in ("tokens", "targets", "loss_weights",
-                                                                   "position_ids", "class_ids", "cu_seqlens")),
-                           self.max_seqlen)
+        return PackedBatch(**{n: v.to(device) if torch.is_tensor(v) else v for n, v in vars(self).items()})
 
 
 def make_batch(dataset: TokenizedDataset, indices) -> PackedBatch:
@@ -390,7 +380,6 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     stats = collections.Counter()
     try:
-        import toy_task
         toy = args.input == "toy"
         tokenizer = Tokenizer(args.tokenizer or (toy_task.TOKENIZER_PATH if toy else None))
         conversations = load_conversations(args.input, "from_model" if args.condition_from_model else args.condition,

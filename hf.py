@@ -125,8 +125,7 @@ def load_state_dict(path: str, args, shapes: dict, device=None, dtype=None) -> d
                     raise ValueError(f"{file_path}: tensor {name!r} has shape {tuple(tensor.shape)}, "
                                      f"config.json implies {tuple(shapes[ours])}")
                 state_dict[ours], found_in[name] = tensor.to(dtype), file_path
-    missing = [name for name in ours_by_hf if name not in found_in]
-    if missing:
+    if missing := [name for name in ours_by_hf if name not in found_in]:
         raise ValueError(f"{path}: missing tensor(s) {missing[:5]}{' ...' if len(missing) > 5 else ''} in {files}")
     if args.tie_embeddings:
         state_dict["output.weight"] = state_dict["tok_embeddings.weight"]
@@ -180,8 +179,6 @@ def checkpoint_tokenizer(model_dir: str, vocab_size: int, path: str | None = Non
     """A checkpoint's tokenizer: `path` (--tokenizer) or its own tokenizer.model. <|end_of_turn|> keeps the id the
     directory gives it (openchat_3.5: 32000), else the row after the pieces. vocab_size must fit: pieces + added ids."""
     path = path or os.path.join(model_dir, "tokenizer.model")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: not found (a sentencepiece tokenizer.model is needed: pass --tokenizer)")
     added = {}  # text -> id
     for name in ("added_tokens.json", "tokenizer_config.json"):
         file = os.path.join(model_dir, name)
@@ -202,8 +199,7 @@ def checkpoint_tokenizer(model_dir: str, vocab_size: int, path: str | None = Non
 
 
 def chat_template(condition):
-    """OpenChat 3.5's template: BOS, per message "{condition} {Role}: {content}<|end_of_turn|>" (system: no prefix),
-    "{condition} Assistant:" to generate. Set per request (condition=c; vLLM: chat_template_kwargs); default: ours."""
+    """data.template in Jinja (system: no prefix); `condition` set per request (vLLM: chat_template_kwargs), else ours."""
     default = condition.replace("\\", "\\\\").replace("'", "\\'")  # inside a Jinja string literal
     return ("{% set condition = condition if condition is defined and condition is not none else '" + default + "' %}"
             "{% set prefix = condition + ' ' if condition else '' %}{{ bos_token }}{% for message in messages %}"

@@ -21,8 +21,6 @@ def say(*args):
 def describe(cfg, tokenizer, args, n_params, dataset, n_held_out, n_steps, world_size):
     """Say what is about to be trained (rank 0): tokenizer, model, each class with its weight, the expert
     condition, the plan; and warn when one class only makes it plain SFT."""
-    if dist.get_rank() != 0:
-        return
     summary, weights = dataset.meta.get("summary", {}), parse_class_weights(cfg.class_weights)
     lines = [f"tokenizer: {tokenizer.model_path} ({tokenizer.sp.get_piece_size()} pieces, <|end_of_turn|> = "
              f"{tokenizer.eot_id})", f"model: {cfg.model} ({args.model_type}, {args.n_layers} layers, dim {args.dim}, "
@@ -40,7 +38,7 @@ def describe(cfg, tokenizer, args, n_params, dataset, n_held_out, n_steps, world
     if len(dataset.class_names) == 1:
         lines.append("warning: one class only: every conversation gets the same condition and weight, so this is "
                      "plain SFT, not C-RLFT (give each source its class: --data=\"GPT4 Correct=a.jsonl,GPT3=b.jsonl\")")
-    tqdm.write("\n".join(lines))
+    say("\n".join(lines))
 
 
 class Progress:

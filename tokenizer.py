@@ -1,7 +1,5 @@
 """sentencepiece plus `<|end_of_turn|>` (the id after the model's pieces, as OpenChat added it, or the one a
 checkpoint gives it: openchat_3.5's 32000), and a batched encode exactly like sentencepiece's, only faster."""
-from __future__ import annotations
-
 import importlib.util
 import os
 import re
@@ -26,7 +24,7 @@ class Tokenizer:
     def __init__(self, model_path: str | None = None, eot_id: int | None = None):
         self.model_path = str(model_path or default_tokenizer_path())
         if not os.path.isfile(self.model_path):
-            raise FileNotFoundError(f"{self.model_path}: tokenizer model not found")
+            raise FileNotFoundError(f"{self.model_path}: no such sentencepiece tokenizer.model (pass --tokenizer)")
         try:
             self.sp = spm.SentencePieceProcessor(model_file=self.model_path)
         except (RuntimeError, OSError) as e:
@@ -39,7 +37,6 @@ class Tokenizer:
             raise ValueError(f"{self.model_path}: {EOT_TEXT} id {self.eot_id} is one of the model's own pieces")
         self.vocab_size = self.eot_id + 1
         self.num_threads = os.cpu_count() or 1
-        self.bos_ids, self.eot_ids = np.array([self.bos_id], np.int32), np.array([self.eot_id], np.int32)
         self._segments: dict[str, bytes] | None = {} if _segments_are_independent(self.sp) else None
 
     def encode(self, text: str) -> list[int]:

@@ -79,7 +79,6 @@ def evaluate(model, tokenizer, problems, prompt_ids, max_new_tokens=12, batch_si
     """(share of greedy answers equal to those of `problems` [(question, answer)], [(question, text)]), each
     asked as the `turn`-th question of a chat after turn - 1 other problems; prompt_ids(messages) -> ids is the
     template and condition (data.encode_prompt). Prompts of equal length are decoded together (KV cache)."""
-    model.eval()
     device, groups = next(model.parameters()).device, {}
     for k, (question, answer) in enumerate(problems):
         history = _chat(problems[(k + j + 1) % len(problems)] for j in range(turn - 1))

@@ -31,7 +31,7 @@ from data import EXPERT_CONDITION
 import hf
 import prepare
 import toy_task
-from checkpoint import CheckpointError, check_same_run, latest_checkpoint, load_checkpoint, save_checkpoint
+from checkpoint import check_same_run, latest_checkpoint, load_checkpoint, save_checkpoint
 from model import PRESETS, ModelArgs, Transformer
 from progress import Progress, describe, say
 
@@ -254,7 +254,6 @@ def validate(model, dataset, my_bins, device):
     number of forward passes (FSDP gathers weights in each); a rank short of bins scores one with weight 0."""
     n = len(dataset.class_names)
     sums = torch.zeros(2 * n, dtype=torch.float64, device=device)  # per class: sum(w * CE), sum(w)
-    model.eval()
     for bin_ in my_bins:
         b = data.make_batch(dataset, bin_ or [0]).to(device)
         weights = b.loss_weights.double() * bool(bin_)
@@ -262,7 +261,6 @@ def validate(model, dataset, my_bins, device):
                             max_seqlen=b.max_seqlen, targets=b.targets[None], loss_weights=weights[None].float())
         sums[:n].index_add_(0, b.class_ids, weights * token_ce.double())
         sums[n:].index_add_(0, b.class_ids, weights)
-    model.train()
     dist.all_reduce(sums)
     per_class = {name: (sums[c] / sums[n + c]).item() for c, name in enumerate(dataset.class_names) if sums[n + c] > 0}
     return (sums[:n].sum() / sums[n:].sum().clamp_min(1e-12)).item(), per_class
@@ -328,7 +326,7 @@ def train(cfg):
     try:
         try:
             cfg, tokenizer, args, dataset, held_out, plans, run, ckpt, tokenized = setup(cfg, rank, world_size, group)
-        except (ValueError, OSError, CheckpointError) as e:
+        except (ValueError, OSError) as e:
             if rank == 0:  # one line, once; nothing of this run left behind, no checkpoint touched
                 print(f"error: {data.one_line(e)}", file=sys.stderr)
                 if not out_dir_existed or tokenized:
@@ -349,8 +347,8 @@ def train(cfg):
 
 def train_loop(cfg, model, optimizer, dataset, held_out, plans, start_step, run, args, tokenizer, device):
     rank, world_size = dist.get_rank(), dist.get_world_size()
-    epoch_ends = np.cumsum([len(p) for p in plans]).tolist()
-    total_steps = min(epoch_ends[-1], cfg.max_steps or epoch_ends[-1])
+    steps = [(epoch, bins) for epoch, plan in enumerate(plans) for bins in plan]  # every global step's bins
+    total_steps = min(len(steps), cfg.max_steps or len(steps))
     val_bins = [] if len(held_out) == 0 else [  # this rank's share of the held-out bins, as many on every rank
         [int(held_out[i]) for i in step[0]] for step in data.pack_epoch(dataset.lengths[held_out], cfg.batch_tokens,
                                                                         1, cfg.seed, 0)]
@@ -358,13 +356,11 @@ def train_loop(cfg, model, optimizer, dataset, held_out, plans, start_step, run,
     stop = {"requested": False}
     previous_handler = signal.signal(signal.SIGTERM, lambda *_: stop.update(requested=True))
     progress = Progress(cfg, start_step, total_steps, dataset.class_names, num_params(args), args, device)
-    model.train()
     step = start_step
     try:
         while step < total_steps:
             progress.start_step(step)
-            epoch = next(e for e, end in enumerate(epoch_ends) if step < end)
-            bins = plans[epoch][step - (epoch_ends[epoch - 1] if epoch else 0)]
+            epoch, bins = steps[step]
             batches = [data.make_batch(dataset, b).to(device) for b in bins[rank * cfg.grad_accum:][:cfg.grad_accum]]
             lr = learning_rate(step, total_steps, cfg)
             for group in optimizer.param_groups:
@@ -378,7 +374,7 @@ def train_loop(cfg, model, optimizer, dataset, held_out, plans, start_step, run,
             loss = progress.end_step(step, epoch, lr, grad_norm, batches, outputs, weight_sum)
             if not math.isfinite(loss):
                 raise FloatingPointError(f"loss is {loss} at step {step}; the last checkpoint is intact")
-            if step in epoch_ends:  # the end of an epoch: the validation loss, and an export to keep
+            if step == len(steps) or steps[step][0] != epoch:  # an epoch ends: the validation loss, an export to keep
                 if val_bins:
                     val_loss, per_class = validate(model, dataset, val_bins, device)
                     progress.log({"step": step, "epoch": epoch, "val_loss": val_loss, "val_loss_per_class": per_class})
@@ -399,23 +395,18 @@ def train_loop(cfg, model, optimizer, dataset, held_out, plans, start_step, run,
         signal.signal(signal.SIGTERM, previous_handler)
     scored = cfg.data == "toy" and cfg.toy_eval  # the full model is gathered only to export or to score it
     final = export(model, cfg, args, tokenizer, os.path.join(cfg.out_dir, "export")) if cfg.export or scored else None
-    if rank != 0:
-        return {"interrupted": False, "steps": step}
-    return finish(cfg, final if scored else None, tokenizer, step)
-
-
-def finish(cfg, model, tokenizer, step):
-    """Rank 0, after training: the toy task's score (given the model to score), results.json."""
     results = {"interrupted": False, "steps": step}
-    if model is not None:
+    if rank != 0:
+        return results
+    if scored:  # the toy task's score, then results.json (rank 0)
         condition = cfg.expert_condition if cfg.use_condition else ""
         problems = toy_task.make_toy_eval(cfg.toy_eval, cfg.seed)
         prompt = lambda messages: data.encode_prompt(tokenizer, messages, condition)  # noqa: E731
-        results["accuracy"], answers = toy_task.evaluate(model.float(), tokenizer, problems, prompt)
-        results["accuracy_turn3"], _ = toy_task.evaluate(model, tokenizer, problems, prompt, turn=3)
+        results["accuracy"], answers = toy_task.evaluate(final.float(), tokenizer, problems, prompt)
+        results["accuracy_turn3"], _ = toy_task.evaluate(final, tokenizer, problems, prompt, turn=3)
         say(f"toy task: {results['accuracy']:.1%} of {cfg.toy_eval} held-out problems answered correctly as the "
-             f"first question of a chat, {results['accuracy_turn3']:.1%} as the third (greedy, condition "
-             f"{condition!r}); e.g. {answers[0][0]} -> {answers[0][1]!r}")
+            f"first question of a chat, {results['accuracy_turn3']:.1%} as the third (greedy, condition "
+            f"{condition!r}); e.g. {answers[0][0]} -> {answers[0][1]!r}")
     with open(os.path.join(cfg.out_dir, "results.json"), "w") as f:
         json.dump(results, f, indent=1)
     return results

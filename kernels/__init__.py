@@ -5,10 +5,11 @@ import os
 import torch
 
 try:
-    import triton  # noqa: F401
-    HAS_TRITON = True
+    import triton
+    import triton.language as tl
 except ImportError:  # e.g. macOS, or a CPU-only install without triton
-    HAS_TRITON = False
+    triton = tl = None
+HAS_TRITON = triton is not None
 
 
 def use_triton(t: torch.Tensor) -> bool:

@@ -1,10 +1,9 @@
 """Causal flash attention over packed variable-length sequences, with grouped-query attention and Mistral's
 sliding window. `attention_reference` is the same in plain PyTorch (the CPU path, and the tests' reference).
 
-Layout (as flash-attn's varlen API): the sequences of a pack are concatenated along the token axis.
-    q (T, H, D), k and v (T, H_kv, D), cu_seqlens int32 (n_seqs + 1,): sequence i owns tokens
-    [cu_seqlens[i], cu_seqlens[i+1]). Attention never crosses from one sequence into another.
-    Query head h reads K/V head h // (H // H_kv) (GQA); K/V are never repeated in memory.
+Layout (flash-attn's varlen API): a pack's sequences are concatenated along the token axis, q (T, H, D), k and v
+(T, H_kv, D); sequence i owns tokens [cu_seqlens[i], cu_seqlens[i+1]) and attention never crosses between sequences.
+Query head h reads K/V head h // (H // H_kv) (GQA); K/V are never repeated in memory.
 
 Math, for one sequence and one query head, with S = scale * Q K^T (causal: S_ij = -inf for j > i):
     P = softmax(S) row-wise,   O = P V,   lse_i = log sum_j exp(S_ij).
@@ -35,11 +34,7 @@ from collections import namedtuple
 import torch
 import torch.nn.functional as F
 
-from kernels import HAS_TRITON, use_triton
-
-if HAS_TRITON:
-    import triton
-    import triton.language as tl
+from kernels import HAS_TRITON, tl, triton, use_triton
 
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)  # tl.dot needs power-of-two tiles of at least 16
 DELTA_BLOCK = 64  # tokens per program of the delta kernel
@@ -115,10 +110,9 @@ def kernel_config(head_dim, dtype, device_type):
         return KernelConfig(Tiles(64, 32, 4, 1), Tiles(32, 64, 4, 1), Tiles(64, 32, 4, 1))
     if dtype == torch.float32:  # for checking only: 4-byte tiles, so half the tile area
         return KernelConfig(Tiles(64, 32, 4, 2), Tiles(32, 64, 8, 2), Tiles(64, 32, 4, 2))
-    if head_dim == 128:
-        return KernelConfig(Tiles(128, 64, 8, 3), Tiles(64, 128, 8, 2), Tiles(128, 64, 8, 3))
-    if head_dim == 64:
-        return KernelConfig(Tiles(128, 64, 8, 3), Tiles(32, 128, 8, 3), Tiles(128, 64, 8, 3))
+    if head_dim in (64, 128):
+        dkdv = Tiles(64, 128, 8, 2) if head_dim == 128 else Tiles(32, 128, 8, 3)
+        return KernelConfig(Tiles(128, 64, 8, 3), dkdv, Tiles(128, 64, 8, 3))
     return KernelConfig(Tiles(64, 64, 4, 3), Tiles(32, 64, 4, 3), Tiles(64, 32, 4, 3))  # head_dim 16/32: tiny models
 
 

@@ -1,8 +1,7 @@
 """Fused linear + weighted cross-entropy that never holds the (N, V) logits.
 
-C-RLFT trains on sum_t w_t * CE(logits_t, y_t) (the caller divides by the global batch's weight). At 80k tokens
-per GPU and a 32k vocabulary the fp32 logits alone are ~10 GB, and autograd would keep them (and a softmax as
-large) until backward.
+C-RLFT trains on sum_t w_t * CE(logits_t, y_t) (the caller divides by the global batch's weight). At 80k tokens per
+GPU and a 32k vocabulary the fp32 logits alone are ~10 GB, and autograd would keep them (and a softmax) until backward.
 
 For one token with final hidden state h (D,), logits z = W h (W (V, D): lm_head), target y, weight w:
     CE = logsumexp(z) - z[y]
@@ -27,13 +26,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-from kernels import HAS_TRITON, use_triton
+from kernels import HAS_TRITON, tl, triton, use_triton
 
-if HAS_TRITON:
-    import triton
-    import triton.language as tl
-
-IGNORE_INDEX = -100
 MIN_CHUNK_ROWS = 512
 
 
@@ -200,6 +194,6 @@ def linear_cross_entropy_reference(hidden, lm_head_weight, targets, loss_weights
     upcast to fp32 (kept in float64 for float64 inputs, so tests can check in float64)."""
     logits = hidden @ lm_head_weight.t()                                            # (N, V)
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
-    ce = F.cross_entropy(logits, targets, reduction="none", ignore_index=IGNORE_INDEX)  # (N,)
+    ce = F.cross_entropy(logits, targets, reduction="none")  # (N,)
     loss_sum = (ce * loss_weights.float()).sum()
     return (loss_sum, ce.detach()) if return_per_token else loss_sum
