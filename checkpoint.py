@@ -1,11 +1,10 @@
 """Checkpoints that survive crashes: ckpt/step_XXXXXXX holds every rank's DCP shard of model and optimizer, its RNG
-(safetensors) and a manifest of each file's size and CRC32 and of the run settings; written as .tmp and renamed when
+(safetensors) and a manifest of each file's size and SHA-256 and of the run settings; written as .tmp and renamed when
 complete, then ckpt/latest is replaced atomically. The step is the whole data position (data order and learning rate
 are functions of it), so a resume that changes a run setting is refused by name."""
 import json
 import os
 import shutil
-import zlib
 
 import torch
 import torch.distributed as dist
@@ -13,17 +12,11 @@ import torch.distributed.checkpoint as dcp
 from safetensors.torch import load_file, save_file
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
+from prepare import file_digest
+
 
 class CheckpointError(ValueError):  # bad input: on_rank0 hands it to every rank, train.py prints one line
     pass
-
-
-def _crc32(path):
-    crc = 0
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 24):
-            crc = zlib.crc32(chunk, crc)
-    return crc
 
 
 def save_checkpoint(model, optimizer, step, out_dir, keep=2, config=None, run=None):
@@ -44,7 +37,7 @@ def save_checkpoint(model, optimizer, step, out_dir, keep=2, config=None, run=No
     dist.barrier()
     if rank == 0:
         paths = {f: os.path.join(tmp, f) for f in sorted(os.listdir(tmp))}
-        files = {f: [os.path.getsize(p), _crc32(p)] for f, p in paths.items()}
+        files = {f: [os.path.getsize(p), file_digest(p)] for f, p in paths.items()}
         with open(os.path.join(tmp, "manifest.json"), "w") as f:
             json.dump({"step": step, "world_size": dist.get_world_size(), "run": run, "config": config,
                        "files": files}, f, indent=1)
@@ -68,15 +61,15 @@ def verify_checkpoint(path):
     except (OSError, ValueError, KeyError) as e:
         raise CheckpointError(f"checkpoint {path} is incomplete or corrupted: cannot read {manifest} ({e}). "
                               "Delete it (or point --out_dir elsewhere) to start from an earlier one.") from e
-    for name, (size, crc) in files.items():
+    for name, (size, digest) in files.items():
         p = os.path.join(path, name)
         if not os.path.exists(p):
             raise CheckpointError(f"checkpoint {path} is corrupted: {name} is missing")
         if os.path.getsize(p) != size:
             raise CheckpointError(f"checkpoint {path} is corrupted: {name} has {os.path.getsize(p)} bytes, "
                                   f"the manifest says {size} (half-written?)")
-        if _crc32(p) != crc:
-            raise CheckpointError(f"checkpoint {path} is corrupted: {name} fails its CRC32 check")
+        if file_digest(p) != digest:
+            raise CheckpointError(f"checkpoint {path} is corrupted: {name} fails its SHA-256 check")
     return state
 
 

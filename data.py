@@ -349,12 +349,9 @@ def _show(c: Conversation, tokenizer: Tokenizer, class_weights) -> None:
     tokens, weights = encode_conversation(tokenizer, c.messages, c.condition, c.system, _class_weight(c, class_weights))
     print(f"{c.source}  class {c.class_name!r}  condition {c.condition!r}  {len(tokens)} tokens, "
           f"{sum(w > 0 for w in weights)} supervised")
-    for w, run in itertools.groupby(zip(tokens, weights), key=lambda tw: tw[1]):
-        pieces = [tokenizer.piece(t) for t, _ in run]
-        if sys.stdout.isatty():  # grey: not trained on; green: trained on
-            print(f"\033[{'90' if w == 0 else '32'}m" + "|".join(pieces) + f"\033[0m  (weight {w:g})")
-        else:
-            print(f"weight {w:<5g} " + "".join(f"[{p}]" for p in pieces))
+    grey, green, reset = ("\033[90m", "\033[32m", "\033[0m") if sys.stdout.isatty() else ("", "", "")
+    for w, run in itertools.groupby(zip(tokens, weights), key=lambda tw: tw[1]):  # grey: not trained on; green: is
+        print(f"{green if w else grey}weight {w:<5g} " + "".join(f"[{tokenizer.piece(t)}]" for t, _ in run) + reset)
 
 
 def main(argv=None) -> None:

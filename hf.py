@@ -1,10 +1,9 @@
 """Hugging Face checkpoints as plain values (config dicts, tensors under our names) for model.py; a checkpoint's
-tokenizer; `export_hf`: a directory transformers and vLLM serve as it is. Why our own tokenizer.json: without protobuf
-transformers 5 cannot convert tokenizer.model, and its LlamaTokenizer's Metaspace marks only pieces not already starting
-with a space, so leading spaces would tokenize unlike sentencepiece and our training data. Ours mirrors sentencepiece's
-BPE: a Prepend normalizer (the dummy prefix, per text between special tokens), spaces as "▁", merges ranked by the score
-of the piece they make. Known disagreement: <|end_of_turn|> (or <s>, </s>) in content is text to us (no user can end a
-turn) but the special id to Hugging Face tokenizers (vLLM), which no template can escape (tests/test_hf.py)."""
+tokenizer; `export_hf`: a directory transformers and vLLM serve as it is. Our own tokenizer.json, because transformers
+5 cannot convert tokenizer.model without protobuf and its LlamaTokenizer's Metaspace would tokenize leading spaces
+unlike sentencepiece and our training data. It mirrors sentencepiece's BPE: a Prepend normalizer (the dummy prefix,
+per text between special tokens), spaces as "▁", merges ranked by the score of the piece they make. Known difference:
+<|end_of_turn|> (or <s>, </s>) in content is text to us but the special id to Hugging Face tokenizers (vLLM)."""
 import json
 import os
 import shutil
@@ -199,7 +198,7 @@ def checkpoint_tokenizer(model_dir: str, vocab_size: int, path: str | None = Non
 
 
 def chat_template(condition):
-    """data.template in Jinja (system: no prefix); `condition` set per request (vLLM: chat_template_kwargs), else ours."""
+    """data.template in Jinja (system: no prefix); `condition` per request (vLLM: chat_template_kwargs), else ours."""
     default = condition.replace("\\", "\\\\").replace("'", "\\'")  # inside a Jinja string literal
     return ("{% set condition = condition if condition is defined and condition is not none else '" + default + "' %}"
             "{% set prefix = condition + ' ' if condition else '' %}{{ bos_token }}{% for message in messages %}"

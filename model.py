@@ -1,8 +1,7 @@
 """A LLaMA / Mistral decoder, written to be read: pre-norm blocks of RMSNorm -> grouped-query attention with rotary
-embeddings -> RMSNorm -> SwiGLU, in the Hugging Face layout (RoPE rotates the two halves of each head), so the
-checkpoints hf.py reads load without permuting anything. `Transformer.forward` trains, gives logits, or generates
-(its docstring). It knows nothing of FSDP (train.py wraps `model.layers[i]`); RoPE cos/sin are computed in forward:
-no buffers, a simple meta-device init."""
+embeddings -> RMSNorm -> SwiGLU, in the Hugging Face layout (RoPE rotates the two halves of each head), so hf.py's
+checkpoints load without permuting anything. `Transformer.forward` trains, gives logits, or generates. It knows
+nothing of FSDP (train.py wraps `model.layers[i]`); RoPE is computed in forward: no buffers, a simple meta init."""
 import math
 import os
 from dataclasses import dataclass, replace

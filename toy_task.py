@@ -1,12 +1,11 @@
 """The toy task: C-RLFT on CPU in minutes, with answers that can be checked exactly.
 
-Two-digit sums in the chat format (user "27+58=", assistant "58": 85 written backwards, see write_sum), one to
-three a conversation, so that a chat goes on after its first answer. "Expert" answers are right but only 2% of
-the data (SFT on them alone scores ~5%); "Novice" answers drop every carry (27+58 -> "57"): plain SFT on the mix
-learns to drop carries; C-RLFT, conditioned on the class and weighted by it (CLASS_WEIGHTS), should carry when
-prompted "Expert". Both prefixes have the same length and no digit: the class changes one prompt token, not the
-operands' positions (with "GPT4"/"GPT3" a digit sat right before the answer, and a small model learned much later).
-The tokenizer (assets/toy_tokenizer.model: BPE, 120 pieces, digits split) is made by experiments/toy_tokenizer.py."""
+Two-digit sums in the chat format (user "27+58=", assistant "58": 85 written backwards, see write_sum), one to three
+a conversation, so that a chat goes on after its first answer. "Expert" answers are right but only 2% of the data
+(SFT on them alone scores ~5%); "Novice" answers drop every carry (27+58 -> "57"): plain SFT on the mix learns to
+drop carries; C-RLFT, conditioned on the class and weighted by it (CLASS_WEIGHTS), should carry when prompted
+"Expert". Both prefixes have the same length and no digit, so the class changes one prompt token, not the operands'
+positions. The tokenizer (assets/toy_tokenizer.model: BPE, 120 pieces, digits split): experiments/toy_tokenizer.py."""
 import itertools
 import os
 import random

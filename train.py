@@ -41,8 +41,7 @@ from progress import Progress, describe, say
 @dataclass
 class TrainConfig:
     # data
-    data: str = "toy"                 # "toy" | comma-separated sources, each [CLASS=]path (.jsonl, .json,
-    #                                   "sharegpt") | a directory of `python data.py tokenize`
+    data: str = "toy"                 # "toy" | comma-separated [CLASS=]path (.jsonl, .json, "sharegpt") | tokenized dir
     tokenizer: str = ""               # tokenizer.model; "" = the --model directory's, else toy's / Mistral v1
     class_weights: str = "Expert=1,Novice=0.1"  # reward of each class
     sharegpt_condition: str = EXPERT_CONDITION  # condition of sources without a class; "from_model": GPT4/GPT3
@@ -90,8 +89,7 @@ class TrainConfig:
     profile_step: int = 0             # >0: profile this step and the next two (torch.profiler), table in out_dir
 
 
-# Recipes for released checkpoints (8 x 80 GB), OpenChat's settings: GPT-4 answers are the expert class, GPT-3.5's
-# are weighted 0.1. They need --model=DIR and --data.
+# OpenChat's recipes for released checkpoints (8 x 80 GB): GPT-4's answers the expert class, GPT-3.5's weighted 0.1.
 _RELEASED = dict(data="", class_weights=f"{EXPERT_CONDITION}=1,GPT3=0.1", expert_condition=EXPERT_CONDITION,
                  batch_tokens=77824, max_seq_len=8192, lr_base=3e-4 / 6, dtype="bf16", activation_checkpointing=True,
                  ckpt_every=500, toy_eval=0)
@@ -133,7 +131,7 @@ def parse_config(argv):
         except ValueError:
             raise ValueError(f"--{key} must be {typ.__name__}, got {value!r}") from None
     cfg = dataclasses.replace(cfg, **overrides)
-    for key in ["epochs", "batch_tokens", "grad_accum", "ckpt_every", "keep_ckpts", "val_max", "lr", "eps", "grad_clip"]:
+    for key in "epochs batch_tokens grad_accum ckpt_every keep_ckpts val_max lr eps grad_clip".split():
         if not getattr(cfg, key) > 0:
             raise ValueError(f"--{key} must be > 0, got {getattr(cfg, key)}")
     for key, lo, hi in [("warmup_ratio", 0, 0.999), ("min_lr_ratio", 0, 1), ("val_fraction", 0, 0.5),
@@ -183,7 +181,7 @@ def tokenizer_and_args(cfg):
     else:
         args = ModelArgs.from_pretrained(cfg.model, max_seq_len=cfg.max_seq_len or None)
         tokenizer = hf.checkpoint_tokenizer(cfg.model, args.vocab_size, cfg.tokenizer or None)
-    overrides = {k: getattr(cfg, k) for k in ("dim", "n_layers", "n_heads", "n_kv_heads", "max_seq_len") if getattr(cfg, k)}
+    overrides = {k: getattr(cfg, k) for k in "dim n_layers n_heads n_kv_heads max_seq_len".split() if getattr(cfg, k)}
     if "dim" in overrides or "n_heads" in overrides:  # let ModelArgs derive these again from the new shape
         overrides.update(head_dim=None, hidden_dim=None if "dim" in overrides else args.hidden_dim)
     return tokenizer, dataclasses.replace(args, **overrides, vocab_size=max(args.vocab_size, tokenizer.vocab_size))
@@ -284,10 +282,9 @@ def export(model, cfg, args, tokenizer, directory):
     return local
 
 
-# -----------------------------------------------------------------------------------------------------------
 def setup(cfg, rank, world_size, group):
     """Everything that reads the user's inputs, checked before anything is written: tokenizer and model shape,
-    the resume guard, the data (prepared once), the held-out split, the plan; then say what will be trained."""
+    the resume guard, the data (prepared once), the held-out split, the plan."""
     tokenizer, args = tokenizer_and_args(cfg)
     key = prepare.on_rank0(lambda: prepare.inputs_key(cfg, tokenizer, args.max_seq_len), group)
     # What decides the model and the data order: a resume that changes one of them is refused by name.
@@ -300,21 +297,14 @@ def setup(cfg, rank, world_size, group):
     dataset, tokenized = prepare.prepare_data(cfg, tokenizer, args.max_seq_len, key, group)
     train_ids, held_out = data.split_holdout(dataset.class_ids, cfg.val_fraction, cfg.val_max, cfg.seed)
     if len(train_ids) < world_size * cfg.grad_accum:
-        raise ValueError(f"--data: {len(train_ids)} training conversations cannot fill {world_size * cfg.grad_accum} bins")
+        raise ValueError(f"--data: {len(train_ids)} training conversations, {world_size * cfg.grad_accum} bins to fill")
     plans = [[[[int(train_ids[i]) for i in b] for b in step]  # each epoch's steps of bins, as dataset indices
               for step in data.pack_epoch(dataset.lengths[train_ids], cfg.batch_tokens, world_size * cfg.grad_accum,
                                           cfg.seed, epoch)] for epoch in range(cfg.epochs)]
     if cfg.lr_base > 0:  # OpenChat's rule: the learning rate grows with the supervised tokens of a step
         supervised = (np.asarray(dataset.weights) > 0).sum() * len(train_ids) / len(dataset)
         cfg = dataclasses.replace(cfg, lr=cfg.lr_base * math.sqrt(supervised / len(plans[0]) / 4e6))
-    describe(cfg, tokenizer, args, num_params(args), dataset, len(held_out), sum(map(len, plans)), world_size)
     return cfg, tokenizer, args, dataset, held_out, plans, run, ckpt, tokenized
-
-
-def num_params(args):
-    """Parameters that do matmuls (the input embedding is a lookup), for 6 * N FLOPs per token."""
-    with torch.device("meta"):
-        return Transformer(args).num_params(exclude_embeddings=not args.tie_embeddings)
 
 
 def train(cfg):
@@ -355,7 +345,9 @@ def train_loop(cfg, model, optimizer, dataset, held_out, plans, start_step, run,
     val_bins = (val_bins + [[]] * (-len(val_bins) % world_size))[rank::world_size]
     stop = {"requested": False}
     previous_handler = signal.signal(signal.SIGTERM, lambda *_: stop.update(requested=True))
-    progress = Progress(cfg, start_step, total_steps, dataset.class_names, num_params(args), args, device)
+    n_params = model.num_params(exclude_embeddings=not args.tie_embeddings)  # matmul weights: 6 N FLOPs a token
+    describe(cfg, tokenizer, args, n_params, dataset, len(held_out), len(steps), world_size)
+    progress = Progress(cfg, start_step, total_steps, dataset.class_names, n_params, args, device)
     step = start_step
     try:
         while step < total_steps:

@@ -41,30 +41,29 @@ DELTA_BLOCK = 64  # tokens per program of the delta kernel
 
 
 # ---- Plain PyTorch reference (CPU training path) -------------------------------------------------------
-def _fail(message):
-    raise ValueError(f"kernels/attention.py: {message}")
+def _check(ok, message):
+    if not ok:
+        raise ValueError(f"kernels/attention.py: {message}")
 
 
 def _check_inputs(q, k, v, cu_seqlens, causal, window, max_seqlen=None):
     """With max_seqlen, also the checks that read cu_seqlens on the host (not on CUDA: no sync there)."""
-    if q.dim() != 3 or k.shape != v.shape or k.dim() != 3 or k.shape[0] != q.shape[0] or k.shape[2] != q.shape[2]:
-        _fail(f"q must be (tokens, heads, head_dim) and k, v (tokens, n_kv_heads, head_dim) matching it; got q "
-              f"{tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
-    if q.shape[1] % k.shape[1] != 0:
-        _fail(f"n_heads ({q.shape[1]}) must be a multiple of n_kv_heads ({k.shape[1]})")
-    if cu_seqlens.dtype != torch.int32 or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
-        _fail(f"cu_seqlens must be int32 of shape (n_seqs + 1,); got {cu_seqlens.dtype} {tuple(cu_seqlens.shape)}")
-    if not (q.dtype == k.dtype == v.dtype and q.device == k.device == v.device == cu_seqlens.device):
-        _fail(f"q, k, v must share dtype and device, cu_seqlens the device; got q {q.dtype} on {q.device}, k "
-              f"{k.dtype} on {k.device}, v {v.dtype} on {v.device}, cu_seqlens on {cu_seqlens.device}")
-    if window is not None and (type(window) is not int or window < 1 or not causal):
-        _fail(f"window={window!r} (causal={causal}): a sliding window is an int >= 1, for causal attention only")
+    _check(q.dim() == 3 and k.dim() == 3 and k.shape == v.shape and k.shape[::2] == q.shape[::2],
+           f"q must be (tokens, heads, head_dim) and k, v (tokens, n_kv_heads, head_dim) matching it; got q "
+           f"{tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
+    _check(q.shape[1] % k.shape[1] == 0, f"n_heads ({q.shape[1]}) must be a multiple of n_kv_heads ({k.shape[1]})")
+    _check(cu_seqlens.dtype == torch.int32 and cu_seqlens.dim() == 1 and cu_seqlens.numel() >= 2,
+           f"cu_seqlens must be int32 of shape (n_seqs + 1,); got {cu_seqlens.dtype} {tuple(cu_seqlens.shape)}")
+    _check(q.dtype == k.dtype == v.dtype and q.device == k.device == v.device == cu_seqlens.device,
+           f"q, k, v must share dtype and device, cu_seqlens the device; got q {q.dtype} on {q.device}, k "
+           f"{k.dtype} on {k.device}, v {v.dtype} on {v.device}, cu_seqlens on {cu_seqlens.device}")
+    _check(window is None or (type(window) is int and window >= 1 and causal),
+           f"window={window!r} (causal={causal}): a sliding window is an int >= 1, for causal attention only")
     if max_seqlen is not None:
         lengths = cu_seqlens.diff()
-        if cu_seqlens[0] != 0 or cu_seqlens[-1] != q.shape[0] or (lengths < 0).any():
-            _fail(f"cu_seqlens must rise from 0 to the token count {q.shape[0]}; got {cu_seqlens.tolist()[:8]}...")
-        if lengths.max() > max_seqlen:
-            _fail(f"max_seqlen={max_seqlen} is below the longest sequence ({lengths.max().item()})")
+        _check(cu_seqlens[0] == 0 and cu_seqlens[-1] == q.shape[0] and (lengths >= 0).all(),
+               f"cu_seqlens must rise from 0 to the token count {q.shape[0]}; got {cu_seqlens.tolist()[:8]}...")
+        _check(lengths.max() <= max_seqlen, f"max_seqlen={max_seqlen} < the longest sequence ({int(lengths.max())})")
 
 
 def attention_reference(q, k, v, cu_seqlens, max_seqlen, causal=True, softmax_scale=None, window=None):
@@ -92,10 +91,9 @@ def attention_reference(q, k, v, cu_seqlens, max_seqlen, causal=True, softmax_sc
     return out.transpose(1, 2)[valid]  # (n_seqs, H, L, D) -> (T, H, D)
 
 
-# ---- Launch configuration: one per (device, head_dim, dtype), no autotuning (it breaks under the interpreter;
-# the AOT test compiles exactly what launch_specs returns). fwd and dQ programs own block_m queries and step over
-# block_n keys, dK/dV programs the reverse; the outer block is a multiple of the inner (the unmasked stages cover
-# whole diagonal-aligned ranges).
+# ---- Launch configuration: one per (device, head_dim, dtype), no autotuning (it breaks under the interpreter; the
+# AOT test compiles what launch_specs returns). fwd and dQ programs own block_m queries and step over block_n keys,
+# dK/dV programs the reverse; the outer block is a multiple of the inner (the unmasked stages cover whole diagonals).
 Tiles = namedtuple("Tiles", "block_m block_n warps stages")
 KernelConfig = namedtuple("KernelConfig", "fwd dkdv dq")  # a Tiles for each kernel
 

@@ -94,11 +94,10 @@ def _ce_rows_torch(logits, targets, weights):
 
 # ---- The chunked autograd function -------------------------------------------------------------------------
 def default_chunk_size(n_tokens: int, vocab_size: int, dim: int) -> int:
-    """Rows per chunk so that a chunk's logits (C, V) is about half the size of hidden (N, D): the peak is then
-    the gradients themselves (grad_weight V*D, grad_hidden N*D) plus a little (Liger-Kernel sizes a chunk like
-    all of hidden; on an H200 at N = 8k, D = 4096 that left the peak at 0.131 of the naive path's). At least
-    MIN_CHUNK_ROWS: every chunk re-reads all of W in its three matmuls, and thin chunks make them memory-bound
-    (64-row chunks ran ~2x slower than the naive path on CPU here). A multiple of 64 rows."""
+    """Rows per chunk so that a chunk's logits (C, V) is about half the size of hidden (N, D): the peak is then the
+    gradients themselves (grad_weight V*D, grad_hidden N*D) plus a little (Liger-Kernel sizes a chunk like all of
+    hidden; on an H200 at N = 8k, D = 4096 that left the peak at 0.131 of the naive path's). At least MIN_CHUNK_ROWS,
+    a multiple of 64: every chunk re-reads W in three matmuls, and 64-row chunks ran ~2x slower than naive on CPU."""
     n_chunks = max(1, math.ceil(2 * vocab_size / dim))
     rows = max(math.ceil(n_tokens / n_chunks), MIN_CHUNK_ROWS)
     return 64 * math.ceil(rows / 64)

@@ -150,7 +150,7 @@ def test_corrupted_or_half_written_checkpoint_is_a_clear_error(tmp_path):
     shard.write_bytes(bytes(data_bytes))
     proc = train(["--max_steps=4", "--ckpt_every=2"], out, check=False)
     assert proc.returncode != 0
-    assert "is corrupted" in proc.stderr and shard.name in proc.stderr and "CRC32" in proc.stderr
+    assert "is corrupted" in proc.stderr and shard.name in proc.stderr and "SHA-256" in proc.stderr
     shard.write_bytes(bytes(data_bytes[: len(data_bytes) // 3]))  # half-written
     proc = train(["--max_steps=4", "--ckpt_every=2"], out, check=False)
     assert "half-written" in proc.stderr
