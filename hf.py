@@ -94,7 +94,7 @@ def hf_config(args, dtype) -> dict:
 
 def load_state_dict(path: str, args, shapes: dict, device=None, dtype=None) -> dict:
     """A checkpoint's tensors under our names, of `shapes` (ours -> shape), read onto `device` in `dtype` (None: the
-    config's); tied, "output.weight" is the embedding. A missing, unexpected, duplicated or mis-shaped tensor: error."""
+    config's); tied, "output.weight" is the embedding. A missing, unexpected or mis-shaped tensor: an error."""
     if dtype is None:
         config = _read_config(path)
         dtype = _DTYPES.get(config.get("dtype") or config.get("torch_dtype"), torch.float32)
@@ -108,7 +108,7 @@ def load_state_dict(path: str, args, shapes: dict, device=None, dtype=None) -> d
         files = ["model.safetensors"]
     else:
         raise FileNotFoundError(f"{path}: neither model.safetensors nor its .index.json (safetensors only)")
-    state_dict, found_in = {}, {}
+    state_dict = {}
     for file in files:
         file_path = os.path.join(path, file)
         with safetensors.safe_open(file_path, framework="pt", device=device) as f:
@@ -117,14 +117,12 @@ def load_state_dict(path: str, args, shapes: dict, device=None, dtype=None) -> d
                     continue  # a buffer old checkpoints store (we recompute it); a copy of the tied matrix
                 if name not in ours_by_hf:
                     raise ValueError(f"{file_path}: unexpected tensor {name!r}")
-                if name in found_in:
-                    raise ValueError(f"{file_path}: tensor {name!r} also in {found_in[name]}")
                 ours, tensor = ours_by_hf[name], f.get_tensor(name)
                 if tensor.shape != shapes[ours]:
                     raise ValueError(f"{file_path}: tensor {name!r} has shape {tuple(tensor.shape)}, "
                                      f"config.json implies {tuple(shapes[ours])}")
-                state_dict[ours], found_in[name] = tensor.to(dtype), file_path
-    if missing := [name for name in ours_by_hf if name not in found_in]:
+                state_dict[ours] = tensor.to(dtype)
+    if missing := [theirs for theirs, ours in ours_by_hf.items() if ours not in state_dict]:
         raise ValueError(f"{path}: missing tensor(s) {missing[:5]}{' ...' if len(missing) > 5 else ''} in {files}")
     if args.tie_embeddings:
         state_dict["output.weight"] = state_dict["tok_embeddings.weight"]
@@ -220,10 +218,9 @@ def _protobuf_fields(buf):
         wire_type = key & 7
         if wire_type == 0:
             out[key >> 3], i = varint(i)
-        else:
-            assert wire_type in (1, 2, 5), f"unsupported protobuf wire type {wire_type}"
-            size, i = varint(i) if wire_type == 2 else (8 if wire_type == 1 else 4, i)
-            out[key >> 3], i = buf[i:i + size], i + size
+            continue
+        size, i = varint(i) if wire_type == 2 else ({1: 8, 5: 4}[wire_type], i)  # 8 or 4 bytes (no groups here)
+        out[key >> 3], i = buf[i:i + size], i + size
     return out
 
 

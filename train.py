@@ -97,14 +97,12 @@ PRESETS_TRAIN = {
     "toy": {},
     "mistral-7b": dict(_RELEASED, model="<Mistral-7B-v0.1 directory>"),
     "openchat_3.5": dict(_RELEASED, model="<openchat_3.5 directory>"),  # its <|end_of_turn|> is kept
-    "llama2-13b": dict(_RELEASED, model="<Llama-2-13b directory>", class_weights="GPT4=1,GPT3=0.1",
-                       expert_condition="GPT4", sharegpt_condition="GPT4", batch_tokens=32768, max_seq_len=4096,
-                       lr_base=3e-4),
+    "llama2-13b": dict(_RELEASED, model="<Llama-2-13b directory>", class_weights="GPT4=1,GPT3=0.1", lr_base=3e-4,
+                       expert_condition="GPT4", sharegpt_condition="GPT4", batch_tokens=32768, max_seq_len=4096),
     # Throughput check on one GPU: a ~1B model from scratch on packed ShareGPT (one class), tokens/s and MFU.
-    "1b-throughput": dict(model="1b", data="sharegpt", skip_bad=True, class_weights=f"{EXPERT_CONDITION}=1",
-                          expert_condition=EXPERT_CONDITION, batch_tokens=16384, max_seq_len=4096, lr=3e-4,
-                          dtype="bf16", max_steps=30, ckpt_every=10**9, export=False, toy_eval=0, compile=True,
-                          val_fraction=0.0),
+    "1b-throughput": dict(model="1b", data="sharegpt", skip_bad=True, class_weights=f"{EXPERT_CONDITION}=1", toy_eval=0,
+                          expert_condition=EXPERT_CONDITION, val_fraction=0.0, batch_tokens=16384, max_seq_len=4096,
+                          lr=3e-4, dtype="bf16", max_steps=30, ckpt_every=10**9, export=False, compile=True),
 }
 
 
