@@ -295,7 +295,7 @@ def setup(cfg, rank, world_size, group):
     dataset, tokenized = prepare.prepare_data(cfg, tokenizer, args.max_seq_len, key, group)
     train_ids, held_out = data.split_holdout(dataset.class_ids, cfg.val_fraction, cfg.val_max, cfg.seed)
     if len(train_ids) < world_size * cfg.grad_accum:
-        raise ValueError(f"--data: {len(train_ids)} training conversations, {world_size * cfg.grad_accum} bins to fill")
+        raise ValueError(f"--data: only {len(train_ids)} training conversations for {world_size * cfg.grad_accum} bins")
     plans = [[[[int(train_ids[i]) for i in b] for b in step]  # each epoch's steps of bins, as dataset indices
               for step in data.pack_epoch(dataset.lengths[train_ids], cfg.batch_tokens, world_size * cfg.grad_accum,
                                           cfg.seed, epoch)] for epoch in range(cfg.epochs)]

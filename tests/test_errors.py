@@ -137,6 +137,21 @@ def test_under_torchrun_the_error_is_printed_once(tmp_path):
     assert "train.py\", line" not in proc.stderr  # torchrun adds its own report, but no traceback of ours
 
 
+def test_under_torchrun_a_refused_resume_is_one_line_and_exits(tmp_path):
+    """The resume guard runs on rank 0 while the others wait for its verdict: a refusal must reach them (it once
+    left them waiting for the process group's timeout, 30 minutes)."""
+    path = _write(tmp_path, "d.jsonl", [json.dumps(GOOD)] * 30)
+    torchrun = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2")
+    proc, out = train(tmp_path, f"--data={path}", "--class_weights=GPT4 Correct=1", "--max_steps=2",
+                      "--ckpt_every=2", launcher=torchrun)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc, _ = train(tmp_path, f"--data={path}", "--class_weights=GPT4 Correct=1", "--max_steps=4",
+                    "--batch_tokens=500", launcher=torchrun)  # a hang fails as train()'s 300 s timeout
+    assert proc.returncode != 0
+    ours = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert len(ours) == 1 and "batch_tokens was 600" in ours[0] and "now 500" in ours[0], proc.stderr[-3000:]
+
+
 def test_a_failed_run_never_touches_an_existing_run(tmp_path):
     """A run exists in out_dir (data, checkpoint, log); the same out_dir with a bad input fails and leaves every
     file as it was."""
