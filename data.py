@@ -266,7 +266,7 @@ def split_holdout(class_ids, fraction: float, max_conversations: int, seed: int)
     return np.setdiff1d(np.arange(len(class_ids)), held_out), held_out
 
 
-def one_line(error: BaseException) -> str:
+def one_line(error: BaseException | str) -> str:
     """An error as the one line a user sees: messages from elsewhere (the OS, sentencepiece) folded."""
     return " ".join(str(error).splitlines())
 

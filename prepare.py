@@ -71,7 +71,7 @@ def on_rank0(fn, group):
         try:
             box[0] = fn()
         except Exception as e:  # told to every rank, or the others would wait for the group's timeout (6 hours)
-            box[1] = data.one_line(e) if isinstance(e, (ValueError, OSError)) else f"{type(e).__name__}: {e}"
+            box[1] = data.one_line(e if isinstance(e, (ValueError, OSError)) else f"{type(e).__name__}: {e}")
     dist.broadcast_object_list(box, src=0, group=group)
     if box[1] is not None:
         raise ValueError(box[1])
