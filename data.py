@@ -7,7 +7,7 @@ OpenChat 3.5's template, token for token (`template` below is its one spelling):
 The condition names the conversation's class ("GPT4 Correct", "GPT3"): the policy learns pi(y | x, c). Every token
 carries the weight of predicting it, C-RLFT's coarse reward: the class weight on assistant content and its
 `<|end_of_turn|>` (so the model learns to stop), 0 elsewhere; a message's own "weight" (OpenChat's JSONL) overrides
-it. Records come from readers.py or toy_task.py; tokenized data is a few flat numpy arrays, memory-mapped; each step
+it. Records come from chat_readers.py or toy_task.py; tokenized data is a few flat numpy arrays, memory-mapped; each step
 packs conversations into world_size bins of `batch_tokens`. `python data.py tokenize|show ...`.
 """
 import argparse
@@ -26,10 +26,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-import readers
+import chat_readers
 import toy_task
-from readers import EXPERT_CONDITION, Conversation, DataError, check_messages  # noqa: F401 (re-exported)
-from tokenizer import EOT_TEXT, Tokenizer, default_tokenizer_path  # noqa: F401
+from chat_readers import EXPERT_CONDITION, Conversation, DataError, check_messages  # noqa: F401 (re-exported)
+from tokenizing import EOT_TEXT, Tokenizer, default_tokenizer_path  # noqa: F401
 
 TEMPLATE_VERSION = 2  # part of a prepared dataset's key: bump when the template or the weights change
 BOS, EOT = object(), object()  # the template's special pieces: ids, never text (content "<s>" stays text)
@@ -193,7 +193,7 @@ def _start_worker(model_path: str, eot_id: int) -> None:
 def _tokenize_chunk(job, tokenizer: Tokenizer | None = None):
     """-> ([(tokens, weights, class id)], Counter of drops and truncations)."""
     conversations, start, max_seq_len, class_weights, class_names = job
-    # The records were checked where they came in (readers.py, toy_task.py): not again here, per message.
+    # The records were checked where they came in (chat_readers.py, toy_task.py): not again here, per message.
     pieces = [template(c.messages, c.condition, c.system,
                        _class_weight(c, class_weights, c.source or f"conversation {start + k}"))
               for k, c in enumerate(conversations)]
@@ -247,10 +247,10 @@ def _summary(data: TokenizedDataset, n_in: int, dropped) -> dict:
 def load_conversations(sources: str, condition: str | None = EXPERT_CONDITION, skip_bad: bool = False,
                        stats: collections.Counter | None = None, toy: tuple = (20_000, 0.02, 0, 1.0)):
     """The one source loader of train.py and `python data.py`: "toy" (toy_task.py; toy = (n, expert fraction,
-    seed, error rate)) or readers.py's comma-separated [CLASS=]path list ("from_model": ShareGPT's field)."""
+    seed, error rate)) or chat_readers.py's comma-separated [CLASS=]path list ("from_model": ShareGPT's field)."""
     if sources == "toy":
         return toy_task.make_toy_conversations(toy[0], toy[1], toy[2], sub_optimal_error=toy[3])
-    return readers.read_sources(sources, None if condition == "from_model" else condition, skip_bad, stats)
+    return chat_readers.read_sources(sources, None if condition == "from_model" else condition, skip_bad, stats)
 
 
 def split_holdout(class_ids, fraction: float, max_conversations: int, seed: int) -> tuple[np.ndarray, np.ndarray]:

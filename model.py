@@ -1,5 +1,5 @@
 """A LLaMA / Mistral decoder, written to be read: pre-norm blocks of RMSNorm -> grouped-query attention with rotary
-embeddings -> RMSNorm -> SwiGLU, in the Hugging Face layout (RoPE rotates the two halves of each head), so hf.py's
+embeddings -> RMSNorm -> SwiGLU, in the Hugging Face layout (RoPE rotates the two halves of each head), so hf_format.py's
 checkpoints load without permuting anything. `Transformer.forward` trains, gives logits, or generates. It knows
 nothing of FSDP (train.py wraps `model.layers[i]`); RoPE is computed in forward: no buffers, a simple meta init."""
 import math
@@ -11,9 +11,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import hf
-from kernels.attention import flash_attention
-from kernels.cross_entropy import fused_linear_cross_entropy
+import hf_format
+from crlft_kernels.attention import flash_attention
+from crlft_kernels.cross_entropy import fused_linear_cross_entropy
 
 
 @dataclass
@@ -53,7 +53,7 @@ class ModelArgs:
     def from_pretrained(cls, path: str, max_seq_len: Optional[int] = None) -> "ModelArgs":
         """A Hugging Face checkpoint directory's shape (config.json; max_seq_len None: its own), no weights."""
         try:
-            return cls(**hf.model_config(path, max_seq_len))
+            return cls(**hf_format.model_config(path, max_seq_len))
         except ValueError as e:  # an unsupported or bad value: name the file
             raise ValueError(f"{os.path.join(path, 'config.json')}: {e}") from None
 
@@ -257,11 +257,11 @@ class Transformer(nn.Module):
         with torch.device("meta"):
             model = cls(args)
         shapes = {name: t.shape for name, t in model.state_dict().items()}
-        model.load_state_dict(hf.load_state_dict(path, args, shapes, device, dtype), assign=True)
+        model.load_state_dict(hf_format.load_state_dict(path, args, shapes, device, dtype), assign=True)
         if args.tie_embeddings:  # assign=True made two Parameters of one tensor: tie them again
             model.output.weight = model.tok_embeddings.weight
         return model
 
     def save_pretrained(self, path: str, dtype=None, max_shard_bytes: int = 5 * 10**9):
         """config.json + safetensors (sharded above max_shard_bytes) for transformers and vLLM. dtype None: ours."""
-        hf.save_state_dict(self.state_dict(), self.args, path, dtype, max_shard_bytes)
+        hf_format.save_state_dict(self.state_dict(), self.args, path, dtype, max_shard_bytes)

@@ -11,7 +11,7 @@ import time
 import torch.distributed as dist
 
 import data
-import readers
+import chat_readers
 
 
 def file_digest(path):
@@ -26,8 +26,8 @@ def inputs_key(cfg, tokenizer, max_seq_len):
     if cfg.data == "toy":
         sources = [cfg.toy_train, cfg.toy_expert_fraction, cfg.toy_error_rate, cfg.seed]
     else:
-        sources = [[name, path, file_digest(readers.source_file(path))]
-                   for name, path in readers.parse_sources(cfg.data)]
+        sources = [[name, path, file_digest(chat_readers.source_file(path))]
+                   for name, path in chat_readers.parse_sources(cfg.data)]
     inputs = {"sources": sources, "tokenizer": [file_digest(tokenizer.model_path), tokenizer.eot_id],
               "template": data.TEMPLATE_VERSION, "class_weights": data.parse_class_weights(cfg.class_weights),
               "max_seq_len": max_seq_len,

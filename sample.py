@@ -17,9 +17,9 @@ from typing import Iterator
 import torch
 
 import data
-from hf import checkpoint_tokenizer
+from hf_format import checkpoint_tokenizer
 from model import Transformer
-from readers import EXPERT_CONDITION
+from chat_readers import EXPERT_CONDITION
 
 DEFAULT_MODEL = os.path.join("out", "default", "export")
 

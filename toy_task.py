@@ -12,7 +12,7 @@ import random
 
 import torch
 
-from readers import Conversation
+from chat_readers import Conversation
 
 EXPERT, SUB_OPTIMAL = "Expert", "Novice"
 CLASS_WEIGHTS = {EXPERT: 1.0, SUB_OPTIMAL: 0.1}

@@ -1,4 +1,4 @@
-"""Forward and backward TFLOP/s of kernels/attention.py's flash_attention against PyTorch's
+"""Forward and backward TFLOP/s of crlft_kernels/attention.py's flash_attention against PyTorch's
 F.scaled_dot_product_attention (flash backend): causal, bfloat16, head_dim 128, on a CUDA GPU.
 
     python benchmarks/bench_attention.py [--heads 32] [--kv-heads 8] [--head-dim 128]
@@ -26,7 +26,7 @@ Times are triton.testing.do_bench medians. Without a CUDA GPU the script says so
     python benchmarks/bench_attention.py --sweep
 
 times other launch configs (tile sizes, warps, stages) of each kernel on 8k tokens, one stage at a time
-with the others at kernels/attention.py's choice, to pick kernel_config() from measurements.
+with the others at crlft_kernels/attention.py's choice, to pick kernel_config() from measurements.
 """
 import argparse
 import math
@@ -38,7 +38,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from kernels.attention import attention_reference, flash_attention  # noqa: E402
+from crlft_kernels.attention import attention_reference, flash_attention  # noqa: E402
 
 TOTALS = (1024, 2048, 4096, 8192, 16384)
 WINDOW, WINDOW_TOKENS = 4096, 16384  # Mistral-7B's sliding window, over one sequence of 16k tokens
@@ -205,7 +205,7 @@ def sweep(args):
     """Time each candidate config of one kernel (others at the default) on 8k tokens, both layouts."""
     import triton.testing
 
-    import kernels.attention as attention
+    import crlft_kernels.attention as attention
 
     default_config = attention.kernel_config
     H, H_kv, D = args.heads, args.kv_heads, args.head_dim

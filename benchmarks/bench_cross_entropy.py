@@ -26,7 +26,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from kernels.cross_entropy import fused_linear_cross_entropy, linear_cross_entropy_reference  # noqa: E402
+from crlft_kernels.cross_entropy import fused_linear_cross_entropy, linear_cross_entropy_reference  # noqa: E402
 
 try:
     from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss

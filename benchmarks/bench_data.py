@@ -25,7 +25,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import data  # noqa: E402
-import readers  # noqa: E402
+import chat_readers  # noqa: E402
 
 
 def per_piece_baseline(conversations, tokenizer, max_seq_len):
@@ -56,7 +56,7 @@ def main():
 
     stats = collections.Counter()
     t0 = time.perf_counter()
-    conversations = readers.read_sources("sharegpt", None if args.condition_from_model else "GPT4 Correct",
+    conversations = chat_readers.read_sources("sharegpt", None if args.condition_from_model else "GPT4 Correct",
                                       skip_bad=True, stats=stats)[:args.limit]
     print(f"read {stats['records read']} complete ShareGPT records in {time.perf_counter() - t0:.1f}s; "
           f"{len(conversations)} conversations kept")

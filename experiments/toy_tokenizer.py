@@ -11,8 +11,8 @@ import sys
 import sentencepiece as spm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from readers import EXPERT_CONDITION  # noqa: E402
-from tokenizer import Tokenizer  # noqa: E402
+from chat_readers import EXPERT_CONDITION  # noqa: E402
+from tokenizing import Tokenizer  # noqa: E402
 from toy_task import EXPERT, SUB_OPTIMAL, TOKENIZER_PATH, _problems, write_sum  # noqa: E402
 
 

@@ -2,7 +2,7 @@
 
 Triton decides at decoration time whether a kernel is compiled or interpreted, so TRITON_INTERPRET=1 is set
 here, before anything imports triton: the kernels can then run on CPU tensors (with numpy) in tests marked
-`triton`. Every other test runs with the variable removed, so `kernels.use_triton` is False on the CPU and
+`triton`. Every other test runs with the variable removed, so `crlft_kernels.use_triton` is False on the CPU and
 model/data/train tests take the fast PyTorch reference paths. Ahead-of-time compile tests run in a
 subprocess without the variable.
 """

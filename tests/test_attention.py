@@ -1,4 +1,4 @@
-"""kernels/attention.py: the Triton kernels (run in the CPU interpreter) against the PyTorch reference
+"""crlft_kernels/attention.py: the Triton kernels (run in the CPU interpreter) against the PyTorch reference
 and, with a sliding window, against a naive per-sequence softmax(QK^T)V over the allowed keys; the
 reference against the naive one; an ahead-of-time compile of the real GPU launch configs for sm_80 and
 sm_90a.
@@ -16,8 +16,8 @@ import sys
 import pytest
 import torch
 
-from kernels import attention
-from kernels.attention import attention_reference, flash_attention
+from crlft_kernels import attention
+from crlft_kernels.attention import attention_reference, flash_attention
 
 # numpy warns (0/0, log2(0)) on the padding rows of a window's last tile, which see no key and are never
 # stored, and on the NaN inputs of the skipping test.
@@ -248,7 +248,7 @@ AOT_SCRIPT = r"""
 import itertools, json, sys, torch, triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from kernels.attention import launch_specs
+from crlft_kernels.attention import launch_specs
 
 limits = {int(k): v for k, v in json.loads(sys.argv[1]).items()}
 results = []

@@ -1,4 +1,4 @@
-"""kernels/cross_entropy.py against linear_cross_entropy_reference computed in float64.
+"""crlft_kernels/cross_entropy.py against linear_cross_entropy_reference computed in float64.
 
 The chunked autograd function is tested twice: unmarked tests take the PyTorch row step (the CPU path),
 tests marked `triton` run the Triton row step in the interpreter. The ahead-of-time compile test builds
@@ -18,7 +18,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from kernels.cross_entropy import (
+from crlft_kernels.cross_entropy import (
     MIN_CHUNK_ROWS,
     _ce_rows_torch,
     default_chunk_size,
@@ -224,7 +224,7 @@ def test_triton_path_matches_float64_reference(N, D, V, chunk_size, dtype):
 
 @pytest.mark.triton
 def test_triton_row_step_matches_torch_row_step_on_strided_huge_logits():
-    from kernels.cross_entropy import _ce_rows_triton
+    from crlft_kernels.cross_entropy import _ce_rows_triton
 
     g = torch.Generator().manual_seed(2)
     C, V = 6, 5003
@@ -244,7 +244,7 @@ def test_triton_row_step_matches_torch_row_step_on_strided_huge_logits():
 
 @pytest.mark.triton
 def test_triton_row_step_leaves_padding_columns_alone():
-    from kernels.cross_entropy import _ce_rows_triton
+    from crlft_kernels.cross_entropy import _ce_rows_triton
 
     storage = torch.full((3, 700), 7.0)
     logits = storage[:, :650]
@@ -260,7 +260,7 @@ COMPILE_SCRIPT = textwrap.dedent("""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
-    from kernels.cross_entropy import _ce_rows_kernel, kernel_config
+    from crlft_kernels.cross_entropy import _ce_rows_kernel, kernel_config
 
     SHARED_LIMIT = {{80: 163 * 1024, 90: 227 * 1024}}  # A100, H100 max dynamic shared memory per block
     configs = sorted({{kernel_config(V) for V in (32000, 32001, 32064, 128256, 1000, 100)}})

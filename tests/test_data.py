@@ -15,7 +15,7 @@ import torch
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 import data
-import readers
+import chat_readers
 import toy_task
 from data import DataError
 from test_readers import GOOD, _write
@@ -139,7 +139,7 @@ def test_parse_class_weights():
 @pytest.fixture(scope="module")
 def sharegpt_head():
     stats = collections.Counter()
-    convs = readers.read_sources("sharegpt", skip_bad=True, stats=stats)
+    convs = chat_readers.read_sources("sharegpt", skip_bad=True, stats=stats)
     assert stats["records read"] > 17000
     assert sum(v for k, v in stats.items() if k.startswith("incomplete last record")) == 1
     return convs
@@ -390,7 +390,7 @@ def test_openchat_test_conversations_token_and_weight_exact(tok, tmp_path):
     from test_readers import OPENCHAT_TESTS
     path = tmp_path / "openchat.jsonl"
     path.write_text("\n".join(OPENCHAT_TESTS) + "\n")
-    conversations = readers.read_jsonl(str(path))
+    conversations = chat_readers.read_jsonl(str(path))
     for c, tokens, weights in zip(conversations, OPENCHAT_MISTRAL_TOKENS, OPENCHAT_MISTRAL_WEIGHTS):
         assert len(weights) == len(tokens)
         ours = data.encode_conversation(tok, c.messages, c.condition, c.system, weight=123.0)  # own weights win

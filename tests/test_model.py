@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
 
 import model as M
-from hf import hf_names
+from hf_format import hf_names
 
 TOL = 1e-4
 
@@ -317,7 +317,7 @@ def test_sliding_window_matches_transformers(attn_implementation, packed, kernel
     """Sequences of 50-100 tokens, several windows long: logits and every parameter's gradient of a summed
     cross-entropy, unpacked ((2, 70) batch) and packed (conversations of 60, 9, 85 and 30 tokens in one row);
     once through the Triton kernel (CPU interpreter) instead of the PyTorch reference."""
-    from kernels import use_triton
+    from crlft_kernels import use_triton
     assert use_triton(torch.zeros(1)) == kernel
     hf, ours = windowed_pair(tmp_path, attn_implementation)
     g = torch.Generator().manual_seed(1)

@@ -20,7 +20,7 @@ from transformers import LlamaForCausalLM
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import data  # noqa: E402
-from hf import hf_names, save_state_dict  # noqa: E402
+from hf_format import hf_names, save_state_dict  # noqa: E402
 
 TINY = ["--toy_train=240", "--batch_tokens=600", "--dim=32", "--n_layers=2", "--n_heads=4", "--n_kv_heads=2",
         "--epochs=2", "--grad_accum=2", "--toy_eval=0", "--val_fraction=0"]

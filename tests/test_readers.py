@@ -1,4 +1,4 @@
-"""readers.py: OpenChat's JSONL as written, ShareGPT (also cut off mid-record), sources with classes, and
+"""chat_readers.py: OpenChat's JSONL as written, ShareGPT (also cut off mid-record), sources with classes, and
 one-line errors that name file, line and field, what was found and what was expected."""
 import collections
 import json
@@ -6,8 +6,8 @@ import pickle
 
 import pytest
 
-import readers
-from readers import DataError
+import chat_readers
+from chat_readers import DataError
 
 
 def _write(tmp_path, name, lines):
@@ -88,41 +88,41 @@ def _one_line_error(call, where, *says):
 @pytest.mark.parametrize("line,field,found,expected,reason", BAD_JSONL)
 def test_bad_jsonl_line_says_file_line_field_found_expected(tmp_path, line, field, found, expected, reason):
     path = _write(tmp_path, "d.jsonl", [json.dumps(GOOD), line, json.dumps(GOOD)])
-    error = _one_line_error(lambda: readers.read_jsonl(path), f"{path}:2", field, found, expected)
+    error = _one_line_error(lambda: chat_readers.read_jsonl(path), f"{path}:2", field, found, expected)
     assert error.reason == reason
     stats = collections.Counter()
-    assert len(readers.read_jsonl(path, skip_bad=True, stats=stats)) == 2
+    assert len(chat_readers.read_jsonl(path, skip_bad=True, stats=stats)) == 2
     assert stats == {f"skipped: {reason}": 1}
 
 
 def test_bad_files(tmp_path):
     missing = str(tmp_path / "nope.jsonl")
-    _one_line_error(lambda: readers.read_jsonl(missing), missing, "cannot open: No such file")
-    _one_line_error(lambda: readers.read_sharegpt(str(tmp_path)), str(tmp_path), "cannot open: Is a directory")
+    _one_line_error(lambda: chat_readers.read_jsonl(missing), missing, "cannot open: No such file")
+    _one_line_error(lambda: chat_readers.read_sharegpt(str(tmp_path)), str(tmp_path), "cannot open: Is a directory")
     for name, says in [("e.jsonl", "empty file, expected one JSON conversation a line"),
                        ("e.json", "empty file, expected a JSON array")]:
         path = _write(tmp_path, name, ["", "  "])
-        _one_line_error(lambda: readers.read_sources(path, skip_bad=True), path, says)  # skip_bad: still an error
+        _one_line_error(lambda: chat_readers.read_sources(path, skip_bad=True), path, says)  # skip_bad: still an error
     path = tmp_path / "b.jsonl"  # bytes that are not UTF-8, at byte 14 of line 2 (binary: cut short)
     path.write_bytes(json.dumps(GOOD).encode() + b'\n{"condition": "\xff\xfe' + bytes(range(256)) * 50 + b'"}\n')
-    error = _one_line_error(lambda: readers.read_jsonl(str(path)), f"{path}:2: byte 16", "found 0xff",
+    error = _one_line_error(lambda: chat_readers.read_jsonl(str(path)), f"{path}:2: byte 16", "found 0xff",
                             "expected UTF-8 text")
     assert error.reason == "undecodable bytes"
-    assert len(readers.read_jsonl(str(path), skip_bad=True)) == 1
+    assert len(chat_readers.read_jsonl(str(path), skip_bad=True)) == 1
     path = tmp_path / "b.json"
     path.write_bytes(b'[\n {"id": "a\xc3("}]')
-    _one_line_error(lambda: readers.read_sharegpt(str(path)), f"{path}:2: byte 11", "found 0xc3", "UTF-8")
+    _one_line_error(lambda: chat_readers.read_sharegpt(str(path)), f"{path}:2: byte 11", "found 0xc3", "UTF-8")
 
 
 def test_long_and_unprintable_values_are_cut_short(tmp_path):
     content = ["x" * 1000] * 100  # a long value is shown by its start, never dumped
     odd = "a\nb\u2028c\x00" * 100  # newlines and other separators stay escaped on the one line
     path = _write(tmp_path, "d.jsonl", [_items(U, {**A, "content": content}), _with(system=123, condition=odd)])
-    error = _one_line_error(lambda: readers.read_jsonl(path), f"{path}:1: items[1].content", "found ['xxx",
+    error = _one_line_error(lambda: chat_readers.read_jsonl(path), f"{path}:1: items[1].content", "found ['xxx",
                             "(a list), expected a string")
     assert len(str(error)) < 150 + len(path)
     path = _write(tmp_path, "e.jsonl", [json.dumps({**GOOD, odd: 1})])
-    error = _one_line_error(lambda: readers.read_jsonl(path), f"{path}:1", "found unknown field 'a\\nb\\u2028c")
+    error = _one_line_error(lambda: chat_readers.read_jsonl(path), f"{path}:1", "found unknown field 'a\\nb\\u2028c")
     assert len(str(error).splitlines()) == 1
 
 
@@ -136,7 +136,7 @@ OPENCHAT_TESTS = [  # OpenChat's own test conversations (ochat/tests/test_model_
 
 def test_openchat_test_conversations(tmp_path):
     path = _write(tmp_path, "openchat.jsonl", OPENCHAT_TESTS)
-    convs = readers.read_jsonl(path)
+    convs = chat_readers.read_jsonl(path)
     assert [c.condition for c in convs] == ["GPT4", "GPT3", "GPT3", "GPT4"]
     assert [c.class_name for c in convs] == ["GPT4", "GPT3", "GPT3", "GPT4"]
     assert [c.system for c in convs] == [None, None, "You are a helpful assistant.", "<s>You are a helpful assistant."]
@@ -150,7 +150,7 @@ def test_openchat_test_conversations(tmp_path):
 def test_jsonl_fields(tmp_path):
     path = _write(tmp_path, "d.jsonl", [json.dumps({**GOOD, "class": "expert", "system": "S"}), "",
                                         json.dumps({**GOOD, "condition": ""})])
-    a, b = readers.read_jsonl(path)
+    a, b = chat_readers.read_jsonl(path)
     assert (a.class_name, a.condition, a.system, a.source) == ("expert", "GPT4 Correct", "S", f"{path}:1")
     assert (b.class_name, b.condition, b.source) == ("", "", f"{path}:3")
     # condition absent = none; system absent, null or "" = none; an id is kept out of the way
@@ -158,7 +158,7 @@ def test_jsonl_fields(tmp_path):
     path.write_bytes(b"\xef\xbb\xbf" + "\r\n".join([
         json.dumps({"items": GOOD["items"]}), json.dumps({"items": GOOD["items"], "system": ""}),
         json.dumps({"items": GOOD["items"], "system": None, "condition": "GPT3", "id": [1]})]).encode())
-    convs = readers.read_jsonl(str(path))
+    convs = chat_readers.read_jsonl(str(path))
     assert [(c.condition, c.class_name, c.system) for c in convs] == [("", "", None), ("", "", None),
                                                                       ("GPT3", "GPT3", None)]
 
@@ -179,7 +179,7 @@ def test_sharegpt_cut_off_mid_record(tmp_path):
     path = tmp_path / "cut.json"
     path.write_text(text[:cut])
     stats = collections.Counter()
-    convs = readers.read_sharegpt(str(path), stats=stats)
+    convs = chat_readers.read_sharegpt(str(path), stats=stats)
     assert [c.messages for c in convs] == [
         [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}],
         [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "A"}]]
@@ -189,12 +189,12 @@ def test_sharegpt_cut_off_mid_record(tmp_path):
     assert f"line {text[:start_c].count(chr(10)) + 1}, byte {start_c})" in note
     # cut between records, and a complete file: the system turn becomes the system prompt
     path.write_text(text[:text.index('"id": "b"')])
-    assert len(readers.read_sharegpt(str(path))) == 1
+    assert len(chat_readers.read_sharegpt(str(path))) == 1
     path.write_text(text)
-    convs = readers.read_sharegpt(str(path), condition=None, skip_bad=True, stats=(stats := collections.Counter()))
+    convs = chat_readers.read_sharegpt(str(path), condition=None, skip_bad=True, stats=(stats := collections.Counter()))
     assert [c.condition for c in convs] == ["GPT4"]  # "b" has model gpt-4; "a" and "c" have none: skipped
     assert stats["skipped: missing field"] == 2 and convs[0].messages[0]["content"] == "Q"
-    convs = readers.read_sharegpt(str(path), condition="GPT4 Correct")
+    convs = chat_readers.read_sharegpt(str(path), condition="GPT4 Correct")
     assert convs[2].system == "Be nice." and convs[2].messages[0] == {"role": "user", "content": "Q"}
 
 
@@ -203,7 +203,7 @@ def test_sharegpt_cut_off_inside_a_character(tmp_path):
     path = tmp_path / "cut.json"
     path.write_bytes(text[:text.index("é".encode()) + 1])  # the file ends with half of "é"
     stats = collections.Counter()
-    assert len(readers.read_sharegpt(str(path), stats=stats)) == 1 and stats["records read"] == 1
+    assert len(chat_readers.read_sharegpt(str(path), stats=stats)) == 1 and stats["records read"] == 1
 
 
 @pytest.mark.parametrize("turns,field,reason", [
@@ -221,10 +221,10 @@ def test_bad_sharegpt_names_file_line_and_field(tmp_path, turns, field, reason):
     path.write_text(json.dumps(records, indent=1))
     line = json.dumps(records, indent=1).split("\n").index(' {', 2) + 1  # where the second record starts
     with pytest.raises(DataError, match=f"s.json:{line} \\(record 1, id 'x'\\)") as e:
-        readers.read_sharegpt(str(path))
+        chat_readers.read_sharegpt(str(path))
     assert field in str(e.value) and e.value.reason == reason
     stats = collections.Counter()
-    assert len(readers.read_sharegpt(str(path), skip_bad=True, stats=stats)) == 1
+    assert len(chat_readers.read_sharegpt(str(path), skip_bad=True, stats=stats)) == 1
     assert stats[f"skipped: {reason}"] == 1
 
 
@@ -258,21 +258,21 @@ def test_bad_sharegpt_record_says_file_line_field_found_expected(tmp_path, recor
     records = [{"id": "a", "conversations": HI, "model": "gpt-4"}, record]
     path = _write(tmp_path, "s.json", ["[", ",\n".join(json.dumps(r) for r in records), "]"])  # record 1: line 3
     where = f"{path}:3 (record 1, id {'None' if record == 'oops' else repr('x')})"
-    error = _one_line_error(lambda: readers.read_sharegpt(path, condition=None), where, field, found, expected)
+    error = _one_line_error(lambda: chat_readers.read_sharegpt(path, condition=None), where, field, found, expected)
     assert error.reason == reason
     stats = collections.Counter()
-    assert len(readers.read_sharegpt(path, condition=None, skip_bad=True, stats=stats)) == 1
+    assert len(chat_readers.read_sharegpt(path, condition=None, skip_bad=True, stats=stats)) == 1
     assert stats[f"skipped: {reason}"] == 1
 
 
 def test_bad_sharegpt_files(tmp_path):
     path = _write(tmp_path, "o.json", ["", json.dumps({"id": "a", "conversations": HI})])
-    _one_line_error(lambda: readers.read_sharegpt(path), f"{path}:2", "found '{\"id\": \"a\"",
+    _one_line_error(lambda: chat_readers.read_sharegpt(path), f"{path}:2", "found '{\"id\": \"a\"",
                     "expected a JSON array '[...]'")
     path = _write(tmp_path, "e.json", ["[ ]"])
-    _one_line_error(lambda: readers.read_sharegpt(path), path, "found no record, expected a JSON array")
+    _one_line_error(lambda: chat_readers.read_sharegpt(path), path, "found no record, expected a JSON array")
     path = _write(tmp_path, "j.json", [json.dumps([{"id": "a", "conversations": HI}]).rstrip("]") + " x]"])
-    _one_line_error(lambda: readers.read_sharegpt(path), f"{path}:1", "found 'x]", "expected ',' or ']'")
+    _one_line_error(lambda: chat_readers.read_sharegpt(path), f"{path}:1", "found 'x]", "expected ',' or ']'")
 
 
 def test_sharegpt_malformed_json_in_the_middle(tmp_path):
@@ -281,15 +281,15 @@ def test_sharegpt_malformed_json_in_the_middle(tmp_path):
     path.write_text(text)
     line = text[:text.index("oops")].count("\n") + 1
     with pytest.raises(DataError, match=f"m.json:{line}: malformed JSON"):
-        readers.read_sharegpt(str(path))
+        chat_readers.read_sharegpt(str(path))
     column = text.index("oops") - text.rindex("\n", 0, text.index("oops"))
-    _one_line_error(lambda: readers.read_sharegpt(str(path)), f"{path}:{line}",
+    _one_line_error(lambda: chat_readers.read_sharegpt(str(path)), f"{path}:{line}",
                     f"malformed JSON: Expecting ',' delimiter at column {column}")
 
 
 def test_real_sharegpt_file():
     stats = collections.Counter()
-    convs = readers.read_sources("sharegpt", skip_bad=True, stats=stats)
+    convs = chat_readers.read_sources("sharegpt", skip_bad=True, stats=stats)
     assert stats["records read"] > 17000
     assert sum(v for k, v in stats.items() if k.startswith("incomplete last record")) == 1
     assert len(convs) > 17000
@@ -300,14 +300,14 @@ def test_real_sharegpt_file():
 # ------------------------------------------------------------------------------------------------ sources
 
 def test_parse_sources(tmp_path):
-    assert readers.parse_sources("GPT4 Correct=gpt4.jsonl, GPT3 = gpt35.json,sharegpt") == [
+    assert chat_readers.parse_sources("GPT4 Correct=gpt4.jsonl, GPT3 = gpt35.json,sharegpt") == [
         ("GPT4 Correct", "gpt4.jsonl"), ("GPT3", "gpt35.json"), (None, "sharegpt")]
-    assert readers.parse_sources("a.jsonl") == [(None, "a.jsonl")]
-    assert readers.parse_sources("X=a=b.json") == [("X", "a=b.json")]  # split at the first "="
+    assert chat_readers.parse_sources("a.jsonl") == [(None, "a.jsonl")]
+    assert chat_readers.parse_sources("X=a=b.json") == [("X", "a=b.json")]  # split at the first "="
     odd = _write(tmp_path, "a=b.jsonl", [])  # a path that exists is a path, "=" and "," and all
-    assert readers.parse_sources(f"{odd},C={odd}") == [(None, odd), ("C", odd)]
+    assert chat_readers.parse_sources(f"{odd},C={odd}") == [(None, odd), ("C", odd)]
     comma = _write(tmp_path, "x,y.json", [])
-    assert readers.parse_sources(comma) == [(None, comma)]
+    assert chat_readers.parse_sources(comma) == [(None, comma)]
 
 
 @pytest.mark.parametrize("spec,where,found", [
@@ -317,15 +317,15 @@ def test_parse_sources(tmp_path):
     ("a.jsonl, GPT3= ", "--data 'a.jsonl, GPT3= ': item 2", "found ' GPT3= '"),
 ])
 def test_bad_source_specs(spec, where, found):
-    error = _one_line_error(lambda: readers.parse_sources(spec), where, found, "expected PATH or CLASS=PATH")
+    error = _one_line_error(lambda: chat_readers.parse_sources(spec), where, found, "expected PATH or CLASS=PATH")
     assert error.reason == "bad source"
 
 
 def test_unknown_extension(tmp_path):
-    _one_line_error(lambda: readers.parse_sources("a.jsonl,X=b.csv"), "b.csv", "found an unknown extension",
+    _one_line_error(lambda: chat_readers.parse_sources("a.jsonl,X=b.csv"), "b.csv", "found an unknown extension",
                     "expected a .jsonl (OpenChat's) or .json (ShareGPT) file, or 'sharegpt'")
     good = _write(tmp_path, "g.jsonl", [json.dumps(GOOD)])
-    _one_line_error(lambda: readers.read_sources(f"{good},X=b.txt"), "b.txt", "unknown extension")
+    _one_line_error(lambda: chat_readers.read_sources(f"{good},X=b.txt"), "b.txt", "unknown extension")
 
 
 def test_read_sources_classes_override_conditions(tmp_path):
@@ -333,17 +333,17 @@ def test_read_sources_classes_override_conditions(tmp_path):
                                            json.dumps({"items": GOOD["items"], "system": "S"})])
     gpt35 = tmp_path / "gpt35.json"  # no "model" field: with a class, none is needed
     gpt35.write_text(json.dumps([{"id": "a", "conversations": HI}, {"id": "b", "conversations": HI}]))
-    convs = readers.read_sources(f"GPT4 Correct={gpt4},GPT3={gpt35}", condition=None)
+    convs = chat_readers.read_sources(f"GPT4 Correct={gpt4},GPT3={gpt35}", condition=None)
     assert [(c.condition, c.class_name) for c in convs] == [("GPT4 Correct", "GPT4 Correct")] * 2 + \
         [("GPT3", "GPT3")] * 2
     assert [c.source for c in convs][:2] == [f"{gpt4}:1", f"{gpt4}:2"] and convs[1].system == "S"
     assert "(record 1, id 'b')" in convs[3].source
     # order kept, and without a class each source keeps its own: the JSONL's fields, ShareGPT's `condition`
-    convs = readers.read_sources(f"{gpt35},{gpt4}", condition="Human")
+    convs = chat_readers.read_sources(f"{gpt35},{gpt4}", condition="Human")
     assert [(c.condition, c.class_name) for c in convs] == [("Human", "Human")] * 2 + [("GPT3", "c"), ("", "")]
-    assert readers.read_sources(f"Z={gpt4}")[0].condition == "Z"
+    assert chat_readers.read_sources(f"Z={gpt4}")[0].condition == "Z"
     with pytest.raises(DataError, match="model: missing"):
-        readers.read_sources(str(gpt35), condition=None)
+        chat_readers.read_sources(str(gpt35), condition=None)
 
 
 def test_data_error_survives_pickling():  # as when raised in a tokenizer worker process
@@ -352,7 +352,7 @@ def test_data_error_survives_pickling():  # as when raised in a tokenizer worker
 
 
 def test_check_messages_allows_user_weights():
-    readers.check_messages([{"role": "user", "content": "Q", "weight": 0.5}, {"role": "assistant", "content": "A"}])
-    readers.check_messages([{"role": "user", "content": "Q"}], need_assistant=False)
-    _one_line_error(lambda: readers.check_messages([{"role": "user", "content": "Q"}]), "messages",
+    chat_readers.check_messages([{"role": "user", "content": "Q", "weight": 0.5}, {"role": "assistant", "content": "A"}])
+    chat_readers.check_messages([{"role": "user", "content": "Q"}], need_assistant=False)
+    _one_line_error(lambda: chat_readers.check_messages([{"role": "user", "content": "Q"}]), "messages",
                     "found only user messages")

@@ -26,7 +26,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from kernels import HAS_TRITON, tl, triton, use_triton
+from crlft_kernels import HAS_TRITON, tl, triton, use_triton
 
 MIN_CHUNK_ROWS = 512
 
@@ -105,7 +105,7 @@ def default_chunk_size(n_tokens: int, vocab_size: int, dim: int) -> int:
 
 def _check(ok, message):
     if not ok:
-        raise ValueError(f"kernels/cross_entropy.py: {message}")
+        raise ValueError(f"crlft_kernels/cross_entropy.py: {message}")
 
 
 def _check_inputs(hidden, weight, targets, loss_weights, chunk_size):
@@ -131,7 +131,7 @@ def _forward_and_grads(hidden, weight, targets, loss_weights, chunk_size, need_g
     out_of_range = (targets_kept < 0) | (targets_kept >= V)
     if bool(out_of_range.any()):
         bad = rows_kept[out_of_range][0].item()
-        raise ValueError(f"kernels/cross_entropy.py: targets[{bad}] = {targets[bad].item()} is outside "
+        raise ValueError(f"crlft_kernels/cross_entropy.py: targets[{bad}] = {targets[bad].item()} is outside "
                          f"[0, {V}) but loss_weights[{bad}] = {loss_weights[bad].item()} is nonzero")
     C = chunk_size or default_chunk_size(N, V, D)
     row_step = _ce_rows_triton if use_triton(hidden) else _ce_rows_torch

@@ -14,8 +14,8 @@ import safetensors.torch
 import sentencepiece as spm
 import torch
 
-from readers import EXPERT_CONDITION
-from tokenizer import EOT_TEXT, Tokenizer
+from chat_readers import EXPERT_CONDITION
+from tokenizing import EOT_TEXT, Tokenizer
 
 _LAYER_NAMES = {  # our name -> HF name, per layer
     "attention.wq": "self_attn.q_proj", "attention.wk": "self_attn.k_proj", "attention.wv": "self_attn.v_proj",

@@ -34,7 +34,7 @@ from collections import namedtuple
 import torch
 import torch.nn.functional as F
 
-from kernels import HAS_TRITON, tl, triton, use_triton
+from crlft_kernels import HAS_TRITON, tl, triton, use_triton
 
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)  # tl.dot needs power-of-two tiles of at least 16
 DELTA_BLOCK = 64  # tokens per program of the delta kernel
@@ -43,7 +43,7 @@ DELTA_BLOCK = 64  # tokens per program of the delta kernel
 # ---- Plain PyTorch reference (CPU training path) -------------------------------------------------------
 def _check(ok, message):
     if not ok:
-        raise ValueError(f"kernels/attention.py: {message}")
+        raise ValueError(f"crlft_kernels/attention.py: {message}")
 
 
 def _check_inputs(q, k, v, cu_seqlens, causal, window, max_seqlen=None):
