@@ -1,9 +1,5 @@
-"""Hugging Face checkpoints as plain values (config dicts, tensors under our names) for model.py; a checkpoint's
-tokenizer; `export_hf`: a directory transformers and vLLM serve as it is. Our own tokenizer.json, because transformers
-5 cannot convert tokenizer.model without protobuf and its LlamaTokenizer's Metaspace would tokenize leading spaces
-unlike sentencepiece and our training data. It mirrors sentencepiece's BPE: a Prepend normalizer (the dummy prefix,
-per text between special tokens), spaces as "▁", merges ranked by the score of the piece they make. Known difference:
-<|end_of_turn|> (or <s>, </s>) in content is text to us but the special id to Hugging Face tokenizers (vLLM)."""
+"""Hugging Face checkpoints as plain values for model.py: config.json <-> ModelArgs keyword arguments, and the
+safetensors tensors under our parameter names, read and written (sharded, atomically)."""
 import json
 import os
 import shutil
@@ -11,11 +7,8 @@ import tempfile
 
 import safetensors
 import safetensors.torch
-import sentencepiece as spm
 import torch
 
-from chat_readers import EXPERT_CONDITION
-from tokenizing import EOT_TEXT, Tokenizer
 
 _LAYER_NAMES = {  # our name -> HF name, per layer
     "attention.wq": "self_attn.q_proj", "attention.wk": "self_attn.k_proj", "attention.wv": "self_attn.v_proj",
@@ -152,9 +145,9 @@ def save_state_dict(state_dict: dict, args, path: str, dtype=None, max_shard_byt
                                         os.path.join(tmp, file), metadata={"format": "pt"})
         if n > 1:
             weight_map = {name: file for file, shard in zip(files, shards) for name, _ in shard}
-            _write_json(os.path.join(tmp, "model.safetensors.index.json"), {"metadata": {
+            write_json(os.path.join(tmp, "model.safetensors.index.json"), {"metadata": {
                 "total_size": sum(t.numel() * dtype.itemsize for _, t in tensors)}, "weight_map": weight_map})
-        _write_json(os.path.join(tmp, "config.json"), hf_config(args, dtype))
+        write_json(os.path.join(tmp, "config.json"), hf_config(args, dtype))
         os.makedirs(path, exist_ok=True)
         written = sorted(os.listdir(tmp), key=lambda name: name == "config.json")  # config last
         for name in written:
@@ -166,177 +159,7 @@ def save_state_dict(state_dict: dict, args, path: str, dtype=None, max_shard_byt
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _write_json(path, obj):
+def write_json(path, obj):
     with open(path, "w", encoding="utf-8") as f:
         json.dump(obj, f, indent=1, ensure_ascii=False)
         f.write("\n")
-
-
-def checkpoint_tokenizer(model_dir: str, vocab_size: int, path: str | None = None) -> Tokenizer:
-    """A checkpoint's tokenizer: `path` (--tokenizer) or its own tokenizer.model. <|end_of_turn|> keeps the id the
-    directory gives it (openchat_3.5: 32000), else the row after the pieces. vocab_size must fit: pieces + added ids."""
-    path = path or os.path.join(model_dir, "tokenizer.model")
-    added = {}  # text -> id
-    for name in ("added_tokens.json", "tokenizer_config.json"):
-        file = os.path.join(model_dir, name)
-        if os.path.isfile(file):
-            try:
-                with open(file, encoding="utf-8") as f:
-                    config = json.load(f)
-                added.update({text: int(i) for text, i in config.items()} if name == "added_tokens.json" else
-                             {t["content"]: int(i) for i, t in config.get("added_tokens_decoder", {}).items()})
-            except (ValueError, TypeError, KeyError, AttributeError) as e:
-                raise ValueError(f"{file}: unreadable added tokens ({type(e).__name__}: {str(e)[:80]})") from None
-    tokenizer = Tokenizer(path, added.get(EOT_TEXT))
-    n_pieces = tokenizer.sp.get_piece_size()
-    if not n_pieces <= vocab_size <= max([n_pieces, *(i + 1 for i in added.values())]):
-        raise ValueError(f"{path}: the tokenizer has {n_pieces} pieces but {model_dir}/config.json has "
-                         f"vocab_size={vocab_size}: not this model's tokenizer (pass its own with --tokenizer)")
-    return tokenizer
-
-
-def chat_template(condition):
-    """data.template in Jinja (system: no prefix); `condition` per request (vLLM: chat_template_kwargs), else ours."""
-    default = condition.replace("\\", "\\\\").replace("'", "\\'")  # inside a Jinja string literal
-    return ("{% set condition = condition if condition is defined and condition is not none else '" + default + "' %}"
-            "{% set prefix = condition + ' ' if condition else '' %}{{ bos_token }}{% for message in messages %}"
-            "{% if message['role'] == 'system' %}{{ message['content'] + '" + EOT_TEXT + "' }}"
-            "{% else %}{{ prefix + message['role'] | title + ': ' + message['content'] + '" + EOT_TEXT + "' }}"
-            "{% endif %}{% endfor %}{% if add_generation_prompt %}{{ prefix + 'Assistant:' }}{% endif %}")
-
-
-def _protobuf_fields(buf):
-    """{field number: last value} of one protobuf message, varints as int, the rest as bytes (no protobuf needed)."""
-    def varint(i):
-        value, shift = 0, 0
-        while buf[i] & 0x80:  # 7 bits a byte, low first; the last byte has the top bit clear
-            value, shift, i = value | (buf[i] & 0x7F) << shift, shift + 7, i + 1
-        return value | buf[i] << shift, i + 1
-    out, i = {}, 0
-    while i < len(buf):
-        key, i = varint(i)
-        wire_type = key & 7
-        if wire_type == 0:
-            out[key >> 3], i = varint(i)
-            continue
-        size, i = varint(i) if wire_type == 2 else ({1: 8, 5: 4}[wire_type], i)  # 8 or 4 bytes (no groups here)
-        out[key >> 3], i = buf[i:i + size], i + size
-    return out
-
-
-def sentencepiece_settings(model_path):
-    """The model type and normalizer settings of a sentencepiece model file (sentencepiece_model.proto numbers)."""
-    with open(model_path, "rb") as f:
-        model = _protobuf_fields(f.read())
-    trainer, normalizer = _protobuf_fields(model.get(2, b"")), _protobuf_fields(model.get(3, b""))
-    return {"model_type": {1: "unigram", 2: "bpe", 3: "word", 4: "char"}.get(trainer.get(3, 1), "unknown"),
-            "byte_fallback": bool(trainer.get(35, 0)), "normalizer": normalizer.get(1, b"nmt_nfkc").decode(),
-            "precompiled_charsmap": normalizer.get(2, b""), "add_dummy_prefix": bool(normalizer.get(3, 1)),
-            "remove_extra_whitespaces": bool(normalizer.get(4, 1)), "escape_whitespaces": bool(normalizer.get(5, 1))}
-
-
-def bpe_merges(sp):
-    """Merges, best first, for tokenizers' BPE to split as sentencepiece's BPE does (it merges the adjacent pair that
-    makes the highest-scoring piece): every split of a normal piece into two normal pieces, ranked by that score. On
-    ties sentencepiece merges the leftmost pair, tokenizers by rank: Mistral's runs of spaces, see _space_run_merges."""
-    normal = {sp.id_to_piece(i): i for i in range(sp.get_piece_size())
-              if not (sp.is_control(i) or sp.is_unknown(i) or sp.is_byte(i) or sp.is_unused(i))}
-    score = {p: sp.get_score(i) for p, i in normal.items()}
-    runs = sorted(len(p) for p in normal if set(p) == {"▁"})
-    tied_runs = len(runs) > 2 and len({score["▁" * k] for k in runs if k > 1}) == 1
-    # (-score of the merged piece, rank among equal scores, left, right)
-    merges = [(-score[p], 0, p[:k], p[k:]) for p in normal if not (tied_runs and set(p) == {"▁"})
-              for k in range(1, len(p)) if p[:k] in normal and p[k:] in normal]
-    if tied_runs:
-        merges += [(-score["▁" * (a + b)], rank, "▁" * a, "▁" * b)
-                   for rank, (a, b) in enumerate(_space_run_merges(set(runs)))]
-    merges.sort(key=lambda m: (m[0], m[1], normal[m[2]], normal[m[3]]))
-    return [[left, right] for _, _, left, right in merges]
-
-
-def _space_run_merges(lengths):
-    """Ranked (left, right) lengths for runs of "▁" whose pieces tie (Mistral's "▁" * k, k = 2..14 and 16, all -1e9:
-    merged last, when a run stands alone). sentencepiece grows a run from the left: n spaces become 16s, then the rest
-    in one piece (15: 14 + 1). tokenizers' BPE does the same with these ranks: first equal halves 1+1 .. 8+8 (pairing
-    from the left: 16s, then the rest's binary digits, largest first), then the digits joined from the left (8+4, +2,
-    +1). tests/test_hf.py checks every run length against sentencepiece."""
-    merges, half = [], 1
-    while 2 * half in lengths:
-        merges.append((half, half))
-        half *= 2
-    digit = half // 2
-    while digit >= 1:
-        merges += [(left, digit) for left in range(2 * digit, half, 2 * digit)
-                   if left in lengths and left + digit in lengths]
-        digit //= 2
-    return merges
-
-
-def _special(text):
-    return dict(content=text, single_word=False, lstrip=False, rstrip=False, normalized=False, special=True)
-
-
-def tokenizer_json(model_path, eot_id):
-    """A tokenizers-library tokenizer.json equivalent to the sentencepiece model plus <|end_of_turn|> = eot_id."""
-    sp = spm.SentencePieceProcessor(model_file=model_path)  # its own short error for a file that is not a model
-    settings = sentencepiece_settings(model_path)
-    charsmap = len(settings.pop("precompiled_charsmap"))  # bytes (~240 KB for nmt_nfkc): only its size in messages
-    settings["normalizer"] += f" with a {charsmap / 1e3:.0f} KB precompiled_charsmap" if charsmap else ""
-    wanted = dict(model_type="bpe", normalizer="identity", remove_extra_whitespaces=False, escape_whitespaces=True)
-    bad = [f"{k} {settings[k]} (need {v})" for k, v in wanted.items() if settings[k] != v]
-    if bad:
-        raise ValueError(f"{model_path}: tokenizer.json cannot reproduce this sentencepiece model: {'; '.join(bad)}")
-    n_pieces = sp.get_piece_size()
-    if eot_id != n_pieces:
-        raise ValueError(f"{model_path}: {EOT_TEXT} id {eot_id} (need {n_pieces}, the id right after the pieces)")
-    if min(sp.bos_id(), sp.eos_id()) < 0:
-        raise ValueError(f"{model_path}: bos_id {sp.bos_id()}, eos_id {sp.eos_id()} (need both pieces)")
-    pieces = [sp.id_to_piece(i) for i in range(n_pieces)]
-    added = [(i, pieces[i]) for i in range(n_pieces) if sp.is_control(i) or sp.is_unknown(i)] + [(eot_id, EOT_TEXT)]
-    prefix = [{"type": "Prepend", "prepend": "▁"}] if settings["add_dummy_prefix"] else []
-    normalizers = prefix + [{"type": "Replace", "pattern": {"String": " "}, "content": "▁"}]
-    decoders = [{"type": "Replace", "pattern": {"String": "▁"}, "content": " "}, {"type": "ByteFallback"},
-                {"type": "Fuse"}, *([{"type": "Strip", "content": " ", "start": 1, "stop": 0}] if prefix else [])]
-    bos_piece = pieces[sp.bos_id()]
-    bos, text = {"SpecialToken": {"id": bos_piece, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}
-    return {
-        "version": "1.0", "truncation": None, "padding": None,
-        "added_tokens": [{"id": i, **_special(t)} for i, t in added],
-        "normalizer": {"type": "Sequence", "normalizers": normalizers}, "pre_tokenizer": None,
-        "post_processor": {  # tokenizer(text) starts with BOS, like sentencepiece-based LLaMA tokenizers
-            "type": "TemplateProcessing", "single": [bos, text],
-            "pair": [bos, text, bos, {"Sequence": {"id": "B", "type_id": 1}}],
-            "special_tokens": {bos_piece: {"id": bos_piece, "ids": [sp.bos_id()], "tokens": [bos_piece]}}},
-        "decoder": {"type": "Sequence", "decoders": decoders},
-        "model": {"type": "BPE", "dropout": None, "unk_token": pieces[sp.unk_id()], "continuing_subword_prefix": None,
-                  "end_of_word_suffix": None, "fuse_unk": True, "byte_fallback": settings["byte_fallback"],
-                  "ignore_merges": False, "vocab": {p: i for i, p in enumerate(pieces)}, "merges": bpe_merges(sp)},
-    }
-
-
-def export_hf(model, tokenizer, out_dir, condition=EXPERT_CONDITION):
-    """Write `model` (a model.Transformer: its save_pretrained and args) and `tokenizer` (a tokenizer.Tokenizer) as
-    a Hugging Face model directory. `condition`: the template's default class (the expert's; "" for plain SFT)."""
-    if model.args.vocab_size < tokenizer.vocab_size:  # more rows are fine (openchat_3.5: 32002 rows, 32001 ids)
-        raise ValueError(f"model vocab_size {model.args.vocab_size} (need >= the tokenizer's {tokenizer.vocab_size})")
-    tok_json = tokenizer_json(tokenizer.model_path, tokenizer.eot_id)  # checks the tokenizer before writing anything
-    model.save_pretrained(out_dir)  # makes out_dir
-    shutil.copyfile(tokenizer.model_path, os.path.join(out_dir, "tokenizer.model"))
-    _write_json(os.path.join(out_dir, "tokenizer.json"), tok_json)
-    sp = tokenizer.sp
-    bos, eos, unk = sp.id_to_piece(sp.bos_id()), sp.id_to_piece(sp.eos_id()), sp.id_to_piece(sp.unk_id())
-    special = {"bos_token": bos, "eos_token": EOT_TEXT, "unk_token": unk}
-    _write_json(os.path.join(out_dir, "special_tokens_map.json"), special)
-    _write_json(os.path.join(out_dir, "tokenizer_config.json"), {
-        "tokenizer_class": "PreTrainedTokenizerFast",  # load tokenizer.json as it is (see the module docstring)
-        **special, "pad_token": None, "add_bos_token": True, "add_eos_token": False,
-        "clean_up_tokenization_spaces": False, "model_max_length": model.args.max_seq_len,
-        "added_tokens_decoder": {str(i): _special(text) for i, text in [
-            (sp.unk_id(), unk), (sp.bos_id(), bos), (sp.eos_id(), eos), (tokenizer.eot_id, EOT_TEXT)]},
-        "chat_template": chat_template(condition),
-        "crlft_condition": condition,  # read by sample.py as its default condition
-    })
-    _write_json(os.path.join(out_dir, "generation_config.json"), {  # OpenChat's serving defaults
-        "bos_token_id": sp.bos_id(), "eos_token_id": [tokenizer.eot_id, sp.eos_id()],  # the turn's end, and </s>
-        "do_sample": True, "temperature": 0.7, "top_p": 1.0})
-    return out_dir

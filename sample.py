@@ -17,7 +17,7 @@ from typing import Iterator
 import torch
 
 import data
-from hf_format import checkpoint_tokenizer
+from tokenizing import checkpoint_tokenizer
 from model import Transformer
 from chat_readers import EXPERT_CONDITION
 

@@ -1,6 +1,7 @@
 """sentencepiece plus `<|end_of_turn|>` (the id after the model's pieces, as OpenChat added it, or the one a
 checkpoint gives it: openchat_3.5's 32000), and a batched encode exactly like sentencepiece's, only faster."""
 import importlib.util
+import json
 import os
 import re
 
@@ -82,3 +83,26 @@ def _segments_are_independent(sp) -> bool:
         return False  # a piece like "a▁b" could span two segments
     probes = ["a  b", " a", "a ", "\u3000x", "\xa0y", "ｆ", "e\u0301", "\t\n", "A\r\nB"]
     return all(sp.normalize(t) == "▁" + t.replace(" ", "▁") for t in probes)  # identity normaliser
+
+
+def checkpoint_tokenizer(model_dir: str, vocab_size: int, path: str | None = None) -> Tokenizer:
+    """A checkpoint's tokenizer: `path` (--tokenizer) or its own tokenizer.model. <|end_of_turn|> keeps the id the
+    directory gives it (openchat_3.5: 32000), else the row after the pieces. vocab_size must fit: pieces + added ids."""
+    path = path or os.path.join(model_dir, "tokenizer.model")
+    added = {}  # text -> id
+    for name in ("added_tokens.json", "tokenizer_config.json"):
+        file = os.path.join(model_dir, name)
+        if os.path.isfile(file):
+            try:
+                with open(file, encoding="utf-8") as f:
+                    config = json.load(f)
+                added.update({text: int(i) for text, i in config.items()} if name == "added_tokens.json" else
+                             {t["content"]: int(i) for i, t in config.get("added_tokens_decoder", {}).items()})
+            except (ValueError, TypeError, KeyError, AttributeError) as e:
+                raise ValueError(f"{file}: unreadable added tokens ({type(e).__name__}: {str(e)[:80]})") from None
+    tokenizer = Tokenizer(path, added.get(EOT_TEXT))
+    n_pieces = tokenizer.sp.get_piece_size()
+    if not n_pieces <= vocab_size <= max([n_pieces, *(i + 1 for i in added.values())]):
+        raise ValueError(f"{path}: the tokenizer has {n_pieces} pieces but {model_dir}/config.json has "
+                         f"vocab_size={vocab_size}: not this model's tokenizer (pass its own with --tokenizer)")
+    return tokenizer

@@ -28,11 +28,12 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 import data
 from data import EXPERT_CONDITION
-import hf_format
+import hf_export
 import prepare
 import toy_task
 from train_checkpoint import check_same_run, latest_checkpoint, load_checkpoint, save_checkpoint
 from model import PRESETS, ModelArgs, Transformer
+from tokenizing import Tokenizer, checkpoint_tokenizer
 from train_progress import Progress, describe, say
 
 
@@ -174,11 +175,11 @@ def tokenizer_and_args(cfg):
         path = cfg.tokenizer or (toy_task.TOKENIZER_PATH if cfg.data == "toy" else None)
         if os.path.isdir(cfg.data) and not cfg.tokenizer:  # tokenized by `python data.py tokenize`: its own
             path = data.TokenizedDataset.load(cfg.data).meta["tokenizer"]
-        tokenizer = data.Tokenizer(path)
+        tokenizer = Tokenizer(path)
         args = dataclasses.replace(PRESETS[cfg.model], vocab_size=tokenizer.vocab_size)
     else:
         args = ModelArgs.from_pretrained(cfg.model, max_seq_len=cfg.max_seq_len or None)
-        tokenizer = hf_format.checkpoint_tokenizer(cfg.model, args.vocab_size, cfg.tokenizer or None)
+        tokenizer = checkpoint_tokenizer(cfg.model, args.vocab_size, cfg.tokenizer or None)
     overrides = {k: getattr(cfg, k) for k in "dim n_layers n_heads n_kv_heads max_seq_len".split() if getattr(cfg, k)}
     if "dim" in overrides or "n_heads" in overrides:  # let ModelArgs derive these again from the new shape
         overrides.update(head_dim=None, hidden_dim=None if "dim" in overrides else args.hidden_dim)
@@ -274,7 +275,7 @@ def export(model, cfg, args, tokenizer, directory):
     if args.tie_embeddings:  # load_state_dict(assign=True) gave the two names two Parameters: tie again
         local.output.weight = local.tok_embeddings.weight
     if cfg.export:
-        hf_format.export_hf(local.to(torch.bfloat16 if cfg.dtype == "bf16" else torch.float32), tokenizer, directory,
+        hf_export.export_hf(local.to(torch.bfloat16 if cfg.dtype == "bf16" else torch.float32), tokenizer, directory,
                      condition=cfg.expert_condition if cfg.use_condition else "")
         say(f"exported a Hugging Face model to {directory} (python sample.py --model={directory})")
     return local

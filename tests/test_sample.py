@@ -218,7 +218,7 @@ def test_load_errors_name_the_path(tmp_path):
 
 
 def test_command_line_answers_prompts_from_an_export(tmp_path, capsys, monkeypatch):
-    from hf_format import export_hf
+    from hf_export import export_hf
 
     tok = data.Tokenizer(toy_task.TOKENIZER_PATH)
     model = random_model(vocab_size=tok.vocab_size, max_seq_len=128)
@@ -267,7 +267,7 @@ def test_ctrl_c_stops_the_reply_not_the_session(monkeypatch, toy):
 
 
 def test_default_condition_is_the_one_the_export_names(tmp_path, capsys):
-    from hf_format import export_hf
+    from hf_export import export_hf
 
     tok = data.Tokenizer(toy_task.TOKENIZER_PATH)
     model = random_model(vocab_size=tok.vocab_size, max_seq_len=128)

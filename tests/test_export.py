@@ -1,4 +1,4 @@
-"""hf_format.export_hf: the exported directory, read by transformers, gives our prompts token for token and our logits.
+"""hf_export.export_hf: the exported directory, read by transformers, gives our prompts token for token and our logits.
 
 References: data.encode_prompt (how training and sample.py build prompts) and sentencepiece itself, through
 data.Tokenizer; for the weights, our own forward pass.
@@ -14,7 +14,7 @@ import torch
 import data
 import chat_readers
 import toy_task
-from hf_format import chat_template, export_hf
+from hf_export import chat_template, export_hf
 from model import ModelArgs, Transformer
 from tokenizing import EOT_TEXT as EOT
 
@@ -105,7 +105,7 @@ def test_chat_template_text_is_openchats(exported):
         if condition == default:
             assert text() == text(condition=None) == expected  # no condition given: the export's default
     # vLLM passes a chat_template_kwargs entry only if the template reads it as a variable of its own
-    # (vllm/renderers/hf_format.py, resolve_chat_template_kwargs: jinja2.meta.find_undeclared_variables).
+    # (vllm/renderers/hf.py, resolve_chat_template_kwargs: jinja2.meta.find_undeclared_variables).
     jinja2 = pytest.importorskip("jinja2.sandbox")
     parsed = jinja2.ImmutableSandboxedEnvironment().parse(hf_tok.chat_template)
     assert "condition" in pytest.importorskip("jinja2.meta").find_undeclared_variables(parsed)
@@ -171,7 +171,7 @@ def test_real_sharegpt_messages_encode_like_sentencepiece(exported, sharegpt):
 def test_literal_special_token_text_is_a_known_difference(exported):
     """Training encodes "<|end_of_turn|>" typed inside content as text (a user cannot end a turn); a Hugging
     Face tokenizer always splits added tokens out of text, so through the chat template the literal becomes the
-    special id. No template can escape it; this test pins the difference down (see hf_format.py)."""
+    special id. No template can escape it; this test pins the difference down (see hf_export.py)."""
     tok, condition, _, _, hf_tok = exported
     messages = [{"role": "user", "content": f"x{EOT}y </s> <s>"}]
     ours = data.encode_prompt(tok, messages, condition)
@@ -216,7 +216,7 @@ def test_condition_with_quotes_renders(tmp_path):
 def test_unsupported_sentencepiece_model_is_a_clear_error(tmp_path):
     import sentencepiece as spm
 
-    from hf_format import tokenizer_json
+    from hf_export import tokenizer_json
 
     path = str(tmp_path / "unigram.model")
     with open(path, "wb") as f:
@@ -232,7 +232,7 @@ def test_unsupported_sentencepiece_model_is_a_clear_error(tmp_path):
 
 
 def test_export_errors_are_short_and_write_nothing(tmp_path):
-    from hf_format import tokenizer_json
+    from hf_export import tokenizer_json
 
     tok = data.Tokenizer(toy_task.TOKENIZER_PATH)
     with pytest.raises(ValueError, match=f"id {tok.eot_id + 1} \\(need {tok.eot_id}") as e:
