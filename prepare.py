@@ -29,10 +29,15 @@ def inputs_key(cfg, tokenizer, max_seq_len):
         sources = [[name, path, file_digest(chat_readers.source_file(path))]
                    for name, path in chat_readers.parse_sources(cfg.data)]
     inputs = {"sources": sources, "tokenizer": [file_digest(tokenizer.model_path), tokenizer.eot_id],
-              "template": data.TEMPLATE_VERSION, "class_weights": data.parse_class_weights(cfg.class_weights),
+              "template": data.TEMPLATE_VERSION, "class_weights": class_weights(cfg),
               "max_seq_len": max_seq_len,
               **{k: getattr(cfg, k) for k in ("sharegpt_condition", "use_condition", "only_classes", "skip_bad")}}
     return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def class_weights(cfg) -> dict[str, float] | None:
+    """--class_weights as a dict; None ("") trains every class at weight 1 (a message's own weight still wins)."""
+    return data.parse_class_weights(cfg.class_weights) if cfg.class_weights else None
 
 
 def tokenize_sources(cfg, tokenizer, max_seq_len, key, directory):
@@ -46,9 +51,11 @@ def tokenize_sources(cfg, tokenizer, max_seq_len, key, directory):
             raise ValueError(f"--only_classes={cfg.only_classes!r} leaves no conversation")
     if not cfg.use_condition:  # ablation: same data, same weights, no class in the prompt
         conversations = [dataclasses.replace(c, condition="") for c in conversations]
-    dataset = data.tokenize_dataset(conversations, tokenizer, max_seq_len, data.parse_class_weights(cfg.class_weights),
-                                    progress=True)
-    dataset.meta.update(inputs_key=key, read=dict(stats))
+    dataset = data.tokenize_dataset(conversations, tokenizer, max_seq_len, class_weights(cfg), progress=True)
+    conditions = collections.defaultdict(set)  # per class, for the expert condition (train.expert_condition)
+    for c in conversations:
+        conditions[c.class_name].add(c.condition)
+    dataset.meta.update(inputs_key=key, read=dict(stats), conditions={k: sorted(v) for k, v in conditions.items()})
     dataset.save(directory)
     print(f"data: rank {dist.get_rank()} tokenized {len(conversations)} conversations into {directory} in "
           f"{time.time() - t0:.0f} s", flush=True)

@@ -44,11 +44,11 @@ class TrainConfig:
     # data
     data: str = "toy"                 # "toy" | comma-separated [CLASS=]path (.jsonl, .json, "sharegpt") | tokenized dir
     tokenizer: str = ""               # tokenizer.model; "" = the --model directory's, else toy's / Mistral v1
-    class_weights: str = "Expert=1,Novice=0.1"  # reward of each class
+    class_weights: str = ""           # reward of each class, "NAME=W,...": "" = the toy's for toy data, else 1 each
     sharegpt_condition: str = EXPERT_CONDITION  # condition of sources without a class; "from_model": GPT4/GPT3
     use_condition: bool = True        # put the class condition in the prompts (False: plain "User:" prefixes)
     only_classes: str = ""            # comma-separated: train on these classes only ("" = all)
-    expert_condition: str = "Expert"  # the condition used at evaluation and in the exported template
+    expert_condition: str = ""        # condition of evaluation, sample.py, the export ("" = the top-weighted class's)
     skip_bad: bool = False            # skip and count bad records instead of stopping at the first
     val_fraction: float = 0.01        # conversations held out per class for the validation loss (0 = off)
     val_max: int = 2000               # at most this many held out in all
@@ -91,18 +91,18 @@ class TrainConfig:
 
 
 # OpenChat's recipes for released checkpoints (8 x 80 GB): GPT-4's answers the expert class, GPT-3.5's weighted 0.1.
-_RELEASED = dict(data="", class_weights=f"{EXPERT_CONDITION}=1,GPT3=0.1", expert_condition=EXPERT_CONDITION,
-                 batch_tokens=77824, max_seq_len=8192, lr_base=3e-4 / 6, dtype="bf16", activation_checkpointing=True,
+_RELEASED = dict(data="", class_weights=f"{EXPERT_CONDITION}=1,GPT3=0.1", batch_tokens=77824, max_seq_len=8192,
+                 lr_base=3e-4 / 6, dtype="bf16", activation_checkpointing=True,
                  ckpt_every=500, toy_eval=0)
 PRESETS_TRAIN = {
     "toy": {},
     "mistral-7b": dict(_RELEASED, model="<Mistral-7B-v0.1 directory>"),
     "openchat_3.5": dict(_RELEASED, model="<openchat_3.5 directory>"),  # its <|end_of_turn|> is kept
     "llama2-13b": dict(_RELEASED, model="<Llama-2-13b directory>", class_weights="GPT4=1,GPT3=0.1", lr_base=3e-4,
-                       expert_condition="GPT4", sharegpt_condition="GPT4", batch_tokens=32768, max_seq_len=4096),
+                       sharegpt_condition="GPT4", batch_tokens=32768, max_seq_len=4096),
     # Throughput check on one GPU: a ~1B model from scratch on packed ShareGPT (one class), tokens/s and MFU.
     "1b-throughput": dict(model="1b", data="sharegpt", skip_bad=True, class_weights=f"{EXPERT_CONDITION}=1", toy_eval=0,
-                          expert_condition=EXPERT_CONDITION, val_fraction=0.0, batch_tokens=16384, max_seq_len=4096,
+                          val_fraction=0.0, batch_tokens=16384, max_seq_len=4096,
                           lr=3e-4, dtype="bf16", max_steps=30, ckpt_every=10**9, export=False, compile=True),
 }
 
@@ -148,7 +148,9 @@ def parse_config(argv):
         raise ValueError(f"--model={cfg.model!r} is neither a preset ({', '.join(PRESETS)}) nor a directory")
     if not cfg.data:
         raise ValueError('--data is required: e.g. --data="GPT4 Correct=gpt4.jsonl,GPT3=gpt35.json"')
-    data.parse_class_weights(cfg.class_weights)
+    if not cfg.class_weights and cfg.data == "toy":
+        cfg = dataclasses.replace(cfg, class_weights=",".join(f"{k}={w:g}" for k, w in toy_task.CLASS_WEIGHTS.items()))
+    prepare.class_weights(cfg)  # a bad spec is an error now, not after tokenizing
     return cfg
 
 
@@ -300,10 +302,31 @@ def setup(cfg, rank, world_size, group):
     plans = [[[[int(train_ids[i]) for i in b] for b in step]  # each epoch's steps of bins, as dataset indices
               for step in data.pack_epoch(dataset.lengths[train_ids], cfg.batch_tokens, world_size * cfg.grad_accum,
                                           cfg.seed, epoch)] for epoch in range(cfg.epochs)]
+    cfg = dataclasses.replace(cfg, expert_condition=expert_condition(cfg, dataset))
     if cfg.lr_base > 0:  # OpenChat's rule: the learning rate grows with the supervised tokens of a step
         supervised = (np.asarray(dataset.weights) > 0).sum() * len(train_ids) / len(dataset)
         cfg = dataclasses.replace(cfg, lr=cfg.lr_base * math.sqrt(supervised / len(plans[0]) / 4e6))
     return cfg, tokenizer, args, dataset, held_out, plans, run, ckpt, tokenized
+
+
+def expert_condition(cfg, dataset) -> str:
+    """The condition of evaluation, sample.py's default and the exported chat template: --expert_condition, else
+    that of the class trained with the largest weight (its mean weight per supervised token, so that a message's own
+    weight counts as trained); a tie is refused: the run cannot tell which class is the expert."""
+    if not cfg.use_condition or cfg.expert_condition:
+        return cfg.expert_condition if cfg.use_condition else ""
+    classes = dataset.meta["summary"]["classes"]
+    weight = {name: c["weight_sum"] / max(c["supervised_tokens"], 1) for name, c in classes.items()}
+    top = [name for name in weight if math.isclose(weight[name], max(weight.values()))]
+    if len(top) > 1:
+        raise ValueError(f"--expert_condition: classes {', '.join(map(repr, top))} share the largest weight "
+                         f"{weight[top[0]]:g}: name the expert's condition, --expert_condition={top[0]!r}, or give "
+                         f"the classes different --class_weights")
+    conditions = dataset.meta.get("conditions", {}).get(top[0], [top[0]])  # a prepared directory: class = condition
+    if len(conditions) != 1:
+        raise ValueError(f"--expert_condition: the top-weighted class {top[0]!r} has several conditions "
+                         f"({', '.join(map(repr, conditions))}): name one, --expert_condition=...")
+    return conditions[0]
 
 
 def train(cfg):

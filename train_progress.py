@@ -9,7 +9,6 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from data import parse_class_weights
 
 
 def say(*args):
@@ -21,16 +20,17 @@ def say(*args):
 def describe(cfg, tokenizer, args, n_params, dataset, n_held_out, n_steps, world_size):
     """Say what is about to be trained (rank 0): tokenizer, model, each class with its weight, the expert
     condition, the plan; and warn when one class only makes it plain SFT."""
-    summary, weights = dataset.meta.get("summary", {}), parse_class_weights(cfg.class_weights)
+    summary = dataset.meta.get("summary", {})
     lines = [f"tokenizer: {tokenizer.model_path} ({tokenizer.sp.get_piece_size()} pieces, <|end_of_turn|> = "
              f"{tokenizer.eot_id})", f"model: {cfg.model} ({args.model_type}, {args.n_layers} layers, dim {args.dim}, "
              f"{n_params / 1e6:,.1f}M parameters, context {args.max_seq_len}"
              f"{f', sliding window {args.sliding_window}' if args.sliding_window else ''})",
              f"data: {len(dataset)} conversations in {len(dataset.class_names)} class(es), {n_held_out} held out for "
              f"validation; dropped {summary.get('dropped', {})}, truncated {summary.get('truncated_to_context', 0)}"]
-    lines += [f"  class {name!r:16} weight {weights.get(name, 'per message')!s:5}  {c['conversations']:>9,} "
-              f"conversations  {c['supervised_tokens']:>13,} supervised tokens" for name, c in
-              summary.get("classes", {}).items()]
+    for name, c in summary.get("classes", {}).items():  # the weight as trained: a message's own weight counts
+        weight = c["weight_sum"] / max(c["supervised_tokens"], 1)
+        lines.append(f"  class {name!r:16} weight {weight:<5.3g}  {c['conversations']:>9,} conversations  "
+                     f"{c['supervised_tokens']:>13,} supervised tokens")
     lines += [f"expert condition (evaluation, exported chat template): "
               f"{cfg.expert_condition if cfg.use_condition else '(none)'!r}", f"plan: {n_steps} steps in "
               f"{cfg.epochs} epochs, {world_size} rank(s) x {cfg.grad_accum} micro-batch(es) of {cfg.batch_tokens} "

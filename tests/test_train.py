@@ -323,3 +323,44 @@ def test_fine_tunes_a_transformers_checkpoint_with_its_own_tokenizer_on_two_clas
     proc = train([f"--model={checkpoint}", "--max_steps=1", f"--tokenizer={data.default_tokenizer_path()}"],
                  tmp_path / "bad", check=False)  # Mistral's tokenizer does not fit this checkpoint
     assert proc.returncode != 0 and "32000 pieces" in proc.stderr and "vocab_size=120" in proc.stderr
+
+
+def _two_class_files(tmp_path):
+    """Two OpenChat JSONL files of toy sums: A's answers right, B's carry-free."""
+    sys.path.insert(0, ROOT)
+    import toy_task
+    for name, answer in (("a", lambda x, y: x + y), ("b", toy_task.carry_free_sum)):
+        with open(tmp_path / f"{name}.jsonl", "w") as f:
+            for x in range(10, 70):
+                items = [{"role": "user", "content": f"{x}+{x + 7}="},
+                         {"role": "assistant", "content": toy_task.write_sum(answer(x, x + 7))}]
+                f.write(json.dumps({"items": items}) + "\n")
+    return f"--data=GPT4 Correct={tmp_path / 'a.jsonl'},GPT3={tmp_path / 'b.jsonl'}"
+
+
+def test_the_expert_condition_follows_the_class_weights(tmp_path):
+    """No --expert_condition: the class of the largest weight is the expert, named in the summary before the first
+    step and as the export's default condition (not the toy's 'Expert', never trained here)."""
+    sys.path.insert(0, ROOT)
+    import toy_task
+    data_flag = _two_class_files(tmp_path)
+    proc = train([data_flag, "--class_weights=GPT3=0.1,GPT4 Correct=1", f"--tokenizer={toy_task.TOKENIZER_PATH}",
+                  "--max_steps=1", "--export=true"], tmp_path / "run")
+    assert "expert condition (evaluation, exported chat template): 'GPT4 Correct'" in proc.stdout
+    config = json.loads((tmp_path / "run" / "export" / "tokenizer_config.json").read_text())
+    assert config["crlft_condition"] == "GPT4 Correct"
+    # the other way round: the weights decide, not the order of the files
+    proc = train([data_flag, "--class_weights=GPT3=1,GPT4 Correct=0.5", f"--tokenizer={toy_task.TOKENIZER_PATH}",
+                  "--max_steps=1", "--resume=false"], tmp_path / "swapped")
+    assert "expert condition (evaluation, exported chat template): 'GPT3'" in proc.stdout
+
+
+def test_a_tie_for_the_largest_weight_is_refused_naming_the_flag(tmp_path):
+    sys.path.insert(0, ROOT)
+    import toy_task
+    proc = train([_two_class_files(tmp_path), f"--tokenizer={toy_task.TOKENIZER_PATH}", "--max_steps=1"],
+                 tmp_path / "run", check=False)  # no --class_weights: every class weighs 1
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode != 0 and len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert lines[0].startswith("error: --expert_condition: classes 'GPT3', 'GPT4 Correct' share the largest weight 1")
+    assert not (tmp_path / "run").exists()  # nothing of the failed run left
