@@ -1,10 +1,13 @@
 """A LLaMA / Mistral decoder, written to be read: pre-norm blocks of RMSNorm -> grouped-query attention with rotary
-embeddings -> RMSNorm -> SwiGLU, in the Hugging Face layout (RoPE rotates the two halves of each head), so hf_format.py's
-checkpoints load without permuting anything. `Transformer.forward` trains, gives logits, or generates. It knows
-nothing of FSDP (train.py wraps `model.layers[i]`); RoPE is computed in forward: no buffers, a simple meta init."""
+embeddings -> RMSNorm -> SwiGLU, in the Hugging Face layout (RoPE rotates the two halves of each head), so
+hf_format.py's checkpoints load without permuting anything. `Transformer.forward` trains, gives logits, or generates.
+It knows nothing of FSDP (train.py wraps `model.layers[i]`); RoPE is computed in forward: no buffers, a simple meta
+init. Llama 3, Qwen2/2.5, Qwen3 and Gemma are the same model with a few options of ModelArgs (its second group),
+each named for what it does; hf_format.model_config picks them from a checkpoint's family."""
 import math
 import os
 from dataclasses import dataclass, replace
+from functools import partial
 from typing import Optional
 
 import torch
@@ -16,6 +19,10 @@ from crlft_kernels.attention import flash_attention
 from crlft_kernels.cross_entropy import fused_linear_cross_entropy
 
 
+# The feed-forward's gate, by transformers' names: SwiGLU's silu, Gemma's GeGLU with the tanh GELU (GELUTanh)
+ACTIVATIONS = {"silu": F.silu, "gelu_pytorch_tanh": partial(F.gelu, approximate="tanh")}
+
+
 @dataclass
 class ModelArgs:
     dim: int = 4096
@@ -23,7 +30,7 @@ class ModelArgs:
     n_heads: int = 32
     n_kv_heads: Optional[int] = None          # None: = n_heads (plain multi-head attention)
     vocab_size: int = 32000
-    hidden_dim: Optional[int] = None          # SwiGLU width; None: LLaMA's rule below
+    hidden_dim: Optional[int] = None          # feed-forward width; None: LLaMA's rule below
     multiple_of: int = 256                    # LLaMA's rule: 8/3 * dim rounded up to a multiple of this
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0
@@ -32,9 +39,19 @@ class ModelArgs:
     head_dim: Optional[int] = None            # None: dim // n_heads
     init_std: float = 0.02                    # std of the normal init of every matrix (HF's initializer_range)
     sliding_window: Optional[int] = None      # Mistral: each token sees itself and the window - 1 before it
-    model_type: str = "llama"                 # "llama" or "mistral"
+    model_type: str = "llama"                 # the transformers class save_pretrained writes: hf_format.FAMILIES
     bos_token_id: Optional[int] = 1           # bos and eos: carried only into save_pretrained's config.json
     eos_token_id: Optional[int] = 2
+    # Options beyond LLaMA 2 / Mistral, each with a family that has it (which family has which: hf_format.FAMILIES)
+    qkv_bias: bool = False                    # Qwen2: the q, k and v projections have a bias (o has none)
+    qk_norm: bool = False                     # Qwen3: RMSNorm over head_dim on each head of q and k, before RoPE
+    norm_plus_one: bool = False               # Gemma: each RMSNorm scales by (1 + w), w initialised to 0
+    scale_embeddings: bool = False            # Gemma: input embeddings multiplied by sqrt(dim)
+    ffn_activation: str = "silu"              # the gate's: "silu" (SwiGLU) or "gelu_pytorch_tanh" (GeGLU, Gemma)
+    rope_scaling_factor: Optional[float] = None  # Llama 3.1+: long wavelengths' frequencies / factor (None: plain)
+    rope_low_freq_factor: float = 1.0         # ... wavelengths above original / low_freq_factor: divided by factor
+    rope_high_freq_factor: float = 4.0        # ... below original / high_freq_factor: kept; in between: blended
+    rope_original_max_seq_len: int = 8192     # ... "original": the context of pre-training
 
     def __post_init__(self):
         self.n_kv_heads = self.n_heads if self.n_kv_heads is None else self.n_kv_heads
@@ -43,8 +60,17 @@ class ModelArgs:
             self.hidden_dim = self.multiple_of * math.ceil(int(2 * 4 * self.dim / 3) / self.multiple_of)
         if self.n_heads % self.n_kv_heads != 0:
             raise ValueError(f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}")
-        if self.model_type not in ("llama", "mistral"):
-            raise ValueError(f"model_type={self.model_type!r}, expected 'llama' or 'mistral'")
+        if self.model_type not in hf_format.FAMILIES:
+            raise ValueError(f"model_type={self.model_type!r}, expected one of {', '.join(hf_format.FAMILIES)}")
+        # Saved, a family's transformers class computes its own options, whatever config.json says: they must agree
+        for option, value in hf_format.family_options(self.model_type).items():
+            if getattr(self, option) != value:
+                raise ValueError(f"{option}={getattr(self, option)!r}: model_type={self.model_type!r} has {value!r}")
+        if self.ffn_activation not in ACTIVATIONS:
+            raise ValueError(f"ffn_activation={self.ffn_activation!r}, expected one of {', '.join(ACTIVATIONS)}")
+        factors = (self.rope_scaling_factor, self.rope_low_freq_factor, self.rope_high_freq_factor)
+        if factors[0] is not None and not (factors[0] > 0 and 0 < factors[1] < factors[2]):
+            raise ValueError(f"RoPE scaling, low and high frequency factors {factors}: expected > 0 and low < high")
         window = self.sliding_window
         if window is not None and (type(window) is not int or window < 1 or self.model_type != "mistral"):
             raise ValueError(f"sliding_window={window!r}: a Mistral model's window is an int >= 1 (or none)")
@@ -69,19 +95,37 @@ PRESETS = {  # models trained from scratch (released ones come from their direct
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float):
+    def __init__(self, dim: int, eps: float, plus_one: bool = False):
         super().__init__()
-        self.eps, self.weight = eps, nn.Parameter(torch.ones(dim))
+        self.eps, self.plus_one = eps, plus_one
+        self.weight = nn.Parameter(torch.zeros(dim) if plus_one else torch.ones(dim))
 
-    def forward(self, x):  # in fp32, cast back before the weight, as Hugging Face does (bf16 results then agree)
+    def forward(self, x):  # normalised in fp32, as Hugging Face does (bf16 results then agree)
         x32 = x.float()
-        return self.weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.plus_one:  # Gemma: x * (1 + w) multiplied in fp32, then cast (transformers' GemmaRMSNorm)
+            return (normed * (1.0 + self.weight.float())).to(x.dtype)
+        return self.weight * normed.to(x.dtype)  # LLaMA: cast back before the weight (LlamaRMSNorm)
 
 
-def rope_cos_sin(position_ids, head_dim: int, theta: float, dtype):
-    """position_ids (B, T) -> cos, sin (B, T, head_dim), computed in fp32 and cast to the activations' dtype."""
-    exponents = torch.arange(0, head_dim, 2, device=position_ids.device, dtype=torch.int64).float() / head_dim
-    angles = position_ids.float()[..., None] * (1.0 / (theta ** exponents))     # (B, T, head_dim/2)
+def rope_frequencies(args: ModelArgs, device):
+    """The head_dim/2 rotation frequencies theta^(-2i/D) in fp32; with rope_scaling_factor, Llama 3.1's rescaling:
+    frequencies whose wavelength 2*pi/f is shorter than original/high are kept, longer than original/low divided
+    by the factor, and in between blended, f' = (1 - s) f / factor + s f, s = (original/wavelength - low) / (high - low)
+    (s clamped to [0, 1] gives the other two cases). CRLFT_FACTS.md; transformers' _compute_llama3_parameters."""
+    D = args.head_dim
+    freqs = 1.0 / (args.rope_theta ** (torch.arange(0, D, 2, device=device, dtype=torch.int64).float() / D))
+    if args.rope_scaling_factor is None:
+        return freqs
+    low, high = args.rope_low_freq_factor, args.rope_high_freq_factor
+    wavelength = 2 * math.pi / freqs
+    s = ((args.rope_original_max_seq_len / wavelength - low) / (high - low)).clamp(0, 1)
+    return (1 - s) * freqs / args.rope_scaling_factor + s * freqs
+
+
+def rope_cos_sin(position_ids, freqs, dtype):
+    """position_ids (B, T), freqs (D/2,) -> cos, sin (B, T, D), computed in fp32 and cast to the activations' dtype."""
+    angles = position_ids.float()[..., None] * freqs                           # (B, T, D/2)
     angles = torch.cat((angles, angles), dim=-1)                                # HF layout: halves, not pairs
     return angles.cos().to(dtype), angles.sin().to(dtype)
 
@@ -97,16 +141,21 @@ class Attention(nn.Module):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
         self.window = args.sliding_window
-        self.wq = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=False)
-        self.wk = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
-        self.wv = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
+        self.wq = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=args.qkv_bias)
+        self.wk = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=args.qkv_bias)
+        self.wv = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=args.qkv_bias)
         self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
+        if args.qk_norm:  # one weight of head_dim, shared by the heads
+            self.q_norm = RMSNorm(args.head_dim, args.norm_eps, args.norm_plus_one)
+            self.k_norm = RMSNorm(args.head_dim, args.norm_eps, args.norm_plus_one)
+        else:
+            self.q_norm = self.k_norm = nn.Identity()
         self.cache_k = self.cache_v = None  # for generation, (B, max_seq_len, H_kv, D): not in the state dict
 
     def forward(self, x, cos, sin, cu_seqlens, max_seqlen: int, start_pos: Optional[int] = None):
         B, T, _ = x.shape
-        q = apply_rope(self.wq(x).view(B, T, self.n_heads, self.head_dim), cos, sin)     # (B, T, H, D)
-        k = apply_rope(self.wk(x).view(B, T, self.n_kv_heads, self.head_dim), cos, sin)  # (B, T, H_kv, D)
+        q = apply_rope(self.q_norm(self.wq(x).view(B, T, self.n_heads, self.head_dim)), cos, sin)     # (B, T, H, D)
+        k = apply_rope(self.k_norm(self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)), cos, sin)  # (B, T, H_kv, D)
         v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
         if start_pos is None:  # every row is one or more whole sequences: varlen attention over all B*T tokens
             out = flash_attention(q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), cu_seqlens, max_seqlen,
@@ -133,21 +182,24 @@ class Attention(nn.Module):
 
 
 class FeedForward(nn.Module):
-    def __init__(self, dim: int, hidden_dim: int):
+    def __init__(self, dim: int, hidden_dim: int, activation: str):
         super().__init__()
         self.w1 = nn.Linear(dim, hidden_dim, bias=False)  # gate
         self.w2 = nn.Linear(hidden_dim, dim, bias=False)  # down
         self.w3 = nn.Linear(dim, hidden_dim, bias=False)  # up
+        self.activation = ACTIVATIONS[activation]
 
     def forward(self, x):
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        return self.w2(self.activation(self.w1(x)) * self.w3(x))
 
 
 class Block(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
-        self.attention_norm, self.attention = RMSNorm(args.dim, args.norm_eps), Attention(args)
-        self.ffn_norm, self.feed_forward = RMSNorm(args.dim, args.norm_eps), FeedForward(args.dim, args.hidden_dim)
+        self.attention_norm = RMSNorm(args.dim, args.norm_eps, args.norm_plus_one)
+        self.attention = Attention(args)
+        self.ffn_norm = RMSNorm(args.dim, args.norm_eps, args.norm_plus_one)
+        self.feed_forward = FeedForward(args.dim, args.hidden_dim, args.ffn_activation)
 
     def forward(self, x, cos, sin, cu_seqlens, max_seqlen: int, start_pos: Optional[int] = None):
         h = x + self.attention(self.attention_norm(x), cos, sin, cu_seqlens, max_seqlen, start_pos)
@@ -160,7 +212,8 @@ class Transformer(nn.Module):
         self.args = args
         self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
         self.layers = nn.ModuleList(Block(args) for _ in range(args.n_layers))
-        self.norm, self.output = RMSNorm(args.dim, args.norm_eps), nn.Linear(args.dim, args.vocab_size, bias=False)
+        self.norm = RMSNorm(args.dim, args.norm_eps, args.norm_plus_one)
+        self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
         if args.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
         self.output_t, self._output_t_of = None, None  # (D, V) copy of output.weight for decoding, and of what
@@ -186,7 +239,9 @@ class Transformer(nn.Module):
         if start_pos is None and max_seqlen > self.args.max_seq_len:
             raise ValueError(f"a sequence of {max_seqlen} tokens exceeds max_seq_len={self.args.max_seq_len}")
         h = self.tok_embeddings(tokens)                                             # (B, T, D)
-        cos, sin = rope_cos_sin(position_ids, self.args.head_dim, self.args.rope_theta, h.dtype)
+        if self.args.scale_embeddings:  # Gemma: sqrt(dim), rounded to h's dtype first as transformers does (bf16:
+            h = h * torch.tensor(self.args.dim ** 0.5).to(h.dtype)  # 55.5 for 3072). A CPU scalar: no copy to the GPU
+        cos, sin = rope_cos_sin(position_ids, rope_frequencies(self.args, h.device), h.dtype)
         for layer in self.layers:
             h = layer(h, cos, sin, cu_seqlens, max_seqlen, start_pos)
         h = self.norm(h)
@@ -220,14 +275,17 @@ class Transformer(nn.Module):
 
     @torch.no_grad()
     def init_weights(self):
-        """(Re)initialise: N(0, init_std) matrices, unit norms. Works after a meta-device build and `to_empty`."""
+        """(Re)initialise: N(0, init_std) matrices, zero biases, norms that scale by 1 (w = 1, or 0 for 1 + w).
+        Works after a meta-device build and `to_empty`."""
         if self.args.tie_embeddings and self.output.weight is not self.tok_embeddings.weight:
             self.output.weight = self.tok_embeddings.weight  # to_empty gives each module its own new Parameter
         for module in self.modules():
             if isinstance(module, (nn.Linear, nn.Embedding)):
                 nn.init.normal_(module.weight, mean=0.0, std=self.args.init_std)
+                if getattr(module, "bias", None) is not None:  # qkv_bias: zero, as transformers initialises them
+                    nn.init.zeros_(module.bias)
             elif isinstance(module, RMSNorm):
-                nn.init.ones_(module.weight)
+                nn.init.constant_(module.weight, 0.0 if module.plus_one else 1.0)
 
     @torch.no_grad()
     def grow_vocab(self, new_size: int):
@@ -252,7 +310,7 @@ class Transformer(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path: str, device=None, dtype=None, max_seq_len: Optional[int] = None):
-        """A Hugging Face LLaMA/Mistral directory's model. dtype, max_seq_len None: the config's."""
+        """A Hugging Face directory's model (a family of hf_format.FAMILIES). dtype, max_seq_len None: the config's."""
         args = ModelArgs.from_pretrained(path, max_seq_len)
         with torch.device("meta"):
             model = cls(args)

@@ -143,12 +143,13 @@ def test_transformers_4_style_config(tmp_path):
 
 @pytest.mark.parametrize("field, value", [
     ("rope_scaling", {"rope_type": "linear", "factor": 2.0}),
-    ("rope_parameters", {"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0}),
+    ("rope_parameters", {"rope_type": "yarn", "rope_theta": 5e5, "factor": 8.0}),
+    ("rope_parameters", {"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0}),  # no low/high_freq_factor
     ("sliding_window", 16),
     ("attention_bias", True),
     ("mlp_bias", True),
     ("hidden_act", "gelu"),
-    ("model_type", "qwen2"),
+    ("model_type", "gemma2"),
 ])
 def test_unsupported_config_is_a_clear_error(field, value, tmp_path):
     make_hf("llama-mha-untied").save_pretrained(tmp_path)
@@ -418,7 +419,18 @@ def test_presets_parameter_counts():
         "llama2-7b": (M.ModelArgs(dim=4096, n_layers=32, n_heads=32, vocab_size=32000), 6_738_415_616),
         "llama2-13b": (M.ModelArgs(dim=5120, n_layers=40, n_heads=40, vocab_size=32000), 13_015_864_320),
         "mistral-7b": (M.ModelArgs(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, vocab_size=32000,
-                                   hidden_dim=14336, model_type="mistral", sliding_window=4096), 7_241_732_096)}
+                                   hidden_dim=14336, model_type="mistral", sliding_window=4096), 7_241_732_096),
+        # the families of tests/test_families.py: tied embeddings, q/k/v biases, head_dim 256
+        "llama3-8b": (M.ModelArgs(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, vocab_size=128256,
+                                  hidden_dim=14336), 8_030_261_248),
+        "llama3.2-1b": (M.ModelArgs(dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, vocab_size=128256,
+                                    hidden_dim=8192, tie_embeddings=True), 1_235_814_400),
+        "qwen2.5-0.5b": (M.ModelArgs(dim=896, n_layers=24, n_heads=14, n_kv_heads=2, vocab_size=151936,
+                                     hidden_dim=4864, tie_embeddings=True, model_type="qwen2", qkv_bias=True),
+                         494_032_768),
+        "gemma-2b": (M.ModelArgs(dim=2048, n_layers=18, n_heads=8, n_kv_heads=1, head_dim=256, vocab_size=256000,
+                                 hidden_dim=16384, tie_embeddings=True, model_type="gemma", norm_plus_one=True,
+                                 scale_embeddings=True), 2_506_172_416)}
     for name, (args, count) in released.items():
         with torch.device("meta"):
             assert M.Transformer(args).num_params() == count, name
