@@ -1,14 +1,18 @@
 """Data for C-RLFT: mixed-quality conversations -> class-conditioned, weighted, packed batches.
 
-OpenChat 3.5's template, token for token (`template` below is its one spelling):
+The chat template, token for token (TEMPLATES below spells each one; the tokenizer's special tokens choose):
 
-    <s>[{system}<|end_of_turn|>]GPT4 Correct User: Hi<|end_of_turn|>GPT4 Correct Assistant: Hello<|end_of_turn|>
+    openchat_3.5  <s>[{system}<|end_of_turn|>]GPT4 Correct User: Hi<|end_of_turn|>
+                  GPT4 Correct Assistant: Hello<|end_of_turn|>
+    openchat_3.6  <|begin_of_text|>[<|start_header_id|>System<|end_header_id|>\n\n{system}<|eot_id|>]
+                  <|start_header_id|>GPT4 Correct User<|end_header_id|>\n\nHi<|eot_id|>
+                  <|start_header_id|>GPT4 Correct Assistant<|end_header_id|>\n\nHello<|eot_id|>
 
 The condition names the conversation's class ("GPT4 Correct", "GPT3"): the policy learns pi(y | x, c). Every token
-carries the weight of predicting it, C-RLFT's coarse reward: the class weight on assistant content and its
-`<|end_of_turn|>` (so the model learns to stop), 0 elsewhere; a message's own "weight" (OpenChat's JSONL) overrides
-it. Records come from chat_readers.py or toy_task.py; tokenized data is a few flat numpy arrays, memory-mapped; each step
-packs conversations into world_size bins of `batch_tokens`. `python data.py tokenize|show ...`.
+carries the weight of predicting it, C-RLFT's coarse reward: the class weight on assistant content and its end of
+turn (so the model learns to stop), 0 elsewhere; a message's own "weight" (OpenChat's JSONL) overrides it. Records
+come from chat_readers.py or toy_task.py; tokenized data is a few flat numpy arrays, memory-mapped; each step packs
+conversations into world_size bins of `batch_tokens`. `python data.py tokenize|show ...`.
 """
 import argparse
 import collections
@@ -18,6 +22,7 @@ import json
 import math
 import multiprocessing
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -29,41 +34,100 @@ import torch
 import chat_readers
 import toy_task
 from chat_readers import EXPERT_CONDITION, Conversation, DataError, check_messages  # noqa: F401 (re-exported)
-from tokenizing import EOT_TEXT, Tokenizer, default_tokenizer_path  # noqa: F401
+from tokenizing import Tokenizer, default_tokenizer_path, open_tokenizer  # noqa: F401
 
-TEMPLATE_VERSION = 2  # part of a prepared dataset's key: bump when the template or the weights change
-BOS, EOT = object(), object()  # the template's special pieces: ids, never text (content "<s>" stays text)
+TEMPLATE_VERSION = 3  # part of a prepared dataset's key: bump when the template or the weights change
 
 
 # ----------------------------------------------------------------------------------------------- template
-def role_prefix(condition: str, role: str) -> str:
-    """"GPT4 Correct User:"; just "User:" for the empty condition."""
-    return f"{condition} {role.title()}:" if condition else f"{role.title()}:"
+@dataclass(frozen=True)
+class Template:
+    header: str                # before each message's content: {role} is "{condition} {Role}", "GPT4 Correct User"
+    end: str                   # the end-of-turn token after the content: an assistant's carries its weight
+    after: str = ""            # text after the end token, weight 0
+    system_role: bool = False  # the system prompt has a header of its own, role "System" with no condition
+    add_end: bool = False      # a tokenizer without the end token gets it (at the first free id), as OpenChat's did
+
+    def head(self, role: str, condition: str = "") -> str:
+        """A header as a piece: without its closing space, which goes with the content (see `template`)."""
+        return self.header.replace("{role}", f"{condition} {role}".strip()).removesuffix(" ")
+
+    def specials(self) -> list[str]:
+        return re.findall(r"<[^<>\s]+>", self.header + self.end + self.after)
 
 
-def template(messages, condition: str, system: str | None = None, weight: float = 1.0,
-             generation_prompt: bool = False) -> list[tuple[str, float, bool]]:
-    """The template as (piece, weight, closes an assistant turn) triples; BOS and EOT are special ids, every
-    other piece is text encoded on its own (so it starts with sentencepiece's word-start marker)."""
-    pieces = [(BOS, 0.0, False)] + ([(system, 0.0, False), (EOT, 0.0, False)] if system is not None else [])
+# The templates, each spelled once as the text the model reads. Chosen by the first whose special tokens the
+# tokenizer has (none: OpenChat 3.5, <|end_of_turn|> added), or by name (--template).
+TEMPLATES = {
+    "openchat_3.5": Template("{role}: ", "<|end_of_turn|>", add_end=True),  # system: "{system}<|end_of_turn|>"
+    "openchat_3.6": Template("<|start_header_id|>{role}<|end_header_id|>\n\n", "<|eot_id|>", system_role=True),
+    "openchat_3.5_gemma": Template("{role}: ", "<end_of_turn>"),  # OpenChat 3.5's, Gemma's end of turn
+    # Ours: the idea of 3.6 on ChatML's tokens (SmolLM2, Qwen). OpenChat's chatml template drops the condition.
+    "chatml": Template("<|im_start|>{role}\n", "<|im_end|>", after="\n", system_role=True),
+}
+CONTENT, MARKUP, TURN_END = "content", "markup", "turn end"  # how a piece is encoded: see `template`
+
+
+def use_template(tokenizer: Tokenizer, name: str | None = None) -> Tokenizer:
+    """Give `tokenizer` its chat template: `name`, else the first of TEMPLATES whose special tokens it has, else
+    OpenChat 3.5 (add_end: its <|end_of_turn|> is added to the tokenizer)."""
+    name = name or next((n for n, t in TEMPLATES.items()
+                         if all(tokenizer.special_id(s) is not None for s in t.specials())), "openchat_3.5")
+    if name not in TEMPLATES:
+        raise ValueError(f"template {name!r}: not one of {', '.join(TEMPLATES)}")
+    t = TEMPLATES[name]
+    if t.add_end and tokenizer.special_id(t.end) is None:
+        tokenizer.add_special(t.end)
+    if missing := [s for s in t.specials() if tokenizer.special_id(s) is None]:
+        raise ValueError(f"{tokenizer.path}: template {name!r} needs {', '.join(missing)}, which the tokenizer lacks")
+    tokenizer.template, tokenizer.eot_id = name, tokenizer.special_id(t.end)
+    # the ids it produces: the template's special tokens too
+    tokenizer.vocab_size = max(tokenizer.vocab_size, *(tokenizer.special_id(s) + 1 for s in t.specials()))
+    return tokenizer
+
+
+def load_tokenizer(path: str | None = None, template: str | None = None) -> Tokenizer:
+    """A tokenizer file or directory (tokenizing.open_tokenizer; default Mistral v1's) with its template."""
+    return use_template(open_tokenizer(path), template)
+
+
+def template(tokenizer: Tokenizer, messages, condition: str, system: str | None = None, weight: float = 1.0,
+             generation_prompt: bool = False) -> list[tuple[str, float, str]]:
+    """The tokenizer's template as (text, weight, kind) pieces, each encoded on its own: MARKUP (the template's text:
+    special tokens in it are ids; a TURN_END closes an assistant turn) or CONTENT (special-token text in it stays text).
+    A header's closing space ("GPT4 Correct User: Hi") is encoded with the content, the word start it is; a tokenizer
+    that starts every text with its own word-start marker (sentencepiece's "▁") has it there already."""
+    t = TEMPLATES[tokenizer.template]
+    space = "" if tokenizer.word_start else " " * t.header.endswith(" ")
+
+    def turn(head, content, w, end_kind):  # header (None: none), content, the end of turn and what follows it
+        return ([(head, 0.0, MARKUP), (space + content, w, CONTENT)] if head is not None else [(content, w, CONTENT)]) \
+            + [(t.end, w, end_kind)] + ([(t.after, 0.0, MARKUP)] if t.after else [])
+
+    pieces = [(tokenizer.piece(tokenizer.bos_id), 0.0, MARKUP)] if tokenizer.bos_id is not None else []
+    if system is not None:
+        pieces += turn(t.head("System") if t.system_role else None, system, 0.0, MARKUP)
     for m in messages:
         w = float(m.get("weight", weight if m["role"] == "assistant" else 0.0))
-        pieces += [(role_prefix(condition, m["role"]), 0.0, False), (m["content"], w, False),
-                   (EOT, w, m["role"] == "assistant")]
-    return pieces + ([(role_prefix(condition, "assistant"), 0.0, False)] if generation_prompt else [])
+        pieces += turn(t.head(m["role"].title(), condition), m["content"], w,
+                       TURN_END if m["role"] == "assistant" else MARKUP)
+    return pieces + ([(t.head("Assistant", condition), 0.0, MARKUP)] if generation_prompt else [])
 
 
 def _encode(tokenizer: Tokenizer, conversations: list[list]) -> list[tuple[np.ndarray, np.ndarray, list[int]]]:
     """Each conversation's template pieces -> (tokens (L,) int32, weights (L,) float32, token count after each
-    assistant turn: where a long conversation may be cut). All text of the batch is encoded in one call."""
-    texts = iter(tokenizer.encode_batch([p for pieces in conversations for p, _, _ in pieces if p not in (BOS, EOT)]))
-    special = {BOS: np.array([tokenizer.bos_id], np.int32), EOT: np.array([tokenizer.eot_id], np.int32)}
-    out = []
+    assistant turn: where a long conversation may be cut). All content of the batch is encoded in one call."""
+    contents = iter(tokenizer.encode_batch([text for pieces in conversations for text, _, kind in pieces
+                                            if kind == CONTENT]))
+    markup, out = {}, []  # markup: the template's few distinct pieces, each encoded once
     for pieces in conversations:
-        ids = [special[p] if p in special else next(texts) for p, _, _ in pieces]
+        for text, _, kind in pieces:
+            if kind != CONTENT and text not in markup:
+                markup[text] = np.array(tokenizer.encode_special(text), np.int32)
+        ids = [next(contents) if kind == CONTENT else markup[text] for text, _, kind in pieces]
         lengths = [len(i) for i in ids]
         out.append((np.concatenate(ids), np.repeat(np.array([w for _, w, _ in pieces], np.float32), lengths),
-                    [int(e) for e, (_, _, turn) in zip(np.cumsum(lengths), pieces) if turn]))
+                    [int(e) for e, (_, _, kind) in zip(np.cumsum(lengths), pieces) if kind == TURN_END]))
     return out
 
 
@@ -71,14 +135,14 @@ def encode_conversation(tokenizer: Tokenizer, messages, condition: str, system: 
                         weight: float = 1.0) -> tuple[list[int], list[float]]:
     """Tokens and weights[i], the weight of predicting tokens[i]; `weight` is the class weight."""
     check_messages(messages)
-    tokens, weights, _ = _encode(tokenizer, [template(messages, condition, system, weight)])[0]
+    tokens, weights, _ = _encode(tokenizer, [template(tokenizer, messages, condition, system, weight)])[0]
     return tokens.tolist(), weights.tolist()
 
 
 def encode_prompt(tokenizer: Tokenizer, messages, condition: str, system: str | None = None) -> list[int]:
-    """The history, then the assistant prefix with no end-of-turn: what the model continues."""
+    """The history, then the assistant's header with nothing after it: what the model continues."""
     check_messages(messages, need_assistant=False)
-    return _encode(tokenizer, [template(messages, condition, system, generation_prompt=True)])[0][0].tolist()
+    return _encode(tokenizer, [template(tokenizer, messages, condition, system, generation_prompt=True)])[0][0].tolist()
 
 
 def parse_class_weights(spec: str) -> dict[str, float]:
@@ -160,7 +224,7 @@ def tokenize_dataset(conversations: list[Conversation], tokenizer: Tokenizer, ma
     parts, dropped = [], collections.Counter()
     # fork: workers start at once, without importing torch again (spawn where fork is missing)
     pool = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn").Pool(
-        workers, _start_worker, (tokenizer.model_path, tokenizer.eot_id)) if workers > 1 else None
+        workers, _start_worker, (tokenizer,)) if workers > 1 else None
     # disable=None: a bar on a terminal only, so that logs and piped stderr hold messages, not bar frames
     bar = tqdm(total=len(conversations), disable=None if progress else True, unit="conv", desc="tokenize")
     with pool or contextlib.nullcontext(), bar:  # a Pool's exit terminates its workers, on errors too
@@ -174,31 +238,33 @@ def tokenize_dataset(conversations: list[Conversation], tokenizer: Tokenizer, ma
     offsets = np.cumsum([0] + [len(t) for t, _, _ in parts], dtype=np.int64)
     data = TokenizedDataset(np.concatenate([t for t, _, _ in parts]), np.concatenate([w for _, w, _ in parts]),
                             offsets, np.array([c for _, _, c in parts], np.int32), class_names)
-    data.meta = {"tokenizer": tokenizer.model_path, "vocab_size": tokenizer.vocab_size, "bos_id": tokenizer.bos_id,
-                 "eot_id": tokenizer.eot_id, "max_seq_len": max_seq_len,
+    data.meta = {"tokenizer": tokenizer.path, "template": tokenizer.template, "vocab_size": tokenizer.vocab_size,
+                 "bos_id": tokenizer.bos_id, "eot_id": tokenizer.eot_id, "max_seq_len": max_seq_len,
                  "summary": _summary(data, len(conversations), dropped)}
     return data
 
 
-CHUNK = 256  # conversations per call of sentencepiece (and per task of a worker)
+CHUNK = 256  # conversations per call of the tokenizer (and per task of a worker)
 _worker_tokenizer: Tokenizer | None = None  # each worker process's own copy
 
 
-def _start_worker(model_path: str, eot_id: int) -> None:
+def _start_worker(tokenizer: Tokenizer) -> None:
+    """Forked: the parent's tokenizer as it is; spawned: rebuilt from its files and added tokens (its pickle)."""
     global _worker_tokenizer
-    _worker_tokenizer = Tokenizer(model_path, eot_id)
-    _worker_tokenizer.num_threads = 1  # the processes are the parallelism
+    _worker_tokenizer = tokenizer
+    tokenizer.one_thread()
 
 
 def _tokenize_chunk(job, tokenizer: Tokenizer | None = None):
     """-> ([(tokens, weights, class id)], Counter of drops and truncations)."""
     conversations, start, max_seq_len, class_weights, class_names = job
     # The records were checked where they came in (chat_readers.py, toy_task.py): not again here, per message.
-    pieces = [template(c.messages, c.condition, c.system,
+    tokenizer = tokenizer or _worker_tokenizer
+    pieces = [template(tokenizer, c.messages, c.condition, c.system,
                        _class_weight(c, class_weights, c.source or f"conversation {start + k}"))
               for k, c in enumerate(conversations)]
     parts, counts = [], collections.Counter()
-    for c, (tokens, weights, turn_ends) in zip(conversations, _encode(tokenizer or _worker_tokenizer, pieces)):
+    for c, (tokens, weights, turn_ends) in zip(conversations, _encode(tokenizer, pieces)):
         n, why = _fit(weights, turn_ends, max_seq_len)
         if why:
             counts[why] += 1
@@ -361,7 +427,9 @@ def main(argv=None) -> None:
         p = commands.add_parser(name)
         p.add_argument("--input", required=True, help="comma-separated sources, each [CLASS=]path: .jsonl "
                        "(ours, OpenChat's), .json (ShareGPT), 'sharegpt' (the package's file); or 'toy'")
-        p.add_argument("--tokenizer", help="sentencepiece tokenizer.model (default: Mistral v1; toy's for toy)")
+        p.add_argument("--tokenizer", help="tokenizer.json, sentencepiece tokenizer.model or a model directory "
+                       "(default: Mistral v1's; toy's for toy)")
+        p.add_argument("--template", choices=list(TEMPLATES), help="default: chosen by the tokenizer's special tokens")
         p.add_argument("--class-weights", type=parse_class_weights, help='e.g. "GPT4 Correct=1,GPT3=0.1"')
         p.add_argument("--condition", default=EXPERT_CONDITION, help="condition of ShareGPT sources without a class")
         p.add_argument("--condition-from-model", action="store_true",
@@ -378,7 +446,7 @@ def main(argv=None) -> None:
     stats = collections.Counter()
     try:
         toy = args.input == "toy"
-        tokenizer = Tokenizer(args.tokenizer or (toy_task.TOKENIZER_PATH if toy else None))
+        tokenizer = load_tokenizer(args.tokenizer or (toy_task.TOKENIZER_PATH if toy else None), args.template)
         conversations = load_conversations(args.input, "from_model" if args.condition_from_model else args.condition,
                                            args.skip_bad, stats, toy=(args.toy_n, 0.02, args.seed, 1.0))
         class_weights = args.class_weights or (toy_task.CLASS_WEIGHTS if toy else None)

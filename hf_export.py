@@ -1,27 +1,48 @@
 """`export_hf`: a trained model as a Hugging Face directory that transformers and vLLM serve as it is, with its
-tokenizer and a Jinja chat template of our template. Our own tokenizer.json, because transformers
-5 cannot convert tokenizer.model without protobuf and its LlamaTokenizer's Metaspace would tokenize leading spaces
-unlike sentencepiece and our training data. It mirrors sentencepiece's BPE: a Prepend normalizer (the dummy prefix,
-per text between special tokens), spaces as "▁", merges ranked by the score of the piece they make. Known difference:
-<|end_of_turn|> (or <s>, </s>) in content is text to us but the special id to Hugging Face tokenizers (vLLM)."""
+tokenizer and a Jinja chat template of its template (data.TEMPLATES), condition included.
+
+A tokenizer.json tokenizer is exported as its files are, plus the tokens added for the template. A sentencepiece
+tokenizer.model gets our own tokenizer.json, because transformers 5 cannot convert tokenizer.model without protobuf
+and its LlamaTokenizer's Metaspace would tokenize leading spaces unlike sentencepiece and our training data. It mirrors
+sentencepiece's BPE: a Prepend normalizer (the dummy prefix, per text between special tokens), spaces as "▁", merges
+ranked by the score of the piece they make."""
+import json
 import os
 import shutil
 
 import sentencepiece as spm
 
+import data
 from chat_readers import EXPERT_CONDITION
 from hf_format import write_json
-from tokenizing import EOT_TEXT
+from tokenizing import SentencePieceTokenizer
 
 
-def chat_template(condition):
-    """data.template in Jinja (system: no prefix); `condition` per request (vLLM: chat_template_kwargs), else ours."""
-    default = condition.replace("\\", "\\\\").replace("'", "\\'")  # inside a Jinja string literal
-    return ("{% set condition = condition if condition is defined and condition is not none else '" + default + "' %}"
-            "{% set prefix = condition + ' ' if condition else '' %}{{ bos_token }}{% for message in messages %}"
-            "{% if message['role'] == 'system' %}{{ message['content'] + '" + EOT_TEXT + "' }}"
-            "{% else %}{{ prefix + message['role'] | title + ': ' + message['content'] + '" + EOT_TEXT + "' }}"
-            "{% endif %}{% endfor %}{% if add_generation_prompt %}{{ prefix + 'Assistant:' }}{% endif %}")
+def chat_template(tokenizer, condition):
+    """The tokenizer's template (data.TEMPLATES) in Jinja: its text, whose ids are data.encode_prompt's; `condition`
+    per request (vLLM: chat_template_kwargs), else the trained one. A tokenizer with a word-start marker
+    (sentencepiece's "▁") gets a space before each content, the marker our pieces start with.
+
+    Known differences, as the rendered text is tokenized whole and our pieces one by one (tests/test_tokenizer_json.py
+    pins them down): special-token text in content ("<|eot_id|>", "<s>") is text to us but the special id to Hugging
+    Face tokenizers (and vLLM); and where the pre-tokenizer joins a header's closing line break with the start of the
+    content (openchat_3.6, chatml): content starting with a line break (after optional spaces) on Llama 3's and Qwen's
+    pre-tokenizer, with two white-space characters on GPT-2's (SmolLM2's). A tokenizer without pre-tokenizer could
+    merge across a header's ": " (we checked a Gemma-like one, whose words start with "▁", not Gemma's own files)."""
+    t = data.TEMPLATES[tokenizer.template]
+    literal = lambda text: json.dumps(text, ensure_ascii=False)  # noqa: E731 (a Jinja string literal)
+    before, after = map(literal, t.head("{role}").split("{role}"))
+    space = literal(" " if tokenizer.word_start or t.header.endswith(" ") else "")
+    end = literal(t.end + t.after)
+    system = f"{literal(t.head('System'))} ~ {space} ~ " if t.system_role else ""
+    bos = literal(tokenizer.piece(tokenizer.bos_id) if tokenizer.bos_id is not None else "")
+    return ("{% set condition = condition if condition is defined and condition is not none else "
+            f"{literal(condition)} %}}"
+            f"{{{{ {bos} }}}}{{% for message in messages %}}{{% if message['role'] == 'system' %}}"
+            f"{{{{ {system}message['content'] ~ {end} }}}}{{% else %}}"
+            f"{{{{ {before} ~ ((condition ~ ' ' ~ (message['role'] | title)) | trim) ~ {after} ~ {space} ~ "
+            f"message['content'] ~ {end} }}}}{{% endif %}}{{% endfor %}}{{% if add_generation_prompt %}}"
+            f"{{{{ {before} ~ ((condition ~ ' Assistant') | trim) ~ {after} }}}}{{% endif %}}")
 
 
 def _protobuf_fields(buf):
@@ -95,8 +116,9 @@ def _special(text):
     return dict(content=text, single_word=False, lstrip=False, rstrip=False, normalized=False, special=True)
 
 
-def tokenizer_json(model_path, eot_id):
-    """A tokenizers-library tokenizer.json equivalent to the sentencepiece model plus <|end_of_turn|> = eot_id."""
+def tokenizer_json(model_path, added):
+    """A tokenizers-library tokenizer.json equivalent to the sentencepiece model plus the special tokens `added`
+    ({text: id}, the ids right after the pieces: openchat_3.5's <|end_of_turn|> = 32000)."""
     sp = spm.SentencePieceProcessor(model_file=model_path)  # its own short error for a file that is not a model
     settings = sentencepiece_settings(model_path)
     charsmap = len(settings.pop("precompiled_charsmap"))  # bytes (~240 KB for nmt_nfkc): only its size in messages
@@ -106,12 +128,14 @@ def tokenizer_json(model_path, eot_id):
     if bad:
         raise ValueError(f"{model_path}: tokenizer.json cannot reproduce this sentencepiece model: {'; '.join(bad)}")
     n_pieces = sp.get_piece_size()
-    if eot_id != n_pieces:
-        raise ValueError(f"{model_path}: {EOT_TEXT} id {eot_id} (need {n_pieces}, the id right after the pieces)")
+    for k, (text, i) in enumerate(sorted(added.items(), key=lambda a: a[1])):
+        if i != n_pieces + k:
+            raise ValueError(f"{model_path}: {text} id {i} (need {n_pieces + k}, the id right after the pieces)")
     if min(sp.bos_id(), sp.eos_id()) < 0:
         raise ValueError(f"{model_path}: bos_id {sp.bos_id()}, eos_id {sp.eos_id()} (need both pieces)")
     pieces = [sp.id_to_piece(i) for i in range(n_pieces)]
-    added = [(i, pieces[i]) for i in range(n_pieces) if sp.is_control(i) or sp.is_unknown(i)] + [(eot_id, EOT_TEXT)]
+    specials = [(i, pieces[i]) for i in range(n_pieces) if sp.is_control(i) or sp.is_unknown(i)]
+    specials += sorted((i, text) for text, i in added.items())
     prefix = [{"type": "Prepend", "prepend": "▁"}] if settings["add_dummy_prefix"] else []
     normalizers = prefix + [{"type": "Replace", "pattern": {"String": " "}, "content": "▁"}]
     decoders = [{"type": "Replace", "pattern": {"String": "▁"}, "content": " "}, {"type": "ByteFallback"},
@@ -120,7 +144,7 @@ def tokenizer_json(model_path, eot_id):
     bos, text = {"SpecialToken": {"id": bos_piece, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}
     return {
         "version": "1.0", "truncation": None, "padding": None,
-        "added_tokens": [{"id": i, **_special(t)} for i, t in added],
+        "added_tokens": [{"id": i, **_special(t)} for i, t in specials],
         "normalizer": {"type": "Sequence", "normalizers": normalizers}, "pre_tokenizer": None,
         "post_processor": {  # tokenizer(text) starts with BOS, like sentencepiece-based LLaMA tokenizers
             "type": "TemplateProcessing", "single": [bos, text],
@@ -134,28 +158,51 @@ def tokenizer_json(model_path, eot_id):
 
 
 def export_hf(model, tokenizer, out_dir, condition=EXPERT_CONDITION):
-    """Write `model` (a model.Transformer: its save_pretrained and args) and `tokenizer` (a tokenizer.Tokenizer) as
-    a Hugging Face model directory. `condition`: the template's default class (the expert's; "" for plain SFT)."""
+    """Write `model` (a model.Transformer: its save_pretrained and args) and `tokenizer` (with its template:
+    data.use_template) as a Hugging Face model directory. `condition`: the template's default class (the expert's; ""
+    for plain SFT). generation_config.json stops at the template's end of turn and the tokenizer's end of text."""
     if model.args.vocab_size < tokenizer.vocab_size:  # more rows are fine (openchat_3.5: 32002 rows, 32001 ids)
         raise ValueError(f"model vocab_size {model.args.vocab_size} (need >= the tokenizer's {tokenizer.vocab_size})")
-    tok_json = tokenizer_json(tokenizer.model_path, tokenizer.eot_id)  # checks the tokenizer before writing anything
+    sentencepiece = isinstance(tokenizer, SentencePieceTokenizer)
+    files = (_sentencepiece_files if sentencepiece else _json_files)(tokenizer)  # checks the tokenizer
+    files["tokenizer_config.json"].update(
+        eos_token=data.TEMPLATES[tokenizer.template].end, model_max_length=model.args.max_seq_len,
+        chat_template=chat_template(tokenizer, condition),
+        crlft_template=tokenizer.template, crlft_condition=condition)  # read by sample.py as its defaults
+    stops = [tokenizer.eot_id] + [tokenizer.eos_id] * (tokenizer.eos_id not in (None, tokenizer.eot_id))
+    files["generation_config.json"] = {  # OpenChat's serving defaults
+        **({"bos_token_id": tokenizer.bos_id} if tokenizer.bos_id is not None else {}), "eos_token_id": stops,
+        "do_sample": True, "temperature": 0.7, "top_p": 1.0}
     model.save_pretrained(out_dir)  # makes out_dir
-    shutil.copyfile(tokenizer.model_path, os.path.join(out_dir, "tokenizer.model"))
-    write_json(os.path.join(out_dir, "tokenizer.json"), tok_json)
-    sp = tokenizer.sp
-    bos, eos, unk = sp.id_to_piece(sp.bos_id()), sp.id_to_piece(sp.eos_id()), sp.id_to_piece(sp.unk_id())
-    special = {"bos_token": bos, "eos_token": EOT_TEXT, "unk_token": unk}
-    write_json(os.path.join(out_dir, "special_tokens_map.json"), special)
-    write_json(os.path.join(out_dir, "tokenizer_config.json"), {
-        "tokenizer_class": "PreTrainedTokenizerFast",  # load tokenizer.json as it is (see the module docstring)
-        **special, "pad_token": None, "add_bos_token": True, "add_eos_token": False,
-        "clean_up_tokenization_spaces": False, "model_max_length": model.args.max_seq_len,
-        "added_tokens_decoder": {str(i): _special(text) for i, text in [
-            (sp.unk_id(), unk), (sp.bos_id(), bos), (sp.eos_id(), eos), (tokenizer.eot_id, EOT_TEXT)]},
-        "chat_template": chat_template(condition),
-        "crlft_condition": condition,  # read by sample.py as its default condition
-    })
-    write_json(os.path.join(out_dir, "generation_config.json"), {  # OpenChat's serving defaults
-        "bos_token_id": sp.bos_id(), "eos_token_id": [tokenizer.eot_id, sp.eos_id()],  # the turn's end, and </s>
-        "do_sample": True, "temperature": 0.7, "top_p": 1.0})
+    for name, content in files.items():
+        write_json(os.path.join(out_dir, name), content)
+    if sentencepiece:
+        shutil.copyfile(tokenizer.path, os.path.join(out_dir, "tokenizer.model"))
     return out_dir
+
+
+def _json_files(tokenizer):
+    """The tokenizer's tokenizer.json and tokenizer_config.json, with the tokens added for the template."""
+    with open(tokenizer.path, encoding="utf-8") as f:
+        tok_json = json.load(f)
+    tok_json["added_tokens"] += [{"id": i, **_special(text)} for text, i in tokenizer.added.items()]
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", **tokenizer.config}  # no class: tokenizer.json as it is
+    config["added_tokens_decoder"] = {**config.get("added_tokens_decoder", {}),
+                                      **{str(i): _special(text) for text, i in tokenizer.added.items()}}
+    return {"tokenizer.json": tok_json, "tokenizer_config.json": config}
+
+
+def _sentencepiece_files(tokenizer):
+    """Our tokenizer.json (see the module docstring), its special_tokens_map.json and tokenizer_config.json."""
+    sp = tokenizer.sp
+    added = {t: tokenizer.special_id(t) for t in data.TEMPLATES[tokenizer.template].specials()}
+    added = {t: i for t, i in added.items() if i >= sp.get_piece_size()}
+    bos, eos, unk = sp.id_to_piece(sp.bos_id()), sp.id_to_piece(sp.eos_id()), sp.id_to_piece(sp.unk_id())
+    special = {"bos_token": bos, "eos_token": data.TEMPLATES[tokenizer.template].end, "unk_token": unk}
+    return {"tokenizer.json": tokenizer_json(tokenizer.path, added), "special_tokens_map.json": special,
+            "tokenizer_config.json": {
+                "tokenizer_class": "PreTrainedTokenizerFast",  # load tokenizer.json as it is (the module docstring)
+                **special, "pad_token": None, "add_bos_token": True, "add_eos_token": False,
+                "clean_up_tokenization_spaces": False,
+                "added_tokens_decoder": {str(i): _special(text) for i, text in [
+                    (sp.unk_id(), unk), (sp.bos_id(), bos), (sp.eos_id(), eos), *((i, t) for t, i in added.items())]}}}

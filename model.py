@@ -91,6 +91,9 @@ PRESETS = {  # models trained from scratch (released ones come from their direct
     "tiny": ModelArgs(dim=256, n_layers=4, n_heads=8, n_kv_heads=4, vocab_size=32000, max_seq_len=1024),
     "1b": ModelArgs(dim=2048, n_layers=22, n_heads=32, n_kv_heads=4, vocab_size=32000, hidden_dim=5632,
                     max_seq_len=4096),  # GPU throughput tests: TinyLlama-1.1B's shape
+    # GPU recipe checks: Llama-3-8B's shape (its 128,256-id vocabulary with its tokenizer: --tokenizer=DIR)
+    "8b": ModelArgs(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, vocab_size=128256, hidden_dim=14336,
+                    rope_theta=500000.0, max_seq_len=8192),
 }
 
 

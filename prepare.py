@@ -5,9 +5,11 @@ import collections
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import time
 
+import numpy as np
 import torch.distributed as dist
 
 import data
@@ -28,8 +30,8 @@ def inputs_key(cfg, tokenizer, max_seq_len):
     else:
         sources = [[name, path, file_digest(chat_readers.source_file(path))]
                    for name, path in chat_readers.parse_sources(cfg.data)]
-    inputs = {"sources": sources, "tokenizer": [file_digest(tokenizer.model_path), tokenizer.eot_id],
-              "template": data.TEMPLATE_VERSION, "class_weights": class_weights(cfg),
+    inputs = {"sources": sources, "tokenizer": [file_digest(f) for f in tokenizer.files] + [tokenizer.added],
+              "template": [tokenizer.template, data.TEMPLATE_VERSION], "class_weights": class_weights(cfg),
               "max_seq_len": max_seq_len,
               **{k: getattr(cfg, k) for k in ("sharegpt_condition", "use_condition", "only_classes", "skip_bad")}}
     return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:20]
@@ -51,14 +53,58 @@ def tokenize_sources(cfg, tokenizer, max_seq_len, key, directory):
             raise ValueError(f"--only_classes={cfg.only_classes!r} leaves no conversation")
     if not cfg.use_condition:  # ablation: same data, same weights, no class in the prompt
         conversations = [dataclasses.replace(c, condition="") for c in conversations]
+    check_own_weights(conversations, class_weights(cfg))
     dataset = data.tokenize_dataset(conversations, tokenizer, max_seq_len, class_weights(cfg), progress=True)
     conditions = collections.defaultdict(set)  # per class, for the expert condition (train.expert_condition)
     for c in conversations:
         conditions[c.class_name].add(c.condition)
-    dataset.meta.update(inputs_key=key, read=dict(stats), conditions={k: sorted(v) for k, v in conditions.items()})
+    dataset.meta.update(inputs_key=key, read=dict(stats), conditions={k: sorted(v) for k, v in conditions.items()},
+                        trained_weights=trained_weights(dataset))
     dataset.save(directory)
     print(f"data: rank {dist.get_rank()} tokenized {len(conversations)} conversations into {directory} in "
           f"{time.time() - t0:.0f} s", flush=True)
+
+
+def check_own_weights(conversations, weights):
+    """A message's own weight wins over its class's (OpenChat's JSONL carries one on every message): a class named
+    in --class_weights whose assistant messages carry another weight would ignore the flag. Refused, naming both
+    (an own weight 0 only leaves that message out of training: no conflict)."""
+    for c in (c for c in conversations if weights and c.class_name in weights):
+        w = weights[c.class_name]
+        for x in (m["weight"] for m in c.messages if m["role"] == "assistant" and m.get("weight", 0) > 0):
+            if not math.isclose(x, w, rel_tol=1e-6, abs_tol=1e-12):
+                raise ValueError(f"--class_weights: {c.class_name}={w:g}, but {c.source or 'a conversation'} gives "
+                                 f"its assistant messages of class {c.class_name!r} their own weight {x:g}, which "
+                                 f"wins: drop {c.class_name!r} from --class_weights to train the file's weights, or "
+                                 "take the weights out of the file")
+
+
+def trained_weights(dataset) -> dict[str, list[list]]:
+    """Per class, each weight its supervised tokens carry and how many tokens carry it, [[weight, tokens], ...] from
+    the largest weight: what will be trained, the messages' own weights included. From the arrays, a slice of
+    conversations at a time (a memory-mapped corpus is not read into memory at once)."""
+    counts, step = collections.Counter(), 1 << 16
+    for i in range(0, len(dataset), step):
+        j = min(i + step, len(dataset))
+        w = np.asarray(dataset.weights[dataset.offsets[i]:dataset.offsets[j]])
+        cls = np.repeat(np.asarray(dataset.class_ids[i:j], np.uint64), np.diff(dataset.offsets[i:j + 1]))
+        keys, n = np.unique(cls[w > 0] << np.uint64(32) | w[w > 0].view(np.uint32), return_counts=True)
+        counts.update(dict(zip(keys.tolist(), n.tolist())))  # key: class id, then the float32 weight's bits
+    out = {name: [] for name in dataset.class_names}
+    for key, n in counts.items():
+        w = np.array([key & 0xFFFFFFFF], np.uint32).view(np.float32)[0]
+        out[dataset.class_names[key >> 32]].append([float(str(w)), n])  # str: 0.1, not 0.10000000149
+    return {name: sorted(pairs, reverse=True) for name, pairs in out.items()}
+
+
+def check_prepared_weights(cfg, dataset):
+    """A prepared directory keeps the weights it was tokenized with: --class_weights can only agree with them."""
+    for name, w in (class_weights(cfg) or {}).items():
+        found = [x for x, _ in dataset.meta["trained_weights"].get(name, [])]
+        if any(not math.isclose(x, w, rel_tol=1e-6, abs_tol=1e-12) for x in found):
+            raise ValueError(f"--class_weights: {name}={w:g}, but --data={cfg.data} was tokenized with weight "
+                             f"{', '.join(f'{x:g}' for x in found)} for class {name!r}, and prepared data keeps its "
+                             f"weights: drop {name!r} from --class_weights, or tokenize again with --class-weights")
 
 
 def load_prepared(directory, key):
@@ -86,15 +132,21 @@ def on_rank0(fn, group):
 
 
 def prepare_data(cfg, tokenizer, max_seq_len, key, group):
-    """(dataset, whether this run tokenized it). --data may be a tokenized directory itself."""
+    """(dataset, whether this rank wrote out_dir/data). --data may be a tokenized directory itself. The dataset's
+    meta["trained_weights"] says what will be trained (the start-up summary prints it)."""
     if os.path.isdir(cfg.data):
         dataset = data.TokenizedDataset.load(cfg.data)
-        if (dataset.meta.get("eot_id"), dataset.meta.get("vocab_size")) != (tokenizer.eot_id, tokenizer.vocab_size):
-            raise ValueError(f"--data={cfg.data}: tokenized with {dataset.meta.get('tokenizer')}, not with this "
-                             f"run's {tokenizer.model_path}")
+        made_with = [dataset.meta.get(k) for k in ("eot_id", "vocab_size", "template")]
+        if made_with != [tokenizer.eot_id, tokenizer.vocab_size, tokenizer.template]:
+            raise ValueError(f"--data={cfg.data}: tokenized with {dataset.meta.get('tokenizer')} and template "
+                             f"{dataset.meta.get('template')!r}, not with this run's {tokenizer.path} and "
+                             f"{tokenizer.template!r}")
         if dataset.lengths.max() > max_seq_len:
             raise ValueError(f"--data={cfg.data}: conversations of up to {dataset.lengths.max()} tokens, more than "
                              f"max_seq_len={max_seq_len}: tokenize it again with --max-seq-len")
+        if "trained_weights" not in dataset.meta:  # `python data.py tokenize` does not count them: once, rank 0
+            dataset.meta["trained_weights"] = on_rank0(lambda: trained_weights(dataset), group)
+        check_prepared_weights(cfg, dataset)
         return dataset, False
     directory = os.path.join(cfg.out_dir, "data")
 
@@ -107,7 +159,10 @@ def prepare_data(cfg, tokenizer, max_seq_len, key, group):
     tokenized = on_rank0(prepare, group)
     if not tokenized and dist.get_rank() == 0:
         print(f"data: reusing {directory} (prepared earlier from the same inputs)", flush=True)
-    if dist.get_rank() != 0 and int(os.environ.get("LOCAL_RANK", 0)) == 0:
-        prepare()  # node-local disks: a copy for this node
+    if dist.get_rank() != 0:
+        tokenized = int(os.environ.get("LOCAL_RANK", 0)) == 0 and prepare()  # node-local disks: a copy per node
     dist.barrier(group=group)
-    return load_prepared(directory, key), tokenized
+    dataset = load_prepared(directory, key)
+    if "trained_weights" not in dataset.meta:  # prepared by an older train.py
+        dataset.meta["trained_weights"] = trained_weights(dataset)
+    return dataset, tokenized

@@ -4,9 +4,10 @@
     python sample.py --model out/toy/export --temperature 0
     python sample.py --model path/to/openchat_3.5 --prompt "What is 7 * 6?" --prompt "Name a prime."
 
-The prompt, OpenChat's template (data.encode_prompt) with a C-RLFT class condition (by default the expert's),
-goes through the model in one pass, then one token a step with the KV cache; replies stream and stop at
-<|end_of_turn|> or </s>. In the chat: /reset clears the history, /exit (or Ctrl-D) quits, Ctrl-C stops a reply."""
+The prompt, the template the model was trained with (data.encode_prompt) and a C-RLFT class condition (by default
+the expert's), goes through the model in one pass, then one token a step with the KV cache; replies stream and stop at
+the template's end of turn (<|end_of_turn|>, <|eot_id|>, ...) or the tokenizer's end of text. In the chat: /reset
+clears the history, /exit (or Ctrl-D) quits, Ctrl-C stops a reply."""
 import argparse
 import itertools
 import json
@@ -17,21 +18,30 @@ from typing import Iterator
 import torch
 
 import data
-from tokenizing import checkpoint_tokenizer
-from model import Transformer
 from chat_readers import EXPERT_CONDITION
+from model import Transformer
+from tokenizing import checkpoint_tokenizer
 
 DEFAULT_MODEL = os.path.join("out", "default", "export")
 
 
-def load(model_path: str, tokenizer_path: str | None = None, device=None, dtype=None, max_seq_len: int | None = None):
-    """(model, tokenizer) from a Hugging Face LLaMA/Mistral directory and its tokenizer.model (or `tokenizer_path`)."""
+def load(model_path: str, tokenizer_path: str | None = None, template: str | None = None, device=None, dtype=None,
+         max_seq_len: int | None = None):
+    """(model, tokenizer) from a Hugging Face directory and its tokenizer (or `tokenizer_path`), with the template it
+    was trained with: `template`, else the one its export names, else the one its special tokens choose."""
     if not os.path.isdir(model_path):
         hint = " (run `python train.py` first to train and export the default model)" \
             if os.path.normpath(model_path) == DEFAULT_MODEL else ""
         raise FileNotFoundError(f"{model_path}: no such model directory{hint}")
     model = Transformer.from_pretrained(model_path, device=device, dtype=dtype, max_seq_len=max_seq_len)
-    return model.eval(), checkpoint_tokenizer(model_path, model.args.vocab_size, tokenizer_path)
+    tokenizer = data.use_template(checkpoint_tokenizer(model_path, model.args.vocab_size, tokenizer_path),
+                                  template or trained_with(model_path).get("template"))
+    if tokenizer.vocab_size > model.args.vocab_size:  # a token added for the template, never trained
+        i = tokenizer.vocab_size - 1
+        raise ValueError(f"{model_path}: the model has no row for {tokenizer.piece(i)!r} (id {i}) of template "
+                         f"{tokenizer.template}: fine-tune it with that template first (train.py adds the row), or "
+                         "choose another with --template")
+    return model.eval(), tokenizer
 
 
 def sample_token(logits, temperature: float = 0.7, top_p: float = 1.0, top_k: int = 0, generator=None) -> int:
@@ -103,7 +113,7 @@ def respond(model, tokenizer, messages, out, condition: str = EXPERT_CONDITION, 
                   "send something shorter)\n")
         return kept[:-1]
     out.write("Assistant: ")
-    reply, stop_ids = "", {tokenizer.eot_id, tokenizer.sp.eos_id()} - {-1}  # <|end_of_turn|>, </s> if it has one
+    reply, stop_ids = "", {tokenizer.eot_id, tokenizer.eos_id} - {None}  # the end of turn, and of text
     try:
         ids = generate(model, prompt, max_new_tokens, temperature, top_p, top_k, stop_ids, generator)
         for text in stream_text(tokenizer, ids, stop_ids):
@@ -144,19 +154,23 @@ def chat(model, tokenizer, read_line=None, out=None, **settings):
             messages = respond(model, tokenizer, messages + [{"role": "user", "content": line}], out, **settings)
 
 
-def default_condition(model_path: str) -> str:
-    """The expert condition train.py's export wrote into tokenizer_config.json, else OpenChat 3.5's."""
+def trained_with(model_path: str) -> dict:
+    """{"condition": the expert condition, "template": its name}, as train.py's export wrote them into
+    tokenizer_config.json; {} for a directory that has none."""
     try:
         with open(os.path.join(model_path, "tokenizer_config.json"), encoding="utf-8") as f:
-            return json.load(f).get("crlft_condition", EXPERT_CONDITION)
+            config = json.load(f)
     except (OSError, ValueError):
-        return EXPERT_CONDITION
+        return {}
+    return {key: config[f"crlft_{key}"] for key in ("condition", "template") if f"crlft_{key}" in config}
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=DEFAULT_MODEL, help="Hugging Face LLaMA/Mistral directory (default: %(default)s)")
-    p.add_argument("--tokenizer", default=None, help="sentencepiece tokenizer.model (default: the model directory's)")
+    p.add_argument("--tokenizer", default=None, help="tokenizer.json or tokenizer.model (default: the model's own)")
+    p.add_argument("--template", choices=list(data.TEMPLATES), help="chat template (default: the export's, else the "
+                   "one the tokenizer's special tokens choose)")
     p.add_argument("--condition", help=f"C-RLFT condition ('' for none; default: the export's or {EXPERT_CONDITION!r})")
     p.add_argument("--system", default=None, help="system prompt")
     p.add_argument("--prompt", action="append", default=[], help="answer this prompt and exit (repeatable)")
@@ -179,10 +193,12 @@ def main(argv=None):
         if args.prompt_file is not None:
             with open(args.prompt_file, encoding="utf-8") as f:
                 prompts += [line.rstrip("\n") for line in f if line.strip()]
-        model, tokenizer = load(args.model, args.tokenizer, device=device, dtype=dtype, max_seq_len=args.max_seq_len)
+        model, tokenizer = load(args.model, args.tokenizer, args.template, device=device, dtype=dtype,
+                                max_seq_len=args.max_seq_len)
     except (OSError, ValueError) as e:
         sys.exit(f"error: {data.one_line(e)}")
-    condition = default_condition(args.model) if args.condition is None else args.condition
+    condition = args.condition if args.condition is not None else trained_with(args.model).get("condition",
+                                                                                               EXPERT_CONDITION)
     settings = dict(condition=condition, system=args.system, max_new_tokens=args.max_new_tokens,
                     temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                     generator=None if args.seed is None else torch.Generator().manual_seed(args.seed))
@@ -191,7 +207,8 @@ def main(argv=None):
         respond(model, tokenizer, [{"role": "user", "content": text}], sys.stdout, **settings)
     if not prompts:
         print(f"{args.model}: {model.num_params() / 1e6:.1f}M parameters on {device} ({dtype}), context "
-              f"{model.args.max_seq_len}, condition {condition!r}. /reset clears, /exit quits.", file=sys.stderr)
+              f"{model.args.max_seq_len}, template {tokenizer.template}, condition {condition!r}. /reset clears, "
+              "/exit quits.", file=sys.stderr)
         chat(model, tokenizer, **settings)
 
 

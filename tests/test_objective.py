@@ -108,7 +108,7 @@ def test_a_resumed_step_at_two_ranks_is_the_global_weighted_mean(tmp_path):
     out = tmp_path / "run"
     run([*TORCHRUN, os.path.join(ROOT, "train.py"), *TINY, f"--out_dir={out}", "--max_steps=1", "--ckpt_every=1"])
     exported = load_file(str(out / "export" / "model.safetensors"))
-    saved = harness(tmp_path, 1, out)
+    saved = harness(tmp_path, 1, out, "--max_steps=1")  # the schedule of the run it resumes
     names = hf_names(saved["args"])
     for ours, weight in saved["weights"].items():
         assert torch.equal(weight, exported[names[ours]].to(weight.dtype)), ours
