@@ -232,6 +232,24 @@ def source_file(path: str) -> str:
         return str(file)
 
 
+def parse_class_weights(spec: str) -> dict[str, float]:
+    """"GPT4 Correct=1,GPT3=0.1" -> {"GPT4 Correct": 1.0, "GPT3": 0.1} (names are stripped)."""
+    weights = {}
+    for part in spec.split(","):
+        name, eq, value = (x.strip() for x in part.partition("="))
+        try:
+            w, problem = float(value), None
+        except ValueError:
+            w, problem = 0.0, f"weight {value!r} is not a number"
+        if not (math.isfinite(w) and w >= 0):
+            problem = "needs a weight that is finite and >= 0"
+        problem = "is not NAME=WEIGHT" if not eq else "is given twice" if name in weights else problem
+        if problem:
+            raise ValueError(f"class weights {spec!r}: {part.strip()!r} {problem}")
+        weights[name] = w
+    return weights
+
+
 def read_sources(spec: str, condition: str | None = EXPERT_CONDITION, skip_bad: bool = False,
                  stats: collections.Counter | None = None) -> list[Conversation]:
     """Every source of --data in order (all checked before any is read); one with a class gives all its

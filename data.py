@@ -19,7 +19,6 @@ import collections
 import contextlib
 import itertools
 import json
-import math
 import multiprocessing
 import os
 import re
@@ -143,24 +142,6 @@ def encode_prompt(tokenizer: Tokenizer, messages, condition: str, system: str | 
     """The history, then the assistant's header with nothing after it: what the model continues."""
     check_messages(messages, need_assistant=False)
     return _encode(tokenizer, [template(tokenizer, messages, condition, system, generation_prompt=True)])[0][0].tolist()
-
-
-def parse_class_weights(spec: str) -> dict[str, float]:
-    """"GPT4 Correct=1,GPT3=0.1" -> {"GPT4 Correct": 1.0, "GPT3": 0.1} (names are stripped)."""
-    weights = {}
-    for part in spec.split(","):
-        name, eq, value = (x.strip() for x in part.partition("="))
-        try:
-            w, problem = float(value), None
-        except ValueError:
-            w, problem = 0.0, f"weight {value!r} is not a number"
-        if not (math.isfinite(w) and w >= 0):
-            problem = "needs a weight that is finite and >= 0"
-        problem = "is not NAME=WEIGHT" if not eq else "is given twice" if name in weights else problem
-        if problem:
-            raise ValueError(f"class weights {spec!r}: {part.strip()!r} {problem}")
-        weights[name] = w
-    return weights
 
 
 # ------------------------------------------------------------------------------------------- tokenization
@@ -430,7 +411,7 @@ def main(argv=None) -> None:
         p.add_argument("--tokenizer", help="tokenizer.json, sentencepiece tokenizer.model or a model directory "
                        "(default: Mistral v1's; toy's for toy)")
         p.add_argument("--template", choices=list(TEMPLATES), help="default: chosen by the tokenizer's special tokens")
-        p.add_argument("--class-weights", type=parse_class_weights, help='e.g. "GPT4 Correct=1,GPT3=0.1"')
+        p.add_argument("--class-weights", type=chat_readers.parse_class_weights, help='e.g. "GPT4 Correct=1,GPT3=0.1"')
         p.add_argument("--condition", default=EXPERT_CONDITION, help="condition of ShareGPT sources without a class")
         p.add_argument("--condition-from-model", action="store_true",
                        help="ShareGPT: condition GPT4 / GPT3 from each record's 'model' field")

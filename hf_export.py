@@ -21,14 +21,10 @@ from tokenizing import SentencePieceTokenizer
 def chat_template(tokenizer, condition):
     """The tokenizer's template (data.TEMPLATES) in Jinja: its text, whose ids are data.encode_prompt's; `condition`
     per request (vLLM: chat_template_kwargs), else the trained one. A tokenizer with a word-start marker
-    (sentencepiece's "▁") gets a space before each content, the marker our pieces start with.
-
-    Known differences, as the rendered text is tokenized whole and our pieces one by one (tests/test_tokenizer_json.py
-    pins them down): special-token text in content ("<|eot_id|>", "<s>") is text to us but the special id to Hugging
-    Face tokenizers (and vLLM); and where the pre-tokenizer joins a header's closing line break with the start of the
-    content (openchat_3.6, chatml): content starting with a line break (after optional spaces) on Llama 3's and Qwen's
-    pre-tokenizer, with two white-space characters on GPT-2's (SmolLM2's). A tokenizer without pre-tokenizer could
-    merge across a header's ": " (we checked a Gemma-like one, whose words start with "▁", not Gemma's own files)."""
+    (sentencepiece's "▁") gets a space before each content, the marker our pieces start with. The rendered text is
+    tokenized whole, our pieces one by one: the known differences are the README's (Export), pinned down in
+    tests/test_tokenizer_json.py. A tokenizer without pre-tokenizer could merge across a header's ": " (we checked
+    a Gemma-like one, whose words start with "▁", not Gemma's own files)."""
     t = data.TEMPLATES[tokenizer.template]
     literal = lambda text: json.dumps(text, ensure_ascii=False)  # noqa: E731 (a Jinja string literal)
     before, after = map(literal, t.head("{role}").split("{role}"))

@@ -33,8 +33,7 @@ FAMILIES = {
 
 def family_options(model_type: str) -> dict:
     """The ModelArgs options a family's transformers class computes, e.g. {"qkv_bias": True, "qk_norm": False, ...}."""
-    options = dict.fromkeys(("qkv_bias", "qk_norm", "norm_plus_one", "scale_embeddings"), False)
-    return options | FAMILIES[model_type][1]
+    return dict.fromkeys(("qkv_bias", "qk_norm", "norm_plus_one", "scale_embeddings"), False) | FAMILIES[model_type][1]
 
 
 def hf_names(args) -> dict:

@@ -39,7 +39,7 @@ def inputs_key(cfg, tokenizer, max_seq_len):
 
 def class_weights(cfg) -> dict[str, float] | None:
     """--class_weights as a dict; None ("") trains every class at weight 1 (a message's own weight still wins)."""
-    return data.parse_class_weights(cfg.class_weights) if cfg.class_weights else None
+    return chat_readers.parse_class_weights(cfg.class_weights) if cfg.class_weights else None
 
 
 def tokenize_sources(cfg, tokenizer, max_seq_len, key, directory):
@@ -162,7 +162,4 @@ def prepare_data(cfg, tokenizer, max_seq_len, key, group):
     if dist.get_rank() != 0:
         tokenized = int(os.environ.get("LOCAL_RANK", 0)) == 0 and prepare()  # node-local disks: a copy per node
     dist.barrier(group=group)
-    dataset = load_prepared(directory, key)
-    if "trained_weights" not in dataset.meta:  # prepared by an older train.py
-        dataset.meta["trained_weights"] = trained_weights(dataset)
-    return dataset, tokenized
+    return load_prepared(directory, key), tokenized

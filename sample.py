@@ -36,6 +36,11 @@ def load(model_path: str, tokenizer_path: str | None = None, template: str | Non
     model = Transformer.from_pretrained(model_path, device=device, dtype=dtype, max_seq_len=max_seq_len)
     tokenizer = data.use_template(checkpoint_tokenizer(model_path, model.args.vocab_size, tokenizer_path),
                                   template or trained_with(model_path).get("template"))
+    # Our export's eos_token is the end of turn (what a plain client stops at); its generation_config.json names the
+    # tokenizer's own end of text beside it, also a stop id.
+    other_stops = [i for i in trained_with(model_path).get("stops", []) if i != tokenizer.eot_id]
+    if tokenizer.eos_id == tokenizer.eot_id and other_stops:
+        tokenizer.eos_id = other_stops[0]
     if tokenizer.vocab_size > model.args.vocab_size:  # a token added for the template, never trained
         i = tokenizer.vocab_size - 1
         raise ValueError(f"{model_path}: the model has no row for {tokenizer.piece(i)!r} (id {i}) of template "
@@ -63,8 +68,10 @@ def sample_token(logits, temperature: float = 0.7, top_p: float = 1.0, top_k: in
 
 
 def generate(model: Transformer, prompt_ids, max_new_tokens: int, temperature: float = 0.7, top_p: float = 1.0,
-             top_k: int = 0, stop_ids=(), generator: torch.Generator | None = None) -> Iterator[int]:
-    """Yield up to max_new_tokens new ids after prompt_ids (fewer at the model's context), a sampled stop id last."""
+             top_k: int = 0, stop_ids=(), generator: torch.Generator | None = None, n_ids: int | None = None
+             ) -> Iterator[int]:
+    """Yield up to max_new_tokens new ids after prompt_ids (fewer at the model's context), a sampled stop id last.
+    n_ids: the tokenizer's; rows past it (a padded vocabulary) were never a target and are never sampled."""
     prompt_ids = list(prompt_ids)
     n_positions = min(len(prompt_ids) + max_new_tokens, model.args.max_seq_len)
     if not 0 < len(prompt_ids) <= n_positions:
@@ -75,7 +82,7 @@ def generate(model: Transformer, prompt_ids, max_new_tokens: int, temperature: f
     try:
         for _ in range(max_new_tokens):  # the prompt in one forward pass, then each new token alone
             with torch.inference_mode():  # per step, not around the yields: it must not leak into the caller's code
-                logits = model(torch.tensor([tokens], device=device), start_pos=pos, last_only=True)[0, -1]  # (V,)
+                logits = model(torch.tensor([tokens], device=device), start_pos=pos, last_only=True)[0, -1, :n_ids]
                 token = sample_token(logits, temperature, top_p, top_k, generator)
             yield token
             pos, tokens = pos + len(tokens), [token]
@@ -115,7 +122,8 @@ def respond(model, tokenizer, messages, out, condition: str = EXPERT_CONDITION, 
     out.write("Assistant: ")
     reply, stop_ids = "", {tokenizer.eot_id, tokenizer.eos_id} - {None}  # the end of turn, and of text
     try:
-        ids = generate(model, prompt, max_new_tokens, temperature, top_p, top_k, stop_ids, generator)
+        ids = generate(model, prompt, max_new_tokens, temperature, top_p, top_k, stop_ids, generator,
+                       n_ids=tokenizer.vocab_size)
         for text in stream_text(tokenizer, ids, stop_ids):
             print(text, end="", file=out, flush=True)
             reply += text
@@ -155,14 +163,21 @@ def chat(model, tokenizer, read_line=None, out=None, **settings):
 
 
 def trained_with(model_path: str) -> dict:
-    """{"condition": the expert condition, "template": its name}, as train.py's export wrote them into
-    tokenizer_config.json; {} for a directory that has none."""
-    try:
-        with open(os.path.join(model_path, "tokenizer_config.json"), encoding="utf-8") as f:
-            config = json.load(f)
-    except (OSError, ValueError):
-        return {}
-    return {key: config[f"crlft_{key}"] for key in ("condition", "template") if f"crlft_{key}" in config}
+    """{"condition": the expert condition, "template": its name, "stops": the stop ids}, as train.py's export wrote
+    them into tokenizer_config.json and generation_config.json; {} for a directory that has none."""
+    found = {}
+    for name, keys in (("tokenizer_config.json", ("crlft_condition", "crlft_template")),
+                       ("generation_config.json", ("eos_token_id",))):
+        try:
+            with open(os.path.join(model_path, name), encoding="utf-8") as f:
+                config = json.load(f)
+        except (OSError, ValueError):
+            continue
+        found.update({key.removeprefix("crlft_"): config[key] for key in keys if key in config})
+    if "eos_token_id" in found:
+        stops = found.pop("eos_token_id")
+        found["stops"] = stops if isinstance(stops, list) else [stops]
+    return found
 
 
 def main(argv=None):

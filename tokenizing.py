@@ -22,7 +22,15 @@ def default_tokenizer_path() -> str:
 
 
 class Tokenizer:
-    """What data.py, sample.py and the export use, whichever the kind.
+    """What data.py, sample.py and the export use, whichever the kind (the two classes below):
+
+    encode(text)          content: text that looks like a special token ("<|eot_id|>", "<s>") stays text. No BOS
+    encode_batch(texts)   [encode(t) for t in texts] as int32 arrays, fast
+    encode_special(text)  template text: the special tokens in it are their ids. No BOS
+    special_id(text)      the id of special (added) token `text`, None when the tokenizer has no such token
+    add_special(text)     add special token `text` (not yet one of the tokenizer's) at the first free id
+    decode(ids), piece(i) text of ids; the piece of one id
+    one_thread()          in a worker process: the processes are the parallelism
 
     path, files   its file (tokenizer.json or tokenizer.model); every file it read (the data key hashes them)
     bos_id        what it puts before a text, as it does for "" (Llama 3: <|begin_of_text|>; None: nothing)
@@ -34,37 +42,9 @@ class Tokenizer:
     """
     template: str | None = None
     eot_id: int | None = None
-    _NATIVE = ()  # attributes rebuilt from the files, not pickled
-
-    def encode(self, text: str) -> list[int]:
-        """Content: text that looks like a special token ("<|eot_id|>", "<s>") stays text. No BOS."""
-        raise NotImplementedError
-
-    def encode_batch(self, texts: list[str]) -> list[np.ndarray]:
-        """[encode(t) for t in texts] as int32 arrays, fast."""
-        raise NotImplementedError
-
-    def encode_special(self, text: str) -> list[int]:
-        """Template text: the special tokens in it are their ids. No BOS."""
-        raise NotImplementedError
 
     def special_id(self, text: str) -> int | None:
-        """The id of special (added) token `text`, None when the tokenizer has no such token."""
         return self.specials.get(text)
-
-    def add_special(self, text: str) -> int:
-        """Add special token `text` (not yet one of the tokenizer's) at the first free id."""
-        raise NotImplementedError
-
-    def decode(self, ids) -> str:
-        raise NotImplementedError
-
-    def piece(self, i: int) -> str:
-        raise NotImplementedError
-
-    def one_thread(self) -> None:
-        """In a worker process: the processes are the parallelism."""
-        raise NotImplementedError
 
     def _next_id(self) -> int:
         return max(self._n_pieces, *(i + 1 for i in self.specials.values()))
@@ -87,7 +67,7 @@ class Tokenizer:
 class JsonTokenizer(Tokenizer):
     """A tokenizer.json with the tokens tokenizer_config.json adds (its added_tokens_decoder), as transformers reads
     them (transformers 5 does not read added_tokens.json beside a tokenizer.json)."""
-    _NATIVE = ("tk", "specials")
+    _NATIVE = ("tk", "specials")  # attributes rebuilt from the files, not pickled
 
     def __init__(self, path: str):
         self.path, self.added = path, {}
@@ -176,13 +156,11 @@ class SentencePieceTokenizer(Tokenizer):
         self.word_start = self.sp.normalize("a").startswith("▁")
 
     def _open(self):
-        if not os.path.isfile(self.path):
-            raise FileNotFoundError(f"{self.path}: no such tokenizer file (pass --tokenizer)")
         try:
             self.sp = spm.SentencePieceProcessor(model_file=self.path)
         except (RuntimeError, OSError) as e:
             raise ValueError(f"{self.path}: not a sentencepiece model ({str(e).splitlines()[0][:100]})") from None
-        self._segments: dict[str, bytes] | None = {} if _segments_are_independent(self.sp) else None
+        self._segments = {} if _segments_are_independent(self.sp) else None  # segment -> its ids as int32 bytes
         controls = {self.sp.id_to_piece(i): i for i in range(self.sp.get_piece_size()) if self.sp.is_control(i)}
         self.specials = {**controls, **self.known, **self.added}
         self._special_re = re.compile("(" + "|".join(map(re.escape, sorted(self.specials, key=len)[::-1])) + ")")
@@ -199,15 +177,14 @@ class SentencePieceTokenizer(Tokenizer):
             return [np.array(ids, np.int32) for ids in self.sp.encode(list(texts), num_threads=self.num_threads)]
         if len(self._segments) > 1_000_000:  # bound the memory on huge corpora
             self._segments.clear()
-        cache = self._segments  # segment -> its ids as int32 bytes
         # sentencepiece reads a literal "▁" as a space: such rare texts are encoded whole (no segments)
         split = [None if "▁" in text else _SEGMENT.findall(" " + text) for text in texts]
-        new = list({s for segments in split if segments for s in segments if s not in cache})
+        new = list({s for segments in split if segments for s in segments if s not in self._segments})
         # one threaded call; segment " foo" is encode("foo"): sentencepiece adds the "▁" itself
         for s, ids in zip(new, self.sp.encode([s[1:] for s in new], num_threads=self.num_threads)):
-            cache[s] = np.array(ids, np.int32).tobytes()
+            self._segments[s] = np.array(ids, np.int32).tobytes()
         return [np.array(self.sp.encode(text), np.int32) if segments is None else
-                np.frombuffer(b"".join(map(cache.__getitem__, segments)), np.int32)
+                np.frombuffer(b"".join(map(self._segments.__getitem__, segments)), np.int32)
                 for text, segments in zip(texts, split)]
 
     def encode_special(self, text):
@@ -275,11 +252,9 @@ def open_tokenizer(path: str | None = None) -> Tokenizer:
         if not found:
             raise FileNotFoundError(f"{path}: no tokenizer.json or tokenizer.model (pass --tokenizer)")
         path = os.path.join(path, found[0])
-    if path.endswith(".json"):
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"{path}: no such tokenizer file (pass --tokenizer)")
-        return JsonTokenizer(path)
-    return SentencePieceTokenizer(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no such tokenizer file (pass --tokenizer)")
+    return JsonTokenizer(path) if path.endswith(".json") else SentencePieceTokenizer(path)
 
 
 def checkpoint_tokenizer(model_dir: str, vocab_size: int, path: str | None = None) -> Tokenizer:

@@ -19,10 +19,6 @@ from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_di
 from prepare import file_digest, on_rank0
 
 
-class CheckpointError(ValueError):  # bad input: on_rank0 hands it to every rank, train.py prints one line
-    pass
-
-
 def save_checkpoint(model, optimizer, step, ckpt_dir, keep=2, config=None, run=None):
     """Write ckpt_dir/step_XXXXXXX as above; this run's newest `keep` stay. `config` for the reader, `run` for
     check_same_run."""
@@ -84,9 +80,9 @@ def check_shared(ckpt_dir, group):
     if dist.get_rank() == 0:
         os.remove(probe)
     if any(blind):
-        raise CheckpointError(f"--ckpt_dir={ckpt_dir}: rank {blind.index(True)} (another node) does not see the "
-                              "files rank 0 writes there; checkpoints of several nodes need a directory that every "
-                              "node shares: --ckpt_dir=/shared/path (--out_dir may stay node-local)")
+        raise ValueError(f"--ckpt_dir={ckpt_dir}: rank {blind.index(True)} (another node) does not see the "
+                         "files rank 0 writes there; checkpoints of several nodes need a directory that every "
+                         "node shares: --ckpt_dir=/shared/path (--out_dir may stay node-local)")
 
 
 def resume_point(ckpt_dir, resume, run):
@@ -94,14 +90,14 @@ def resume_point(ckpt_dir, resume, run):
     None. Checkpoints without a latest are refused rather than mixed with a new run's."""
     if not resume:
         return None
-    latest = latest_checkpoint(ckpt_dir)
-    if latest is None:
+    if not os.path.isfile(os.path.join(ckpt_dir, "latest")):
         old = sorted(d for d in os.listdir(ckpt_dir) if d.startswith("step_")) if os.path.isdir(ckpt_dir) else []
         if any(not d.endswith(".tmp") for d in old):
-            raise CheckpointError(f"{ckpt_dir} holds checkpoints ({', '.join(old)}) but no `latest`: resume from "
-                                  "one by writing its name into latest, or start over with --resume=false (moves "
-                                  "them aside)")
+            raise ValueError(f"{ckpt_dir} holds checkpoints ({', '.join(old)}) but no `latest`: resume from one by "
+                             "writing its name into latest, or start over with --resume=false (moves them aside)")
         return None
+    with open(os.path.join(ckpt_dir, "latest")) as f:
+        latest = os.path.join(ckpt_dir, f.read().strip())
     check_same_run(latest, run)
     return latest
 
@@ -119,50 +115,37 @@ def move_aside(ckpt_dir):
     return aside
 
 
-def verify_checkpoint(path):
-    """The manifest of `path`; CheckpointError naming the file if it is not a complete, intact checkpoint."""
+def check_same_run(path, run):
+    """Refuse to resume from `path` if it is not a complete, intact checkpoint (naming the file), or if `run` would
+    change its model, data order or schedule (naming the field)."""
     manifest = os.path.join(path, "manifest.json")
     try:
         with open(manifest) as f:
             state = json.load(f)
         files = state["files"]
     except (OSError, ValueError, KeyError) as e:
-        raise CheckpointError(f"checkpoint {path} is incomplete or corrupted: cannot read {manifest} ({e}). "
-                              f"Write an earlier checkpoint's name into {os.path.dirname(path)}/latest to resume "
-                              "from it, or start over with --resume=false") from e
+        raise ValueError(f"checkpoint {path} is incomplete or corrupted: cannot read {manifest} ({e}). "
+                         f"Write an earlier checkpoint's name into {os.path.dirname(path)}/latest to resume "
+                         "from it, or start over with --resume=false") from e
     for name, (size, digest) in files.items():
         p = os.path.join(path, name)
         if not os.path.exists(p):
-            raise CheckpointError(f"checkpoint {path} is corrupted: {name} is missing")
+            raise ValueError(f"checkpoint {path} is corrupted: {name} is missing")
         if os.path.getsize(p) != size:
-            raise CheckpointError(f"checkpoint {path} is corrupted: {name} has {os.path.getsize(p)} bytes, "
-                                  f"the manifest says {size} (half-written?)")
+            raise ValueError(f"checkpoint {path} is corrupted: {name} has {os.path.getsize(p)} bytes, "
+                             f"the manifest says {size} (half-written?)")
         if file_digest(p) != digest:
-            raise CheckpointError(f"checkpoint {path} is corrupted: {name} fails its SHA-256 check")
-    return state
-
-
-def latest_checkpoint(ckpt_dir):
-    """The newest complete checkpoint of ckpt_dir, or None."""
-    try:
-        with open(os.path.join(ckpt_dir, "latest")) as f:
-            return os.path.join(ckpt_dir, f.read().strip())
-    except FileNotFoundError:
-        return None
-
-
-def check_same_run(path, run):
-    """Refuse to resume from `path` a run whose model, data order or schedule `run` would change, naming the field."""
-    saved = verify_checkpoint(path).get("run")
+            raise ValueError(f"checkpoint {path} is corrupted: {name} fails its SHA-256 check")
+    saved = state.get("run")
     if saved is None:
-        raise CheckpointError(f"{path}: written by an earlier version of train.py (no run settings in its "
-                              "manifest); start over with --resume=false or another --ckpt_dir")
+        raise ValueError(f"{path}: written by an earlier version of train.py (no run settings in its "
+                         "manifest); start over with --resume=false or another --ckpt_dir")
     for field, value in json.loads(json.dumps(run)).items():  # as the manifest stores it: tuples are lists
         if field in saved and saved[field] != value:
             short = [v if len(v) <= 120 else v[:120] + "..." for v in (json.dumps(saved[field]), json.dumps(value))]
-            raise CheckpointError(f"{path}: {field} was {short[0]} in the run that wrote this checkpoint, now "
-                                  f"{short[1]}: the model, the data order or the learning-rate schedule would "
-                                  "differ. Resume with the same value, or start over with --resume=false")
+            raise ValueError(f"{path}: {field} was {short[0]} in the run that wrote this checkpoint, now "
+                             f"{short[1]}: the model, the data order or the learning-rate schedule would "
+                             "differ. Resume with the same value, or start over with --resume=false")
 
 
 def load_checkpoint(path, model, optimizer):

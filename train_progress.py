@@ -10,11 +10,10 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 
-
-def say(*args):
+def say(text):
     """Print on rank 0, above the progress bar."""
     if dist.get_rank() == 0:
-        tqdm.write(" ".join(str(a) for a in args))
+        tqdm.write(text)
 
 
 def describe(cfg, tokenizer, args, n_params, dataset, n_held_out, n_steps, world_size):

@@ -44,7 +44,7 @@ def worker(mode, out_dir, result_dir):
     if mode == "before":
         conversations = data.load_conversations(cfg.data, cfg.sharegpt_condition, True, collections.Counter())
         dataset = data.tokenize_dataset(conversations, tokenizer, args.max_seq_len,
-                                        data.parse_class_weights(cfg.class_weights))
+                                        prepare.class_weights(cfg))
     else:
         group = dist.new_group(backend="gloo")
         key = prepare.on_rank0(lambda: prepare.inputs_key(cfg, tokenizer, args.max_seq_len), group)

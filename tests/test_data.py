@@ -129,11 +129,11 @@ def test_decode_writes_eot_as_text(tok):
 
 
 def test_parse_class_weights():
-    assert data.parse_class_weights("GPT4 Correct=1, GPT3=0.1") == {"GPT4 Correct": 1.0, "GPT3": 0.1}
+    assert chat_readers.parse_class_weights("GPT4 Correct=1, GPT3=0.1") == {"GPT4 Correct": 1.0, "GPT3": 0.1}
     for bad, says in [("GPT4", "NAME=WEIGHT"), ("GPT4=x", "not a number"), ("GPT4=-1", ">= 0"),
                       ("GPT4=1,GPT4=2", "twice"), ("GPT4=nan", "finite")]:
         with pytest.raises(ValueError, match=says):
-            data.parse_class_weights(bad)
+            chat_readers.parse_class_weights(bad)
 
 
 # ------------------------------------------------------------------------------------------ reading input

@@ -238,16 +238,17 @@ def test_command_line_answers_prompts_from_an_export(tmp_path, capsys, monkeypat
     tok = data.load_tokenizer(toy_task.TOKENIZER_PATH)
     model = random_model(vocab_size=tok.vocab_size, max_seq_len=128)
     export_hf(model, tok, str(tmp_path))
-    _, loaded = sample.load(str(tmp_path))  # its tokenizer.json: the end of turn is its eos_token
-    assert loaded.path == str(tmp_path / "tokenizer.json") and loaded.eos_id == loaded.eot_id == tok.eot_id
+    _, loaded = sample.load(str(tmp_path))  # its tokenizer.json, and both stop ids of its generation_config.json
+    assert loaded.path == str(tmp_path / "tokenizer.json")
+    assert (loaded.eot_id, loaded.eos_id) == (tok.eot_id, tok.eos_id)
     (tmp_path / "prompts.txt").write_text("1+2=\n\n3+4=\n")
     sample.main(["--model", str(tmp_path), "--prompt", "5+6=", "--prompt-file", str(tmp_path / "prompts.txt"),
                  "--temperature", "0", "--max-new-tokens", "5", "--device", "cpu"])
     out = capsys.readouterr().out
     assert [line[len("User: "):] for line in out.splitlines() if line.startswith("User: ")] == ["5+6=", "1+2=", "3+4="]
     expected = list(sample.generate(model, by_hand(tok, "GPT4 Correct", [("User", "5+6=")]), 5, temperature=0.0,
-                                    stop_ids={tok.eot_id}))
-    expected = expected[:-1] if expected[-1] == tok.eot_id else expected
+                                    stop_ids={tok.eot_id, tok.eos_id}))
+    expected = expected[:-1] if expected[-1] in (tok.eot_id, tok.eos_id) else expected
     assert f"Assistant: {loaded.decode(expected)}\n" in out  # decoded as sample.py does, the export's tokenizer.json
     monkeypatch.chdir(tmp_path)  # no out/default/export here
     with pytest.raises(SystemExit, match="python train.py"):
@@ -290,7 +291,8 @@ def test_default_condition_is_the_one_the_export_names(tmp_path, capsys):
     tok = data.load_tokenizer(toy_task.TOKENIZER_PATH)
     model = random_model(vocab_size=tok.vocab_size, max_seq_len=128)
     export_hf(model, tok, str(tmp_path / "gpt4"), condition="GPT4")
-    assert sample.trained_with(str(tmp_path / "gpt4")) == {"condition": "GPT4", "template": "openchat_3.5"}
+    assert sample.trained_with(str(tmp_path / "gpt4")) == {"condition": "GPT4", "template": "openchat_3.5",
+                                                           "stops": [tok.eot_id, tok.eos_id]}
     assert sample.trained_with(str(tmp_path / "nowhere")) == {}  # then OpenChat 3.5's condition, GPT4 Correct
     sample.main(["--model", str(tmp_path / "gpt4"), "--prompt", "5+6=", "--temperature", "0",
                  "--max-new-tokens", "5", "--device", "cpu"])
