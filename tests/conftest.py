@@ -26,3 +26,14 @@ def _interpreter_only_for_triton_tests(request, monkeypatch):
     if request.node.get_closest_marker("triton") is None:
         monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     yield
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models: one thread is fastest, and several stall when other jobs share the 2 cores (40 greedy tokens of
+    SmolLM2 took 2.4 s on one thread, 40 s on two)."""
+    import torch
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -30,13 +30,7 @@ CHAT = [{"role": "user", "content": "What is the boiling point of water at sea l
 TOL = 2e-4  # test_model.py's 1e-4 is for 2-layer toys; here 30 layers and logits up to ~45: 8.9e-5 measured
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One thread: 40 greedy tokens took 2.4 s on one, 40 s on two when other jobs shared the 2 cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 def env():

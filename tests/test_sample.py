@@ -16,13 +16,7 @@ from model import ModelArgs, Transformer
 
 transformers = pytest.importorskip("transformers")
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: one thread is fastest, and several stall when the CPUs are shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 MHA = dict(n_heads=4, n_kv_heads=4)
