@@ -44,3 +44,35 @@ def test_plot_draws_a_runs_log(tmp_path):
     svg = (tmp_path / "loss.svg").read_text()
     assert svg.startswith("<svg") and svg.count("<polyline") == 4
     assert all(f">{name}</text>" in svg for name in ("loss (weighted)", "validation loss", "CE A", "CE B"))
+
+
+def test_learning_curves_scores_every_k_steps_and_rebuilds_the_report_from_the_logs(tmp_path):
+    """experiments/learning_curves.py, shortened: two methods train (tiny model, 4 steps), scored at steps 2 and
+    4 (the last on every problem); --report_only then writes the same tables and picture from scores.jsonl."""
+    env = dict(os.environ)
+    env.pop("TRITON_INTERPRET", None)
+    cmd = [sys.executable, os.path.join(ROOT, "experiments", "learning_curves.py"), "--seeds=1", "--max_steps=4",
+           "--every=2", "--toy_train=200", "--toy_eval=12", "--eval_subset=6", "--settings=mild_novice",
+           "--methods=sft_mix,crlft", f"--out_dir={tmp_path}", "--dim=32", "--n_layers=1", "--n_heads=2",
+           "--n_kv_heads=1", "--batch_tokens=512"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    for method in ("sft_mix", "crlft"):
+        run = tmp_path / "mild_novice" / f"{method}_seed1000"
+        scores = [json.loads(line) for line in (run / "scores.jsonl").read_text().splitlines()]
+        assert [r["step"] for r in scores] == [2, 4]
+        assert set(scores[-1]) >= {"expert", "novice", "expert_full", "novice_full"}
+        assert not (run / "ckpt").exists()  # scored in place of the checkpoints: nothing written
+        assert json.loads((run / "job.json").read_text())["error_rate"] == 0.3
+    table = (tmp_path / "results.md").read_text()
+    assert "| sft_mix | no | 1 / 1 |" in table and "| crlft | yes | 1 / 0.1 |" in table
+    summary = [row.split(" | ") for row in table.splitlines() if " | 1 / " in row]  # one row per method
+    shares = {cells[0].strip("| "): float(cells[3].rstrip("%")) for cells in summary}  # the expert share of sum(w)
+    assert shares["crlft"] > shares["sft_mix"] > 0
+    svg = (tmp_path / "curves.svg").read_text()
+    assert svg.startswith("<svg") and svg.count("<polyline") == 4  # 2 methods x (expert, novice)
+    (tmp_path / "results.md").unlink()
+    (tmp_path / "curves.svg").unlink()
+    proc = subprocess.run(cmd + ["--report_only"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (tmp_path / "results.md").read_text() == table and (tmp_path / "curves.svg").read_text() == svg
