@@ -34,11 +34,12 @@ def load(model_path: str, tokenizer_path: str | None = None, template: str | Non
             if os.path.normpath(model_path) == DEFAULT_MODEL else ""
         raise FileNotFoundError(f"{model_path}: no such model directory{hint}")
     model = Transformer.from_pretrained(model_path, device=device, dtype=dtype, max_seq_len=max_seq_len)
+    trained = trained_with(model_path)
     tokenizer = data.use_template(checkpoint_tokenizer(model_path, model.args.vocab_size, tokenizer_path),
-                                  template or trained_with(model_path).get("template"))
+                                  template or trained.get("template"))
     # Our export's eos_token is the end of turn (what a plain client stops at); its generation_config.json names the
     # tokenizer's own end of text beside it, also a stop id.
-    other_stops = [i for i in trained_with(model_path).get("stops", []) if i != tokenizer.eot_id]
+    other_stops = [i for i in trained.get("stops", []) if i != tokenizer.eot_id]
     if tokenizer.eos_id == tokenizer.eot_id and other_stops:
         tokenizer.eos_id = other_stops[0]
     if tokenizer.vocab_size > model.args.vocab_size:  # a token added for the template, never trained

@@ -204,7 +204,7 @@ def setup(cfg, rank, world_size, group, written=None):
         aside = prepare.on_rank0(lambda: move_aside(cfg.ckpt_dir), group)
         if aside:
             say(f"--resume=false: moved the checkpoints of the earlier run in {cfg.ckpt_dir} to {aside}")
-    return cfg, tokenizer, args, dataset, held_out, plans, run, ckpt, tokenized
+    return cfg, tokenizer, args, dataset, held_out, plans, run, ckpt
 
 
 def expert_condition(cfg, dataset) -> str:
@@ -236,7 +236,7 @@ def train(cfg):
     written = []
     try:
         try:
-            cfg, tokenizer, args, dataset, held_out, plans, run, ckpt, _ = setup(cfg, rank, world_size, group, written)
+            cfg, tokenizer, args, dataset, held_out, plans, run, ckpt = setup(cfg, rank, world_size, group, written)
         except (ValueError, OSError, KeyboardInterrupt) as e:
             if rank == 0 and not isinstance(e, KeyboardInterrupt):  # one line, once
                 print(f"error: {data.one_line(e)}", file=sys.stderr)

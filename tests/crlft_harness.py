@@ -25,7 +25,7 @@ def main(out_file, step, argv):
     rank, world_size, device, mesh = train.setup_distributed()
     group = dist.new_group(backend="gloo")
     try:
-        cfg, tokenizer, args, dataset, held_out, plans, run, ckpt, _ = train.setup(cfg, rank, world_size, group)
+        cfg, tokenizer, args, dataset, held_out, plans, run, ckpt = train.setup(cfg, rank, world_size, group)
         model = train.build_model(cfg, args, device, mesh)
         optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
         if ckpt is not None:
