@@ -31,7 +31,7 @@ import prepare
 import toy_task
 from train_checkpoint import check_shared, load_checkpoint, move_aside, resume_point, save_checkpoint
 from model import PRESETS, ModelArgs, Transformer
-from tokenizing import checkpoint_tokenizer
+from tokenizing import Tokenizer, checkpoint_tokenizer
 from train_config import PRESETS_TRAIN, TrainConfig, parse_config, help_text  # noqa: F401 (re-exported)
 from train_progress import Progress, describe, say
 
@@ -118,7 +118,9 @@ def crlft_step(model, batches, world_size):
         model.set_requires_gradient_sync(i == len(batches) - 1)  # reduce the gradients once per step
         loss_sum, token_ce = model(b.tokens[None], position_ids=b.position_ids[None], cu_seqlens=b.cu_seqlens,
                                    max_seqlen=b.max_seqlen, targets=b.targets[None], loss_weights=b.loss_weights[None])
-        # FSDP averages gradients over ranks; each rank's part of the global sum is multiplied back.
+        # FSDP averages gradients over ranks; each rank's part of the global sum is multiplied back. The fused
+        # cross-entropy already holds d(sum w*CE)/d(hidden, lm_head) from its forward (crlft_kernels/cross_entropy.py):
+        # this backward only scales them by world_size / sum(w), then flows through the blocks as usual.
         (loss_sum * world_size / weight_sum.clamp_min(1e-8)).backward()
         results.append((loss_sum.detach(), token_ce.detach()))
     return weight_sum, results
@@ -170,7 +172,30 @@ def export(model, cfg, args, tokenizer, directory):
     return local
 
 
-def setup(cfg, rank, world_size, group, written=None):
+@dataclasses.dataclass
+class Job:
+    """What setup() makes of the user's inputs, checked, and the training loop consumes."""
+    cfg: TrainConfig
+    tokenizer: Tokenizer
+    args: ModelArgs                    # the model's shape
+    dataset: data.TokenizedDataset     # every conversation, tokenized with its loss weights
+    held_out: np.ndarray               # dataset indices of the validation conversations
+    steps: list                        # every global step: (epoch, its bins), a bin a list of dataset indices
+    run: dict                          # what a resume must not change (train_checkpoint.check_same_run)
+    resume_from: str | None            # the checkpoint to start from; None: a fresh start
+
+
+def plan_steps(dataset, train_ids, cfg, n_bins):
+    """Each epoch's global steps, as (epoch, bins): data.pack_epoch shuffles the training conversations with the
+    epoch's seed and packs them into n_bins bins a step (every rank's micro-batches: world_size x grad_accum)."""
+    steps = []
+    for epoch in range(cfg.epochs):
+        for bins in data.pack_epoch(dataset.lengths[train_ids], cfg.batch_tokens, n_bins, cfg.seed, epoch):
+            steps.append((epoch, [[int(train_ids[i]) for i in b] for b in bins]))  # positions -> dataset indices
+    return steps
+
+
+def setup(cfg, rank, world_size, group, written=None) -> Job:
     """Everything that reads the user's inputs, checked before anything is written: tokenizer and model shape,
     the checkpoint directory and the resume guard, the data (prepared once), the held-out split, the plan.
     `written` (a list) gets what this rank wrote meanwhile (the prepared data), for train() to remove on an error."""
@@ -186,25 +211,24 @@ def setup(cfg, rank, world_size, group, written=None):
     if world_size > int(os.environ.get("LOCAL_WORLD_SIZE", world_size)):  # several nodes: one checkpoint directory
         check_shared(cfg.ckpt_dir, group)
     # Rank 0 decides where every rank starts: ranks that each read `latest` could start from different steps.
-    ckpt = prepare.on_rank0(lambda: resume_point(cfg.ckpt_dir, cfg.resume, run), group)
+    resume_from = prepare.on_rank0(lambda: resume_point(cfg.ckpt_dir, cfg.resume, run), group)
     dataset, tokenized = prepare.prepare_data(cfg, tokenizer, args.max_seq_len, key, group)
     if tokenized and written is not None:
         written.append(os.path.join(cfg.out_dir, "data"))
     train_ids, held_out = data.split_holdout(dataset.class_ids, cfg.val_fraction, cfg.val_max, cfg.seed)
     if len(train_ids) < world_size * cfg.grad_accum:
         raise ValueError(f"--data: only {len(train_ids)} training conversations for {world_size * cfg.grad_accum} bins")
-    plans = [[[[int(train_ids[i]) for i in b] for b in step]  # each epoch's steps of bins, as dataset indices
-              for step in data.pack_epoch(dataset.lengths[train_ids], cfg.batch_tokens, world_size * cfg.grad_accum,
-                                          cfg.seed, epoch)] for epoch in range(cfg.epochs)]
+    steps = plan_steps(dataset, train_ids, cfg, world_size * cfg.grad_accum)
     cfg = dataclasses.replace(cfg, expert_condition=expert_condition(cfg, dataset))
     if cfg.lr_base > 0:  # OpenChat's rule: the learning rate grows with the supervised tokens of a step
         supervised = (np.asarray(dataset.weights) > 0).sum() * len(train_ids) / len(dataset)
-        cfg = dataclasses.replace(cfg, lr=cfg.lr_base * math.sqrt(supervised / len(plans[0]) / 4e6))
+        steps_per_epoch = sum(epoch == 0 for epoch, _ in steps)
+        cfg = dataclasses.replace(cfg, lr=cfg.lr_base * math.sqrt(supervised / steps_per_epoch / 4e6))
     if not cfg.resume:  # everything checked: an earlier run's checkpoints go aside, never mixed with this run's
         aside = prepare.on_rank0(lambda: move_aside(cfg.ckpt_dir), group)
         if aside:
             say(f"--resume=false: moved the checkpoints of the earlier run in {cfg.ckpt_dir} to {aside}")
-    return cfg, tokenizer, args, dataset, held_out, plans, run, ckpt
+    return Job(cfg, tokenizer, args, dataset, held_out, steps, run, resume_from)
 
 
 def expert_condition(cfg, dataset) -> str:
@@ -236,7 +260,7 @@ def train(cfg):
     written = []
     try:
         try:
-            cfg, tokenizer, args, dataset, held_out, plans, run, ckpt = setup(cfg, rank, world_size, group, written)
+            job = setup(cfg, rank, world_size, group, written)
         except (ValueError, OSError, KeyboardInterrupt) as e:
             if rank == 0 and not isinstance(e, KeyboardInterrupt):  # one line, once
                 print(f"error: {data.one_line(e)}", file=sys.stderr)
@@ -246,35 +270,42 @@ def train(cfg):
             if isinstance(e, KeyboardInterrupt):
                 raise
             raise SystemExit(1)
-        model = build_model(cfg, args, device, mesh)
+        cfg = job.cfg
+        model = build_model(cfg, job.args, device, mesh)
         # fused: the whole AdamW update in one kernel per device on GPU, instead of many multi-tensor launches
         optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
                                       weight_decay=cfg.weight_decay, fused=device.type == "cuda")
-        start_step = load_checkpoint(ckpt, model, optimizer) if ckpt else 0
-        if ckpt:
-            say(f"resumed from {ckpt} at step {start_step}")
-        return train_loop(cfg, model, optimizer, dataset, held_out, plans, start_step, run, args, tokenizer, device)
+        start_step = load_checkpoint(job.resume_from, model, optimizer) if job.resume_from else 0
+        if job.resume_from:
+            say(f"resumed from {job.resume_from} at step {start_step}")
+        return train_loop(job, model, optimizer, start_step, device)
     finally:
         dist.barrier()  # before teardown, or gloo aborts now and then
         dist.destroy_process_group()
 
 
-def train_loop(cfg, model, optimizer, dataset, held_out, plans, start_step, run, args, tokenizer, device):
+def validation_bins(dataset, held_out, cfg, rank, world_size):
+    """This rank's share of the held-out conversations, packed once into bins of batch_tokens; every rank gets as
+    many (some empty), since each forward pass is a collective under FSDP."""
+    packed = data.pack_epoch(dataset.lengths[held_out], cfg.batch_tokens, 1, cfg.seed, 0) if len(held_out) else []
+    bins = [[int(held_out[i]) for i in step[0]] for step in packed]  # one bin a step; positions -> dataset indices
+    bins += [[]] * (-len(bins) % world_size)
+    return bins[rank::world_size]
+
+
+def train_loop(job, model, optimizer, start_step, device):
+    cfg, dataset, steps = job.cfg, job.dataset, job.steps
     rank, world_size = dist.get_rank(), dist.get_world_size()
-    steps = [(epoch, bins) for epoch, plan in enumerate(plans) for bins in plan]  # every global step's bins
     total_steps = min(len(steps), cfg.max_steps or len(steps))
-    val_bins = [] if len(held_out) == 0 else [  # this rank's share of the held-out bins, as many on every rank
-        [int(held_out[i]) for i in step[0]] for step in data.pack_epoch(dataset.lengths[held_out], cfg.batch_tokens,
-                                                                        1, cfg.seed, 0)]
-    val_bins = (val_bins + [[]] * (-len(val_bins) % world_size))[rank::world_size]
+    val_bins = validation_bins(dataset, job.held_out, cfg, rank, world_size)
     # SIGTERM (a scheduler's preemption) and Ctrl-C (SIGINT) only note the request: the step in flight finishes,
     # then every rank saves and exits, non-zero (stopped is not finished: `train.py && evaluate` must not go on).
     stop = {}
     previous = {s: signal.signal(s, lambda signum, _: stop.setdefault("signal", signum))
                 for s in (signal.SIGTERM, signal.SIGINT)}
-    n_params = model.num_params(exclude_embeddings=not args.tie_embeddings)  # matmul weights: 6 N FLOPs a token
-    describe(cfg, tokenizer, args, n_params, dataset, len(held_out), len(steps), world_size)
-    progress = Progress(cfg, start_step, total_steps, dataset.class_names, n_params, args, device)
+    n_params = model.num_params(exclude_embeddings=not job.args.tie_embeddings)  # matmul weights: 6N FLOPs a token
+    describe(cfg, job.tokenizer, job.args, n_params, dataset, len(job.held_out), len(steps), world_size)
+    progress = Progress(cfg, start_step, total_steps, dataset.class_names, n_params, job.args, device)
     step, stopped = start_step, 0
     try:
         while step < total_steps:
@@ -300,13 +331,13 @@ def train_loop(cfg, model, optimizer, dataset, held_out, plans, start_step, run,
                     say(f"epoch {epoch + 1}: validation loss {val_loss:.4f} ("
                                  + ", ".join(f"{name} {v:.4f}" for name, v in per_class.items()) + ")")
                 if cfg.export:
-                    export(model, cfg, args, tokenizer, os.path.join(cfg.out_dir, f"epoch_{epoch + 1}"))
+                    export(model, cfg, job.args, job.tokenizer, os.path.join(cfg.out_dir, f"epoch_{epoch + 1}"))
             # A signal on any rank: every rank saves this step, once, and all leave together.
             flag = torch.tensor([float(stop.get("signal", 0))], device=device)
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
             stopped = int(flag.item())
             if stopped or step % cfg.ckpt_every == 0 or step == total_steps:
-                save_checkpoint(model, optimizer, step, cfg.ckpt_dir, cfg.keep_ckpts, dataclasses.asdict(cfg), run)
+                save_checkpoint(model, optimizer, step, cfg.ckpt_dir, cfg.keep_ckpts, dataclasses.asdict(cfg), job.run)
             if stopped:
                 break
     finally:
@@ -320,16 +351,18 @@ def train_loop(cfg, model, optimizer, dataset, held_out, plans, start_step, run,
                   file=sys.stderr, flush=True)
         raise SystemExit(128 + stopped)
     scored = cfg.data == "toy" and cfg.toy_eval  # the full model is gathered only to export or to score it
-    final = export(model, cfg, args, tokenizer, os.path.join(cfg.out_dir, "export")) if cfg.export or scored else None
+    final = None
+    if cfg.export or scored:
+        final = export(model, cfg, job.args, job.tokenizer, os.path.join(cfg.out_dir, "export"))
     results = {"interrupted": False, "steps": step}
     if rank != 0:
         return results
     if scored:  # the toy task's score, then results.json (rank 0)
         condition = cfg.expert_condition if cfg.use_condition else ""
         problems = toy_task.make_toy_eval(cfg.toy_eval, cfg.seed)
-        prompt = lambda messages: data.encode_prompt(tokenizer, messages, condition)  # noqa: E731
-        results["accuracy"], answers = toy_task.evaluate(final.float(), tokenizer, problems, prompt)
-        results["accuracy_turn3"], _ = toy_task.evaluate(final, tokenizer, problems, prompt, turn=3)
+        prompt = lambda messages: data.encode_prompt(job.tokenizer, messages, condition)  # noqa: E731
+        results["accuracy"], answers = toy_task.evaluate(final.float(), job.tokenizer, problems, prompt)
+        results["accuracy_turn3"], _ = toy_task.evaluate(final, job.tokenizer, problems, prompt, turn=3)
         say(f"toy task: {results['accuracy']:.1%} of {cfg.toy_eval} held-out problems answered correctly as the "
             f"first question of a chat, {results['accuracy_turn3']:.1%} as the third (greedy, condition "
             f"{condition!r}); e.g. {answers[0][0]} -> {answers[0][1]!r}")

@@ -25,15 +25,16 @@ def main(out_file, step, argv):
     rank, world_size, device, mesh = train.setup_distributed()
     group = dist.new_group(backend="gloo")
     try:
-        cfg, tokenizer, args, dataset, held_out, plans, run, ckpt = train.setup(cfg, rank, world_size, group)
+        job = train.setup(cfg, rank, world_size, group)
+        cfg, args = job.cfg, job.args
         model = train.build_model(cfg, args, device, mesh)
         optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
-        if ckpt is not None:
-            assert load_checkpoint(ckpt, model, optimizer) == step
+        if job.resume_from is not None:
+            assert load_checkpoint(job.resume_from, model, optimizer) == step
         start = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        bins = [b for epoch in plans for b in epoch][step]
+        _, bins = job.steps[step]
         mine = bins[rank * cfg.grad_accum:(rank + 1) * cfg.grad_accum]
-        weight_sum, _ = train.crlft_step(model, [data.make_batch(dataset, b) for b in mine], world_size)
+        weight_sum, _ = train.crlft_step(model, [data.make_batch(job.dataset, b) for b in mine], world_size)
         grads = {name: p.grad.full_tensor() for name, p in model.named_parameters()}
         if rank == 0:
             torch.save({"args": args, "weights": start, "grads": grads, "bins": bins, "grad_accum": cfg.grad_accum,
