@@ -16,8 +16,9 @@ import tokenizers
 def default_tokenizer_path() -> str:
     spec = importlib.util.find_spec("mistral_common")
     if spec is None:
-        raise FileNotFoundError("the default tokenizer is mistral-common's tokenizer.model.v1: "
-                                "`pip install mistral-common`, or pass your own tokenizer")
+        raise FileNotFoundError("--tokenizer: a from-scratch model's default tokenizer is Mistral v1's tokenizer.model "
+                                "from the package mistral-common: `pip install mistral-common`, or pass "
+                                "--tokenizer=PATH (a tokenizer.json, a tokenizer.model or a model directory)")
     return os.path.join(os.path.dirname(spec.origin), "data", "tokenizer.model.v1")
 
 

@@ -84,7 +84,7 @@ def build_model(cfg, args, device, mesh):
     for i, block in enumerate(model.layers):
         if cfg.activation_checkpointing:
             model.layers[i] = block = checkpoint_wrapper(block)
-        if cfg.compile:  # per block, as torchtitan does; the attention kernel stays outside the graph
+        if cfg.compile:  # per block, as torchtitan does; the attention kernels are custom ops inside its graph
             block.compile()
         # The last block's parameters are gathered again by the root right away: keep them unsharded.
         fully_shard(block, mesh=mesh, mp_policy=mp, reshard_after_forward=i < len(model.layers) - 1)

@@ -10,7 +10,11 @@ try:
 except ImportError:  # e.g. macOS, or a CPU-only install without triton
     triton = tl = None
 HAS_TRITON = triton is not None
+# True: every call takes the PyTorch reference, even on a GPU (tests/test_gpu.py runs one model both ways).
+FORCE_REFERENCE = False
 
 
 def use_triton(t: torch.Tensor) -> bool:
+    if FORCE_REFERENCE:
+        return False
     return HAS_TRITON and (t.is_cuda or (t.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"))

@@ -21,6 +21,8 @@ Backward, with dO the output gradient and delta_i = sum_d dO_id O_id (= sum_j P_
     dV = P^T dO,   dP = dO V^T,   dS = P * (dP - delta),   dQ = scale * dS K,   dK = scale * dS^T Q.
 Three kernels: delta; dK/dV, a program per key block over every query (of every GQA head) that sees it:
 each element written once, no atomics; and so dQ (a sum over keys) per query block, recomputing P and dP.
+Short packs (max_seqlen <= FUSED_DELTA_MAX_SEQLEN, launch-bound: a 1k-token backward ran at 0.87x SDPA) skip the
+delta kernel: dQ computes delta for its own query block, dK/dV for every query block it visits (O re-read by each).
 
 Sliding window W (causal only; transformers' convention): query i sees the W keys i - W < j <= i. A query
 tile [m, m + BM) visits key blocks from the one holding key m - W + 1 (its first row's oldest) to its diagonal,
@@ -30,6 +32,7 @@ keys (W + BN queries), whatever the length.
 """
 import math
 from collections import namedtuple
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -38,6 +41,8 @@ from crlft_kernels import HAS_TRITON, tl, triton, use_triton
 
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)  # tl.dot needs power-of-two tiles of at least 16
 DELTA_BLOCK = 64  # tokens per program of the delta kernel
+# Up to this longest sequence the dK/dV and dQ kernels compute delta themselves (see the docstring). Not timed yet.
+FUSED_DELTA_MAX_SEQLEN = 1024
 
 
 # ---- Plain PyTorch reference (CPU training path) -------------------------------------------------------
@@ -217,10 +222,11 @@ if HAS_TRITON:
         tl.store(DELTA + head * n_tokens + tokens, tl.sum(o * do, 1), mask=tokens < n_tokens)
 
     @triton.jit
-    def _dkdv_inner(dk, dv, k, v, Q, DO, LSE, DELTA, q_stride, cols, lo, hi, seq_len, qk_scale, HEAD_DIM: tl.constexpr,
-                    BLOCK_M: tl.constexpr, MASK: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr):
+    def _dkdv_inner(dk, dv, k, v, Q, DO, O, LSE, DELTA, q_stride, cols, lo, hi, seq_len, qk_scale,
+                    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, MASK: tl.constexpr, CAUSAL: tl.constexpr,
+                    WINDOW: tl.constexpr, FUSED_DELTA: tl.constexpr):
         """dV += P^T dO and dK += dS^T Q over query blocks [lo, hi), transposed (keys along rows) so the key block
-        stays put. Q, DO point at this sequence's first token and one query head, LSE, DELTA likewise."""
+        stays put. Q, DO, O point at this sequence's first token and one query head, LSE, DELTA likewise."""
         offs_m, offs_d = tl.arange(0, BLOCK_M), tl.arange(0, HEAD_DIM)
         for start_m in tl.range(lo, hi, BLOCK_M):
             rows = start_m + offs_m
@@ -229,7 +235,12 @@ if HAS_TRITON:
             qT = tl.load(qT_ptrs, mask=rows[None, :] < seq_len, other=0.0) if MASK else tl.load(qT_ptrs)
             do = tl.load(do_ptrs, mask=rows[:, None] < seq_len, other=0.0) if MASK else tl.load(do_ptrs)
             lse = tl.load(LSE + rows, mask=rows < seq_len, other=0.0) if MASK else tl.load(LSE + rows)
-            delta = tl.load(DELTA + rows, mask=rows < seq_len, other=0.0) if MASK else tl.load(DELTA + rows)
+            if FUSED_DELTA:  # from this block's O and dO, as the delta kernel does
+                o_ptrs = O + rows[:, None] * q_stride + offs_d[None, :]
+                o = tl.load(o_ptrs, mask=rows[:, None] < seq_len, other=0.0) if MASK else tl.load(o_ptrs)
+                delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+            else:
+                delta = tl.load(DELTA + rows, mask=rows < seq_len, other=0.0) if MASK else tl.load(DELTA + rows)
             # P^T = exp(S^T - lse), recomputed: (BLOCK_N, BLOCK_M)
             pT = tl.math.exp2(tl.dot(k, qT) * qk_scale - lse[None, :] * 1.4426950408889634)
             if MASK:
@@ -241,9 +252,9 @@ if HAS_TRITON:
         return dk, dv
 
     @triton.jit
-    def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, CU_SEQLENS, n_tokens, n_heads, group, softmax_scale,
+    def _attn_bwd_dkdv(Q, K, V, DO, O, DK, DV, LSE, DELTA, CU_SEQLENS, n_tokens, n_heads, group, softmax_scale,
                        HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                       CAUSAL: tl.constexpr, WINDOW: tl.constexpr):
+                       CAUSAL: tl.constexpr, WINDOW: tl.constexpr, FUSED_DELTA: tl.constexpr):
         start_n, seq_start, seq_len = _tile(CU_SEQLENS, BLOCK_N)
         if start_n >= seq_len:
             return
@@ -258,12 +269,13 @@ if HAS_TRITON:
         for g in tl.range(0, group):
             head = kv_head * group + g
             Qh, DOh = Q + seq_start * q_stride + head * HEAD_DIM, DO + seq_start * q_stride + head * HEAD_DIM
+            Oh = O + seq_start * q_stride + head * HEAD_DIM
             LSEh, DELTAh = LSE + head * n_tokens + seq_start, DELTA + head * n_tokens + seq_start
             lo = 0
             if CAUSAL:  # queries [start_n, start_n + BLOCK_N): the diagonal block, masked
                 lo = tl.minimum(start_n + BLOCK_N, seq_len)
-                dk, dv = _dkdv_inner(dk, dv, k, v, Qh, DOh, LSEh, DELTAh, q_stride, cols, start_n, lo,
-                                     seq_len, qk_scale, HEAD_DIM, BLOCK_M, True, CAUSAL, WINDOW)
+                dk, dv = _dkdv_inner(dk, dv, k, v, Qh, DOh, Oh, LSEh, DELTAh, q_stride, cols, start_n, lo,
+                                     seq_len, qk_scale, HEAD_DIM, BLOCK_M, True, CAUSAL, WINDOW, FUSED_DELTA)
             # Whole query blocks that see all these keys unmasked, then the rest masked: the sequence's
             # partial last block, or the queries from start_n + WINDOW on (they see only some keys).
             end = seq_len
@@ -271,10 +283,10 @@ if HAS_TRITON:
             if WINDOW > 0:
                 end = tl.minimum(start_n + BLOCK_N + WINDOW - 1, seq_len)
                 full_end = lo + (tl.maximum(tl.minimum(start_n + WINDOW, seq_len) - lo, 0) // BLOCK_M) * BLOCK_M
-            dk, dv = _dkdv_inner(dk, dv, k, v, Qh, DOh, LSEh, DELTAh, q_stride, cols, lo, full_end,
-                                 seq_len, qk_scale, HEAD_DIM, BLOCK_M, False, CAUSAL, WINDOW)
-            dk, dv = _dkdv_inner(dk, dv, k, v, Qh, DOh, LSEh, DELTAh, q_stride, cols, full_end, end,
-                                 seq_len, qk_scale, HEAD_DIM, BLOCK_M, True, CAUSAL, WINDOW)
+            dk, dv = _dkdv_inner(dk, dv, k, v, Qh, DOh, Oh, LSEh, DELTAh, q_stride, cols, lo, full_end,
+                                 seq_len, qk_scale, HEAD_DIM, BLOCK_M, False, CAUSAL, WINDOW, FUSED_DELTA)
+            dk, dv = _dkdv_inner(dk, dv, k, v, Qh, DOh, Oh, LSEh, DELTAh, q_stride, cols, full_end, end,
+                                 seq_len, qk_scale, HEAD_DIM, BLOCK_M, True, CAUSAL, WINDOW, FUSED_DELTA)
         dk *= softmax_scale  # dS was taken w.r.t. the scaled scores
         tl.store(DK + kv_offs, dk.to(DK.dtype.element_ty), mask=cols[:, None] < seq_len)
         tl.store(DV + kv_offs, dv.to(DV.dtype.element_ty), mask=cols[:, None] < seq_len)
@@ -299,9 +311,9 @@ if HAS_TRITON:
         return dq
 
     @triton.jit
-    def _attn_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, CU_SEQLENS, n_tokens, n_heads, group, softmax_scale,
+    def _attn_bwd_dq(Q, K, V, DO, O, DQ, LSE, DELTA, CU_SEQLENS, n_tokens, n_heads, group, softmax_scale,
                      HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                     CAUSAL: tl.constexpr, WINDOW: tl.constexpr):
+                     CAUSAL: tl.constexpr, WINDOW: tl.constexpr, FUSED_DELTA: tl.constexpr):
         start_m, seq_start, seq_len = _tile(CU_SEQLENS, BLOCK_M)
         if start_m >= seq_len:
             return
@@ -313,7 +325,11 @@ if HAS_TRITON:
         q = tl.load(Q + q_offs, mask=rows[:, None] < seq_len, other=0.0)
         do = tl.load(DO + q_offs, mask=rows[:, None] < seq_len, other=0.0)
         lse = tl.load(LSE + head * n_tokens + seq_start + rows, mask=rows < seq_len, other=0.0) * 1.4426950408889634
-        delta = tl.load(DELTA + head * n_tokens + seq_start + rows, mask=rows < seq_len, other=0.0)
+        if FUSED_DELTA:
+            o = tl.load(O + q_offs, mask=rows[:, None] < seq_len, other=0.0)
+            delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+        else:
+            delta = tl.load(DELTA + head * n_tokens + seq_start + rows, mask=rows < seq_len, other=0.0)
         K, V = K + (seq_start * kv_stride + kv_head * HEAD_DIM), V + (seq_start * kv_stride + kv_head * HEAD_DIM)
         dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
         qk_scale = softmax_scale * 1.4426950408889634
@@ -331,16 +347,17 @@ if HAS_TRITON:
 
 
 # ---- Launchers and autograd ----------------------------------------------------------------------------
-def launch_specs(head_dim, dtype, device_type, causal=True, window=None):
+def launch_specs(head_dim, dtype, device_type, causal=True, window=None, fused_delta=False):
     """(kernel, constexprs, launch options) of each kernel, as the launchers use them (and the AOT test)."""
     cfg = kernel_config(head_dim, dtype, device_type)
     assert cfg.fwd.block_m % cfg.fwd.block_n == 0 and cfg.dq.block_m % cfg.dq.block_n == 0
     assert cfg.dkdv.block_n % cfg.dkdv.block_m == 0
 
-    def spec(kernel, tiles):
+    def spec(kernel, tiles, **backward):
         return (kernel, dict(HEAD_DIM=head_dim, BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, CAUSAL=causal,
-                             WINDOW=window or 0), dict(num_warps=tiles.warps, num_stages=tiles.stages))
-    return {"fwd": spec(_attn_fwd, cfg.fwd), "dkdv": spec(_attn_bwd_dkdv, cfg.dkdv), "dq": spec(_attn_bwd_dq, cfg.dq),
+                             WINDOW=window or 0, **backward), dict(num_warps=tiles.warps, num_stages=tiles.stages))
+    return {"fwd": spec(_attn_fwd, cfg.fwd), "dkdv": spec(_attn_bwd_dkdv, cfg.dkdv, FUSED_DELTA=fused_delta),
+            "dq": spec(_attn_bwd_dq, cfg.dq, FUSED_DELTA=fused_delta),
             "delta": (_attn_bwd_delta, dict(HEAD_DIM=head_dim, BLOCK=DELTA_BLOCK), dict(num_warps=4, num_stages=1))}
 
 
@@ -353,48 +370,79 @@ def _forward(q, k, v, cu_seqlens, max_seqlen, causal, scale, window):
     return o, lse  # lse (H, T) fp32, natural log
 
 
-class _FlashAttention(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, cu_seqlens, max_seqlen, causal, scale, window):
-        o, lse = _forward(q, k, v, cu_seqlens, max_seqlen, causal, scale, window)
-        ctx.save_for_backward(q, k, v, o, lse, cu_seqlens)
-        ctx.launch = (max_seqlen, causal, scale, window)
-        return o
+# torch.library ops, so torch.compile keeps attention inside its graph (an opaque node with a shapes-only fake).
+# max_seqlen is an int input: at its first new value dynamo makes it symbolic, one recompile rather than one per value.
+@torch.library.custom_op("crlft::flash_attention_fwd", mutates_args=())
+def _flash_attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
+                         max_seqlen: int, causal: bool, scale: float,
+                         window: Optional[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    if not q.is_cuda:  # the checks that read cu_seqlens on the host (on CUDA they would sync)
+        _check_inputs(q, k, v, cu_seqlens, causal, window, max_seqlen)
+    if q.shape[0] == 0:
+        return torch.empty_like(q), q.new_empty(q.shape[1], 0, dtype=torch.float32)
+    return _forward(q, k, v, cu_seqlens, max_seqlen, causal, scale, window)
 
-    @staticmethod
-    def backward(ctx, do):
-        q, k, v, o, lse, cu_seqlens = ctx.saved_tensors
-        max_seqlen, causal, scale, window = ctx.launch
-        do, (n_tokens, n_heads, head_dim), n_kv_heads = do.contiguous(), q.shape, k.shape[1]
-        specs = launch_specs(head_dim, q.dtype, q.device.type, causal, window)
-        delta, dq, dk, dv = torch.empty_like(lse), torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+@_flash_attention_fwd.register_fake
+def _(q, k, v, cu_seqlens, max_seqlen, causal, scale, window):
+    return torch.empty_like(q), q.new_empty(q.shape[1], q.shape[0], dtype=torch.float32)
+
+
+@torch.library.custom_op("crlft::flash_attention_bwd", mutates_args=())
+def _flash_attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
+                         lse: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int, causal: bool, scale: float,
+                         window: Optional[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    do, (n_tokens, n_heads, head_dim), n_kv_heads = do.contiguous(), q.shape, k.shape[1]
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    if n_tokens == 0:
+        return dq, dk, dv
+    fused_delta = max_seqlen <= FUSED_DELTA_MAX_SEQLEN  # then the other kernels compute delta: no delta kernel
+    specs = launch_specs(head_dim, q.dtype, q.device.type, causal, window, fused_delta)
+    delta = lse if fused_delta else torch.empty_like(lse)  # fused: never read
+    if not fused_delta:
         kernel, meta, opts = specs["delta"]
         kernel[(triton.cdiv(n_tokens, DELTA_BLOCK), n_heads)](o, do, delta, n_tokens, n_heads, **meta, **opts)
-        sizes = (lse, delta, cu_seqlens, n_tokens, n_heads, n_heads // n_kv_heads, scale)
-        kernel, meta, opts = specs["dkdv"]
-        grid = (triton.cdiv(max_seqlen, meta["BLOCK_N"]), cu_seqlens.numel() - 1, n_kv_heads)
-        kernel[grid](q, k, v, do, dk, dv, *sizes, **meta, **opts)
-        kernel, meta, opts = specs["dq"]
-        kernel[(triton.cdiv(max_seqlen, meta["BLOCK_M"]), cu_seqlens.numel() - 1, n_heads)](
-            q, k, v, do, dq, *sizes, **meta, **opts)
-        return dq, dk, dv, None, None, None, None, None
+    sizes = (lse, delta, cu_seqlens, n_tokens, n_heads, n_heads // n_kv_heads, scale)
+    kernel, meta, opts = specs["dkdv"]
+    grid = (triton.cdiv(max_seqlen, meta["BLOCK_N"]), cu_seqlens.numel() - 1, n_kv_heads)
+    kernel[grid](q, k, v, do, o, dk, dv, *sizes, **meta, **opts)
+    kernel, meta, opts = specs["dq"]
+    kernel[(triton.cdiv(max_seqlen, meta["BLOCK_M"]), cu_seqlens.numel() - 1, n_heads)](
+        q, k, v, do, o, dq, *sizes, **meta, **opts)
+    return dq, dk, dv
 
 
-@torch.compiler.disable  # under torch.compile (train.py --compile) the kernels run as they are, between graphs
+@_flash_attention_bwd.register_fake
+def _(do, q, k, v, o, lse, cu_seqlens, max_seqlen, causal, scale, window):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _setup_context(ctx, inputs, output):
+    ctx.save_for_backward(*inputs[:3], *output, inputs[3])  # q, k, v, o, lse, cu_seqlens
+    ctx.launch = inputs[4:]  # max_seqlen, causal, scale, window
+    ctx.mark_non_differentiable(output[1])
+
+
+def _backward(ctx, do, _grad_lse):
+    dq, dk, dv = _flash_attention_bwd(do, *ctx.saved_tensors, *ctx.launch)
+    return dq, dk, dv, None, None, None, None, None
+
+
+_flash_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
 def flash_attention(q, k, v, cu_seqlens, max_seqlen, causal=True, softmax_scale=None, window=None):
     """Attention over packed sequences. q (T, H, D), k/v (T, H_kv, D), cu_seqlens int32 (n_seqs + 1,),
     max_seqlen >= the longest sequence (it sizes the grid; not checked on CUDA: no host sync). window
     (causal only): query i sees keys i - window < j <= i; None or >= max_seqlen: plain causal attention.
     Returns (T, H, D), differentiable w.r.t. q, k, v. Triton kernel where `use_triton(q)`, else the reference."""
-    _check_inputs(q, k, v, cu_seqlens, causal, window, None if q.is_cuda else max_seqlen)
+    _check_inputs(q, k, v, cu_seqlens, causal, window)  # the rest in the op or the reference: no graph break
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[2])
     # Other head dims (e.g. 96) take the reference. The interpreter computes bf16 dots on raw bits (TRITON_ON_CPU.md).
     dtypes = (torch.float16, torch.bfloat16, torch.float32) if q.is_cuda else (torch.float16, torch.float32)
     if not (use_triton(q) and q.shape[2] in SUPPORTED_HEAD_DIMS and q.dtype in dtypes):
         return attention_reference(q, k, v, cu_seqlens, max_seqlen, causal, scale, window)
-    if q.shape[0] == 0:
-        return torch.empty_like(q)
     window = window if window is not None and window < max_seqlen else None  # None: the plain causal kernels
     # Contiguous (T, H, D) lets the kernels derive every stride from H and D.
-    return _FlashAttention.apply(q.contiguous(), k.contiguous(), v.contiguous(), cu_seqlens,
-                                 int(max_seqlen), bool(causal), float(scale), window)
+    return _flash_attention_fwd(q.contiguous(), k.contiguous(), v.contiguous(), cu_seqlens, max_seqlen,
+                                bool(causal), float(scale), window)[0]

@@ -20,8 +20,17 @@ Per chunk of C tokens:
 An fp32 accumulator would cost V * D * 4 bytes (0.5 GB at V = 32k, D = 4096) plus a (V, D) temporary per chunk,
 most of the memory saved; with ~8 chunks the extra rounding is a few bf16 ulps, below the noise of bf16 gradients.
 Tokens with weight 0 (prompts, padding) skip every matmul: their targets may be -100, their CE reads 0.
+
+Aligned logits (the Triton path): with V = 32,001 every logits row starts at an odd element, and cuBLAS fell back to
+old unaligned kernels (an H200 profile: 43 ms of a 260 ms step in the output layer at ~120 TFLOP/s). So W is padded
+with zero rows to V_padded, a multiple of 64: the logits are (C, V_padded), their extra columns are exactly 0 and
+the row step leaves them out of the log-sum-exp and writes 0 as their gradient, so they change neither CE nor
+grad_hidden; grad_weight's extra rows are dropped. The copy costs V_padded * D once a call (none when V already is
+a multiple of 64); the model, its checkpoints and exports keep the true V. The PyTorch row step needs no padding.
 """
 import math
+from functools import partial
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -29,15 +38,17 @@ import torch.nn.functional as F
 from crlft_kernels import HAS_TRITON, tl, triton, use_triton
 
 MIN_CHUNK_ROWS = 512
+VOCAB_ALIGN = 64  # the Triton path pads W to a multiple of this many rows: aligned (C, V) logits rows
 
 
 # ---- The row step: log-sum-exp and the in-place logits gradient -------------------------------------------
 if HAS_TRITON:
 
     @triton.jit
-    def _ce_rows_kernel(logits_ptr, targets_ptr, weights_ptr, ce_ptr, V, stride_row, BLOCK_V: tl.constexpr):
-        """One program per row of logits (C, V), input dtype, overwritten with w * (softmax - onehot); targets
-        (C,) int64, all in [0, V); weights (C,) fp32; ce (C,) fp32 out: the unweighted CE per row."""
+    def _ce_rows_kernel(logits_ptr, targets_ptr, weights_ptr, ce_ptr, V, n_cols, stride_row, BLOCK_V: tl.constexpr):
+        """One program per row of logits (C, n_cols), input dtype, overwritten with w * (softmax - onehot); columns
+        V..n_cols are the padded vocabulary (zero rows of W): absent from the log-sum-exp, their gradient written 0.
+        targets (C,) int64, all in [0, V); weights (C,) fp32; ce (C,) fp32 out: the unweighted CE per row."""
         row = tl.program_id(0).to(tl.int64)  # int64: row * stride_row can pass 2**31 for big chunks
         row_ptr = logits_ptr + row * stride_row
         offsets = tl.arange(0, BLOCK_V)
@@ -52,13 +63,13 @@ if HAS_TRITON:
         target, weight = tl.load(targets_ptr + row), tl.load(weights_ptr + row)
         target_logit = tl.load(row_ptr + target).to(tl.float32)
         tl.store(ce_ptr + row, lse - target_logit)
-        for start in range(0, V, BLOCK_V):  # pass 2: overwrite the logits with their gradient
+        for start in range(0, n_cols, BLOCK_V):  # pass 2: overwrite the logits with their gradient
             cols = start + offsets
-            mask = cols < V
-            x = tl.load(row_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+            x = tl.load(row_ptr + cols, mask=cols < V, other=0.0).to(tl.float32)
             p = tl.exp(x - lse)
             p = tl.where(cols == target, p - 1.0, p)
-            tl.store(row_ptr + cols, (p * weight).to(logits_ptr.dtype.element_ty), mask=mask)
+            p = tl.where(cols < V, p * weight, 0.0)
+            tl.store(row_ptr + cols, p.to(logits_ptr.dtype.element_ty), mask=cols < n_cols)
 
 
 def kernel_config(vocab_size: int) -> tuple[int, int]:
@@ -67,12 +78,16 @@ def kernel_config(vocab_size: int) -> tuple[int, int]:
     return block_v, 8 if block_v >= 2048 else 4
 
 
-def _ce_rows_triton(logits, targets, weights):
-    """The row step: returns CE (C,) fp32, logits (C, V) overwritten by their gradient."""
-    C, V = logits.shape
+def _ce_rows_triton(logits, targets, weights, vocab_size=None):
+    """The row step: returns CE (C,) fp32, logits (C, n_cols) overwritten by their gradient. Columns from
+    vocab_size on (default: none) are padding: left out of the softmax, their gradient 0."""
+    C, n_cols = logits.shape
+    V = n_cols if vocab_size is None else vocab_size
+    assert V <= n_cols
     ce = torch.empty(C, dtype=torch.float32, device=logits.device)
     block_v, num_warps = kernel_config(V)
-    _ce_rows_kernel[(C,)](logits, targets, weights, ce, V, logits.stride(0), BLOCK_V=block_v, num_warps=num_warps)
+    _ce_rows_kernel[(C,)](logits, targets, weights, ce, V, n_cols, logits.stride(0), BLOCK_V=block_v,
+                          num_warps=num_warps)
     return ce
 
 
@@ -134,39 +149,65 @@ def _forward_and_grads(hidden, weight, targets, loss_weights, chunk_size, need_g
         raise ValueError(f"crlft_kernels/cross_entropy.py: targets[{bad}] = {targets[bad].item()} is outside "
                          f"[0, {V}) but loss_weights[{bad}] = {loss_weights[bad].item()} is nonzero")
     C = chunk_size or default_chunk_size(N, V, D)
-    row_step = _ce_rows_triton if use_triton(hidden) else _ce_rows_torch
+    if use_triton(hidden):  # zero rows up to a multiple of VOCAB_ALIGN (see the docstring); no grad flows to them
+        row_step = partial(_ce_rows_triton, vocab_size=V)
+        if V % VOCAB_ALIGN:
+            weight = F.pad(weight.detach(), (0, 0, 0, -V % VOCAB_ALIGN))
+    else:
+        row_step = _ce_rows_torch
     per_token_ce = torch.zeros(N, dtype=torch.float32, device=hidden.device)
     grad_hidden = torch.zeros_like(hidden) if need_grad_hidden else None
-    grad_weight = torch.zeros_like(weight) if need_grad_weight else None  # (V, D), see the docstring
+    grad_weight = torch.zeros_like(weight) if need_grad_weight else None  # (V_padded, D), see the docstring
     for start in range(0, len(rows_kept), C):
         rows = rows_kept[start:start + C]                     # (C,)
         h = hidden[rows]                                      # (C, D)
-        logits = h @ weight.t()                               # (C, V), input dtype
+        logits = h @ weight.t()                               # (C, V_padded), input dtype
         per_token_ce[rows] = row_step(logits, targets_kept[start:start + C], weights_kept[start:start + C])
-        if need_grad_hidden:                                  # the logits now hold their gradient dz
+        if need_grad_hidden:                                  # the logits now hold their gradient dz (0 in padding)
             grad_hidden[rows] = logits @ weight               # (C, D)
         if need_grad_weight:
-            grad_weight.addmm_(logits.t(), h)                 # (V, D)
+            grad_weight.addmm_(logits.t(), h)                 # (V_padded, D)
         del logits, h                                         # before the next chunk's are allocated
+    if need_grad_weight:
+        grad_weight = grad_weight[:V]                         # the true vocabulary's rows (a contiguous view)
     return (per_token_ce * loss_weights.float()).sum(), per_token_ce, grad_hidden, grad_weight
 
 
-class _FusedLinearCrossEntropy(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, hidden, weight, targets, loss_weights, chunk_size):  # autograd runs it without grad
-        loss_sum, per_token_ce, grad_hidden, grad_weight = _forward_and_grads(
-            hidden, weight, targets, loss_weights, chunk_size, ctx.needs_input_grad[0], ctx.needs_input_grad[1])
-        ctx.save_for_backward(grad_hidden, grad_weight)
-        ctx.mark_non_differentiable(per_token_ce)
-        return loss_sum, per_token_ce
+# ---- The custom op and its autograd -------------------------------------------------------------------------
+# A torch.library op: torch.compile sees one opaque node with a fake (shapes-only) twin, so the loss stays in the
+# compiled graph (its nonzero and data-dependent checks would otherwise break the graph). Gradients not asked for are
+# empty tensors: an op's outputs cannot be None.
+@torch.library.custom_op("crlft::linear_cross_entropy", mutates_args=())
+def _linear_cross_entropy_op(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                             loss_weights: torch.Tensor, chunk_size: Optional[int], need_grad_hidden: bool,
+                             need_grad_weight: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    loss_sum, per_token_ce, grad_hidden, grad_weight = _forward_and_grads(
+        hidden, weight, targets, loss_weights, chunk_size, need_grad_hidden, need_grad_weight)
+    return (loss_sum, per_token_ce, hidden.new_empty(0) if grad_hidden is None else grad_hidden,
+            weight.new_empty(0) if grad_weight is None else grad_weight)
 
-    @staticmethod
-    def backward(ctx, grad_loss, grad_per_token):
-        grads = ctx.saved_tensors
-        # The stored gradients are for grad_output == 1; scale them (out of place: backward may run twice).
-        if not bool(grad_loss == 1.0):
-            grads = [None if g is None else g * grad_loss.to(g.dtype) for g in grads]
-        return (*grads, None, None, None)
+
+@_linear_cross_entropy_op.register_fake
+def _(hidden, weight, targets, loss_weights, chunk_size, need_grad_hidden, need_grad_weight):
+    return (hidden.new_empty((), dtype=torch.float32), hidden.new_empty(hidden.shape[0], dtype=torch.float32),
+            torch.empty_like(hidden) if need_grad_hidden else hidden.new_empty(0),
+            torch.empty_like(weight) if need_grad_weight else weight.new_empty(0))
+
+
+def _setup_context(ctx, inputs, output):
+    ctx.need_grads = inputs[5:7]
+    ctx.save_for_backward(output[2], output[3])
+    ctx.mark_non_differentiable(*output[1:])
+    ctx.set_materialize_grads(False)  # no zero tensors for the grads of the outputs that are gradients themselves
+
+
+def _backward(ctx, grad_loss, grad_per_token, grad_of_grad_hidden, grad_of_grad_weight):
+    # The stored gradients are for grad_output == 1; scale them (out of place: backward may run twice).
+    grads = [g * grad_loss.to(g.dtype) if need else None for g, need in zip(ctx.saved_tensors, ctx.need_grads)]
+    return (*grads, None, None, None, None, None)
+
+
+_linear_cross_entropy_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def fused_linear_cross_entropy(hidden, lm_head_weight, targets, loss_weights, return_per_token=False,
@@ -181,11 +222,10 @@ def fused_linear_cross_entropy(hidden, lm_head_weight, targets, loss_weights, re
         dtype = torch.get_autocast_dtype(hidden.device.type)
         hidden, lm_head_weight = hidden.to(dtype), lm_head_weight.to(dtype)
     _check_inputs(hidden, lm_head_weight, targets, loss_weights, chunk_size)
-    if torch.is_grad_enabled() and (hidden.requires_grad or lm_head_weight.requires_grad):
-        out = _FusedLinearCrossEntropy.apply(hidden, lm_head_weight, targets, loss_weights, chunk_size)
-    else:  # evaluation: no gradient work at all
-        out = _forward_and_grads(hidden, lm_head_weight, targets, loss_weights, chunk_size, False, False)[:2]
-    return tuple(out) if return_per_token else out[0]
+    grad_on = torch.is_grad_enabled()  # evaluation (no_grad): no gradient work at all
+    out = _linear_cross_entropy_op(hidden, lm_head_weight, targets, loss_weights, chunk_size,
+                                   grad_on and hidden.requires_grad, grad_on and lm_head_weight.requires_grad)
+    return (out[0], out[1]) if return_per_token else out[0]
 
 
 def linear_cross_entropy_reference(hidden, lm_head_weight, targets, loss_weights, return_per_token=False):

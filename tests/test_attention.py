@@ -18,6 +18,7 @@ import torch
 
 from crlft_kernels import attention
 from crlft_kernels.attention import attention_reference, flash_attention
+from crlft_kernels.cross_entropy import fused_linear_cross_entropy
 
 # numpy warns (0/0, log2(0)) on the padding rows of a window's last tile, which see no key and are never
 # stored, and on the NaN inputs of the skipping test.
@@ -111,6 +112,24 @@ def test_kernel_matches_reference(dtype, group, head_dim):
     for name, x, ref in zip(("out", "dq", "dk", "dv"), got, want):
         assert x.dtype == dtype
         assert rel_err(x, ref) < TOL[dtype], (name, lengths)
+
+
+@pytest.mark.parametrize("window", [None, 33])
+def test_delta_kernel_and_fused_delta_agree(monkeypatch, window):
+    """Short packs compute delta inside the dK/dV and dQ kernels, long ones in a kernel of its own: both paths
+    against the float64 reference (the other tests take the fused one: their sequences are short)."""
+    lengths = random_lengths(seed=4, long=150)
+    q, k, v, do, cu = make_pack(lengths, 4, 2, 32, torch.float32, seed=4)
+    want = run(attention_reference, q, k, v, do, cu, dtype=torch.float64, window=window)
+    launched = []
+    launch_specs = attention.launch_specs
+    monkeypatch.setattr(attention, "launch_specs", lambda *args: launched.append(args[5:]) or launch_specs(*args))
+    for max_fused, fused in ((1000, True), (149, False)):
+        monkeypatch.setattr(attention, "FUSED_DELTA_MAX_SEQLEN", max_fused)
+        got = run(flash_attention, q, k, v, do, cu, window=window)
+        assert launched.pop() == (fused,)
+        for name, x, ref in zip(("out", "dq", "dk", "dv"), got, want):
+            assert rel_err(x, ref, floor=1.0) < TOL[torch.float32], (name, fused)
 
 
 def test_kernel_non_causal_and_lse():
@@ -239,6 +258,53 @@ def test_bad_input_names_the_problem():
 
 
 # ----------------------------------------------------------------------------------------------------
+# The torch.library ops: their registration, and torch.compile keeping attention and the loss in one graph
+
+def test_custom_ops_pass_opcheck():
+    """Schema, fake (shapes-only) twin against the real kernel, autograd registration, AOT tracing."""
+    q, k, v, do, cu = make_pack([5, 30, 1], 4, 2, 16, torch.float32, seed=4)
+    q, k, v = (x.requires_grad_() for x in (q, k, v))
+    for window in (None, 16):
+        torch.library.opcheck(attention._flash_attention_fwd, (q, k, v, cu, 30, True, 0.25, window))
+    o, lse = attention._flash_attention_fwd(q.detach(), k.detach(), v.detach(), cu, 30, True, 0.25, None)
+    torch.library.opcheck(attention._flash_attention_bwd,
+                          (do, q.detach(), k.detach(), v.detach(), o, lse, cu, 30, True, 0.25, None))
+
+
+def attention_then_loss(q, k, v, cu_seqlens, max_seqlen, lm_head, targets, loss_weights):
+    """What model.py does around the kernels: attention, then the fused loss on its output, then a scale."""
+    h = flash_attention(q, k, v, cu_seqlens, max_seqlen, window=16).flatten(1)
+    loss_sum, per_token_ce = fused_linear_cross_entropy(h, lm_head, targets, loss_weights, return_per_token=True)
+    return 0.5 * loss_sum, per_token_ce
+
+
+def test_compile_keeps_attention_and_loss_in_one_graph():
+    """fullgraph=True raises on any graph break; values and gradients equal eager's. The packs share their shapes
+    and differ in max_seqlen, an int input: one recompile at most (the first change makes it symbolic), not one
+    per value."""
+    import torch._dynamo.testing
+
+    torch._dynamo.reset()
+    counter = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(attention_then_loss, backend=counter, fullgraph=True)
+    g = torch.Generator().manual_seed(6)
+    lm_head = torch.randn(101, 64, generator=g)
+    for lengths in ([5, 30, 1], [20, 15, 1], [1, 10, 25]):
+        q, k, v, _, cu = make_pack(lengths, 4, 2, 16, torch.float32, seed=len(lengths) + lengths[0])
+        targets = torch.randint(0, 101, (sum(lengths),), generator=g)
+        loss_weights = torch.rand(sum(lengths), generator=g)
+        loss_weights[::3], targets[::3] = 0.0, -100
+        results = []
+        for fn in (compiled, attention_then_loss):
+            inputs = [x.clone().requires_grad_() for x in (q, k, v, lm_head)]
+            loss, per_token_ce = fn(*inputs[:3], cu, max(lengths), inputs[3], targets, loss_weights)
+            results.append((loss, per_token_ce, *torch.autograd.grad(loss, inputs)))
+        for name, x, y in zip(("loss", "per_token_ce", "dq", "dk", "dv", "d_lm_head"), *results):
+            torch.testing.assert_close(x, y, rtol=1e-6, atol=1e-6, msg=name)
+    assert counter.frame_count <= 2, counter.frame_count
+
+
+# ----------------------------------------------------------------------------------------------------
 # Ahead-of-time compile of the real GPU launch configs (no GPU needed)
 
 # Largest dynamic shared memory one block may use: A100 (sm_80) 163 KiB, H100 (sm_90) 227 KiB.
@@ -255,12 +321,15 @@ results = []
 # Every config the launcher uses on sm_90 (the H100 target); on sm_80 only bf16, which compiles to the
 # same tiles as fp16, to keep the test short. Each kernel with and without a window (Mistral's 4096);
 # the delta kernel has no window.
+# The backward kernels that compute delta themselves (short packs): bf16 on sm_90 only.
 for cc, dtypes in ((90, ("bf16", "fp16")), (80, ("bf16",))):
-    for dt, head_dim, window in itertools.product(dtypes, (64, 128), (None, 4096)):
+    for dt, head_dim, window, fused in itertools.product(dtypes, (64, 128), (None, 4096), (False, True)):
+        if fused and (cc, dt) != (90, "bf16"):
+            continue
         specs = launch_specs(head_dim, getattr(torch, {"bf16": "bfloat16", "fp16": "float16"}[dt]), "cuda",
-                             window=window)
+                             window=window, fused_delta=fused)
         for name, (kernel, constexprs, opts) in specs.items():
-            if name == "delta" and (cc == 80 or window):
+            if (name == "delta" and (cc == 80 or window)) or (fused and name not in ("dkdv", "dq")):
                 continue
             signature = {}
             for arg in kernel.arg_names:  # naming convention: UPPER = pointer, lower = scalar
@@ -280,7 +349,7 @@ for cc, dtypes in ((90, ("bf16", "fp16")), (80, ("bf16",))):
                      for a, t in signature.items() if t.startswith("*")}
             src = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
             compiled = triton.compile(src, target=GPUTarget("cuda", cc, 32), options=opts)
-            results.append(dict(cc=cc, dtype=dt, head_dim=head_dim, kernel=name, window=window,
+            results.append(dict(cc=cc, dtype=dt, head_dim=head_dim, kernel=name, window=window, fused=fused,
                                 shared=compiled.metadata.shared, wgmma="wgmma" in compiled.asm["ptx"],
                                 cubin=len(compiled.asm["cubin"]) > 0))
 print(json.dumps(results))
@@ -294,7 +363,9 @@ def test_gpu_kernels_compile_ahead_of_time_for_sm80_and_sm90():
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     results = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert len(results) == 2 * 2 * 4 + 2 * 3 + 3 * 2 * 3  # + the window variants of fwd, dK/dV, dQ
+    assert len(results) == 2 * 2 * 4 + 2 * 3 + 3 * 2 * 3 + 2 * 2 * 2  # + windowed fwd, dK/dV, dQ; + fused delta
+    assert {(r["kernel"], r["window"]) for r in results if r["fused"]} == {
+        (kernel, window) for kernel in ("dkdv", "dq") for window in (None, 4096)}
     assert {r["kernel"] for r in results if r["window"]} == {"fwd", "dkdv", "dq"}
     for r in results:
         assert r["cubin"], r

@@ -74,19 +74,25 @@ def check_against_float64(hidden, weight, targets, loss_weights, **kw):
 
 
 class RecordShapes(TorchDispatchMode):
-    """Records the shape of every tensor each aten op returns."""
+    """Records the shape of every tensor each aten op returns, inside our custom ops too (their CPU kernel is
+    run with the mode on: a custom op is one opaque call otherwise)."""
 
     def __init__(self):
         super().__init__()
         self.ops = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
+        if func.namespace == "crlft":
+            with self:
+                out = func.redispatch(torch._C.DispatchKeySet(torch._C.DispatchKey.CPU), *args, **(kwargs or {}))
+        else:
+            out = func(*args, **(kwargs or {}))
         outs = out if isinstance(out, (tuple, list)) else [out]
         self.ops.append((str(func), [tuple(o.shape) for o in outs if isinstance(o, torch.Tensor)]))
         return out
 
 
+MATMULS = ("aten.mm.default", "aten.matmul.default")
 SHAPES = [  # (N, D, V, chunk_size): N not a multiple of the chunk, vocab sizes not powers of two
     (23, 16, 32001, 4),
     (19, 16, 32064, None),
@@ -189,7 +195,7 @@ def test_never_materialises_all_logits_and_skips_zero_weight_rows():
         fused_linear_cross_entropy(h, w, targets, loss_weights, chunk_size=chunk).backward()
     sizes = [torch.Size(s).numel() for _, shapes in rec.ops for s in shapes]
     assert max(sizes) <= max(chunk * V, V * D)  # nothing of size N * V
-    mm_rows = [shapes[0][0] for op, shapes in rec.ops if "mm" in op and shapes[0][1] == V]
+    mm_rows = [shapes[0][0] for op, shapes in rec.ops if op in MATMULS and shapes[0][1] == V]
     assert sum(mm_rows) == n_kept and max(mm_rows) <= chunk  # only weighted rows reach the logits matmul
 
 
@@ -253,6 +259,55 @@ def test_triton_row_step_leaves_padding_columns_alone():
     torch.testing.assert_close(logits.sum(dim=1), torch.zeros(3), atol=1e-5, rtol=0)  # softmax - onehot
 
 
+@pytest.mark.triton
+def test_triton_row_step_zeroes_the_vocabulary_padding():
+    """Columns from vocab_size on (the zero rows padding W) are out of the softmax and get gradient 0, whatever
+    they hold; columns past the row's width (the stride) are not touched."""
+    from crlft_kernels.cross_entropy import _ce_rows_triton
+
+    g = torch.Generator().manual_seed(3)
+    V, n_cols = 257, 320
+    storage = torch.randn(4, n_cols + 5, generator=g) * 10.0
+    storage[:, V:n_cols] = 50.0  # would dominate the softmax if it were counted
+    targets, weights = torch.tensor([0, 256, 7, 100]), torch.tensor([1.0, 0.5, 2.0, 1.0])
+    want_logits = storage[:, :V].clone()
+    want_ce = _ce_rows_torch(want_logits, targets, weights)
+    ce = _ce_rows_triton(storage[:, :n_cols], targets, weights, vocab_size=V)
+    torch.testing.assert_close(ce, want_ce, rtol=0, atol=1e-5)
+    torch.testing.assert_close(storage[:, :V], want_logits, rtol=1e-5, atol=1e-7)
+    assert (storage[:, V:n_cols] == 0).all() and not (storage[:, n_cols:] == 0).any()
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("V", [1001, 257])
+def test_triton_path_pads_an_odd_vocabulary(V):
+    """The Triton path multiplies by W padded to a multiple of 64 rows; loss, CE and both gradients (true V rows)
+    still match the float64 reference at fp32 tolerance, as the unpadded PyTorch path does."""
+    inputs = make_inputs(37, 16, V, torch.float32, seed=V)
+    h = inputs[0].clone().requires_grad_()
+    w = inputs[1].clone().requires_grad_()
+    with RecordShapes() as rec:
+        fused_linear_cross_entropy(h, w, *inputs[2:], chunk_size=16).backward()
+    padded = V + (-V % 64)
+    logit_widths = {shapes[0][1] for op, shapes in rec.ops if op in MATMULS and shapes[0][0] <= 16}
+    assert logit_widths == {padded, 16}, logit_widths  # (C, V_padded) logits, (C, D) grad_hidden
+    assert w.grad.shape == (V, 16)
+    check_against_float64(*inputs, chunk_size=16)
+
+
+@pytest.mark.triton
+def test_custom_op_passes_opcheck():
+    """Schema, fake (shapes-only) twin against the real op, autograd registration, AOT tracing; with and without
+    the gradients (those not asked for are empty tensors)."""
+    from crlft_kernels.cross_entropy import _linear_cross_entropy_op
+
+    hidden, weight, targets, loss_weights = make_inputs(20, 8, 101, torch.float32, scale=1.0)
+    hidden.requires_grad_(), weight.requires_grad_()
+    for chunk_size, need_grad_hidden, need_grad_weight in ((8, True, True), (None, False, True), (5, True, False)):
+        torch.library.opcheck(_linear_cross_entropy_op, (hidden, weight, targets, loss_weights, chunk_size,
+                                                         need_grad_hidden, need_grad_weight))
+
+
 # ---------------------------------------------------------------- ahead-of-time compile for real GPUs -----
 COMPILE_SCRIPT = textwrap.dedent("""
     import sys
@@ -270,7 +325,8 @@ COMPILE_SCRIPT = textwrap.dedent("""
                 src = ASTSource(
                     fn=_ce_rows_kernel,
                     signature={{"logits_ptr": "*" + dtype, "targets_ptr": "*i64", "weights_ptr": "*fp32",
-                               "ce_ptr": "*fp32", "V": "i32", "stride_row": "i32", "BLOCK_V": "constexpr"}},
+                               "ce_ptr": "*fp32", "V": "i32", "n_cols": "i32", "stride_row": "i32",
+                               "BLOCK_V": "constexpr"}},
                     constexprs={{"BLOCK_V": block_v}})
                 k = triton.compile(src, target=GPUTarget("cuda", cc, 32), options={{"num_warps": num_warps}})
                 shared = k.metadata.shared
