@@ -6,8 +6,9 @@
 
 The prompt, the template the model was trained with (data.encode_prompt) and a C-RLFT class condition (by default
 the expert's), goes through the model in one pass, then one token a step with the KV cache; replies stream and stop at
-the template's end of turn (<|end_of_turn|>, <|eot_id|>, ...) or the tokenizer's end of text. In the chat: /reset
-clears the history, /exit (or Ctrl-D) quits, Ctrl-C stops a reply."""
+the template's end of turn (<|end_of_turn|>, <|eot_id|>, ...) or the tokenizer's end of text, or after BLANK_RUN tokens
+of whitespace in a row (a reply without text is said in one line). Options take train.py's spelling, --max_new_tokens
+(--max-new-tokens works too). In the chat: /reset clears the history, /exit (or Ctrl-D) quits, Ctrl-C stops a reply."""
 import argparse
 import itertools
 import json
@@ -23,6 +24,7 @@ from model import Transformer
 from tokenizing import checkpoint_tokenizer
 
 DEFAULT_MODEL = os.path.join("out", "default", "export")
+BLANK_RUN = 32  # tokens of whitespace in a row that end a reply: an undertrained model's blank lines go on and on
 
 
 def load(model_path: str, tokenizer_path: str | None = None, template: str | None = None, device=None, dtype=None,
@@ -121,20 +123,59 @@ def respond(model, tokenizer, messages, out, condition: str = EXPERT_CONDITION, 
                   "send something shorter)\n")
         return kept[:-1]
     out.write("Assistant: ")
-    reply, stop_ids = "", {tokenizer.eot_id, tokenizer.eos_id} - {None}  # the end of turn, and of text
+    stop_ids = {tokenizer.eot_id, tokenizer.eos_id} - {None}  # the end of turn, and of text
+    # Whitespace is held back until text follows it: a model early in training may answer with nothing but blank
+    # lines; after BLANK_RUN of them in a row it is stopped, and a reply without text is said to be one.
+    reply, held, blank, seen, interrupted = "", "", 0, [], False
+    ids = generate(model, prompt, max_new_tokens, temperature, top_p, top_k, stop_ids, generator,
+                   n_ids=tokenizer.vocab_size)
     try:
-        ids = generate(model, prompt, max_new_tokens, temperature, top_p, top_k, stop_ids, generator,
-                       n_ids=tokenizer.vocab_size)
-        for text in stream_text(tokenizer, ids, stop_ids):
-            print(text, end="", file=out, flush=True)
-            reply += text
+        for text in stream_text(tokenizer, recorded(ids, seen), stop_ids):
+            if text.strip():
+                print(held + text, end="", file=out, flush=True)
+                reply, held, blank = reply + held + text, "", 0
+            else:
+                held, blank = held + text, blank + 1
+                if blank == BLANK_RUN:
+                    break
     except KeyboardInterrupt:  # Ctrl-C: stop this reply, keep the session and what was shown of the reply
         out.write(" (stopped)")
+        interrupted = True
+    finally:
+        ids.close()  # a reply stopped early: its KV cache is freed now
+    if reply and blank < BLANK_RUN and not interrupted:  # whitespace that ends a reply, as the model wrote it
+        out.write(held)
+        reply += held
     out.write("\n")
-    if not reply.strip():  # nothing to keep (and the template has no empty messages): forget the question too
-        out.write("(empty reply: this exchange is not kept in the history)\n")
+    ended = bool(seen) and seen[-1] in stop_ids
+    if not reply:  # nothing to keep (and the template has no empty messages): forget the question too
+        out.write(no_text(len(seen) - ended, ended, blank == BLANK_RUN, interrupted) + "\n")
         return kept[:-1]
+    if blank == BLANK_RUN:
+        out.write(f"(stopped: {BLANK_RUN} tokens of whitespace in a row)\n")
     return kept + [{"role": "assistant", "content": reply}]
+
+
+def no_text(n_tokens: int, ended: bool, blank_run: bool, interrupted: bool) -> str:
+    """The one line that says a reply had no text, and how it ended."""
+    if interrupted:
+        how = "stopped by Ctrl-C"
+    elif ended and n_tokens == 0:
+        how = "it ended its turn at once"
+    elif ended:
+        how = "only whitespace, then the end of its turn"
+    elif blank_run:
+        how = f"only whitespace, stopped after {BLANK_RUN} tokens of it"
+    else:
+        how = "only whitespace, up to --max_new_tokens or the context"
+    return f"(the model produced no text in {n_tokens} token(s): {how}; this exchange is not kept in the history)"
+
+
+def recorded(ids: Iterator[int], seen: list) -> Iterator[int]:
+    """The ids, each also appended to `seen` (respond counts them and sees how generation ended)."""
+    for token in ids:
+        seen.append(token)
+        yield token
 
 
 def chat(model, tokenizer, read_line=None, out=None, **settings):
@@ -181,8 +222,16 @@ def trained_with(model_path: str) -> dict:
     return found
 
 
+def parameters(model) -> str:
+    """The parameter count said everywhere: all of them (a tied matrix once), then without the input embedding table
+    (its rows are looked up, not multiplied)."""
+    total, body = model.num_params(), model.num_params(exclude_embeddings=True)
+    return f"{total / 1e6:.1f}M parameters ({body / 1e6:.1f}M without the input embedding table)"
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    # train.py's spelling (--max_new_tokens); the dashed one (--max-new-tokens) is accepted too
     p.add_argument("--model", default=DEFAULT_MODEL, help="Hugging Face LLaMA/Mistral directory (default: %(default)s)")
     p.add_argument("--tokenizer", default=None, help="tokenizer.json or tokenizer.model (default: the model's own)")
     p.add_argument("--template", choices=list(data.TEMPLATES), help="chat template (default: the export's, else the "
@@ -190,18 +239,19 @@ def main(argv=None):
     p.add_argument("--condition", help=f"C-RLFT condition ('' for none; default: the export's or {EXPERT_CONDITION!r})")
     p.add_argument("--system", default=None, help="system prompt")
     p.add_argument("--prompt", action="append", default=[], help="answer this prompt and exit (repeatable)")
-    p.add_argument("--prompt-file", default=None, help="answer each line of this file and exit")
-    p.add_argument("--max-new-tokens", type=int, default=512)
+    p.add_argument("--prompt_file", "--prompt-file", default=None, help="answer each line of this file and exit")
+    p.add_argument("--max_new_tokens", "--max-new-tokens", type=int, default=512)
     p.add_argument("--temperature", type=float, default=0.7, help="0 = greedy")
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0, help="0 = off")
+    p.add_argument("--top_p", "--top-p", type=float, default=1.0)
+    p.add_argument("--top_k", "--top-k", type=int, default=0, help="0 = off")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default: bfloat16 on GPU, else float32")
-    p.add_argument("--max-seq-len", type=int, help="context to use (default: the config's max_position_embeddings)")
+    p.add_argument("--max_seq_len", "--max-seq-len", type=int,
+                   help="context to use (default: the config's max_position_embeddings)")
     args = p.parse_args(argv)
     if args.temperature < 0 or not 0 < args.top_p <= 1 or args.top_k < 0 or args.max_new_tokens < 1:
-        p.error("need --temperature >= 0, 0 < --top-p <= 1, --top-k >= 0, --max-new-tokens >= 1")
+        p.error("need --temperature >= 0, 0 < --top_p <= 1, --top_k >= 0, --max_new_tokens >= 1")
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     prompts = list(args.prompt)
@@ -213,8 +263,17 @@ def main(argv=None):
                                 max_seq_len=args.max_seq_len)
     except (OSError, ValueError) as e:
         sys.exit(f"error: {data.one_line(e)}")
-    condition = args.condition if args.condition is not None else trained_with(args.model).get("condition",
-                                                                                               EXPERT_CONDITION)
+    exported = trained_with(args.model).get("condition")
+    if args.condition is not None:
+        condition, source = args.condition, "--condition"
+    elif exported is not None:
+        condition, source = exported, "the export's default; --condition to change"
+    else:
+        condition, source = EXPERT_CONDITION, "OpenChat's: the model names none; --condition to change"
+    # On stderr, in both modes: stdout holds the conversation alone
+    print(f"{args.model}: {parameters(model)} on {device} ({dtype}), context {model.args.max_seq_len}, template "
+          f"{tokenizer.template}, condition {condition!r} ({source})"
+          + ("" if prompts else ". /reset clears, /exit quits."), file=sys.stderr, flush=True)
     settings = dict(condition=condition, system=args.system, max_new_tokens=args.max_new_tokens,
                     temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                     generator=None if args.seed is None else torch.Generator().manual_seed(args.seed))
@@ -222,9 +281,6 @@ def main(argv=None):
         print(f"User: {text}")
         respond(model, tokenizer, [{"role": "user", "content": text}], sys.stdout, **settings)
     if not prompts:
-        print(f"{args.model}: {model.num_params() / 1e6:.1f}M parameters on {device} ({dtype}), context "
-              f"{model.args.max_seq_len}, template {tokenizer.template}, condition {condition!r}. /reset clears, "
-              "/exit quits.", file=sys.stderr)
         chat(model, tokenizer, **settings)
 
 

@@ -12,7 +12,7 @@ import torch
 import data
 import sample
 import toy_task
-from model import ModelArgs, Transformer
+from model import PRESETS, ModelArgs, Transformer
 
 transformers = pytest.importorskip("transformers")
 
@@ -165,7 +165,7 @@ def test_chat_prompts_token_for_token(monkeypatch, toy, condition, system):
     if reply.strip():
         assert history == [{"role": "user", "content": "7+8="}, {"role": "assistant", "content": reply}]
     else:
-        assert history == [] and "empty reply" in out
+        assert history == [] and "(the model produced no text in" in out
 
 
 def test_chat_drops_the_oldest_turns_when_the_context_is_full(monkeypatch):
@@ -236,8 +236,8 @@ def test_command_line_answers_prompts_from_an_export(tmp_path, capsys, monkeypat
     assert loaded.path == str(tmp_path / "tokenizer.json")
     assert (loaded.eot_id, loaded.eos_id) == (tok.eot_id, tok.eos_id)
     (tmp_path / "prompts.txt").write_text("1+2=\n\n3+4=\n")
-    sample.main(["--model", str(tmp_path), "--prompt", "5+6=", "--prompt-file", str(tmp_path / "prompts.txt"),
-                 "--temperature", "0", "--max-new-tokens", "5", "--device", "cpu"])
+    sample.main(["--model", str(tmp_path), "--prompt", "5+6=", "--prompt_file", str(tmp_path / "prompts.txt"),
+                 "--temperature", "0", "--max_new_tokens", "5", "--device", "cpu"])
     out = capsys.readouterr().out
     assert [line[len("User: "):] for line in out.splitlines() if line.startswith("User: ")] == ["5+6=", "1+2=", "3+4="]
     expected = list(sample.generate(model, by_hand(tok, "GPT4 Correct", [("User", "5+6=")]), 5, temperature=0.0,
@@ -289,7 +289,7 @@ def test_default_condition_is_the_one_the_export_names(tmp_path, capsys):
                                                            "stops": [tok.eot_id, tok.eos_id]}
     assert sample.trained_with(str(tmp_path / "nowhere")) == {}  # then OpenChat 3.5's condition, GPT4 Correct
     sample.main(["--model", str(tmp_path / "gpt4"), "--prompt", "5+6=", "--temperature", "0",
-                 "--max-new-tokens", "5", "--device", "cpu"])
+                 "--max_new_tokens", "5", "--device", "cpu"])
     expected = list(sample.generate(model, by_hand(tok, "GPT4", [("User", "5+6=")]), 5, temperature=0.0,
                                     stop_ids={tok.eot_id}))
     expected = expected[:-1] if expected[-1] == tok.eot_id else expected
@@ -324,7 +324,7 @@ def test_command_line_on_an_openchat_3_5_shaped_directory(tmp_path, capsys):
     assert (tok.eot_id, tok.vocab_size, model.args.vocab_size) == (32000, 32001, 32002)
     assert (model.args.max_seq_len, model.args.sliding_window) == (256, 16)
     sample.main(["--model", str(tmp_path), "--prompt", "What is 7 * 6?", "--temperature", "0",
-                 "--max-new-tokens", "60", "--device", "cpu"])
+                 "--max_new_tokens", "60", "--device", "cpu"])
     reply = capsys.readouterr().out.split("Assistant: ", 1)[1].rstrip("\n")
     prompt = data.encode_prompt(tok, [{"role": "user", "content": "What is 7 * 6?"}], "GPT4 Correct")
     hf.generation_config.eos_token_id = [32000, 2]
@@ -334,3 +334,87 @@ def test_command_line_on_an_openchat_3_5_shaped_directory(tmp_path, capsys):
                              max_new_tokens=60, do_sample=False)[0, len(prompt):].tolist()
     theirs = theirs[:next((k for k, t in enumerate(theirs) if t in (32000, 2)), len(theirs))]
     assert len(prompt) + len(theirs) > 2 * 16 and reply == tok.decode(theirs)  # decoded well past the window
+
+
+# ----------------------------------------------------------------------------- replies without text
+
+def rigged(tok, favourite):
+    """A model whose every greedy token is `favourite`: every residual stream is the same vector (each embedding row
+    all ones, the blocks' outputs zero), and only `favourite`'s row of lm_head points along it."""
+    model = random_model(vocab_size=tok.vocab_size, max_seq_len=128)
+    with torch.no_grad():
+        model.tok_embeddings.weight.fill_(1.0)
+        for layer in model.layers:
+            layer.attention.wo.weight.zero_()
+            layer.feed_forward.w2.weight.zero_()
+        model.output.weight.zero_()
+        model.output.weight[favourite] = 1.0
+    return model
+
+
+def test_a_model_that_answers_whitespace_is_stopped_and_says_so(tmp_path, capsys, monkeypatch):
+    from hf_export import export_hf
+
+    tok = data.load_tokenizer(toy_task.TOKENIZER_PATH)
+    space = tok.sp.piece_to_id("▁")
+    model = rigged(tok, space)
+    greedy = list(sample.generate(model, [1, 5], 40, temperature=0.0))
+    assert greedy == [space] * 40 and not tok.decode(greedy).strip()  # whitespace, and it would go on
+    export_hf(model, tok, str(tmp_path))
+    said = ("(the model produced no text in 32 token(s): only whitespace, stopped after 32 tokens of it; this "
+            "exchange is not kept in the history)")
+    sample.main(["--model", str(tmp_path), "--prompt", "1+2=", "--temperature", "0", "--device", "cpu"])
+    out, err = capsys.readouterr()
+    assert out == f"User: 1+2=\nAssistant: \n{said}\n"  # not 512 blank tokens
+    assert "condition 'GPT4 Correct' (the export's default; --condition to change)" in err
+    monkeypatch.setattr("sys.stdin", io.StringIO("1+2=\n"))  # the chat: says its condition too
+    sample.main(["--model", str(tmp_path), "--temperature", "0", "--device", "cpu", "--condition", "GPT3"])
+    out, err = capsys.readouterr()
+    assert said in out and "condition 'GPT3' (--condition)" in err
+    assert f"{sample.parameters(model)} on cpu" in err
+
+
+@pytest.mark.parametrize("reply,shown,kept", [
+    ([], "\n(the model produced no text in 0 token(s): it ended its turn at once;", None),
+    (["▁"] * 3, "\n(the model produced no text in 3 token(s): only whitespace, then the end of its turn;", None),
+    (["4", "2"] + ["▁"] * 40, "42\n(stopped: 32 tokens of whitespace in a row)\n", "42"),
+    (["4", "2", "▁", "▁"], "42  \n", "42  "),  # whitespace that ends a reply is the model's: shown and kept
+], ids=["end-of-turn", "whitespace", "text-then-whitespace", "trailing-spaces"])
+def test_replies_without_text(monkeypatch, toy, reply, shown, kept):
+    tok, model = toy
+    ids = [tok.sp.piece_to_id(p) for p in reply] + [tok.eot_id]
+    monkeypatch.setattr(sample, "generate", lambda *args, **kwargs: (i for i in ids))  # a generator, as ours
+    out = io.StringIO()
+    history = sample.respond(model, tok, [{"role": "user", "content": "1+2="}], out, temperature=0.0)
+    assert out.getvalue().startswith("Assistant: " + shown)
+    if kept is None:
+        assert history == []
+    else:
+        assert history[-1] == {"role": "assistant", "content": kept}
+
+
+def test_flags_take_train_pys_spelling_and_the_dashed_one(tmp_path, capsys):
+    from hf_export import export_hf
+
+    tok = data.load_tokenizer(toy_task.TOKENIZER_PATH)
+    export_hf(random_model(vocab_size=tok.vocab_size), tok, str(tmp_path))
+    (tmp_path / "prompts.txt").write_text("1+2=\n")
+    outs = []
+    for dash in ("_", "-"):
+        flags = [f"--{name.replace('_', dash)}" for name in ("prompt_file", "max_new_tokens", "top_k", "top_p")]
+        sample.main(["--model", str(tmp_path), flags[0], str(tmp_path / "prompts.txt"), flags[1], "4", flags[2],
+                     "3", flags[3], "0.9", "--seed", "0", "--device", "cpu", "--max_seq_len", "64"])
+        outs.append(capsys.readouterr())
+    assert outs[0].out == outs[1].out and outs[0].out.startswith("User: 1+2=\nAssistant: ")
+    assert "context 64" in outs[0].err and "context 64" in outs[1].err
+
+
+def test_parameter_count_says_whether_embeddings_are_in_it():
+    """The `tiny` preset by hand: 4 blocks of q, k, v, o (256 x 256, 128, 128, 256), SwiGLU 3 x 256 x 768 and two
+    norms; the 32,000 x 256 embedding and lm_head; the final norm."""
+    with torch.device("meta"):
+        model = Transformer(PRESETS["tiny"])
+    block = 256 * (256 + 128 + 128 + 256) + 3 * 256 * 768 + 2 * 256
+    total = 4 * block + 2 * 32000 * 256 + 256
+    assert (total, total - 32000 * 256) == (19_532_032, 11_340_032)
+    assert sample.parameters(model) == "19.5M parameters (11.3M without the input embedding table)"
