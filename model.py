@@ -221,41 +221,50 @@ class Transformer(nn.Module):
             self.output.weight = self.tok_embeddings.weight
         self.output_t, self._output_t_of = None, None  # (D, V) copy of output.weight for decoding, and of what
 
-    def forward(self, tokens, position_ids=None, cu_seqlens=None, max_seqlen=None, targets=None,
-                loss_weights=None, start_pos=None, last_only=False):
-        """tokens (B, T) -> logits (B, T, V) in fp32, or with targets (B, T) the pair (loss_sum, per_token_ce
-        (B*T,)), loss_sum = sum(loss_weights * CE): the caller normalises. Packed rows: cu_seqlens int32 (n+1,)
-        over the B*T tokens, position_ids (B, T) restarting at 0 per sequence, max_seqlen the longest sequence
-        (an int: no device sync). Generation (after setup_kv_cache): start_pos = positions already cached;
-        last_only=True gives the last position's logits only, (B, 1, V) (a prompt needs no others)."""
+    def forward(self, tokens, position_ids=None, cu_seqlens=None, max_seqlen=None, targets=None, loss_weights=None):
+        """Whole sequences: training, validation, scoring. tokens (B, T) -> logits (B, T, V) in fp32, or with
+        targets (B, T) the pair (loss_sum, per_token_ce (B*T,)), loss_sum = sum(loss_weights * CE): the caller
+        normalises. Packed rows: cu_seqlens int32 (n+1,) over the B*T tokens, position_ids (B, T) restarting at 0
+        per sequence, max_seqlen the longest sequence (an int: no device sync). Without cu_seqlens: B sequences of T."""
         B, T = tokens.shape
         if position_ids is None:
-            position_ids = torch.arange(start_pos or 0, (start_pos or 0) + T, device=tokens.device).expand(B, T)
-        if start_pos is not None:
-            if self.layers[0].attention.cache_k is None:
-                raise RuntimeError("forward(start_pos=...) needs the KV cache: call setup_kv_cache first")
-            assert targets is None, "targets are for training; the KV-cache path returns logits only"
-        elif cu_seqlens is None:  # a plain batch: B sequences of length T
+            position_ids = torch.arange(T, device=tokens.device).expand(B, T)
+        if cu_seqlens is None:  # a plain batch: B sequences of length T
             cu_seqlens, max_seqlen = torch.arange(0, (B + 1) * T, T, dtype=torch.int32, device=tokens.device), T
         elif max_seqlen is None:
             max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
-        if start_pos is None and max_seqlen > self.args.max_seq_len:
+        if max_seqlen > self.args.max_seq_len:
             raise ValueError(f"a sequence of {max_seqlen} tokens exceeds max_seq_len={self.args.max_seq_len}")
+        h = self._hidden(tokens, position_ids, cu_seqlens, max_seqlen)                   # (B, T, D)
+        if targets is None:
+            return self.output(h).float()
+        if loss_weights is None:  # plain language modelling: every token with a target counts once
+            loss_weights = (targets != -100).float()
+        # Fused: no (tokens x vocab) logits at once. Inside forward: FSDP2 unshards the root's output.weight only here.
+        return fused_linear_cross_entropy(h.reshape(B * T, -1), self.output.weight, targets.reshape(-1),
+                                          loss_weights.reshape(-1), return_per_token=True)
+
+    def decode(self, tokens, start_pos: int, last_only: bool = False):
+        """Generation with the KV cache (setup_kv_cache first): tokens (B, T) at positions start_pos.., the
+        positions before them already cached -> logits (B, T, V) in fp32; last_only=True: the last position's only,
+        (B, 1, V) (a prompt needs no others)."""
+        if self.layers[0].attention.cache_k is None:
+            raise RuntimeError("decode needs the KV cache: call setup_kv_cache first")
+        B, T = tokens.shape
+        position_ids = torch.arange(start_pos, start_pos + T, device=tokens.device).expand(B, T)
+        h = self._hidden(tokens, position_ids, start_pos=start_pos)                      # (B, T, D)
+        h = h[:, -1:] if last_only else h                                               # (B, 1 or T, D)
+        return (h @ self.output_t).float()  # output_t: the (D, V) copy setup_kv_cache made
+
+    def _hidden(self, tokens, position_ids, cu_seqlens=None, max_seqlen=None, start_pos=None):
+        """What training and decoding share: the embeddings, the blocks and the final norm -> (B, T, D)."""
         h = self.tok_embeddings(tokens)                                             # (B, T, D)
         if self.args.scale_embeddings:  # Gemma: sqrt(dim), rounded to h's dtype first as transformers does (bf16:
             h = h * torch.tensor(self.args.dim ** 0.5).to(h.dtype)  # 55.5 for 3072). A CPU scalar: no copy to the GPU
         cos, sin = rope_cos_sin(position_ids, rope_frequencies(self.args, h.device), h.dtype)
         for layer in self.layers:
             h = layer(h, cos, sin, cu_seqlens, max_seqlen, start_pos)
-        h = self.norm(h)
-        if targets is None:
-            h = h[:, -1:] if last_only else h                                       # (B, 1 or T, D)
-            return (self.output(h) if start_pos is None else h @ self.output_t).float()  # output_t: generating
-        if loss_weights is None:  # plain language modelling: every token with a target counts once
-            loss_weights = (targets != -100).float()
-        # Fused: no (tokens x vocab) logits at once. Inside forward: FSDP2 unshards the root's output.weight only here.
-        return fused_linear_cross_entropy(h.reshape(B * T, -1), self.output.weight, targets.reshape(-1),
-                                          loss_weights.reshape(-1), return_per_token=True)
+        return self.norm(h)
 
     def setup_kv_cache(self, batch_size: int, max_seq_len: int, device=None, dtype=None):
         """Preallocate each layer's K/V cache, (batch_size, max_seq_len, n_kv_heads, head_dim)."""

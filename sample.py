@@ -85,7 +85,7 @@ def generate(model: Transformer, prompt_ids, max_new_tokens: int, temperature: f
     try:
         for _ in range(max_new_tokens):  # the prompt in one forward pass, then each new token alone
             with torch.inference_mode():  # per step, not around the yields: it must not leak into the caller's code
-                logits = model(torch.tensor([tokens], device=device), start_pos=pos, last_only=True)[0, -1, :n_ids]
+                logits = model.decode(torch.tensor([tokens], device=device), pos, last_only=True)[0, -1, :n_ids]
                 token = sample_token(logits, temperature, top_p, top_k, generator)
             yield token
             pos, tokens = pos + len(tokens), [token]

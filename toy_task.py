@@ -88,9 +88,9 @@ def evaluate(model, tokenizer, problems, prompt_ids, max_new_tokens=12, batch_si
         for chunk in (group[i:i + batch_size] for i in range(0, len(group), batch_size)):
             model.setup_kv_cache(len(chunk), length + max_new_tokens, device=device)
             tokens = torch.tensor([ids for ids, _, _ in chunk], device=device)  # (B, T)
-            generated = [model(tokens, start_pos=0, last_only=True)[:, -1].argmax(-1)]  # (B,) each
+            generated = [model.decode(tokens, 0, last_only=True)[:, -1].argmax(-1)]  # (B,) each
             for t in range(max_new_tokens - 1):
-                generated.append(model(generated[-1][:, None], start_pos=length + t)[:, -1].argmax(-1))
+                generated.append(model.decode(generated[-1][:, None], length + t)[:, -1].argmax(-1))
             for (_, question, answer), ids in zip(chunk, torch.stack(generated, 1).tolist()):
                 text = tokenizer.decode(ids[:ids.index(tokenizer.eot_id)] if tokenizer.eot_id in ids else ids)
                 correct += text.strip() == answer

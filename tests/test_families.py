@@ -134,12 +134,12 @@ def test_greedy_decoding_with_our_kv_cache_matches_generate(name, saved):
     prompt, n_new = tokens_of((1, 28), seed=6), 10
     with torch.no_grad():
         ours.setup_kv_cache(1, 28 + n_new)
-        ours(prompt[:, :11], start_pos=0)
-        steps = [ours(prompt[:, 11:], start_pos=11, last_only=True)]
+        ours.decode(prompt[:, :11], start_pos=0)
+        steps = [ours.decode(prompt[:, 11:], start_pos=11, last_only=True)]
         tokens = []
         for pos in range(28, 28 + n_new):
             tokens.append(int(steps[-1][0, -1].argmax()))
-            steps.append(ours(torch.tensor([tokens[-1:]]), start_pos=pos))
+            steps.append(ours.decode(torch.tensor([tokens[-1:]]), start_pos=pos))
         ours.clear_kv_cache()
         want = hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n_new, do_sample=False,
                            eos_token_id=None, pad_token_id=0)

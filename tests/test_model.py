@@ -266,13 +266,13 @@ def test_kv_cache_decode_equals_full_forward(n_kv_heads, window):
     with torch.no_grad():
         full = ours(tokens)
         ours.setup_kv_cache(batch_size=2, max_seq_len=32)
-        steps = [ours(tokens[:, :6], start_pos=0)]                 # the prompt in one pass
-        steps.append(ours(tokens[:, 6:9], start_pos=6))            # a later chunk (offset causal mask)
+        steps = [ours.decode(tokens[:, :6], start_pos=0)]                 # the prompt in one pass
+        steps.append(ours.decode(tokens[:, 6:9], start_pos=6))            # a later chunk (offset causal mask)
         for p in range(9, 15):                                     # then one token at a time
-            steps.append(ours(tokens[:, p:p + 1], start_pos=p))
+            steps.append(ours.decode(tokens[:, p:p + 1], start_pos=p))
         ours.clear_kv_cache()
         ours.setup_kv_cache(batch_size=2, max_seq_len=32)
-        last = ours(tokens[:, :6], start_pos=0, last_only=True)  # (B, 1, V): a prompt pass needs no more
+        last = ours.decode(tokens[:, :6], start_pos=0, last_only=True)  # (B, 1, V): a prompt pass needs no more
         ours.clear_kv_cache()
     torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=TOL, rtol=0)
     torch.testing.assert_close(last, full[:, 5:6], atol=TOL, rtol=0)
@@ -281,11 +281,11 @@ def test_kv_cache_decode_equals_full_forward(n_kv_heads, window):
     with torch.no_grad():
         ours.output.weight.mul_(-1.5)
         ours.setup_kv_cache(batch_size=2, max_seq_len=32)
-        after = ours(tokens[:, :6], start_pos=0, last_only=True)
+        after = ours.decode(tokens[:, :6], start_pos=0, last_only=True)
         ours.clear_kv_cache()
         torch.testing.assert_close(after, ours(tokens[:, :6])[:, 5:6], atol=TOL, rtol=0)
     with pytest.raises(RuntimeError, match="setup_kv_cache"):
-        ours(tokens[:, :1], start_pos=0)
+        ours.decode(tokens[:, :1], start_pos=0)
 
 
 # ----------------------------------------------------------------------------- sliding window (Mistral)
@@ -358,12 +358,12 @@ def test_greedy_decoding_past_the_window_matches_transformers(prompt_len, tmp_pa
 
     def greedy():
         ours.setup_kv_cache(1, prompt_len + n_new)
-        ours(prompt[:, :split], start_pos=0)
-        logits = ours(prompt[:, split:], start_pos=split, last_only=True)
+        ours.decode(prompt[:, :split], start_pos=0)
+        logits = ours.decode(prompt[:, split:], start_pos=split, last_only=True)
         tokens = []
         for pos in range(prompt_len, prompt_len + n_new):
             tokens.append(int(logits[0, -1].argmax()))
-            logits = ours(torch.tensor([tokens[-1:]]), start_pos=pos)
+            logits = ours.decode(torch.tensor([tokens[-1:]]), start_pos=pos)
         return tokens
     with torch.no_grad():
         # An explicit mask: generate would otherwise take a prompt token equal to pad_token_id for padding.
