@@ -320,6 +320,12 @@ class Transformer(nn.Module):
         """Parameter count (a tied matrix once); exclude_embeddings drops the input embedding table."""
         return sum(p.numel() for p in self.parameters()) - exclude_embeddings * self.tok_embeddings.weight.numel()
 
+    def size_text(self) -> str:
+        """The parameter count said everywhere (train.py's summary, sample.py): all of them (a tied matrix once), then
+        without the input embedding table (its rows are looked up, not multiplied)."""
+        total, body = self.num_params(), self.num_params(exclude_embeddings=True)
+        return f"{total / 1e6:.1f}M parameters ({body / 1e6:.1f}M without the input embedding table)"
+
     @classmethod
     def from_pretrained(cls, path: str, device=None, dtype=None, max_seq_len: Optional[int] = None):
         """A Hugging Face directory's model (a family of hf_format.FAMILIES). dtype, max_seq_len None: the config's."""

@@ -222,13 +222,6 @@ def trained_with(model_path: str) -> dict:
     return found
 
 
-def parameters(model) -> str:
-    """The parameter count said everywhere: all of them (a tied matrix once), then without the input embedding table
-    (its rows are looked up, not multiplied)."""
-    total, body = model.num_params(), model.num_params(exclude_embeddings=True)
-    return f"{total / 1e6:.1f}M parameters ({body / 1e6:.1f}M without the input embedding table)"
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     # train.py's spelling (--max_new_tokens); the dashed one (--max-new-tokens) is accepted too
@@ -271,7 +264,7 @@ def main(argv=None):
     else:
         condition, source = EXPERT_CONDITION, "OpenChat's: the model names none; --condition to change"
     # On stderr, in both modes: stdout holds the conversation alone
-    print(f"{args.model}: {parameters(model)} on {device} ({dtype}), context {model.args.max_seq_len}, template "
+    print(f"{args.model}: {model.size_text()} on {device} ({dtype}), context {model.args.max_seq_len}, template "
           f"{tokenizer.template}, condition {condition!r} ({source})"
           + ("" if prompts else ". /reset clears, /exit quits."), file=sys.stderr, flush=True)
     settings = dict(condition=condition, system=args.system, max_new_tokens=args.max_new_tokens,

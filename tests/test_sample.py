@@ -371,7 +371,7 @@ def test_a_model_that_answers_whitespace_is_stopped_and_says_so(tmp_path, capsys
     sample.main(["--model", str(tmp_path), "--temperature", "0", "--device", "cpu", "--condition", "GPT3"])
     out, err = capsys.readouterr()
     assert said in out and "condition 'GPT3' (--condition)" in err
-    assert f"{sample.parameters(model)} on cpu" in err
+    assert f"{model.size_text()} on cpu" in err
 
 
 @pytest.mark.parametrize("reply,shown,kept", [
@@ -416,5 +416,5 @@ def test_parameter_count_says_whether_embeddings_are_in_it():
         model = Transformer(PRESETS["tiny"])
     block = 256 * (256 + 128 + 128 + 256) + 3 * 256 * 768 + 2 * 256
     total = 4 * block + 2 * 32000 * 256 + 256
-    assert (total, total - 32000 * 256) == (19_532_032, 11_340_032)
-    assert sample.parameters(model) == "19.5M parameters (11.3M without the input embedding table)"
+    assert (model.num_params(), model.num_params(exclude_embeddings=True)) == (total, total - 32000 * 256)
+    assert model.size_text() == "19.5M parameters (11.3M without the input embedding table)"
