@@ -8,6 +8,15 @@ fused_linear_cross_entropy, "liger" = Liger-Kernel's LigerFusedLinearCrossEntrop
 reduction="sum" with target -100 on zero-weight tokens: it has no per-token weights, same matmul work).
 All loss weights are nonzero (0.1 .. 1), so the fused path gets no help from skipping prompt tokens.
 
+    python benchmarks/bench_cross_entropy.py --packs [--dry]   # GPU; --dry: CPU, tiny shapes, 64 conversations
+
+times instead the weight pattern of real packs (issue #26): the ShareGPT file of --data tokenized, weighted and
+packed by data.py as train.py does (context 4096, packs of 16,384 tokens: the 1b-throughput preset), the share of
+weight-0 tokens (user turns, template markup) measured over every pack, and the pack nearest that share timed with
+its own targets and weights, hidden states and lm_head random (D = 4096): V = 32001 with Mistral's tokenizer, V =
+128256 with Llama 3's; naive, fused, and fused with every weight 1 (what skipping weight-0 tokens buys). Each is
+checked against the fp32 naive path first (relative error of loss and both gradients, bound 2e-2).
+
 Peak extra memory = the most memory in use during forward + backward minus what was in use just before
 (inputs and parameters already allocated):
   GPU: torch.cuda.max_memory_allocated() after reset_peak_memory_stats(), minus memory_allocated() before.
@@ -26,6 +35,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import data  # noqa: E402
 from crlft_kernels.cross_entropy import fused_linear_cross_entropy, linear_cross_entropy_reference  # noqa: E402
 
 try:
@@ -60,33 +70,37 @@ def clear_grads(*tensors):
         t.grad = None
 
 
-def measure_gpu(path, N, D, V, dtype, repeats=5):
-    inputs = make_inputs(N, D, V, dtype, "cuda")
+def timed(path, inputs, repeats=5):
+    """(median ms, peak extra bytes) of forward + backward of `path` on `inputs`; the peak on a GPU only (else 0)."""
+    cuda = inputs[0].is_cuda
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
     step = step_fn(path)
     step(*inputs)  # warm-up: compiles the kernel
     clear_grads(*inputs[:2])
-    torch.cuda.synchronize()
-    before = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    step(*inputs)
-    torch.cuda.synchronize()
-    peak = torch.cuda.max_memory_allocated() - before
+    sync()
+    before = torch.cuda.memory_allocated() if cuda else 0
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
     times = []
     for _ in range(repeats):
         clear_grads(*inputs[:2])
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
+        sync()
+        start = time.perf_counter()
         step(*inputs)
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
+        sync()
+        times.append((time.perf_counter() - start) * 1e3)
+    peak = torch.cuda.max_memory_allocated() - before if cuda else 0
     return sorted(times)[len(times) // 2], peak
 
 
-def check_gpu(N, D, V, dtype):
-    """Relative error of the fused path's loss and both gradients against the naive path run in fp32
-    on the same (half-precision) inputs. bf16 inputs: ~1e-3 expected; bound 2e-2."""
-    h, w, y, lw = make_inputs(N, D, V, dtype, "cuda")
+def measure_gpu(path, N, D, V, dtype, repeats=5):
+    return timed(path, make_inputs(N, D, V, dtype, "cuda"), repeats)
+
+
+def check(h, w, y, lw):
+    """Relative error of the fused path's loss and both gradients against the naive path run in fp32 on the
+    same (half-precision) inputs. bf16 inputs: ~1e-3 expected; bound 2e-2."""
+    h, w = h.detach().requires_grad_(), w.detach().requires_grad_()
     fused_linear_cross_entropy(h, w, y, lw).backward()
     got = [fused_linear_cross_entropy(h.detach(), w.detach(), y, lw), h.grad, w.grad]
     h32, w32 = h.detach().float().requires_grad_(), w.detach().float().requires_grad_()
@@ -94,6 +108,10 @@ def check_gpu(N, D, V, dtype):
     loss.backward()
     want = [loss.detach(), h32.grad, w32.grad]
     return max(((a.float() - b).norm() / b.norm()).item() for a, b in zip(got, want))
+
+
+def check_gpu(N, D, V, dtype):
+    return check(*make_inputs(N, D, V, dtype, "cuda"))
 
 
 def rss_kib(field):
@@ -127,13 +145,78 @@ def measure_cpu(path, N, D, V, dtype):
     return result["ms"], result["peak"]
 
 
+def sharegpt_packs(path, tokenizer_path, batch_tokens, context, max_conversations):
+    """ShareGPT conversations tokenized, weighted and packed as train.py does (data.py's functions: one class of
+    weight 1, user turns and template markup weight 0): every pack of one epoch on one rank."""
+    conversations = data.load_conversations(path, skip_bad=True)[:max_conversations]
+    tokenizer = data.load_tokenizer(tokenizer_path)
+    dataset = data.tokenize_dataset(conversations, tokenizer, max_seq_len=context)
+    steps = data.pack_epoch(dataset.lengths, batch_tokens, 1, seed=0, epoch=0)
+    return [data.make_batch(dataset, step[0]) for step in steps], len(conversations), tokenizer.path
+
+
+def bench_packs(args):
+    """Fused vs naive on the weights of real packs: their zero-weight share measured, then one pack timed; V=32001
+    with Mistral's tokenizer (OpenChat 3.5's vocabulary), V=128256 with Llama 3's (OpenChat 3.6's template)."""
+    cuda = torch.cuda.is_available() and not args.dry
+    device, dtype = ("cuda", torch.bfloat16) if cuda else ("cpu", torch.float32)
+    batch_tokens, context, dim, limit = (16384, 4096, 4096, None) if cuda else (1024, 512, 32, 64)
+    print(f"{'GPU ' + torch.cuda.get_device_name() if cuda else 'CPU (tiny shapes)'}: {args.data} tokenized "
+          f"and packed as train.py does (context {context}, packs of <= {batch_tokens} tokens); timed: the pack "
+          f"nearest the share of weight 0 over all packs, hidden and lm_head random, D={dim}, {str(dtype)[6:]}, median "
+          f"of 5. 'dense' = the same pack with every weight 1 (what skipping weight-0 tokens buys)")
+    print(f"{'V':>7} {'path':>12} {'ms':>8} {'peak MiB':>9} {'time/naive':>10} {'rel_err':>8}")
+    failed, summary = False, []
+    for V, tokenizer_path in ((32001, args.tokenizer), (128256, args.llama3_tokenizer)):
+        packs, n_conversations, tokenizer = sharegpt_packs(args.data, tokenizer_path, batch_tokens, context, limit)
+        zero = sum(int((b.loss_weights == 0).sum()) for b in packs) / sum(len(b.tokens) for b in packs)
+        pack = min(packs, key=lambda b: abs(float((b.loss_weights == 0).float().mean()) - zero))  # the typical one
+        print(f"{tokenizer}: {n_conversations} conversations in {len(packs)} packs, {zero:.1%} of the packed tokens "
+              f"weight 0; timed: a pack of {len(pack.tokens)} tokens, {(pack.loss_weights == 0).float().mean():.1%}")
+        g = torch.Generator(device=device).manual_seed(V)
+        hidden = torch.randn(len(pack.tokens), dim, generator=g, device=device, dtype=dtype).requires_grad_()
+        weight = (torch.randn(V, dim, generator=g, device=device, dtype=dtype) * dim ** -0.5).requires_grad_()
+        targets, weights = pack.targets.to(device), pack.loss_weights.to(device)
+        assert int(targets.max()) < V, f"{tokenizer}: an id over V={V}"
+        err = check(hidden, weight, targets, weights)
+        failed |= not err < 2e-2
+        base = None
+        for label, path, w in (("naive", "naive", weights), ("fused", "fused", weights),
+                               ("fused dense", "fused", torch.ones_like(weights))):
+            ms, peak = timed(path, (hidden, weight, targets, w))
+            base = base or ms
+            print(f"{V:>7} {label:>12} {ms:>8.1f} {peak / 2**20:>9.1f} {ms / base:>10.2f} "
+                  f"{f'{err:.1e}' if label == 'fused' else '':>8}", flush=True)
+            if label == "fused":
+                summary.append(f"cross-entropy V={V}, N={len(pack.tokens)}, a real pack ({zero:.1%} weight 0 over "
+                               f"all packs): fused {ms:.1f} ms = {ms / base:.2f}x naive, rel_err {err:.1e}")
+        del hidden, weight
+    print("\n".join(["", *(f"SUMMARY {line}" for line in summary)]))
+    if failed:
+        print("FAILED: fused vs fp32 naive over 2e-2: the timings are of wrong results")
+        sys.exit(1)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--full", action="store_true",
                         help="N in {8k, 32k}, V=32001, D=4096 in bf16 (the default on GPU)")
+    parser.add_argument("--packs", action="store_true",
+                        help="time on the weight pattern of real ShareGPT packs (--data, --tokenizer)")
+    parser.add_argument("--data", default=".gpu/sharegpt_head.json", help="--packs: a ShareGPT JSON file")
+    parser.add_argument("--tokenizer", default=".gpu/tokenizer.model.v1", help="--packs: Mistral's tokenizer")
+    parser.add_argument("--llama3-tokenizer", default=".gpu/llama3/tokenizer.json", help="--packs: Llama 3's")
+    parser.add_argument("--dry", action="store_true", help="--packs on the CPU: tiny shapes, 64 conversations")
     parser.add_argument("--worker", nargs=5, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.packs:
+        for flag, path in (("--data", args.data), ("--tokenizer", args.tokenizer),
+                           ("--llama3-tokenizer", args.llama3_tokenizer)):
+            if not os.path.isfile(path):
+                raise SystemExit(f"bench_cross_entropy.py: {flag}={path}: no such file (benchmarks/gpu_check.sh's "
+                                 f"header makes .gpu/)")
+        return bench_packs(args)
 
     if args.worker:
         path, N, D, V, dtype = args.worker
