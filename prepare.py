@@ -14,6 +14,7 @@ import torch.distributed as dist
 
 import data
 import chat_readers
+import loss_weighting
 
 
 def file_digest(path):
@@ -32,8 +33,9 @@ def inputs_key(cfg, tokenizer, max_seq_len):
                    for name, path in chat_readers.parse_sources(cfg.data)]
     inputs = {"sources": sources, "tokenizer": [file_digest(f) for f in tokenizer.files] + [tokenizer.added],
               "template": [tokenizer.template, data.TEMPLATE_VERSION], "class_weights": class_weights(cfg),
-              "max_seq_len": max_seq_len,
-              **{k: getattr(cfg, k) for k in ("sharegpt_condition", "use_condition", "only_classes", "skip_bad")}}
+              "max_seq_len": max_seq_len, "class_rule": class_rule(cfg), "refusals": refusals(cfg),
+              **{k: getattr(cfg, k) for k in ("sharegpt_condition", "use_condition", "only_classes", "skip_bad",
+                                              "per_sequence_weights")}}
     return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:20]
 
 
@@ -42,10 +44,23 @@ def class_weights(cfg) -> dict[str, float] | None:
     return chat_readers.parse_class_weights(cfg.class_weights) if cfg.class_weights else None
 
 
+def class_rule(cfg) -> tuple[str, list] | None:
+    """(field, [(pattern, class)]) of --class_from_field and --class_map (--sharegpt_condition=from_model: the field
+    "model" with the default map), or None: ShareGPT's records take --sharegpt_condition."""
+    field = cfg.class_from_field or ("model" if cfg.sharegpt_condition == "from_model" else "")
+    return (field, chat_readers.parse_class_map(cfg.class_map or chat_readers.DEFAULT_CLASS_MAP)) if field else None
+
+
+def refusals(cfg) -> tuple[str, ...] | None:
+    """--zero_refusals' phrases (--refusal_phrases' file, else loss_weighting.REFUSAL_PHRASES), None when off."""
+    return loss_weighting.refusal_phrases(cfg.zero_refusals, cfg.refusal_phrases)
+
+
 def tokenize_sources(cfg, tokenizer, max_seq_len, key, directory):
     t0, stats = time.time(), collections.Counter()
     conversations = data.load_conversations(cfg.data, cfg.sharegpt_condition, cfg.skip_bad, stats,
-                                            toy=(cfg.toy_train, cfg.toy_expert_fraction, cfg.seed, cfg.toy_error_rate))
+                                            (cfg.toy_train, cfg.toy_expert_fraction, cfg.seed, cfg.toy_error_rate),
+                                            class_rule(cfg), refusals(cfg))
     if cfg.only_classes:
         keep = {c.strip() for c in cfg.only_classes.split(",")}
         conversations = [c for c in conversations if c.class_name in keep]
@@ -54,7 +69,9 @@ def tokenize_sources(cfg, tokenizer, max_seq_len, key, directory):
     if not cfg.use_condition:  # ablation: same data, same weights, no class in the prompt
         conversations = [dataclasses.replace(c, condition="") for c in conversations]
     check_own_weights(conversations, class_weights(cfg))
-    dataset = data.tokenize_dataset(conversations, tokenizer, max_seq_len, class_weights(cfg), progress=True)
+    chat_readers.check_class_weights(conversations, class_weights(cfg))
+    dataset = data.tokenize_dataset(conversations, tokenizer, max_seq_len, class_weights(cfg), progress=True,
+                                    per_sequence=cfg.per_sequence_weights)
     conditions = collections.defaultdict(set)  # per class, for the expert condition (train.expert_condition)
     for c in conversations:
         conditions[c.class_name].add(c.condition)
@@ -98,13 +115,36 @@ def trained_weights(dataset) -> dict[str, list[list]]:
 
 
 def check_prepared_weights(cfg, dataset):
-    """A prepared directory keeps the weights it was tokenized with: --class_weights can only agree with them."""
+    """A prepared directory keeps the weights it was tokenized with: --class_weights and --per_sequence_weights can
+    only agree with them."""
+    per_sequence = dataset.meta.get("per_sequence_weights", False)
+    if cfg.per_sequence_weights != per_sequence:
+        raise ValueError(f"--per_sequence_weights={str(cfg.per_sequence_weights).lower()}, but --data={cfg.data} was "
+                         f"tokenized with it {'on' if per_sequence else 'off'}: drop the flag, or tokenize again "
+                         "(python data.py tokenize --per_sequence_weights)")
     for name, w in (class_weights(cfg) or {}).items():
         found = [x for x, _ in dataset.meta["trained_weights"].get(name, [])]
+        if per_sequence:  # its tokens carry weight / reply length: the class weights it was made with say more
+            found = [(dataset.meta.get("class_weights") or {}).get(name, 1.0)]
         if any(not math.isclose(x, w, rel_tol=1e-6, abs_tol=1e-12) for x in found):
             raise ValueError(f"--class_weights: {name}={w:g}, but --data={cfg.data} was tokenized with weight "
                              f"{', '.join(f'{x:g}' for x in found)} for class {name!r}, and prepared data keeps its "
                              f"weights: drop {name!r} from --class_weights, or tokenize again with --class-weights")
+
+
+def class_rewards(dataset) -> dict[str, float]:
+    """Each class's mean weight per supervised reply with --per_sequence_weights (a reply's tokens sum to its
+    weight), else per supervised token: the weight a class was trained with, for choosing the expert."""
+    per = "supervised_replies" if dataset.meta.get("per_sequence_weights") else "supervised_tokens"
+    return {name: c["weight_sum"] / max(c.get(per, 0), 1) for name, c in dataset.meta["summary"]["classes"].items()}
+
+
+def check_context(cfg, context):
+    """Before tokenizing: a conversation as long as the context must fit one bin of --batch_tokens."""
+    if context > cfg.batch_tokens:
+        raise ValueError(f"--max_seq_len={context} (the context; 0 = the model's) is more than --batch_tokens="
+                         f"{cfg.batch_tokens}: a conversation must fit one bin, so --batch_tokens must be >= "
+                         "--max_seq_len: raise --batch_tokens or lower --max_seq_len")
 
 
 def load_prepared(directory, key):
@@ -141,9 +181,10 @@ def prepare_data(cfg, tokenizer, max_seq_len, key, group):
             raise ValueError(f"--data={cfg.data}: tokenized with {dataset.meta.get('tokenizer')} and template "
                              f"{dataset.meta.get('template')!r}, not with this run's {tokenizer.path} and "
                              f"{tokenizer.template!r}")
-        if dataset.lengths.max() > max_seq_len:
-            raise ValueError(f"--data={cfg.data}: conversations of up to {dataset.lengths.max()} tokens, more than "
-                             f"max_seq_len={max_seq_len}: tokenize it again with --max-seq-len")
+        if dataset.lengths.max() > min(max_seq_len, cfg.batch_tokens):
+            raise ValueError(f"--data={cfg.data}: conversations of up to {dataset.lengths.max()} tokens, more than the "
+                             f"context ({max_seq_len}) or --batch_tokens={cfg.batch_tokens}: tokenize it again with "
+                             f"--max_seq_len, or raise --batch_tokens")
         if "trained_weights" not in dataset.meta:  # `python data.py tokenize` does not count them: once, rank 0
             dataset.meta["trained_weights"] = on_rank0(lambda: trained_weights(dataset), group)
         check_prepared_weights(cfg, dataset)

@@ -200,6 +200,7 @@ def setup(cfg, rank, world_size, group, written=None) -> Job:
     the checkpoint directory and the resume guard, the data (prepared once), the held-out split, the plan.
     `written` (a list) gets what this rank wrote meanwhile (the prepared data), for train() to remove on an error."""
     tokenizer, args = tokenizer_and_args(cfg)
+    prepare.check_context(cfg, args.max_seq_len)  # a conversation as long as the context must fit one bin
     key = prepare.on_rank0(lambda: prepare.inputs_key(cfg, tokenizer, args.max_seq_len), group)
     # What decides the model, the data order and the schedule: a resume that changes one is refused by name.
     settings = ("batch_tokens", "grad_accum", "seed", "epochs", "class_weights", "val_fraction", "val_max",
@@ -233,12 +234,12 @@ def setup(cfg, rank, world_size, group, written=None) -> Job:
 
 def expert_condition(cfg, dataset) -> str:
     """The condition of evaluation, sample.py's default and the exported chat template: --expert_condition, else
-    that of the class trained with the largest weight (its mean weight per supervised token, so that a message's own
-    weight counts as trained); a tie is refused: the run cannot tell which class is the expert."""
+    that of the class trained with the largest weight (prepare.class_rewards: its mean weight per supervised token,
+    or per reply with --per_sequence_weights; a message's own weight counts as trained); a tie is refused: the run
+    cannot tell which class is the expert."""
     if not cfg.use_condition or cfg.expert_condition:
         return cfg.expert_condition if cfg.use_condition else ""
-    classes = dataset.meta["summary"]["classes"]
-    weight = {name: c["weight_sum"] / max(c["supervised_tokens"], 1) for name, c in classes.items()}
+    weight = prepare.class_rewards(dataset)
     top = [name for name in weight if math.isclose(weight[name], max(weight.values()))]
     if len(top) > 1:
         raise ValueError(f"--expert_condition: classes {', '.join(map(repr, top))} share the largest weight "
@@ -304,7 +305,7 @@ def train_loop(job, model, optimizer, start_step, device):
     previous = {s: signal.signal(s, lambda signum, _: stop.setdefault("signal", signum))
                 for s in (signal.SIGTERM, signal.SIGINT)}
     n_params = model.num_params(exclude_embeddings=not job.args.tie_embeddings)  # matmul weights: 6N FLOPs a token
-    describe(cfg, job.tokenizer, job.args, n_params, dataset, len(job.held_out), len(steps), world_size)
+    describe(cfg, job.tokenizer, job.args, model.size_text(), dataset, job.held_out, len(steps), world_size)
     progress = Progress(cfg, start_step, total_steps, dataset.class_names, n_params, job.args, device)
     step, stopped = start_step, 0
     try:

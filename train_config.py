@@ -9,6 +9,8 @@ from dataclasses import dataclass
 
 import torch
 
+import chat_readers
+import loss_weighting
 import prepare
 import toy_task
 from chat_readers import EXPERT_CONDITION
@@ -24,7 +26,12 @@ class TrainConfig:
     tokenizer: str = ""               # tokenizer.json, tokenizer.model or a folder; "" = --model's, toy's, Mistral v1
     template: str = ""                # openchat_3.5|openchat_3.6|openchat_3.5_gemma|chatml; "" = the tokenizer's tokens
     class_weights: str = ""           # reward of each class, "NAME=W,...": "" = the toy's for toy data, else 1 each
-    sharegpt_condition: str = EXPERT_CONDITION  # condition of sources without a class; "from_model": GPT4/GPT3
+    sharegpt_condition: str = EXPERT_CONDITION  # class of ShareGPT sources without one; "from_model": by their model
+    class_from_field: str = ""        # class each ShareGPT record by this field of it, e.g. model ("" = off)
+    class_map: str = ""               # its VALUE=CLASS,... (globs, first match) or a .json; "" = *gpt-4*=GPT4,*=GPT3
+    zero_refusals: bool = False       # weight 0 on assistant replies with refusal boilerplate (loss_weighting.py)
+    refusal_phrases: str = ""         # with --zero_refusals: a file of your own phrases, one a line
+    per_sequence_weights: bool = False  # each reply's weight divided by its tokens (OpenChat's option; off: per token)
     use_condition: bool = True        # put the class condition in the prompts (False: plain "User:" prefixes)
     only_classes: str = ""            # comma-separated: train on these classes only ("" = all)
     expert_condition: str = ""        # condition of evaluation, sample.py, the export ("" = the top-weighted class's)
@@ -136,8 +143,22 @@ def parse_config(argv):
         raise ValueError('--data is required: e.g. --data="GPT4 Correct=gpt4.jsonl,GPT3=gpt35.json"')
     if not cfg.class_weights and cfg.data == "toy":
         cfg = dataclasses.replace(cfg, class_weights=",".join(f"{k}={w:g}" for k, w in toy_task.CLASS_WEIGHTS.items()))
-    prepare.class_weights(cfg)  # a bad spec is an error now, not after tokenizing
+    check_data_options(cfg)
     return cfg
+
+
+def check_data_options(cfg) -> None:
+    """What can be checked before anything is read: the files of --data, the class map against --class_weights,
+    the refusal phrases, and that a conversation as long as the context fits one bin."""
+    prepare.check_context(cfg, cfg.max_seq_len)  # an explicit one; the model's own once train.setup has read it
+    if cfg.data != "toy" and not os.path.isdir(cfg.data):
+        chat_readers.check_sources(cfg.data)
+    weights, rule = prepare.class_weights(cfg), prepare.class_rule(cfg)
+    for _, name in rule[1] if rule and weights else []:
+        if name not in weights:
+            raise ValueError(f"--class_map gives class {name!r}, which --class_weights names no weight for "
+                             f"({', '.join(map(repr, weights))}): add {name}=W to --class_weights, or map to those")
+    loss_weighting.refusal_phrases(cfg.zero_refusals, cfg.refusal_phrases)
 
 
 def help_text(doc: str) -> str:

@@ -5,9 +5,13 @@ import json
 import os
 import time
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
+
+import chat_readers
+import data
 
 
 def say(text):
@@ -16,30 +20,85 @@ def say(text):
         tqdm.write(text)
 
 
-def describe(cfg, tokenizer, args, n_params, dataset, n_held_out, n_steps, world_size):
+def describe(cfg, tokenizer, args, size_text, dataset, held_out, n_steps, world_size):
     """Say what is about to be trained (rank 0): tokenizer, model, each class with the weights its tokens carry in
-    the prepared data (and how many tokens carry each), the expert condition, the plan; and warn when one class
-    only makes it plain SFT."""
+    the prepared data (and how many tokens carry each), what the data lost on the way and the flag that changes
+    each, the expert condition, the plan; and warn when one class only makes it plain SFT, when a file is given
+    for two classes, and when the validation set is too small to mean anything."""
     summary = dataset.meta.get("summary", {})
     lines = [f"tokenizer: {tokenizer.path} ({tokenizer.vocab_size} ids, template {tokenizer.template}, end of turn "
              f"{tokenizer.piece(tokenizer.eot_id)} = {tokenizer.eot_id})",
              f"model: {cfg.model} ({args.model_type}, {args.n_layers} layers, dim {args.dim}, "
-             f"{n_params / 1e6:,.1f}M parameters, context {args.max_seq_len}"
+             f"{size_text}, context {args.max_seq_len}"
              f"{f', sliding window {args.sliding_window}' if args.sliding_window else ''})",
-             f"data: {len(dataset)} conversations in {len(dataset.class_names)} class(es), {n_held_out} held out for "
-             f"validation; dropped {summary.get('dropped', {})}, truncated {summary.get('truncated_to_context', 0)}"]
+             f"data: {len(dataset)} conversations in {len(dataset.class_names)} class(es), {len(held_out)} held out "
+             f"for validation"]
     trained = dataset.meta.get("trained_weights", {})  # prepare.trained_weights: a message's own weight counts
     for name, c in summary.get("classes", {}).items():
-        lines.append(f"  class {name!r:16} {c['conversations']:>9,} conversations: " + ", ".join(
-            f"{n:,} tokens at weight {w:g}" for w, n in trained.get(name, [])))
+        weights = trained.get(name, [])
+        lines.append(f"  class {name!r:16} {c['conversations']:>9,} conversations: " + (", ".join(
+            f"{n:,} tokens at weight {w:g}" for w, n in weights) if len(weights) <= 3 else
+            f"{sum(n for _, n in weights):,} tokens at weights {weights[-1][0]:g} to {weights[0][0]:g} "
+            f"(--per_sequence_weights: a reply's weight over its length)"))
+        lines += [f"    {line}" for line in _losses(c, args.max_seq_len)]
+    lines += _read(dataset.meta.get("read") or summary.get("read", {}))
     lines += [f"expert condition (evaluation, exported chat template): "
-              f"{cfg.expert_condition if cfg.use_condition else '(none)'!r}", f"plan: {n_steps} steps in "
-              f"{cfg.epochs} epochs, {world_size} rank(s) x {cfg.grad_accum} micro-batch(es) of {cfg.batch_tokens} "
-              f"tokens, peak lr {cfg.lr:.3g}"]
+              f"{cfg.expert_condition if cfg.use_condition else '(none)'!r}",
+              f"plan: {_steps(cfg, n_steps)}, {world_size} rank(s) x {cfg.grad_accum} micro-batch(es) of "
+              f"{cfg.batch_tokens} tokens, peak lr {cfg.lr:.3g}"]
     if len(dataset.class_names) == 1:
         lines.append("warning: one class only: every conversation gets the same condition and weight, so this is "
                      "plain SFT, not C-RLFT (give each source its class: --data=\"GPT4 Correct=a.jsonl,GPT3=b.jsonl\")")
+    if cfg.data != "toy" and not os.path.isdir(cfg.data):
+        lines += [f"warning: {path} is given for more than one class in --data: its conversations are trained once in "
+                  "each, under each condition (meant another file?)" for path in chat_readers.same_files(cfg.data)]
+    lines += _small_validation(cfg, dataset, held_out)
     say("\n".join(lines))
+
+
+def _steps(cfg, n_steps) -> str:
+    if cfg.max_steps and cfg.max_steps < n_steps:
+        return f"{cfg.max_steps} steps (--max_steps; {cfg.epochs} epochs would be {n_steps})"
+    return f"{n_steps} steps in {cfg.epochs} epochs"
+
+
+def _losses(c, context) -> list[str]:
+    """A class's conversations dropped, truncated and replies zeroed, each with the flag that changes it."""
+    flags = {data.TOO_LONG: f"{context} tokens: a larger --max_seq_len keeps them, with --batch_tokens >= it",
+             data.NOTHING_TO_LEARN: "the weights of --class_weights, of the file, --zero_refusals"}
+    out = [f"dropped {n:,}: {why} ({flags.get(why, '')})" for why, n in c.get("dropped", {}).items()]
+    if c.get("truncated"):
+        out.append(f"truncated {c['truncated']:,} to their turns that fit the context, {context} (--max_seq_len)")
+    if c.get("refusals_zeroed"):
+        out.append(f"zeroed {c['refusals_zeroed']:,} of {c['replies']:,} replies as refusals, "
+                   f"{c['refusal_tokens_zeroed']:,} tokens (--zero_refusals, --refusal_phrases)")
+    return out
+
+
+def _read(read: dict) -> list[str]:
+    """What reading the files skipped or left out (chat_readers.py's counts), with the flag that changes it."""
+    skipped = {k.removeprefix("skipped: "): n for k, n in read.items() if k.startswith("skipped: ")}
+    out = [f"skipped {sum(skipped.values()):,} bad records (--skip_bad; without it the first stops the run, "
+           f"naming its file and line): " + ", ".join(f"{n:,} {why}" for why, n in skipped.items())] if skipped else []
+    for what, n in read.items():
+        if what.startswith("left out: "):
+            out.append(f"left out {n:,} conversations: {what.removeprefix('left out: ')}")
+        elif not what.startswith("skipped: ") and what != "records read":
+            out.append(f"read: {n:,} {what}")
+    return out
+
+
+def _small_validation(cfg, dataset, held_out) -> list[str]:
+    """A validation loss over fewer than 20 conversations, or fewer than 2 of a class, is mostly the noise of which
+    ones were drawn (its standard error shrinks only as 1/sqrt(n)); per class, one conversation is an anecdote."""
+    if cfg.val_fraction == 0:
+        return []
+    per_class = np.bincount(np.asarray(dataset.class_ids)[held_out], minlength=len(dataset.class_names))
+    few = [f"{name!r} {n}" for name, n in zip(dataset.class_names, per_class) if n < 2]
+    if len(held_out) >= 20 and not few:
+        return []
+    return [f"warning: the validation set is too small to mean anything ({len(held_out)} conversations"
+            f"{'; ' + ', '.join(few) if few else ''}): raise --val_fraction (up to 0.5) or use more data"]
 
 
 class Progress:

@@ -33,8 +33,8 @@ def worker(mode, out_dir, result_dir):
     import prepare
     import train
 
-    argv = ["--data=sharegpt", "--skip_bad=true", "--model=1b", "--max_seq_len=8192", f"--out_dir={out_dir}",
-            "--class_weights=GPT4 Correct=1"]
+    argv = ["--data=sharegpt", "--skip_bad=true", "--model=1b", "--max_seq_len=8192", "--batch_tokens=8192",
+            f"--out_dir={out_dir}", "--class_weights=GPT4 Correct=1"]
     cfg = train.parse_config(argv)
     dist.init_process_group("gloo")
     rank = dist.get_rank()

@@ -292,7 +292,7 @@ def test_pack_epoch_any_lengths(lengths, world):
 def test_pack_epoch_errors_and_shuffling():
     with pytest.raises(ValueError, match="3 conversations cannot give each of 4 ranks"):
         data.pack_epoch([1, 2, 3], 10, 4, 0, 0)
-    with pytest.raises(ValueError, match="conversation 1 has length 11"):
+    with pytest.raises(ValueError, match="--batch_tokens=10: a conversation of 11 tokens does not fit one bin"):
         data.pack_epoch([1, 11, 3], 10, 1, 0, 0)
     with pytest.raises(ValueError, match="multiple of world_size=8"):
         data.pack_epoch([10] * 9, 10, 8, 0, 0)

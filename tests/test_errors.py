@@ -89,18 +89,22 @@ def test_train_py_bad_data_is_one_line_and_leaves_nothing(tmp_path, case):
     path.write_text("\n".join(lines) + "\n")
     where = {"content 42": f"{path}:2", "unknown role": f"{path}:2", "malformed JSON": f"{path}:2",
              "undecodable": f"{path}:1", "empty file": str(path), "missing file": str(tmp_path / "nope.jsonl"),
-             "class without weight": f"{path}:2"}[case]
+             "class without weight": f"{path} gives its conversations class 'GPT5'"}[case]
     field = {"content 42": "items[1].content", "unknown role": "items[0].role", "malformed JSON": "column",
-             "undecodable": "UTF-8", "empty file": "empty", "missing file": "", "class without weight": "GPT5"}[case]
+             "undecodable": "UTF-8", "empty file": "empty", "missing file": "--data: ",
+             "class without weight": "CLASS=path form"}[case]
     if case == "undecodable":
         path.write_bytes(b'{"items": "\xff"}\n')
     if case == "empty file":
         path.write_text("")
     source = tmp_path / "nope.jsonl" if case == "missing file" else path
-    proc, out = train(tmp_path, f"--data=GPT4 Correct={source}" if case != "class without weight" else f"--data={source}",
-                      "--class_weights=GPT4 Correct=1")
+    spec = f"--data={source}" if case == "class without weight" else f"--data=GPT4 Correct={source}"
+    proc, out = train(tmp_path, spec, "--class_weights=GPT4 Correct=1")
     assert proc.returncode != 0
-    one_line_error(proc.stderr, where, field)
+    line = one_line_error(proc.stderr, where, field)
+    # a bad record says how to go past it, as data.py's does; a file that cannot be read at all does not
+    assert line.endswith(" (--skip_bad skips and counts bad records)") == (
+        case in ("content 42", "unknown role", "malformed JSON", "undecodable")), line
     assert not out.exists()
 
 
@@ -118,6 +122,10 @@ HI_U, HI_A = {"role": "user", "content": "Hi"}, {"role": "assistant", "content":
     (["--tokenizer=/no/such/tokenizer.model"], "/no/such/tokenizer.model"),
     (["--use_condition=maybe"], "--use_condition must be true or false"),
     (["--preset=gpt5"], "unknown preset"),
+    (["--max_seq_len=4096", "--batch_tokens=2048"], "--max_seq_len=4096 (the context; 0 = the model's) is more than "
+     "--batch_tokens=2048: a conversation must fit one bin, so --batch_tokens must be >= --max_seq_len"),
+    (["--data=GPT4 Correct=/no/such.jsonl"], "--data: /no/such.jsonl: no such file"),
+    (["--zero_refusals=true", "--refusal_phrases=/no/such.txt"], "--refusal_phrases=/no/such.txt: cannot read it"),
     (["lr=1"], "expected --key=value"),
 ])
 def test_train_py_bad_config_is_one_line(tmp_path, args, says):
@@ -128,12 +136,14 @@ def test_train_py_bad_config_is_one_line(tmp_path, args, says):
 
 
 def test_under_torchrun_the_error_is_printed_once(tmp_path):
-    path = _write(tmp_path, "d.jsonl", [json.dumps(GOOD), json.dumps({**GOOD, "items": [HI_U, {**HI_A, "weight": -1}]})])
+    bad = json.dumps({**GOOD, "items": [HI_U, {**HI_A, "weight": -1}]})
+    path = _write(tmp_path, "d.jsonl", [json.dumps(GOOD), bad])
     torchrun = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2")
     proc, out = train(tmp_path, f"--data={path}", "--class_weights=GPT4 Correct=1", launcher=torchrun)
     assert proc.returncode != 0 and not out.exists()
     ours = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
-    assert ours == [f"error: {path}:2: items[1].weight: found -1 (a number), expected a finite number >= 0"]
+    assert ours == [f"error: {path}:2: items[1].weight: found -1 (a number), expected a finite number >= 0 "
+                    "(--skip_bad skips and counts bad records)"]
     assert "train.py\", line" not in proc.stderr  # torchrun adds its own report, but no traceback of ours
 
 
@@ -182,3 +192,45 @@ def test_a_failed_run_never_touches_an_existing_run(tmp_path):
     assert proc.returncode != 0  # starting over: the bad line stops it before anything is written
     one_line_error(proc.stderr, f"{bad}:2", "malformed JSON")
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before
+
+
+def test_the_summary_says_what_was_skipped_dropped_truncated_and_zeroed_with_the_flags(tmp_path):
+    """A ShareGPT file with known bad records, classed by its "model" field, and a JSONL file given for two classes:
+    the start-up summary counts each loss per reason (per class where a class is known) and names the flag that
+    changes it; warnings for the file given twice and for a validation set of a few conversations."""
+    def record(model, *turns):
+        return {"id": "x", "model": model, "conversations": [{"from": f, "value": v} for f, v in turns]}
+    long = "word " * 80
+    records = ([record("gpt-4", ("human", "Q"), ("gpt", "A"))] * 12 + [record("gpt-3.5-turbo", ("human", "Q"),
+                                                                              ("gpt", "A"))] * 12
+               + [record("gpt-4", ("human", "Q"), ("gpt", ""))] * 2                       # skipped: empty content
+               + [record("gpt-4", ("human", "Q"))] * 3                                    # skipped: no assistant turn
+               + [record("claude", ("human", "Q"), ("gpt", "A"))] * 2                     # left out: no class
+               + [record("gpt-4", ("gpt", "hello"), ("human", "Q"), ("gpt", "A"))]        # a leading 'gpt' turn
+               + [record("gpt-3.5-turbo", ("human", "Q"), ("gpt", long))]                 # dropped: too long
+               + [record("gpt-3.5-turbo", ("human", "Q"), ("gpt", "A"), ("human", "Q2"), ("gpt", long))]  # truncated
+               + [record("gpt-3.5-turbo", ("human", "Q"), ("gpt", "As an AI language model, I cannot."),
+                         ("human", "Q2"), ("gpt", "B"))])                                # a refusal zeroed
+    sharegpt = _write(tmp_path, "a.json", [json.dumps(records)])
+    jsonl = _write(tmp_path, "b.jsonl", [json.dumps(GOOD)] * 4)
+    proc, out = train(tmp_path, f"--data={sharegpt},GPT4 Correct={jsonl},GPT3={jsonl}", "--class_from_field=model",
+                      "--class_map=gpt-4=GPT4 Correct,gpt-3.5-turbo=GPT3", "--class_weights=GPT4 Correct=1,GPT3=0.1",
+                      "--skip_bad=true", "--zero_refusals=true", "--max_seq_len=48", "--max_steps=1",
+                      "--val_fraction=0.05")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.splitlines()
+
+    def line(*says):
+        found = [x for x in lines if all(s in x for s in says)]
+        assert len(found) == 1, (says, proc.stdout)
+        return found[0]
+    line("skipped 5 bad records (--skip_bad", "2 empty content", "3 no assistant turn")
+    line("left out 2 conversations: model value in no class of --class_map")
+    line("read: 1 leading 'gpt' turns dropped")
+    gpt3 = lines.index(line("class 'GPT3'", "conversations:"))
+    assert "dropped 1: its first exchange is longer than the context (48 tokens: a larger --max_seq_len keeps them, " \
+        "with --batch_tokens >= it)" in lines[gpt3 + 1]
+    assert "truncated 1 to their turns that fit the context, 48 (--max_seq_len)" in lines[gpt3 + 2]
+    assert "zeroed 1 of" in lines[gpt3 + 3] and "(--zero_refusals, --refusal_phrases)" in lines[gpt3 + 3]
+    line(f"warning: {jsonl} is given for more than one class in --data")
+    line("warning: the validation set is too small to mean anything", "raise --val_fraction")

@@ -120,7 +120,7 @@ def test_long_and_unprintable_values_are_cut_short(tmp_path):
     path = _write(tmp_path, "d.jsonl", [_items(U, {**A, "content": content}), _with(system=123, condition=odd)])
     error = _one_line_error(lambda: chat_readers.read_jsonl(path), f"{path}:1: items[1].content", "found ['xxx",
                             "(a list), expected a string")
-    assert len(str(error)) < 150 + len(path)
+    assert len(str(error)) < 150 + len(path) + len(chat_readers.SKIP_BAD_HINT)
     path = _write(tmp_path, "e.jsonl", [json.dumps({**GOOD, odd: 1})])
     error = _one_line_error(lambda: chat_readers.read_jsonl(path), f"{path}:1", "found unknown field 'a\\nb\\u2028c")
     assert len(str(error).splitlines()) == 1
@@ -246,10 +246,10 @@ BAD_SHAREGPT = [
      "found 42 (a number)", "expected a string", "bad field"),
     ({"id": "x", "conversations": [HI[0], {"from": "gpt", "value": " \n"}]}, "conversations[1].value",
      "found ' \\n' (a string)", "expected text that is not blank", "empty content"),
-    ({"id": "x", "conversations": HI, "model": None}, "model", "found None (null)", "expected a model name",
+    ({"id": "x", "conversations": HI, "model": None}, "model", "found None (null)", "expected a string for --class_map",
      "missing field"),
-    ({"id": "x", "conversations": HI}, "model", "missing", "expected a model name (or give a condition)",
-     "missing field"),
+    ({"id": "x", "conversations": HI}, "model", "missing", "expected a string for --class_map (or give the source its "
+     "class, CLASS=path)", "missing field"),
 ]
 
 
@@ -352,7 +352,8 @@ def test_data_error_survives_pickling():  # as when raised in a tokenizer worker
 
 
 def test_check_messages_allows_user_weights():
-    chat_readers.check_messages([{"role": "user", "content": "Q", "weight": 0.5}, {"role": "assistant", "content": "A"}])
+    chat_readers.check_messages([{"role": "user", "content": "Q", "weight": 0.5},
+                                 {"role": "assistant", "content": "A"}])
     chat_readers.check_messages([{"role": "user", "content": "Q"}], need_assistant=False)
     _one_line_error(lambda: chat_readers.check_messages([{"role": "user", "content": "Q"}]), "messages",
                     "found only user messages")
