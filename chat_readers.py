@@ -308,7 +308,10 @@ def parse_class_weights(spec: str) -> dict[str, float]:
             w, problem = 0.0, f"weight {value!r} is not a number"
         if not (math.isfinite(w) and w >= 0):
             problem = "needs a weight that is finite and >= 0"
-        problem = "is not NAME=WEIGHT" if not eq else "is given twice" if name in weights else problem
+        if not eq:
+            problem = "is not NAME=WEIGHT"
+        elif name in weights:
+            problem = "is given twice"
         if problem:
             raise ValueError(f"class weights {spec!r}: {part.strip()!r} {problem}")
         weights[name] = w

@@ -102,14 +102,25 @@ def template(tokenizer: Tokenizer, messages, condition: str, system: str | None 
     space = "" if tokenizer.word_start else " " * t.header.endswith(" ")
 
     def turn(head, content, w, end_kind):  # header (None: none), content, the end of turn and what follows it
-        return ([(head, 0.0, MARKUP), (space + content, w, CONTENT)] if head is not None else [(content, w, CONTENT)]) \
-            + [(t.end, w, end_kind)] + ([(t.after, 0.0, MARKUP)] if t.after else [])
+        if head is None:
+            pieces = [(content, w, CONTENT)]
+        else:
+            pieces = [(head, 0.0, MARKUP), (space + content, w, CONTENT)]
+        pieces.append((t.end, w, end_kind))  # an assistant's end of turn carries its weight: the model learns to stop
+        if t.after:
+            pieces.append((t.after, 0.0, MARKUP))
+        return pieces
 
     pieces = [(tokenizer.piece(tokenizer.bos_id), 0.0, MARKUP)] if tokenizer.bos_id is not None else []
     if system is not None:
         pieces += turn(t.head("System") if t.system_role else None, system, 0.0, MARKUP)
     for m in messages:
-        w = float(m.get("weight", weight if m["role"] == "assistant" else 0.0))
+        # The class weight on assistant content, 0 on the user's. A message's own "weight" (OpenChat's JSONL) is its
+        # weight: train.py refuses a --class_weights that disagrees with it (prepare.check_own_weights).
+        if "weight" in m:
+            w = float(m["weight"])
+        else:
+            w = weight if m["role"] == "assistant" else 0.0
         pieces += turn(t.head(m["role"].title(), condition), m["content"], w,
                        TURN_END if m["role"] == "assistant" else MARKUP)
     return pieces + ([(t.head("Assistant", condition), 0.0, MARKUP)] if generation_prompt else [])
@@ -127,7 +138,9 @@ def _encode(tokenizer: Tokenizer, conversations: list[list], per_sequence: bool 
         for text, _, kind in pieces:
             if kind != CONTENT and text not in markup:
                 markup[text] = np.array(tokenizer.encode_special(text), np.int32)
-        ids = [next(contents) if kind == CONTENT else markup[text] for text, _, kind in pieces]
+        ids = []  # each piece's token ids: content from the batch encode, in order; markup from the table
+        for text, _, kind in pieces:
+            ids.append(next(contents) if kind == CONTENT else markup[text])
         lengths, weights = [len(i) for i in ids], np.array([w for _, w, _ in pieces], np.float32)
         ends = [j for j, (_, _, kind) in enumerate(pieces) if kind == TURN_END]  # each after its content piece
         if per_sequence:

@@ -48,7 +48,9 @@ def refusal_phrases(zero: bool, path: str = "") -> tuple[str, ...] | None:
     """The phrases of the flags: None (--zero_refusals off), the file's, else REFUSAL_PHRASES."""
     if path and not zero:
         raise ValueError(f"--refusal_phrases={path} needs --zero_refusals=true")
-    return None if not zero else read_refusal_phrases(path) if path else REFUSAL_PHRASES
+    if not zero:
+        return None
+    return read_refusal_phrases(path) if path else REFUSAL_PHRASES
 
 
 def is_refusal(text: str, phrases) -> bool:

@@ -274,9 +274,9 @@ class Transformer(nn.Module):
         for layer in self.layers:
             layer.attention.cache_k = torch.zeros(shape, device=device or weight.device, dtype=dtype or weight.dtype)
             layer.attention.cache_v = torch.zeros_like(layer.attention.cache_k)
-        # Each decoding step reads all the (V, D) output matrix: `h @ output_t`, a (D, V) copy, ran 1.8x (D = 768) to
-        # 3.5x (D = 256) faster on CPU than F.linear (32k vocab, one thread; equal up to fp32 rounding). Kept across
-        # generations; remade when the weight changed (moved, replaced, or in place: _version).
+        # Each decoding step reads all the (V, D) output matrix: `h @ output_t`, a (D, V) copy, is faster on CPU than
+        # F.linear for small D (benchmarks/bench_sample.py; equal up to fp32 rounding). Kept across generations;
+        # remade when the weight changed (moved, replaced, or in place: _version).
         of = (weight.data_ptr(), weight._version, weight.dtype)
         if self._output_t_of != of:
             self.output_t, self._output_t_of = weight.detach().t().contiguous(), of

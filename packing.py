@@ -1,4 +1,4 @@
-"""Packing for C-RLFT: each step, world_size bins of `batch_tokens` tokens filled with whole conversations (no padding,
+"""Packing for C-RLFT: each step, n_bins bins of `batch_tokens` tokens filled with whole conversations (no padding,
 position ids restarting per conversation, cu_seqlens for the attention), every conversation once an epoch
 (../shared/CRLFT_FACTS.md, "Packing and batches"). Reads a tokenized dataset's flat arrays (data.TokenizedDataset)."""
 import collections
@@ -8,15 +8,16 @@ import numpy as np
 import torch
 
 
-def pack_epoch(lengths, batch_tokens: int, world_size: int, seed: int, epoch: int) -> list[list[list[int]]]:
-    """steps x ranks x conversation indices: every conversation exactly once, no bin over batch_tokens, every rank
-    a non-empty bin at every step. Deterministic in (seed, epoch): resume by skipping steps. Each step is a random
+def pack_epoch(lengths, batch_tokens: int, n_bins: int, seed: int, epoch: int) -> list[list[list[int]]]:
+    """steps x bins x conversation indices: every conversation exactly once, no bin over batch_tokens, every bin
+    non-empty at every step. n_bins: the bins of one global step, world_size x grad_accum (train.py; 1 for the
+    held-out set). Deterministic in (seed, epoch): resume by skipping steps. Each step is a random
     sample of the epoch: a window from the front of a shuffled queue, placed first-fit-decreasing; what did not fit
     goes back to the front. Never sorted over the epoch: the loss is normalised by the global batch's weight, so a
     batch of one class alone (classes often differ in length) would cancel that class's weight."""
     lengths = np.asarray(lengths, dtype=np.int64)
-    if len(lengths) < world_size:
-        raise ValueError(f"{len(lengths)} conversations cannot give each of {world_size} ranks a bin")
+    if len(lengths) < n_bins:
+        raise ValueError(f"{len(lengths)} conversations cannot give each of {n_bins} bins one")
     assert lengths.min() >= 1, "pack_epoch: an empty conversation"
     if lengths.max() > batch_tokens:  # the context was longer than a bin: prepare.check_context refuses it first
         raise ValueError(f"--batch_tokens={batch_tokens}: a conversation of {lengths.max()} tokens does not fit one "
@@ -25,12 +26,12 @@ def pack_epoch(lengths, batch_tokens: int, world_size: int, seed: int, epoch: in
     length, steps = lengths.tolist(), []
     while queue:
         window, total = [], 0  # ~1.5 steps' worth of tokens, and a few conversations more than bins
-        while queue and (total < 1.5 * world_size * batch_tokens or len(window) < world_size + 8):
+        while queue and (total < 1.5 * n_bins * batch_tokens or len(window) < n_bins + 8):
             window.append(queue.popleft())
             total += length[window[-1]]
-        bins, free, left = [[] for _ in range(world_size)], [batch_tokens] * world_size, set()
+        bins, free, left = [[] for _ in range(n_bins)], [batch_tokens] * n_bins, set()
         for i in sorted(window, key=lambda i: -length[i]):  # first-fit decreasing
-            b = next((b for b in range(world_size) if free[b] >= length[i]), None)
+            b = next((b for b in range(n_bins) if free[b] >= length[i]), None)
             if b is None:
                 left.add(i)
             else:
@@ -38,13 +39,13 @@ def pack_epoch(lengths, batch_tokens: int, world_size: int, seed: int, epoch: in
                 free[b] -= length[i]
         queue.extendleft(i for i in reversed(window) if i in left)  # front, in queue order
         steps.append(bins)
-    # Only the last step can have empty bins (fewer conversations left than ranks): each takes the shortest
+    # Only the last step can have empty bins (fewer conversations left than bins): each takes the shortest
     # conversation of the latest bin that holds two or more.
     for empty in [b for b in steps[-1] if not b]:
         donor = next((b for step in reversed(steps) for b in step if len(b) > 1), None)
         if donor is None:
             raise ValueError(f"{len(lengths)} conversations of up to {batch_tokens} tokens fill one bin each, "
-                             f"not a multiple of world_size={world_size}: use more data or larger bins")
+                             f"not a multiple of n_bins={n_bins}: use more data or larger bins")
         shortest = min(donor, key=length.__getitem__)
         donor.remove(shortest)
         empty.append(shortest)

@@ -10,6 +10,7 @@ the template's end of turn (<|end_of_turn|>, <|eot_id|>, ...) or the tokenizer's
 of whitespace in a row (a reply without text is said in one line). Options take train.py's spelling, --max_new_tokens
 (--max-new-tokens works too). In the chat: /reset clears the history, /exit (or Ctrl-D) quits, Ctrl-C stops a reply."""
 import argparse
+import dataclasses
 import itertools
 import json
 import os
@@ -25,6 +26,18 @@ from tokenizing import checkpoint_tokenizer
 
 DEFAULT_MODEL = os.path.join("out", "default", "export")
 BLANK_RUN = 32  # tokens of whitespace in a row that end a reply: an undertrained model's blank lines go on and on
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampling:
+    """How each next token is drawn: temperature 0 is greedy; top_k 0 and top_p 1 turn those filters off."""
+    temperature: float = 0.7
+    top_p: float = 1.0
+    top_k: int = 0
+    generator: torch.Generator | None = None  # seeded draws (--seed): the same on any device
+
+
+GREEDY = Sampling(temperature=0.0)
 
 
 def load(model_path: str, tokenizer_path: str | None = None, template: str | None = None, device=None, dtype=None,
@@ -52,27 +65,26 @@ def load(model_path: str, tokenizer_path: str | None = None, template: str | Non
     return model.eval(), tokenizer
 
 
-def sample_token(logits, temperature: float = 0.7, top_p: float = 1.0, top_k: int = 0, generator=None) -> int:
-    """One token id from logits (V,). temperature 0 is greedy; top_k 0 and top_p 1 turn those filters off."""
-    if temperature <= 0:
+def sample_token(logits, how: Sampling = Sampling()) -> int:
+    """One token id from logits (V,), drawn as `how` says."""
+    if how.temperature <= 0:
         return int(logits.argmax())
-    logits, ids = logits.float() / temperature, None
-    if generator is not None:
-        logits = logits.to(generator.device)  # a seeded CPU generator: the same draws on any device
-    if top_k > 0:
-        logits, ids = torch.topk(logits, min(top_k, logits.numel()))  # (k,), sorted
-    elif top_p < 1.0:
+    logits, ids = logits.float() / how.temperature, None
+    if how.generator is not None:
+        logits = logits.to(how.generator.device)  # a seeded CPU generator: the same draws on any device
+    if how.top_k > 0:
+        logits, ids = torch.topk(logits, min(how.top_k, logits.numel()))  # (k,), sorted
+    elif how.top_p < 1.0:
         logits, ids = torch.sort(logits, descending=True)
     probs = torch.softmax(logits, dim=-1)
-    if top_p < 1.0:  # keep the smallest prefix of the sorted tokens whose probability reaches top_p (>= 1 token)
-        probs = probs.masked_fill(probs.cumsum(-1) - probs >= top_p, 0.0)
-    choice = int(torch.multinomial(probs, 1, generator=generator))
+    if how.top_p < 1.0:  # keep the smallest prefix of the sorted tokens whose probability reaches top_p (>= 1 token)
+        probs = probs.masked_fill(probs.cumsum(-1) - probs >= how.top_p, 0.0)
+    choice = int(torch.multinomial(probs, 1, generator=how.generator))
     return choice if ids is None else int(ids[choice])
 
 
-def generate(model: Transformer, prompt_ids, max_new_tokens: int, temperature: float = 0.7, top_p: float = 1.0,
-             top_k: int = 0, stop_ids=(), generator: torch.Generator | None = None, n_ids: int | None = None
-             ) -> Iterator[int]:
+def generate(model: Transformer, prompt_ids, max_new_tokens: int, how: Sampling = Sampling(), stop_ids=(),
+             n_ids: int | None = None) -> Iterator[int]:
     """Yield up to max_new_tokens new ids after prompt_ids (fewer at the model's context), a sampled stop id last.
     n_ids: the tokenizer's; rows past it (a padded vocabulary) were never a target and are never sampled."""
     prompt_ids = list(prompt_ids)
@@ -86,7 +98,7 @@ def generate(model: Transformer, prompt_ids, max_new_tokens: int, temperature: f
         for _ in range(max_new_tokens):  # the prompt in one forward pass, then each new token alone
             with torch.inference_mode():  # per step, not around the yields: it must not leak into the caller's code
                 logits = model.decode(torch.tensor([tokens], device=device), pos, last_only=True)[0, -1, :n_ids]
-                token = sample_token(logits, temperature, top_p, top_k, generator)
+                token = sample_token(logits, how)
             yield token
             pos, tokens = pos + len(tokens), [token]
             if token in stop_ids or pos == n_positions:
@@ -108,7 +120,7 @@ def stream_text(tokenizer, ids: Iterator[int], stop_ids=()) -> Iterator[str]:
 
 
 def respond(model, tokenizer, messages, out, condition: str = EXPERT_CONDITION, system: str | None = None,
-            max_new_tokens: int = 512, temperature: float = 0.7, top_p: float = 1.0, top_k: int = 0, generator=None):
+            max_new_tokens: int = 512, how: Sampling = Sampling()):
     """Stream the assistant's reply to the conversation `messages` (ending with a user message) to `out`.
     Returns the history after the reply (oldest exchanges dropped when it outgrew the context)."""
     max_seq_len, kept = model.args.max_seq_len, messages
@@ -127,8 +139,7 @@ def respond(model, tokenizer, messages, out, condition: str = EXPERT_CONDITION, 
     # Whitespace is held back until text follows it: a model early in training may answer with nothing but blank
     # lines; after BLANK_RUN of them in a row it is stopped, and a reply without text is said to be one.
     reply, held, blank, seen, interrupted = "", "", 0, [], False
-    ids = generate(model, prompt, max_new_tokens, temperature, top_p, top_k, stop_ids, generator,
-                   n_ids=tokenizer.vocab_size)
+    ids = generate(model, prompt, max_new_tokens, how, stop_ids, n_ids=tokenizer.vocab_size)
     try:
         for text in stream_text(tokenizer, recorded(ids, seen), stop_ids):
             if text.strip():
@@ -246,7 +257,10 @@ def main(argv=None):
     if args.temperature < 0 or not 0 < args.top_p <= 1 or args.top_k < 0 or args.max_new_tokens < 1:
         p.error("need --temperature >= 0, 0 < --top_p <= 1, --top_k >= 0, --max_new_tokens >= 1")
     device = torch.device(args.device)
-    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    if args.dtype:
+        dtype = getattr(torch, args.dtype)
+    else:
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     prompts = list(args.prompt)
     try:
         if args.prompt_file is not None:
@@ -267,9 +281,9 @@ def main(argv=None):
     print(f"{args.model}: {model.size_text()} on {device} ({dtype}), context {model.args.max_seq_len}, template "
           f"{tokenizer.template}, condition {condition!r} ({source})"
           + ("" if prompts else ". /reset clears, /exit quits."), file=sys.stderr, flush=True)
-    settings = dict(condition=condition, system=args.system, max_new_tokens=args.max_new_tokens,
-                    temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                    generator=None if args.seed is None else torch.Generator().manual_seed(args.seed))
+    how = Sampling(args.temperature, args.top_p, args.top_k,
+                   None if args.seed is None else torch.Generator().manual_seed(args.seed))
+    settings = dict(condition=condition, system=args.system, max_new_tokens=args.max_new_tokens, how=how)
     for text in prompts:  # each prompt on its own, a single-turn conversation
         print(f"User: {text}")
         respond(model, tokenizer, [{"role": "user", "content": text}], sys.stdout, **settings)

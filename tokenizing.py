@@ -81,8 +81,10 @@ class JsonTokenizer(Tokenizer):
         if len(bos) > 1:
             raise ValueError(f"{path}: the tokenizer puts {len(bos)} tokens around a text (need BOS or nothing)")
         self.bos_id = bos[0] if bos else None
-        eos = self.config.get("eos_token")
-        self.eos_id = self.tk.token_to_id(eos["content"] if isinstance(eos, dict) else eos) if eos else None
+        eos = self.config.get("eos_token")  # a string, or an added token's {"content": ...}
+        if isinstance(eos, dict):
+            eos = eos["content"]
+        self.eos_id = self.tk.token_to_id(eos) if eos else None
         in_text = [i for i, t in self.tk.get_added_tokens_decoder().items() if not t.special]  # content makes them
         self.vocab_size = max(self._n_pieces, *(i + 1 for i in in_text + [self.bos_id, self.eos_id] if i is not None))
         self.word_start = self.encode("a b") == self.encode("a") + self.encode("b")

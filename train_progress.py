@@ -128,23 +128,27 @@ class Progress:
 
     def end_step(self, step, epoch, lr, grad_norm, batches, outputs, weight_sum):
         """Log the step: sum(w * CE) / sum(w), per class the mean CE of supervised tokens, tokens/s, MFU."""
-        n = len(self.classes)
-        stats = torch.zeros(3 + 2 * n, dtype=torch.float64, device=self.device)  # sums, tokens, sum(len^2)
+        n, f64 = len(self.classes), dict(dtype=torch.float64, device=self.device)
+        weighted_ce, n_tokens, attention_pairs = (torch.zeros(1, **f64) for _ in range(3))  # this rank's sums
+        class_ce, class_tokens = torch.zeros(n, **f64), torch.zeros(n, **f64)  # per class: sum of CE, supervised tokens
         for b, (loss_sum, token_ce) in zip(batches, outputs):
             supervised = b.loss_weights > 0
-            stats[:3] += torch.stack([loss_sum.double(), torch.tensor(float(len(b.tokens)), device=self.device),
-                                      ((b.cu_seqlens[1:] - b.cu_seqlens[:-1]).double() ** 2).sum()]).double()
-            stats[3:3 + n].index_add_(0, b.class_ids[supervised], token_ce[supervised].double())
-            stats[3 + n:].index_add_(0, b.class_ids[supervised], supervised[supervised].double())
-        dist.all_reduce(stats)
+            weighted_ce += loss_sum.double()
+            n_tokens += len(b.tokens)
+            attention_pairs += ((b.cu_seqlens[1:] - b.cu_seqlens[:-1]).double() ** 2).sum()  # sum of len^2
+            class_ce.index_add_(0, b.class_ids[supervised], token_ce[supervised].double())
+            class_tokens.index_add_(0, b.class_ids[supervised], supervised[supervised].double())
+        stats = torch.cat([weighted_ce, n_tokens, attention_pairs, class_ce, class_tokens])
+        dist.all_reduce(stats)  # one collective for all of them
+        weighted_ce, n_tokens, attention_pairs, class_ce, class_tokens = stats.split([1, 1, 1, n, n])
         dt = time.perf_counter() - self.t0
-        loss = (stats[0] / weight_sum.double().clamp_min(1e-8)).item()
-        per_class = {name: (stats[3 + c] / stats[3 + n + c]).item() for c, name in enumerate(self.classes)
-                     if stats[3 + n + c] > 0}
+        loss = (weighted_ce / weight_sum.double().clamp_min(1e-8)).item()
+        per_class = {name: (class_ce[c] / class_tokens[c]).item() for c, name in enumerate(self.classes)
+                     if class_tokens[c] > 0}
         record = {"step": step, "epoch": epoch, "loss": loss, "loss_per_class": per_class, "lr": lr,
-                  "grad_norm": float(grad_norm), "tokens_per_s": stats[1].item() / dt, "time_s": dt}
+                  "grad_norm": float(grad_norm), "tokens_per_s": n_tokens.item() / dt, "time_s": dt}
         if self.peak:  # 6 N FLOPs per token for the matmuls, 6 * layers * dim * sum(len^2) for attention
-            flops = 6 * self.n_params * stats[1].item() + 6 * self.args.n_layers * self.args.dim * stats[2].item()
+            flops = 6 * self.n_params * n_tokens.item() + 6 * self.args.n_layers * self.args.dim * attention_pairs.item()
             record["mfu"] = flops / dt / (self.peak * self.world_size)
         self.log(record)
         self.bar.set_postfix({"loss": f"{loss:.4f}", **{k[:12]: f"{v:.3f}" for k, v in per_class.items()},

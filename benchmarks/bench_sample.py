@@ -20,7 +20,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from model import PRESETS, ModelArgs, Transformer  # noqa: E402
-from sample import generate  # noqa: E402
+from sample import GREEDY, generate  # noqa: E402
 
 CONFIGS = {
     # Python overhead dominates: what a decode loop itself costs per token.
@@ -46,7 +46,7 @@ def bench(name, args, prompt_len, new_tokens, repeats):
     hf_input = torch.tensor([prompt])
 
     def ours(n):
-        return lambda: list(generate(model, prompt, n, temperature=0.0))
+        return lambda: list(generate(model, prompt, n, GREEDY))
 
     def theirs(n):
         def run():

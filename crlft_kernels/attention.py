@@ -21,7 +21,7 @@ Backward, with dO the output gradient and delta_i = sum_d dO_id O_id (= sum_j P_
     dV = P^T dO,   dP = dO V^T,   dS = P * (dP - delta),   dQ = scale * dS K,   dK = scale * dS^T Q.
 Three kernels: delta; dK/dV, a program per key block over every query (of every GQA head) that sees it:
 each element written once, no atomics; and so dQ (a sum over keys) per query block, recomputing P and dP.
-Short packs (max_seqlen <= FUSED_DELTA_MAX_SEQLEN, launch-bound: a 1k-token backward ran at 0.87x SDPA) skip the
+Short packs (max_seqlen <= FUSED_DELTA_MAX_SEQLEN: launch-bound, README's GPU results) skip the
 delta kernel: dQ computes delta for its own query block, dK/dV for every query block it visits (O re-read by each).
 
 Sliding window W (causal only; transformers' convention): query i sees the W keys i - W < j <= i. A query
@@ -53,7 +53,8 @@ def _check(ok, message):
 
 def _check_inputs(q, k, v, cu_seqlens, causal, window, max_seqlen=None):
     """With max_seqlen, also the checks that read cu_seqlens on the host (not on CUDA: no sync there)."""
-    _check(q.dim() == 3 and k.dim() == 3 and k.shape == v.shape and k.shape[::2] == q.shape[::2],
+    same_tokens_and_head_dim = k.shape[0] == q.shape[0] and k.shape[-1] == q.shape[-1]
+    _check(q.dim() == 3 and k.dim() == 3 and k.shape == v.shape and same_tokens_and_head_dim,
            f"q must be (tokens, heads, head_dim) and k, v (tokens, n_kv_heads, head_dim) matching it; got q "
            f"{tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
     _check(q.shape[1] % k.shape[1] == 0, f"n_heads ({q.shape[1]}) must be a multiple of n_kv_heads ({k.shape[1]})")
@@ -104,10 +105,10 @@ KernelConfig = namedtuple("KernelConfig", "fwd dkdv dq")  # a Tiles for each ker
 
 
 def kernel_config(head_dim, dtype, device_type):
-    """The one launch config, window or not. head_dim 128, bf16, measured on an H200 (bench_attention.py --sweep,
-    8k tokens, H=32, H_kv=8): forward 128x64 tiles, 8 warps, 3 stages, the fastest of eight; dK/dV 64 queries over
-    128-key blocks, backward 4.6 ms vs 8.5 ms with 32 x 64 (fewer re-reads of Q, dO); dQ configs within 6%. The
-    others from ptxas's sm_90a report: wgmma in every matmul kernel, no spills, shared memory under the limits."""
+    """The one launch config, window or not. head_dim 128, bf16: the fastest of `bench_attention.py --sweep` on an
+    H200 (figures in the README's GPU results): forward 128x64 tiles, 8 warps, 3 stages; dK/dV 64 queries over
+    128-key blocks (fewer re-reads of Q, dO than 32 x 64). The others from ptxas's sm_90a report: wgmma in every
+    matmul kernel, no spills, shared memory under the limits."""
     if device_type != "cuda":
         # Interpreter: the tests' short sequences span several tiles, diagonals split into sub-blocks.
         return KernelConfig(Tiles(64, 32, 4, 1), Tiles(32, 64, 4, 1), Tiles(64, 32, 4, 1))

@@ -284,17 +284,17 @@ def test_pack_epoch_any_lengths(lengths, world):
     try:
         steps = data.pack_epoch(lengths, 64, world, 0, 0)
     except ValueError as e:  # only when every bin holds a single conversation and they don't share out
-        assert "multiple of world_size" in str(e) and len(lengths) % world != 0
+        assert "multiple of n_bins" in str(e) and len(lengths) % world != 0
         return
     _check_packing(steps, lengths, 64, world)
 
 
 def test_pack_epoch_errors_and_shuffling():
-    with pytest.raises(ValueError, match="3 conversations cannot give each of 4 ranks"):
+    with pytest.raises(ValueError, match="3 conversations cannot give each of 4 bins one"):
         data.pack_epoch([1, 2, 3], 10, 4, 0, 0)
     with pytest.raises(ValueError, match="--batch_tokens=10: a conversation of 11 tokens does not fit one bin"):
         data.pack_epoch([1, 11, 3], 10, 1, 0, 0)
-    with pytest.raises(ValueError, match="multiple of world_size=8"):
+    with pytest.raises(ValueError, match="multiple of n_bins=8"):
         data.pack_epoch([10] * 9, 10, 8, 0, 0)
     lengths = list(range(1, 200))
     a, b = data.pack_epoch(lengths, 300, 2, 0, 0), data.pack_epoch(lengths, 300, 2, 0, 1)

@@ -76,7 +76,7 @@ def test_smollm2_greedy_generation_matches_transformers(smollm2):  # noqa: F811
     hf, tok = reference(smollm2)
     prompt = tok.apply_chat_template(CHAT, add_generation_prompt=True, tokenize=True, return_dict=False)
     n = 40
-    mine = list(sample.generate(ours, prompt, n, temperature=0.0))  # no stop ids: n tokens exactly, past <|im_end|>
+    mine = list(sample.generate(ours, prompt, n, sample.GREEDY))  # no stop ids: n tokens exactly, past <|im_end|>
     hf.generation_config.eos_token_id = None  # nor here (min_new_tokens would forbid <|im_end|>, not ignore it)
     with torch.no_grad():
         theirs = hf.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),

@@ -46,7 +46,7 @@ def test_greedy_matches_transformers_generate(tmp_path, heads):
     long_prompt = torch.randint(3, 300, (40,), generator=torch.Generator().manual_seed(2)).tolist()
     prompts = [[1], [1, 5, 7, 100, 200], long_prompt]
     for prompt, n in zip(prompts, (30, 50, 60)):
-        ours = list(sample.generate(model, prompt, n, temperature=0.0))
+        ours = list(sample.generate(model, prompt, n, sample.GREEDY))
         with torch.no_grad():
             theirs = hf.generate(torch.tensor([prompt]), max_new_tokens=n, do_sample=False)[0, len(prompt):]
         assert len(ours) == n
@@ -56,12 +56,12 @@ def test_greedy_matches_transformers_generate(tmp_path, heads):
 def test_generate_stops_at_stop_id_and_at_the_context():
     model = random_model(max_seq_len=48)
     prompt = [1, 2, 3, 4]
-    free = list(sample.generate(model, prompt, 20, temperature=0.0))
+    free = list(sample.generate(model, prompt, 20, sample.GREEDY))
     stop = free[5]
     first = free.index(stop)
-    assert list(sample.generate(model, prompt, 20, temperature=0.0, stop_ids={stop})) == free[:first + 1]
+    assert list(sample.generate(model, prompt, 20, sample.GREEDY, stop_ids={stop})) == free[:first + 1]
     # The context holds 48 positions: 44 more after the prompt, the last one not fed back.
-    assert len(list(sample.generate(model, prompt, 1000, temperature=0.0))) == 48 - len(prompt) + 1
+    assert len(list(sample.generate(model, prompt, 1000, sample.GREEDY))) == 48 - len(prompt) + 1
     with pytest.raises(ValueError, match="context"):
         list(sample.generate(model, list(range(49)), 5))
 
@@ -71,12 +71,12 @@ def test_sampling_is_reproducible_with_a_seed_and_top_k_1_is_greedy():
     prompt = [1, 9, 8, 7]
 
     def run(seed, **kw):
-        return list(sample.generate(model, prompt, 40, generator=torch.Generator().manual_seed(seed), **kw))
+        return list(sample.generate(model, prompt, 40, sample.Sampling(generator=torch.Generator().manual_seed(seed), **kw)))
 
     assert run(0, temperature=1.0) == run(0, temperature=1.0)
     assert run(0, temperature=1.0) != run(1, temperature=1.0)
     assert run(0, temperature=1.0, top_p=0.9, top_k=50) == run(0, temperature=1.0, top_p=0.9, top_k=50)
-    greedy = list(sample.generate(model, prompt, 40, temperature=0.0))
+    greedy = list(sample.generate(model, prompt, 40, sample.GREEDY))
     assert run(3, temperature=1.0, top_k=1) == greedy
     assert run(4, temperature=5.0, top_p=1e-6) == greedy  # the nucleus is the top token alone
 
@@ -90,7 +90,7 @@ def test_sample_token_distribution():
     def freq(**kw):
         counts = torch.zeros(6)
         for _ in range(n):
-            counts[sample.sample_token(logits, generator=g, **kw)] += 1
+            counts[sample.sample_token(logits, sample.Sampling(generator=g, **kw))] += 1
         return counts / n
 
     p = torch.softmax(logits / 0.7, -1)
@@ -149,7 +149,7 @@ def test_chat_prompts_token_for_token(monkeypatch, toy, condition, system):
     tok, model = toy
     rec = Recorder(monkeypatch)
     history, out = run_chat(model, tok, ["12+34=", "  ", "and 5+6 ?", "/reset", "7+8=", "/exit", "never read"],
-                            condition=condition, system=system, max_new_tokens=6, temperature=0.0)
+                            condition=condition, system=system, max_new_tokens=6, how=sample.GREEDY)
     assert len(rec.prompts) == 3
     first_reply = out.split("Assistant: ")[1].split("\n")[0]
     assert rec.prompts[0] == by_hand(tok, condition, [("User", "12+34=")], system)
@@ -159,7 +159,7 @@ def test_chat_prompts_token_for_token(monkeypatch, toy, condition, system):
     # The history after /reset holds the last exchange, the reply being the decoded greedy ids; a random
     # model may answer nothing, and an empty exchange is not kept (with a notice).
     stops = {tok.eot_id, tok.eos_id}
-    reply_ids = list(sample.generate(model, rec.prompts[2], 6, temperature=0.0, stop_ids=stops))
+    reply_ids = list(sample.generate(model, rec.prompts[2], 6, sample.GREEDY, stop_ids=stops))
     reply_ids = reply_ids[:-1] if reply_ids and reply_ids[-1] in stops else reply_ids
     reply = tok.decode(reply_ids)
     if reply.strip():
@@ -173,7 +173,7 @@ def test_chat_drops_the_oldest_turns_when_the_context_is_full(monkeypatch):
     model = random_model(vocab_size=tok.vocab_size, max_seq_len=64)
     rec = Recorder(monkeypatch)
     questions = [f"{100 + i}+{200 + i}=" for i in range(6)]
-    history, out = run_chat(model, tok, questions, max_new_tokens=8, temperature=0.0)
+    history, out = run_chat(model, tok, questions, max_new_tokens=8, how=sample.GREEDY)
     assert "dropped the oldest" in out
     for prompt in rec.prompts:
         assert len(prompt) + 8 <= 64  # room for the reply
@@ -240,7 +240,7 @@ def test_command_line_answers_prompts_from_an_export(tmp_path, capsys, monkeypat
                  "--temperature", "0", "--max_new_tokens", "5", "--device", "cpu"])
     out = capsys.readouterr().out
     assert [line[len("User: "):] for line in out.splitlines() if line.startswith("User: ")] == ["5+6=", "1+2=", "3+4="]
-    expected = list(sample.generate(model, by_hand(tok, "GPT4 Correct", [("User", "5+6=")]), 5, temperature=0.0,
+    expected = list(sample.generate(model, by_hand(tok, "GPT4 Correct", [("User", "5+6=")]), 5, sample.GREEDY,
                                     stop_ids={tok.eot_id, tok.eos_id}))
     expected = expected[:-1] if expected[-1] in (tok.eot_id, tok.eos_id) else expected
     assert f"Assistant: {loaded.decode(expected)}\n" in out  # decoded as sample.py does, the export's tokenizer.json
@@ -272,7 +272,7 @@ def test_ctrl_c_stops_the_reply_not_the_session(monkeypatch, toy):
         return line
 
     out = io.StringIO()
-    history = sample.chat(model, tok, read_line=read_line, out=out, max_new_tokens=4, temperature=0.0)
+    history = sample.chat(model, tok, read_line=read_line, out=out, max_new_tokens=4, how=sample.GREEDY)
     assert "(stopped)" in out.getvalue() and len(rec.prompts) == 2
     # What was shown of the interrupted reply stays in the history.
     assert rec.prompts[1] == by_hand(tok, "GPT4 Correct", [("User", "1+2="), ("Assistant", "42"), ("User", "3+4=")])
@@ -290,7 +290,7 @@ def test_default_condition_is_the_one_the_export_names(tmp_path, capsys):
     assert sample.trained_with(str(tmp_path / "nowhere")) == {}  # then OpenChat 3.5's condition, GPT4 Correct
     sample.main(["--model", str(tmp_path / "gpt4"), "--prompt", "5+6=", "--temperature", "0",
                  "--max_new_tokens", "5", "--device", "cpu"])
-    expected = list(sample.generate(model, by_hand(tok, "GPT4", [("User", "5+6=")]), 5, temperature=0.0,
+    expected = list(sample.generate(model, by_hand(tok, "GPT4", [("User", "5+6=")]), 5, sample.GREEDY,
                                     stop_ids={tok.eot_id}))
     expected = expected[:-1] if expected[-1] == tok.eot_id else expected
     _, loaded = sample.load(str(tmp_path / "gpt4"))
@@ -358,7 +358,7 @@ def test_a_model_that_answers_whitespace_is_stopped_and_says_so(tmp_path, capsys
     tok = data.load_tokenizer(toy_task.TOKENIZER_PATH)
     space = tok.sp.piece_to_id("▁")
     model = rigged(tok, space)
-    greedy = list(sample.generate(model, [1, 5], 40, temperature=0.0))
+    greedy = list(sample.generate(model, [1, 5], 40, sample.GREEDY))
     assert greedy == [space] * 40 and not tok.decode(greedy).strip()  # whitespace, and it would go on
     export_hf(model, tok, str(tmp_path))
     said = ("(the model produced no text in 32 token(s): only whitespace, stopped after 32 tokens of it; this "
@@ -385,7 +385,7 @@ def test_replies_without_text(monkeypatch, toy, reply, shown, kept):
     ids = [tok.sp.piece_to_id(p) for p in reply] + [tok.eot_id]
     monkeypatch.setattr(sample, "generate", lambda *args, **kwargs: (i for i in ids))  # a generator, as ours
     out = io.StringIO()
-    history = sample.respond(model, tok, [{"role": "user", "content": "1+2="}], out, temperature=0.0)
+    history = sample.respond(model, tok, [{"role": "user", "content": "1+2="}], out, how=sample.GREEDY)
     assert out.getvalue().startswith("Assistant: " + shown)
     if kept is None:
         assert history == []

@@ -179,7 +179,7 @@ def test_toy_evaluation_matches_one_prompt_at_a_time_generation():
     expected = []
     for question, _ in problems:
         prompt = data.encode_prompt(tok, [{"role": "user", "content": question}], "Expert")
-        ids = list(sample.generate(model, prompt, 6, temperature=0.0))
+        ids = list(sample.generate(model, prompt, 6, sample.GREEDY))
         ids = ids[:ids.index(tok.eot_id)] if tok.eot_id in ids else ids
         expected.append((question, tok.decode(ids)))
     assert sorted(answers) == sorted(expected)  # evaluate() groups the prompts by length
