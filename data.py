@@ -15,6 +15,7 @@ options (refusals at weight 0, per-sequence weights) are loss_weighting.py's. Re
 toy_task.py; tokenized data is a few flat numpy arrays, memory-mapped; each step packs conversations into world_size
 bins of `batch_tokens` (packing.py). `python data.py tokenize|show ...`.
 """
+
 import argparse
 import collections
 import contextlib
@@ -37,17 +38,25 @@ from chat_readers import EXPERT_CONDITION, Conversation, DataError, check_messag
 from packing import PackedBatch, make_batch, pack_epoch  # noqa: F401 (re-exported: train.py's data.pack_epoch)
 from tokenizing import Tokenizer, default_tokenizer_path, open_tokenizer  # noqa: F401
 
-TEMPLATE_VERSION = 3  # part of a prepared dataset's key: bump when the template or the weights change
+TEMPLATE_VERSION = (
+    3  # part of a prepared dataset's key: bump when the template or the weights change
+)
 
 
 # ----------------------------------------------------------------------------------------------- template
 @dataclass(frozen=True)
 class Template:
-    header: str                # before each message's content: {role} is "{condition} {Role}", "GPT4 Correct User"
-    end: str                   # the end-of-turn token after the content: an assistant's carries its weight
-    after: str = ""            # text after the end token, weight 0
-    system_role: bool = False  # the system prompt has a header of its own, role "System" with no condition
-    add_end: bool = False      # a tokenizer without the end token gets it (at the first free id), as OpenChat's did
+    header: (
+        str  # before each message's content: {role} is "{condition} {Role}", "GPT4 Correct User"
+    )
+    end: str  # the end-of-turn token after the content: an assistant's carries its weight
+    after: str = ""  # text after the end token, weight 0
+    system_role: bool = (
+        False  # the system prompt has a header of its own, role "System" with no condition
+    )
+    add_end: bool = (
+        False  # a tokenizer without the end token gets it (at the first free id), as OpenChat's did
+    )
 
     def head(self, role: str, condition: str = "") -> str:
         """A header as a piece: without its closing space, which goes with the content (see `template`)."""
@@ -60,30 +69,50 @@ class Template:
 # The templates, each spelled once as the text the model reads. Chosen by the first whose special tokens the
 # tokenizer has (none: OpenChat 3.5, <|end_of_turn|> added), or by name (--template).
 TEMPLATES = {
-    "openchat_3.5": Template("{role}: ", "<|end_of_turn|>", add_end=True),  # system: "{system}<|end_of_turn|>"
-    "openchat_3.6": Template("<|start_header_id|>{role}<|end_header_id|>\n\n", "<|eot_id|>", system_role=True),
-    "openchat_3.5_gemma": Template("{role}: ", "<end_of_turn>"),  # OpenChat 3.5's, Gemma's end of turn
+    "openchat_3.5": Template(
+        "{role}: ", "<|end_of_turn|>", add_end=True
+    ),  # system: "{system}<|end_of_turn|>"
+    "openchat_3.6": Template(
+        "<|start_header_id|>{role}<|end_header_id|>\n\n", "<|eot_id|>", system_role=True
+    ),
+    "openchat_3.5_gemma": Template(
+        "{role}: ", "<end_of_turn>"
+    ),  # OpenChat 3.5's, Gemma's end of turn
     # Ours: the idea of 3.6 on ChatML's tokens (SmolLM2, Qwen). OpenChat's chatml template drops the condition.
     "chatml": Template("<|im_start|>{role}\n", "<|im_end|>", after="\n", system_role=True),
 }
-CONTENT, MARKUP, TURN_END = "content", "markup", "turn end"  # how a piece is encoded: see `template`
+CONTENT, MARKUP, TURN_END = (
+    "content",
+    "markup",
+    "turn end",
+)  # how a piece is encoded: see `template`
 
 
 def use_template(tokenizer: Tokenizer, name: str | None = None) -> Tokenizer:
     """Give `tokenizer` its chat template: `name`, else the first of TEMPLATES whose special tokens it has, else
     OpenChat 3.5 (add_end: its <|end_of_turn|> is added to the tokenizer)."""
-    name = name or next((n for n, t in TEMPLATES.items()
-                         if all(tokenizer.special_id(s) is not None for s in t.specials())), "openchat_3.5")
+    name = name or next(
+        (
+            n
+            for n, t in TEMPLATES.items()
+            if all(tokenizer.special_id(s) is not None for s in t.specials())
+        ),
+        "openchat_3.5",
+    )
     if name not in TEMPLATES:
         raise ValueError(f"template {name!r}: not one of {', '.join(TEMPLATES)}")
     t = TEMPLATES[name]
     if t.add_end and tokenizer.special_id(t.end) is None:
         tokenizer.add_special(t.end)
     if missing := [s for s in t.specials() if tokenizer.special_id(s) is None]:
-        raise ValueError(f"{tokenizer.path}: template {name!r} needs {', '.join(missing)}, which the tokenizer lacks")
+        raise ValueError(
+            f"{tokenizer.path}: template {name!r} needs {', '.join(missing)}, which the tokenizer lacks"
+        )
     tokenizer.template, tokenizer.eot_id = name, tokenizer.special_id(t.end)
     # the ids it produces: the template's special tokens too
-    tokenizer.vocab_size = max(tokenizer.vocab_size, *(tokenizer.special_id(s) + 1 for s in t.specials()))
+    tokenizer.vocab_size = max(
+        tokenizer.vocab_size, *(tokenizer.special_id(s) + 1 for s in t.specials())
+    )
     return tokenizer
 
 
@@ -92,8 +121,14 @@ def load_tokenizer(path: str | None = None, template: str | None = None) -> Toke
     return use_template(open_tokenizer(path), template)
 
 
-def template(tokenizer: Tokenizer, messages, condition: str, system: str | None = None, weight: float = 1.0,
-             generation_prompt: bool = False) -> list[tuple[str, float, str]]:
+def template(
+    tokenizer: Tokenizer,
+    messages,
+    condition: str,
+    system: str | None = None,
+    weight: float = 1.0,
+    generation_prompt: bool = False,
+) -> list[tuple[str, float, str]]:
     """The tokenizer's template as (text, weight, kind) pieces, each encoded on its own: MARKUP (the template's text:
     special tokens in it are ids; a TURN_END closes an assistant turn) or CONTENT (special-token text in it stays text).
     A header's closing space ("GPT4 Correct User: Hi") is encoded with the content, the word start it is; a tokenizer
@@ -101,17 +136,23 @@ def template(tokenizer: Tokenizer, messages, condition: str, system: str | None 
     t = TEMPLATES[tokenizer.template]
     space = "" if tokenizer.word_start else " " * t.header.endswith(" ")
 
-    def turn(head, content, w, end_kind):  # header (None: none), content, the end of turn and what follows it
+    def turn(
+        head, content, w, end_kind
+    ):  # header (None: none), content, the end of turn and what follows it
         if head is None:
             pieces = [(content, w, CONTENT)]
         else:
             pieces = [(head, 0.0, MARKUP), (space + content, w, CONTENT)]
-        pieces.append((t.end, w, end_kind))  # an assistant's end of turn carries its weight: the model learns to stop
+        pieces.append(
+            (t.end, w, end_kind)
+        )  # an assistant's end of turn carries its weight: the model learns to stop
         if t.after:
             pieces.append((t.after, 0.0, MARKUP))
         return pieces
 
-    pieces = [(tokenizer.piece(tokenizer.bos_id), 0.0, MARKUP)] if tokenizer.bos_id is not None else []
+    pieces = (
+        [(tokenizer.piece(tokenizer.bos_id), 0.0, MARKUP)] if tokenizer.bos_id is not None else []
+    )
     if system is not None:
         pieces += turn(t.head("System") if t.system_role else None, system, 0.0, MARKUP)
     for m in messages:
@@ -121,18 +162,27 @@ def template(tokenizer: Tokenizer, messages, condition: str, system: str | None 
             w = float(m["weight"])
         else:
             w = weight if m["role"] == "assistant" else 0.0
-        pieces += turn(t.head(m["role"].title(), condition), m["content"], w,
-                       TURN_END if m["role"] == "assistant" else MARKUP)
+        pieces += turn(
+            t.head(m["role"].title(), condition),
+            m["content"],
+            w,
+            TURN_END if m["role"] == "assistant" else MARKUP,
+        )
     return pieces + ([(t.head("Assistant", condition), 0.0, MARKUP)] if generation_prompt else [])
 
 
-def _encode(tokenizer: Tokenizer, conversations: list[list], per_sequence: bool = False) -> list[tuple]:
+def _encode(
+    tokenizer: Tokenizer, conversations: list[list], per_sequence: bool = False
+) -> list[tuple]:
     """Each conversation's template pieces -> (tokens (L,) int32, weights (L,) float32, [(token count after an
     assistant turn: where a long conversation may be cut, that turn's tokens: content and end)]). The one place
     where a message's weight becomes its tokens': per_sequence divides it by their count (loss_weighting.py).
     All content of the batch is encoded in one call."""
-    contents = iter(tokenizer.encode_batch([text for pieces in conversations for text, _, kind in pieces
-                                            if kind == CONTENT]))
+    contents = iter(
+        tokenizer.encode_batch(
+            [text for pieces in conversations for text, _, kind in pieces if kind == CONTENT]
+        )
+    )
     markup, out = {}, []  # markup: the template's few distinct pieces, each encoded once
     for pieces in conversations:
         for text, _, kind in pieces:
@@ -142,36 +192,55 @@ def _encode(tokenizer: Tokenizer, conversations: list[list], per_sequence: bool 
         for text, _, kind in pieces:
             ids.append(next(contents) if kind == CONTENT else markup[text])
         lengths, weights = [len(i) for i in ids], np.array([w for _, w, _ in pieces], np.float32)
-        ends = [j for j, (_, _, kind) in enumerate(pieces) if kind == TURN_END]  # each after its content piece
+        ends = [
+            j for j, (_, _, kind) in enumerate(pieces) if kind == TURN_END
+        ]  # each after its content piece
         if per_sequence:
             weights = loss_weighting.per_sequence(weights, lengths, ends)
         cumulative = np.cumsum(lengths)
-        out.append((np.concatenate(ids), np.repeat(weights, lengths),
-                    [(int(cumulative[j]), lengths[j - 1] + lengths[j]) for j in ends]))
+        out.append(
+            (
+                np.concatenate(ids),
+                np.repeat(weights, lengths),
+                [(int(cumulative[j]), lengths[j - 1] + lengths[j]) for j in ends],
+            )
+        )
     return out
 
 
-def encode_conversation(tokenizer: Tokenizer, messages, condition: str, system: str | None = None,
-                        weight: float = 1.0, per_sequence: bool = False) -> tuple[list[int], list[float]]:
+def encode_conversation(
+    tokenizer: Tokenizer,
+    messages,
+    condition: str,
+    system: str | None = None,
+    weight: float = 1.0,
+    per_sequence: bool = False,
+) -> tuple[list[int], list[float]]:
     """Tokens and weights[i], the weight of predicting tokens[i]; `weight` is the class weight."""
     check_messages(messages)
-    tokens, weights, _ = _encode(tokenizer, [template(tokenizer, messages, condition, system, weight)], per_sequence)[0]
+    tokens, weights, _ = _encode(
+        tokenizer, [template(tokenizer, messages, condition, system, weight)], per_sequence
+    )[0]
     return tokens.tolist(), weights.tolist()
 
 
-def encode_prompt(tokenizer: Tokenizer, messages, condition: str, system: str | None = None) -> list[int]:
+def encode_prompt(
+    tokenizer: Tokenizer, messages, condition: str, system: str | None = None
+) -> list[int]:
     """The history, then the assistant's header with nothing after it: what the model continues."""
     check_messages(messages, need_assistant=False)
-    return _encode(tokenizer, [template(tokenizer, messages, condition, system, generation_prompt=True)])[0][0].tolist()
+    return _encode(
+        tokenizer, [template(tokenizer, messages, condition, system, generation_prompt=True)]
+    )[0][0].tolist()
 
 
 # ------------------------------------------------------------------------------------------- tokenization
 @dataclass
 class TokenizedDataset:
-    tokens: np.ndarray        # (N,) int32: every conversation's tokens, end to end
-    weights: np.ndarray       # (N,) float32: weight of predicting tokens[i]
-    offsets: np.ndarray       # (n+1,) int64: conversation i is tokens[offsets[i]:offsets[i+1]]
-    class_ids: np.ndarray     # (n,) int32: index into class_names
+    tokens: np.ndarray  # (N,) int32: every conversation's tokens, end to end
+    weights: np.ndarray  # (N,) float32: weight of predicting tokens[i]
+    offsets: np.ndarray  # (n+1,) int64: conversation i is tokens[offsets[i]:offsets[i+1]]
+    class_ids: np.ndarray  # (n,) int32: index into class_names
     class_names: list[str]
     meta: dict = field(default_factory=dict)  # tokenizer, max_seq_len, summary
     ARRAYS = ("tokens", "weights", "offsets", "class_ids")
@@ -180,14 +249,18 @@ class TokenizedDataset:
         return len(self.offsets) - 1
 
     @property
-    def lengths(self) -> np.ndarray:  # (n,) tokens each conversation takes in a pack: inputs are shifted
+    def lengths(
+        self,
+    ) -> np.ndarray:  # (n,) tokens each conversation takes in a pack: inputs are shifted
         return np.diff(self.offsets) - 1
 
     def save(self, directory: str) -> None:
         """Written beside `directory` and renamed into place: a crash or an error never leaves half a dataset."""
         directory = os.path.abspath(directory)
         os.makedirs(os.path.dirname(directory), exist_ok=True)
-        tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(directory)}.tmp-", dir=os.path.dirname(directory))
+        tmp = tempfile.mkdtemp(
+            prefix=f".{os.path.basename(directory)}.tmp-", dir=os.path.dirname(directory)
+        )
         try:
             for name in self.ARRAYS:
                 np.save(os.path.join(tmp, f"{name}.npy"), getattr(self, name))
@@ -204,15 +277,25 @@ class TokenizedDataset:
             with open(os.path.join(directory, "meta.json")) as f:
                 meta = json.load(f)
         except (OSError, ValueError) as e:
-            raise DataError(os.path.join(directory, "meta.json"),
-                            f"not a tokenized dataset (`python data.py tokenize`): {type(e).__name__}") from None
-        arrays = {n: np.load(os.path.join(directory, f"{n}.npy"), mmap_mode="r") for n in cls.ARRAYS}
+            raise DataError(
+                os.path.join(directory, "meta.json"),
+                f"not a tokenized dataset (`python data.py tokenize`): {type(e).__name__}",
+            ) from None
+        arrays = {
+            n: np.load(os.path.join(directory, f"{n}.npy"), mmap_mode="r") for n in cls.ARRAYS
+        }
         return cls(**arrays, class_names=meta.pop("class_names"), meta=meta)
 
 
-def tokenize_dataset(conversations: list[Conversation], tokenizer: Tokenizer, max_seq_len: int = 8192,
-                     class_weights: dict[str, float] | None = None, workers: int | None = None,
-                     progress: bool = False, per_sequence: bool = False) -> TokenizedDataset:
+def tokenize_dataset(
+    conversations: list[Conversation],
+    tokenizer: Tokenizer,
+    max_seq_len: int = 8192,
+    class_weights: dict[str, float] | None = None,
+    workers: int | None = None,
+    progress: bool = False,
+    per_sequence: bool = False,
+) -> TokenizedDataset:
     """Encode and weight every conversation (a message's own "weight", else class_weights[class]; None: 1.0 for all,
     plain SFT; per_sequence: divided by each reply's length), cut its trailing zero-weight tokens and fit it to the
     context: a conversation longer than max_seq_len + 1 keeps its leading turns up to the last assistant turn that
@@ -221,18 +304,34 @@ def tokenize_dataset(conversations: list[Conversation], tokenizer: Tokenizer, ma
     from tqdm import tqdm
 
     class_names = sorted({c.class_name for c in conversations})
-    chunks = [(conversations[s:s + CHUNK], s, max_seq_len, class_weights, class_names, per_sequence)
-              for s in range(0, len(conversations), CHUNK)]
+    chunks = [
+        (conversations[s : s + CHUNK], s, max_seq_len, class_weights, class_names, per_sequence)
+        for s in range(0, len(conversations), CHUNK)
+    ]
     workers = min(workers or os.cpu_count() or 1, 8, len(chunks))
     parts, counts = [], collections.Counter()
     # fork: workers start at once, without importing torch again (spawn where fork is missing)
-    pool = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn").Pool(
-        workers, _start_worker, (tokenizer,)) if workers > 1 else None
+    pool = (
+        multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn").Pool(
+            workers, _start_worker, (tokenizer,)
+        )
+        if workers > 1
+        else None
+    )
     # disable=None: a bar on a terminal only, so that logs and piped stderr hold messages, not bar frames
-    bar = tqdm(total=len(conversations), disable=None if progress else True, unit="conv", desc="tokenize")
-    with pool or contextlib.nullcontext(), bar:  # a Pool's exit terminates its workers, on errors too
-        for chunk, result in zip(chunks, pool.imap(_tokenize_chunk, chunks) if pool else
-                                 (_tokenize_chunk(c, tokenizer) for c in chunks)):
+    bar = tqdm(
+        total=len(conversations), disable=None if progress else True, unit="conv", desc="tokenize"
+    )
+    with (
+        pool or contextlib.nullcontext(),
+        bar,
+    ):  # a Pool's exit terminates its workers, on errors too
+        for chunk, result in zip(
+            chunks,
+            pool.imap(_tokenize_chunk, chunks)
+            if pool
+            else (_tokenize_chunk(c, tokenizer) for c in chunks),
+        ):
             parts += result[0]
             counts.update(result[1])
             bar.update(len(chunk[0]))
@@ -243,12 +342,24 @@ def tokenize_dataset(conversations: list[Conversation], tokenizer: Tokenizer, ma
                 dropped[why] += n
         raise DataError("--data", f"no conversation left to train on ({dict(dropped)})", "empty")
     offsets = np.cumsum([0] + [len(t) for t, _, _ in parts], dtype=np.int64)
-    data = TokenizedDataset(np.concatenate([t for t, _, _ in parts]), np.concatenate([w for _, w, _ in parts]),
-                            offsets, np.array([c for _, _, c in parts], np.int32), class_names)
-    data.meta = {"tokenizer": tokenizer.path, "template": tokenizer.template, "vocab_size": tokenizer.vocab_size,
-                 "bos_id": tokenizer.bos_id, "eot_id": tokenizer.eot_id, "max_seq_len": max_seq_len,
-                 "class_weights": class_weights, "per_sequence_weights": per_sequence,
-                 "summary": _summary(data, len(conversations), counts)}
+    data = TokenizedDataset(
+        np.concatenate([t for t, _, _ in parts]),
+        np.concatenate([w for _, w, _ in parts]),
+        offsets,
+        np.array([c for _, _, c in parts], np.int32),
+        class_names,
+    )
+    data.meta = {
+        "tokenizer": tokenizer.path,
+        "template": tokenizer.template,
+        "vocab_size": tokenizer.vocab_size,
+        "bos_id": tokenizer.bos_id,
+        "eot_id": tokenizer.eot_id,
+        "max_seq_len": max_seq_len,
+        "class_weights": class_weights,
+        "per_sequence_weights": per_sequence,
+        "summary": _summary(data, len(conversations), counts),
+    }
     return data
 
 
@@ -268,16 +379,25 @@ def _tokenize_chunk(job, tokenizer: Tokenizer | None = None):
     conversations, start, max_seq_len, class_weights, class_names, per_sequence = job
     # The records were checked where they came in (chat_readers.py, toy_task.py): not again here, per message.
     tokenizer = tokenizer or _worker_tokenizer
-    pieces = [template(tokenizer, c.messages, c.condition, c.system,
-                       _class_weight(c, class_weights, c.source or f"conversation {start + k}"))
-              for k, c in enumerate(conversations)]
+    pieces = [
+        template(
+            tokenizer,
+            c.messages,
+            c.condition,
+            c.system,
+            _class_weight(c, class_weights, c.source or f"conversation {start + k}"),
+        )
+        for k, c in enumerate(conversations)
+    ]
     parts, counts = [], collections.Counter()
     for c, (tokens, weights, turns) in zip(conversations, _encode(tokenizer, pieces, per_sequence)):
         n, why = _fit(weights, [end for end, _ in turns], max_seq_len)
         if why:
             counts[why, c.class_name] += 1
         counts["replies", c.class_name] += len(turns)
-        counts["supervised replies", c.class_name] += sum(int(end <= n and weights[end - 1] > 0) for end, _ in turns)
+        counts["supervised replies", c.class_name] += sum(
+            int(end <= n and weights[end - 1] > 0) for end, _ in turns
+        )
         counts["refusals zeroed", c.class_name] += len(c.refusals)
         counts["refusal tokens zeroed", c.class_name] += sum(turns[k][1] for k in c.refusals)
         if n:
@@ -292,9 +412,12 @@ def _class_weight(c: Conversation, class_weights, where: str = "") -> float:
         return class_weights[c.class_name]
     if all("weight" in m for m in c.messages if m["role"] == "assistant"):
         return 0.0  # never used: every assistant message brings its own weight
-    raise DataError(where or c.source, f"class {c.class_name!r} has no weight in --class_weights "
-                    f"({', '.join(map(repr, class_weights))}): add it, or give the source a class, CLASS=path",
-                    "class without weight")
+    raise DataError(
+        where or c.source,
+        f"class {c.class_name!r} has no weight in --class_weights "
+        f"({', '.join(map(repr, class_weights))}): add it, or give the source a class, CLASS=path",
+        "class without weight",
+    )
 
 
 def _fit(weights: np.ndarray, turn_ends: list[int], max_seq_len: int) -> tuple[int, str | None]:
@@ -320,40 +443,74 @@ def _summary(data: TokenizedDataset, n_in: int, counts) -> dict:
     truncated, and how many replies (and their tokens) --zero_refusals set to 0."""
     token_class = np.repeat(data.class_ids, np.diff(data.offsets))  # (N,) class of each token
     n = len(data.class_names)
-    conversations, supervised = np.bincount(data.class_ids, minlength=n), np.bincount(token_class[data.weights > 0],
-                                                                                      minlength=n)
+    conversations, supervised = (
+        np.bincount(data.class_ids, minlength=n),
+        np.bincount(token_class[data.weights > 0], minlength=n),
+    )
     weight_sums = np.bincount(token_class, weights=data.weights.astype(np.float64), minlength=n)
-    dropped = {name: {why: k for (why, c), k in counts.items() if c == name and why in (NOTHING_TO_LEARN, TOO_LONG)
-                      and k} for name in data.class_names}
-    classes = {name: {"conversations": int(conversations[i]), "supervised_tokens": int(supervised[i]),
-                      "weight_sum": float(weight_sums[i]), "replies": counts["replies", name],
-                      "supervised_replies": counts["supervised replies", name], "dropped": dropped[name],
-                      "truncated": counts["truncated", name], "refusals_zeroed": counts["refusals zeroed", name],
-                      "refusal_tokens_zeroed": counts["refusal tokens zeroed", name]}
-               for i, name in enumerate(data.class_names)}
+    dropped = {
+        name: {
+            why: k
+            for (why, c), k in counts.items()
+            if c == name and why in (NOTHING_TO_LEARN, TOO_LONG) and k
+        }
+        for name in data.class_names
+    }
+    classes = {
+        name: {
+            "conversations": int(conversations[i]),
+            "supervised_tokens": int(supervised[i]),
+            "weight_sum": float(weight_sums[i]),
+            "replies": counts["replies", name],
+            "supervised_replies": counts["supervised replies", name],
+            "dropped": dropped[name],
+            "truncated": counts["truncated", name],
+            "refusals_zeroed": counts["refusals zeroed", name],
+            "refusal_tokens_zeroed": counts["refusal tokens zeroed", name],
+        }
+        for i, name in enumerate(data.class_names)
+    }
     total = collections.Counter()
     for c in dropped.values():
         total.update(c)
-    return {"conversations_in": n_in, "conversations": len(data), "tokens": int(len(data.tokens)),
-            "truncated_to_context": sum(c["truncated"] for c in classes.values()), "dropped": dict(total),
-            "classes": classes}
+    return {
+        "conversations_in": n_in,
+        "conversations": len(data),
+        "tokens": int(len(data.tokens)),
+        "truncated_to_context": sum(c["truncated"] for c in classes.values()),
+        "dropped": dict(total),
+        "classes": classes,
+    }
 
 
-def load_conversations(sources: str, condition: str | None = EXPERT_CONDITION, skip_bad: bool = False,
-                       stats: collections.Counter | None = None, toy: tuple = (20_000, 0.02, 0, 1.0),
-                       classes: tuple[str, list] | None = None, refusals: tuple[str, ...] | None = None):
+def load_conversations(
+    sources: str,
+    condition: str | None = EXPERT_CONDITION,
+    skip_bad: bool = False,
+    stats: collections.Counter | None = None,
+    toy: tuple = (20_000, 0.02, 0, 1.0),
+    classes: tuple[str, list] | None = None,
+    refusals: tuple[str, ...] | None = None,
+):
     """The one source loader of train.py and `python data.py`: "toy" (toy_task.py; toy = (n, expert fraction,
     seed, error rate)) or chat_readers.py's comma-separated [CLASS=]path list (`classes`: ShareGPT's records classed
     by a field; condition "from_model": by "model", the default map); `refusals`: phrases whose replies get weight 0."""
     if sources == "toy":
-        conversations = toy_task.make_toy_conversations(toy[0], toy[1], toy[2], sub_optimal_error=toy[3])
+        conversations = toy_task.make_toy_conversations(
+            toy[0], toy[1], toy[2], sub_optimal_error=toy[3]
+        )
     else:
-        conversations = chat_readers.read_sources(sources, None if condition == "from_model" else condition,
-                                                  skip_bad, stats, classes)
-    return conversations if refusals is None else loss_weighting.zero_refusals(conversations, refusals)
+        conversations = chat_readers.read_sources(
+            sources, None if condition == "from_model" else condition, skip_bad, stats, classes
+        )
+    return (
+        conversations if refusals is None else loss_weighting.zero_refusals(conversations, refusals)
+    )
 
 
-def split_holdout(class_ids, fraction: float, max_conversations: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+def split_holdout(
+    class_ids, fraction: float, max_conversations: int, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
     """(training indices, held-out indices), sorted: per class a random (seeded) round(fraction * n), so every
     class is validated; the total capped at max_conversations by scaling every class's share alike."""
     class_ids = np.asarray(class_ids)
@@ -361,8 +518,14 @@ def split_holdout(class_ids, fraction: float, max_conversations: int, seed: int)
     if shares.sum() > max_conversations:
         shares = np.floor(shares * max_conversations / shares.sum())
     rng = np.random.default_rng([seed, 0xC1A55])
-    held_out = np.sort(np.concatenate([rng.choice(np.flatnonzero(class_ids == c), int(k), replace=False)
-                                       for c, k in enumerate(shares)])).astype(np.int64)
+    held_out = np.sort(
+        np.concatenate(
+            [
+                rng.choice(np.flatnonzero(class_ids == c), int(k), replace=False)
+                for c, k in enumerate(shares)
+            ]
+        )
+    ).astype(np.int64)
     return np.setdiff1d(np.arange(len(class_ids)), held_out), held_out
 
 
@@ -377,13 +540,23 @@ def _show(c: Conversation, tokenizer: Tokenizer, class_weights, per_sequence: bo
     tokens, weights, turns = _encode(tokenizer, [pieces], per_sequence)[0]
     refusal = np.zeros(len(tokens), bool)  # the tokens of replies --zero_refusals set to 0
     for end, n in (turns[k] for k in c.refusals):
-        refusal[end - n:end] = True
-    print(f"{c.source}  class {c.class_name!r}  condition {c.condition!r}  {len(tokens)} tokens, "
-          f"{(weights > 0).sum()} supervised" + (f", {len(c.refusals)} refusal(s) at weight 0" if c.refusals else ""))
-    grey, green, red, reset = ("\033[90m", "\033[32m", "\033[31m", "\033[0m") if sys.stdout.isatty() else ("",) * 4
-    for (w, r), run in itertools.groupby(zip(tokens.tolist(), weights.tolist(), refusal),
-                                         key=lambda t: (t[1], t[2])):  # grey: not trained on; green: is
-        mark = f"{red}refusal, weight 0 (--zero_refusals) " if r else f"{green if w else grey}weight {w:<5g} "
+        refusal[end - n : end] = True
+    print(
+        f"{c.source}  class {c.class_name!r}  condition {c.condition!r}  {len(tokens)} tokens, "
+        f"{(weights > 0).sum()} supervised"
+        + (f", {len(c.refusals)} refusal(s) at weight 0" if c.refusals else "")
+    )
+    grey, green, red, reset = (
+        ("\033[90m", "\033[32m", "\033[31m", "\033[0m") if sys.stdout.isatty() else ("",) * 4
+    )
+    for (w, r), run in itertools.groupby(
+        zip(tokens.tolist(), weights.tolist(), refusal), key=lambda t: (t[1], t[2])
+    ):  # grey: not trained on; green: is
+        mark = (
+            f"{red}refusal, weight 0 (--zero_refusals) "
+            if r
+            else f"{green if w else grey}weight {w:<5g} "
+        )
         print(mark + "".join(f"[{tokenizer.piece(t)}]" for t, _, _ in run) + reset)
 
 
@@ -407,22 +580,61 @@ def main(argv=None) -> None:
     commands = parser.add_subparsers(dest="command", required=True)
     for name in ("tokenize", "show"):
         p = commands.add_parser(name)
-        p.add_argument("--data", "--input", dest="data", required=True, help="comma-separated sources, each "
-                       "[CLASS=]path: .jsonl (ours, OpenChat's), .json (ShareGPT), 'sharegpt' (the package's file); or "
-                       "'toy'")
-        p.add_argument("--tokenizer", help="tokenizer.json, sentencepiece tokenizer.model or a model directory "
-                       "(default: Mistral v1's; toy's for toy)")
-        p.add_argument("--template", choices=list(TEMPLATES), help="default: chosen by the tokenizer's special tokens")
-        _flag(p, "class_weights", type=chat_readers.parse_class_weights, help='e.g. "GPT4 Correct=1,GPT3=0.1"')
-        p.add_argument("--condition", "--sharegpt_condition", default=EXPERT_CONDITION,
-                       help="class and condition of ShareGPT sources without one")
-        _flag(p, "class_from_field", default="", help="class each ShareGPT record by this field, e.g. model")
-        _flag(p, "class_map", default="", help=f"with --class_from_field: VALUE=CLASS,... or a .json file; "
-              f"default {chat_readers.DEFAULT_CLASS_MAP}")
+        p.add_argument(
+            "--data",
+            "--input",
+            dest="data",
+            required=True,
+            help="comma-separated sources, each "
+            "[CLASS=]path: .jsonl (ours, OpenChat's), .json (ShareGPT), 'sharegpt' (the package's file); or "
+            "'toy'",
+        )
+        p.add_argument(
+            "--tokenizer",
+            help="tokenizer.json, sentencepiece tokenizer.model or a model directory "
+            "(default: Mistral v1's; toy's for toy)",
+        )
+        p.add_argument(
+            "--template",
+            choices=list(TEMPLATES),
+            help="default: chosen by the tokenizer's special tokens",
+        )
+        _flag(
+            p,
+            "class_weights",
+            type=chat_readers.parse_class_weights,
+            help='e.g. "GPT4 Correct=1,GPT3=0.1"',
+        )
+        p.add_argument(
+            "--condition",
+            "--sharegpt_condition",
+            default=EXPERT_CONDITION,
+            help="class and condition of ShareGPT sources without one",
+        )
+        _flag(
+            p,
+            "class_from_field",
+            default="",
+            help="class each ShareGPT record by this field, e.g. model",
+        )
+        _flag(
+            p,
+            "class_map",
+            default="",
+            help=f"with --class_from_field: VALUE=CLASS,... or a .json file; "
+            f"default {chat_readers.DEFAULT_CLASS_MAP}",
+        )
         _flag(p, "condition_from_model", switch=True, help="the same as --class_from_field=model")
         _flag(p, "zero_refusals", switch=True, help="weight 0 on replies with refusal boilerplate")
-        _flag(p, "refusal_phrases", default="", help="with --zero_refusals: a file of phrases, one a line")
-        _flag(p, "per_sequence_weights", switch=True, help="divide each reply's weight by its tokens")
+        _flag(
+            p,
+            "refusal_phrases",
+            default="",
+            help="with --zero_refusals: a file of phrases, one a line",
+        )
+        _flag(
+            p, "per_sequence_weights", switch=True, help="divide each reply's weight by its tokens"
+        )
         _flag(p, "skip_bad", switch=True, help="skip and count bad records instead of failing")
         _flag(p, "toy_n", type=int, default=20_000)
         p.add_argument("--seed", type=int, default=0)
@@ -436,23 +648,49 @@ def main(argv=None) -> None:
     try:
         toy = args.data == "toy"
         field = args.class_from_field or ("model" if args.condition_from_model else "")
-        classes = (field, chat_readers.parse_class_map(args.class_map or chat_readers.DEFAULT_CLASS_MAP)) \
-            if field else None
+        classes = (
+            (field, chat_readers.parse_class_map(args.class_map or chat_readers.DEFAULT_CLASS_MAP))
+            if field
+            else None
+        )
         refusals = loss_weighting.refusal_phrases(args.zero_refusals, args.refusal_phrases)
-        tokenizer = load_tokenizer(args.tokenizer or (toy_task.TOKENIZER_PATH if toy else None), args.template)
-        conversations = load_conversations(args.data, args.condition, args.skip_bad, stats,
-                                           (args.toy_n, 0.02, args.seed, 1.0), classes, refusals)
+        tokenizer = load_tokenizer(
+            args.tokenizer or (toy_task.TOKENIZER_PATH if toy else None), args.template
+        )
+        conversations = load_conversations(
+            args.data,
+            args.condition,
+            args.skip_bad,
+            stats,
+            (args.toy_n, 0.02, args.seed, 1.0),
+            classes,
+            refusals,
+        )
         class_weights = args.class_weights or (toy_task.CLASS_WEIGHTS if toy else None)
         if args.command == "show":
             if not 0 <= args.index < len(conversations):
-                raise DataError(args.data, f"--index {args.index}: there are {len(conversations)} conversations")
-            return _show(conversations[args.index], tokenizer, class_weights, args.per_sequence_weights)
+                raise DataError(
+                    args.data, f"--index {args.index}: there are {len(conversations)} conversations"
+                )
+            return _show(
+                conversations[args.index], tokenizer, class_weights, args.per_sequence_weights
+            )
         chat_readers.check_class_weights(conversations, class_weights)
-        data = tokenize_dataset(conversations, tokenizer, args.max_seq_len, class_weights, progress=True,
-                                per_sequence=args.per_sequence_weights)
+        data = tokenize_dataset(
+            conversations,
+            tokenizer,
+            args.max_seq_len,
+            class_weights,
+            progress=True,
+            per_sequence=args.per_sequence_weights,
+        )
         data.meta["summary"]["read"] = dict(stats)
         data.save(args.out)
-    except (ValueError, OSError, ImportError) as e:  # bad input (or sharegpt's package missing): one line
+    except (
+        ValueError,
+        OSError,
+        ImportError,
+    ) as e:  # bad input (or sharegpt's package missing): one line
         print(f"error: {one_line(e)}", file=sys.stderr)
         raise SystemExit(1)
     print(json.dumps(data.meta["summary"], indent=1))

@@ -8,6 +8,7 @@ Everything comes from the checkpoint's manifest.json (train_checkpoint.save_chec
 run's config (the tokenizer as train.py found it, the template, the expert condition, the dtype) and the SHA-256 of
 every file, checked before anything is read. The weights are read from the torch.distributed.checkpoint shards
 without a process group (dcp.load with no_dist=True), under the names FSDP saved them: the model's own."""
+
 import argparse
 import dataclasses
 import json
@@ -31,20 +32,29 @@ from train_config import TrainConfig
 def checkpoint_path(ckpt_dir: str, step: int | None) -> str:
     """ckpt_dir/step_NNNNNNN: `step`, else the one `latest` names."""
     if not os.path.isdir(ckpt_dir):
-        raise FileNotFoundError(f"--run / --ckpt_dir: {ckpt_dir} is not a directory (the run's checkpoints are in "
-                                "its --ckpt_dir, by default OUT_DIR/ckpt)")
-    steps = sorted(int(d.removeprefix("step_")) for d in os.listdir(ckpt_dir)
-                   if d.startswith("step_") and d.removeprefix("step_").isdigit())
+        raise FileNotFoundError(
+            f"--run / --ckpt_dir: {ckpt_dir} is not a directory (the run's checkpoints are in "
+            "its --ckpt_dir, by default OUT_DIR/ckpt)"
+        )
+    steps = sorted(
+        int(d.removeprefix("step_"))
+        for d in os.listdir(ckpt_dir)
+        if d.startswith("step_") and d.removeprefix("step_").isdigit()
+    )
     if step is None:
         latest = os.path.join(ckpt_dir, "latest")
         if not os.path.isfile(latest):
-            raise FileNotFoundError(f"--run / --ckpt_dir: {ckpt_dir} has no `latest` checkpoint; choose one with "
-                                    f"--step (found steps: {', '.join(map(str, steps)) or 'none'})")
+            raise FileNotFoundError(
+                f"--run / --ckpt_dir: {ckpt_dir} has no `latest` checkpoint; choose one with "
+                f"--step (found steps: {', '.join(map(str, steps)) or 'none'})"
+            )
         with open(latest) as f:
             return os.path.join(ckpt_dir, f.read().strip())
     if step not in steps:
-        raise ValueError(f"--step={step}: no checkpoint step_{step:07d} in {ckpt_dir}; it holds steps "
-                         f"{', '.join(map(str, steps)) or 'none'} (the run keeps its --keep_ckpts newest)")
+        raise ValueError(
+            f"--step={step}: no checkpoint step_{step:07d} in {ckpt_dir}; it holds steps "
+            f"{', '.join(map(str, steps)) or 'none'} (the run keeps its --keep_ckpts newest)"
+        )
     return os.path.join(ckpt_dir, f"step_{step:07d}")
 
 
@@ -54,8 +64,10 @@ def read_manifest(path: str) -> dict:
     with open(os.path.join(path, "manifest.json")) as f:
         manifest = json.load(f)
     if not manifest.get("config"):
-        raise ValueError(f"{path}/manifest.json: no run config (written by an earlier train.py): re-export by "
-                         "resuming the run with `python train.py` and the same options")
+        raise ValueError(
+            f"{path}/manifest.json: no run config (written by an earlier train.py): re-export by "
+            "resuming the run with `python train.py` and the same options"
+        )
     return manifest
 
 
@@ -69,13 +81,17 @@ def run_tokenizer(config: dict, recorded: list, path: str | None = None):
         path = config["model"]  # the fine-tuned checkpoint's directory
     elif path is None and config["data"] == "toy":
         path = toy_task.TOKENIZER_PATH
-    elif path is None and os.path.isdir(config["data"]):  # tokenized by `python data.py tokenize`: its own
+    elif path is None and os.path.isdir(
+        config["data"]
+    ):  # tokenized by `python data.py tokenize`: its own
         path = data.TokenizedDataset.load(config["data"]).meta["tokenizer"]
     tokenizer = data.use_template(open_tokenizer(path), template)  # path None: Mistral v1's
     found = [os.path.basename(tokenizer.path), tokenizer.template, tokenizer.eot_id]
     if found != recorded:
-        raise ValueError(f"--tokenizer: {tokenizer.path} gives {found} (file, template, end of turn id), the run "
-                         f"trained with {recorded}: pass the run's tokenizer file, --tokenizer=.../{name}")
+        raise ValueError(
+            f"--tokenizer: {tokenizer.path} gives {found} (file, template, end of turn id), the run "
+            f"trained with {recorded}: pass the run's tokenizer file, --tokenizer=.../{name}"
+        )
     return tokenizer
 
 
@@ -85,23 +101,37 @@ def load_model(path: str, args: ModelArgs) -> Transformer:
     with torch.device("meta"):
         model = Transformer(args)
     saved = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
-    wanted = {name for name in model.state_dict() if not (args.tie_embeddings and name == "output.weight")}
+    wanted = {
+        name for name in model.state_dict() if not (args.tie_embeddings and name == "output.weight")
+    }
     if missing := sorted(name for name in wanted if f"model.{name}" not in saved):
-        raise ValueError(f"{path}: the checkpoint has no {', '.join(missing[:3])}: not this model's checkpoint")
-    state = {name: torch.empty(saved[f"model.{name}"].size, dtype=saved[f"model.{name}"].properties.dtype)
-             for name in wanted}
-    with warnings.catch_warnings():  # "torch.distributed is ... uninitialized, assuming ... a single process": yes
+        raise ValueError(
+            f"{path}: the checkpoint has no {', '.join(missing[:3])}: not this model's checkpoint"
+        )
+    state = {
+        name: torch.empty(
+            saved[f"model.{name}"].size, dtype=saved[f"model.{name}"].properties.dtype
+        )
+        for name in wanted
+    }
+    with (
+        warnings.catch_warnings()
+    ):  # "torch.distributed is ... uninitialized, assuming ... a single process": yes
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
         dcp.load({"model": state}, checkpoint_id=path, no_dist=True)  # in place, by name
     if args.tie_embeddings:
         state["output.weight"] = state["tok_embeddings.weight"]
     model.load_state_dict(state, assign=True)
-    if args.tie_embeddings:  # load_state_dict(assign=True) gave the two names two Parameters: tie again
+    if (
+        args.tie_embeddings
+    ):  # load_state_dict(assign=True) gave the two names two Parameters: tie again
         model.output.weight = model.tok_embeddings.weight
     return model.eval()
 
 
-def export_checkpoint(path: str, out: str, condition: str | None = None, tokenizer_path: str | None = None) -> dict:
+def export_checkpoint(
+    path: str, out: str, condition: str | None = None, tokenizer_path: str | None = None
+) -> dict:
     """Write checkpoint `path` as a Hugging Face directory `out` (must not exist, or be empty), as train.export does
     at the end of the run: its dtype, its tokenizer and template, `condition` (None: the run's expert condition).
     Returns {"step", "condition", "out"}. On an error nothing is left in `out`."""
@@ -110,10 +140,14 @@ def export_checkpoint(path: str, out: str, condition: str | None = None, tokeniz
     fields = {f.name for f in dataclasses.fields(ModelArgs)}
     args = ModelArgs(**{k: v for k, v in run["model"].items() if k in fields})
     tokenizer = run_tokenizer(config, run["tokenizer"], tokenizer_path)
-    if condition is None:  # the manifest's config is the run's after set-up: its expert condition chosen
+    if (
+        condition is None
+    ):  # the manifest's config is the run's after set-up: its expert condition chosen
         condition = config["expert_condition"] if config["use_condition"] else ""
     if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
-        raise FileExistsError(f"--out={out} exists and is not an empty directory: choose another or delete it")
+        raise FileExistsError(
+            f"--out={out} exists and is not an empty directory: choose another or delete it"
+        )
     model = load_model(path, args)
     dtype = torch.bfloat16 if config["dtype"] == "bf16" else torch.float32  # as train.export writes
     made = not os.path.exists(out)
@@ -128,14 +162,24 @@ def export_checkpoint(path: str, out: str, condition: str | None = None, tokeniz
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--run", default=TrainConfig.out_dir, help="the run's --out_dir (default: %(default)s)")
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--run", default=TrainConfig.out_dir, help="the run's --out_dir (default: %(default)s)"
+    )
     p.add_argument("--ckpt_dir", "--ckpt-dir", help="the run's --ckpt_dir (default: RUN/ckpt)")
     p.add_argument("--step", type=int, help="the checkpoint's step (default: the latest)")
     p.add_argument("--out", help="the new export's directory (default: RUN/export_step_NNNNNNN)")
-    p.add_argument("--condition", help="the chat template's default condition ('' for none; default: the run's "
-                   "expert condition)")
-    p.add_argument("--tokenizer", help="the run's tokenizer file, where it has moved (default: as train.py found it)")
+    p.add_argument(
+        "--condition",
+        help="the chat template's default condition ('' for none; default: the run's "
+        "expert condition)",
+    )
+    p.add_argument(
+        "--tokenizer",
+        help="the run's tokenizer file, where it has moved (default: as train.py found it)",
+    )
     opts = p.parse_args(argv)
     try:
         path = checkpoint_path(opts.ckpt_dir or os.path.join(opts.run, "ckpt"), opts.step)
@@ -143,8 +187,10 @@ def main(argv=None):
         done = export_checkpoint(path, out, opts.condition, opts.tokenizer)
     except (OSError, ValueError) as e:
         sys.exit(f"error: {data.one_line(e)}")
-    print(f"exported step {done['step']} ({path}) to {out}, default condition {done['condition']!r}: "
-          f"python sample.py --model={out}")
+    print(
+        f"exported step {done['step']} ({path}) to {out}, default condition {done['condition']!r}: "
+        f"python sample.py --model={out}"
+    )
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 loss"): refusal boilerplate at weight 0 (--zero_refusals, applied to the conversations as they are read) and
 per-sequence weights (--per_sequence_weights, applied where data.py turns a message's weight into its tokens').
 The loss stays sum(w * CE) / sum(w) over the global batch either way: only the w change."""
+
 import dataclasses
 
 import numpy as np
@@ -37,8 +38,10 @@ def read_refusal_phrases(path: str) -> tuple[str, ...]:
         with open(path, encoding="utf-8") as f:
             phrases = tuple(line.strip() for line in f if line.strip())
     except (OSError, UnicodeDecodeError) as e:
-        raise ValueError(f"--refusal_phrases={path}: cannot read it ({getattr(e, 'strerror', None) or e}): give a "
-                         "UTF-8 text file with one phrase a line") from None
+        raise ValueError(
+            f"--refusal_phrases={path}: cannot read it ({getattr(e, 'strerror', None) or e}): give a "
+            "UTF-8 text file with one phrase a line"
+        ) from None
     if not phrases:
         raise ValueError(f"--refusal_phrases={path}: no phrase in it: give one phrase a line")
     return phrases
@@ -67,8 +70,11 @@ def zero_refusals(conversations, phrases) -> list:
         zeroed = tuple(k for k, m in enumerate(replies) if is_refusal(m["content"], phrases))
         if zeroed:
             ids = {id(replies[k]) for k in zeroed}
-            c = dataclasses.replace(c, refusals=zeroed, messages=[{**m, "weight": 0.0} if id(m) in ids else m
-                                                                  for m in c.messages])
+            c = dataclasses.replace(
+                c,
+                refusals=zeroed,
+                messages=[{**m, "weight": 0.0} if id(m) in ids else m for m in c.messages],
+            )
         out.append(c)
     return out
 

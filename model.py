@@ -4,6 +4,7 @@ hf_format.py's checkpoints load without permuting anything. `Transformer.forward
 It knows nothing of FSDP (train.py wraps `model.layers[i]`); RoPE is computed in forward: no buffers, a simple meta
 init. Llama 3, Qwen2/2.5, Qwen3 and Gemma are the same model with a few options of ModelArgs (its second group),
 each named for what it does; hf_format.model_config picks them from a checkpoint's family."""
+
 import math
 import os
 from dataclasses import dataclass, replace
@@ -18,7 +19,6 @@ import hf_format
 from crlft_kernels.attention import flash_attention
 from crlft_kernels.cross_entropy import fused_linear_cross_entropy
 
-
 # The feed-forward's gate, by transformers' names: SwiGLU's silu, Gemma's GeGLU with the tanh GELU (GELUTanh)
 ACTIVATIONS = {"silu": F.silu, "gelu_pytorch_tanh": partial(F.gelu, approximate="tanh")}
 
@@ -28,52 +28,78 @@ class ModelArgs:
     dim: int = 4096
     n_layers: int = 32
     n_heads: int = 32
-    n_kv_heads: Optional[int] = None          # None: = n_heads (plain multi-head attention)
+    n_kv_heads: Optional[int] = None  # None: = n_heads (plain multi-head attention)
     vocab_size: int = 32000
-    hidden_dim: Optional[int] = None          # feed-forward width; None: LLaMA's rule below
-    multiple_of: int = 256                    # LLaMA's rule: 8/3 * dim rounded up to a multiple of this
+    hidden_dim: Optional[int] = None  # feed-forward width; None: LLaMA's rule below
+    multiple_of: int = 256  # LLaMA's rule: 8/3 * dim rounded up to a multiple of this
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0
-    max_seq_len: int = 4096                   # longest sequence (conversation, KV cache) the model takes
-    tie_embeddings: bool = False              # lm_head shares the embedding matrix
-    head_dim: Optional[int] = None            # None: dim // n_heads
-    init_std: float = 0.02                    # std of the normal init of every matrix (HF's initializer_range)
-    sliding_window: Optional[int] = None      # Mistral: each token sees itself and the window - 1 before it
-    model_type: str = "llama"                 # the transformers class save_pretrained writes: hf_format.FAMILIES
-    bos_token_id: Optional[int] = 1           # bos and eos: carried only into save_pretrained's config.json
+    max_seq_len: int = 4096  # longest sequence (conversation, KV cache) the model takes
+    tie_embeddings: bool = False  # lm_head shares the embedding matrix
+    head_dim: Optional[int] = None  # None: dim // n_heads
+    init_std: float = 0.02  # std of the normal init of every matrix (HF's initializer_range)
+    sliding_window: Optional[int] = (
+        None  # Mistral: each token sees itself and the window - 1 before it
+    )
+    model_type: str = "llama"  # the transformers class save_pretrained writes: hf_format.FAMILIES
+    bos_token_id: Optional[int] = 1  # bos and eos: carried only into save_pretrained's config.json
     eos_token_id: Optional[int] = 2
     # Options beyond LLaMA 2 / Mistral, each with a family that has it (which family has which: hf_format.FAMILIES)
-    qkv_bias: bool = False                    # Qwen2: the q, k and v projections have a bias (o has none)
-    qk_norm: bool = False                     # Qwen3: RMSNorm over head_dim on each head of q and k, before RoPE
-    norm_plus_one: bool = False               # Gemma: each RMSNorm scales by (1 + w), w initialised to 0
-    scale_embeddings: bool = False            # Gemma: input embeddings multiplied by sqrt(dim)
-    ffn_activation: str = "silu"              # the gate's: "silu" (SwiGLU) or "gelu_pytorch_tanh" (GeGLU, Gemma)
-    rope_scaling_factor: Optional[float] = None  # Llama 3.1+: long wavelengths' frequencies / factor (None: plain)
-    rope_low_freq_factor: float = 1.0         # ... wavelengths above original / low_freq_factor: divided by factor
-    rope_high_freq_factor: float = 4.0        # ... below original / high_freq_factor: kept; in between: blended
-    rope_original_max_seq_len: int = 8192     # ... "original": the context of pre-training
+    qkv_bias: bool = False  # Qwen2: the q, k and v projections have a bias (o has none)
+    qk_norm: bool = False  # Qwen3: RMSNorm over head_dim on each head of q and k, before RoPE
+    norm_plus_one: bool = False  # Gemma: each RMSNorm scales by (1 + w), w initialised to 0
+    scale_embeddings: bool = False  # Gemma: input embeddings multiplied by sqrt(dim)
+    ffn_activation: str = (
+        "silu"  # the gate's: "silu" (SwiGLU) or "gelu_pytorch_tanh" (GeGLU, Gemma)
+    )
+    rope_scaling_factor: Optional[float] = (
+        None  # Llama 3.1+: long wavelengths' frequencies / factor (None: plain)
+    )
+    rope_low_freq_factor: float = (
+        1.0  # ... wavelengths above original / low_freq_factor: divided by factor
+    )
+    rope_high_freq_factor: float = (
+        4.0  # ... below original / high_freq_factor: kept; in between: blended
+    )
+    rope_original_max_seq_len: int = 8192  # ... "original": the context of pre-training
 
     def __post_init__(self):
         self.n_kv_heads = self.n_heads if self.n_kv_heads is None else self.n_kv_heads
         self.head_dim = self.dim // self.n_heads if self.head_dim is None else self.head_dim
         if self.hidden_dim is None:
-            self.hidden_dim = self.multiple_of * math.ceil(int(2 * 4 * self.dim / 3) / self.multiple_of)
+            self.hidden_dim = self.multiple_of * math.ceil(
+                int(2 * 4 * self.dim / 3) / self.multiple_of
+            )
         if self.n_heads % self.n_kv_heads != 0:
-            raise ValueError(f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}")
+            raise ValueError(
+                f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}"
+            )
         if self.model_type not in hf_format.FAMILIES:
-            raise ValueError(f"model_type={self.model_type!r}, expected one of {', '.join(hf_format.FAMILIES)}")
+            raise ValueError(
+                f"model_type={self.model_type!r}, expected one of {', '.join(hf_format.FAMILIES)}"
+            )
         # Saved, a family's transformers class computes its own options, whatever config.json says: they must agree
         for option, value in hf_format.family_options(self.model_type).items():
             if getattr(self, option) != value:
-                raise ValueError(f"{option}={getattr(self, option)!r}: model_type={self.model_type!r} has {value!r}")
+                raise ValueError(
+                    f"{option}={getattr(self, option)!r}: model_type={self.model_type!r} has {value!r}"
+                )
         if self.ffn_activation not in ACTIVATIONS:
-            raise ValueError(f"ffn_activation={self.ffn_activation!r}, expected one of {', '.join(ACTIVATIONS)}")
+            raise ValueError(
+                f"ffn_activation={self.ffn_activation!r}, expected one of {', '.join(ACTIVATIONS)}"
+            )
         factors = (self.rope_scaling_factor, self.rope_low_freq_factor, self.rope_high_freq_factor)
         if factors[0] is not None and not (factors[0] > 0 and 0 < factors[1] < factors[2]):
-            raise ValueError(f"RoPE scaling, low and high frequency factors {factors}: expected > 0 and low < high")
+            raise ValueError(
+                f"RoPE scaling, low and high frequency factors {factors}: expected > 0 and low < high"
+            )
         window = self.sliding_window
-        if window is not None and (type(window) is not int or window < 1 or self.model_type != "mistral"):
-            raise ValueError(f"sliding_window={window!r}: a Mistral model's window is an int >= 1 (or none)")
+        if window is not None and (
+            type(window) is not int or window < 1 or self.model_type != "mistral"
+        ):
+            raise ValueError(
+                f"sliding_window={window!r}: a Mistral model's window is an int >= 1 (or none)"
+            )
 
     @classmethod
     def from_pretrained(cls, path: str, max_seq_len: Optional[int] = None) -> "ModelArgs":
@@ -86,14 +112,33 @@ class ModelArgs:
 
 PRESETS = {  # models trained from scratch (released ones come from their directories); vocab_size: the tokenizer's
     # the toy task of train.py's default run. init_std 0.05: at 0.02 C-RLFT sat 500+ steps on a plateau
-    "toy": ModelArgs(dim=128, n_layers=3, n_heads=4, n_kv_heads=2, vocab_size=121, max_seq_len=256, init_std=0.05),
+    "toy": ModelArgs(
+        dim=128, n_layers=3, n_heads=4, n_kv_heads=2, vocab_size=121, max_seq_len=256, init_std=0.05
+    ),
     # CPU: the "19M LLaMA" (dim 256, 4 layers, 32k vocab).
-    "tiny": ModelArgs(dim=256, n_layers=4, n_heads=8, n_kv_heads=4, vocab_size=32000, max_seq_len=1024),
-    "1b": ModelArgs(dim=2048, n_layers=22, n_heads=32, n_kv_heads=4, vocab_size=32000, hidden_dim=5632,
-                    max_seq_len=4096),  # GPU throughput tests: TinyLlama-1.1B's shape
+    "tiny": ModelArgs(
+        dim=256, n_layers=4, n_heads=8, n_kv_heads=4, vocab_size=32000, max_seq_len=1024
+    ),
+    "1b": ModelArgs(
+        dim=2048,
+        n_layers=22,
+        n_heads=32,
+        n_kv_heads=4,
+        vocab_size=32000,
+        hidden_dim=5632,
+        max_seq_len=4096,
+    ),  # GPU throughput tests: TinyLlama-1.1B's shape
     # GPU recipe checks: Llama-3-8B's shape (its 128,256-id vocabulary with its tokenizer: --tokenizer=DIR)
-    "8b": ModelArgs(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, vocab_size=128256, hidden_dim=14336,
-                    rope_theta=500000.0, max_seq_len=8192),
+    "8b": ModelArgs(
+        dim=4096,
+        n_layers=32,
+        n_heads=32,
+        n_kv_heads=8,
+        vocab_size=128256,
+        hidden_dim=14336,
+        rope_theta=500000.0,
+        max_seq_len=8192,
+    ),
 }
 
 
@@ -106,7 +151,9 @@ class RMSNorm(nn.Module):
     def forward(self, x):  # normalised in fp32, as Hugging Face does (bf16 results then agree)
         x32 = x.float()
         normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        if self.plus_one:  # Gemma: x * (1 + w) multiplied in fp32, then cast (transformers' GemmaRMSNorm)
+        if (
+            self.plus_one
+        ):  # Gemma: x * (1 + w) multiplied in fp32, then cast (transformers' GemmaRMSNorm)
             return (normed * (1.0 + self.weight.float())).to(x.dtype)
         return self.weight * normed.to(x.dtype)  # LLaMA: cast back before the weight (LlamaRMSNorm)
 
@@ -117,7 +164,9 @@ def rope_frequencies(args: ModelArgs, device):
     by the factor, and in between blended, f' = (1 - s) f / factor + s f, s = (original/wavelength - low) / (high - low)
     (s clamped to [0, 1] gives the other two cases). CRLFT_FACTS.md; transformers' _compute_llama3_parameters."""
     D = args.head_dim
-    freqs = 1.0 / (args.rope_theta ** (torch.arange(0, D, 2, device=device, dtype=torch.int64).float() / D))
+    freqs = 1.0 / (
+        args.rope_theta ** (torch.arange(0, D, 2, device=device, dtype=torch.int64).float() / D)
+    )
     if args.rope_scaling_factor is None:
         return freqs
     low, high = args.rope_low_freq_factor, args.rope_high_freq_factor
@@ -128,8 +177,8 @@ def rope_frequencies(args: ModelArgs, device):
 
 def rope_cos_sin(position_ids, freqs, dtype):
     """position_ids (B, T), freqs (D/2,) -> cos, sin (B, T, D), computed in fp32 and cast to the activations' dtype."""
-    angles = position_ids.float()[..., None] * freqs                           # (B, T, D/2)
-    angles = torch.cat((angles, angles), dim=-1)                                # HF layout: halves, not pairs
+    angles = position_ids.float()[..., None] * freqs  # (B, T, D/2)
+    angles = torch.cat((angles, angles), dim=-1)  # HF layout: halves, not pairs
     return angles.cos().to(dtype), angles.sin().to(dtype)
 
 
@@ -153,34 +202,63 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(args.head_dim, args.norm_eps, args.norm_plus_one)
         else:
             self.q_norm = self.k_norm = nn.Identity()
-        self.cache_k = self.cache_v = None  # for generation, (B, max_seq_len, H_kv, D): not in the state dict
+        self.cache_k = self.cache_v = (
+            None  # for generation, (B, max_seq_len, H_kv, D): not in the state dict
+        )
 
     def forward(self, x, cos, sin, cu_seqlens, max_seqlen: int, start_pos: Optional[int] = None):
         B, T, _ = x.shape
-        q = apply_rope(self.q_norm(self.wq(x).view(B, T, self.n_heads, self.head_dim)), cos, sin)     # (B, T, H, D)
-        k = apply_rope(self.k_norm(self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)), cos, sin)  # (B, T, H_kv, D)
+        q = apply_rope(
+            self.q_norm(self.wq(x).view(B, T, self.n_heads, self.head_dim)), cos, sin
+        )  # (B, T, H, D)
+        k = apply_rope(
+            self.k_norm(self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)), cos, sin
+        )  # (B, T, H_kv, D)
         v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
-        if start_pos is None:  # every row is one or more whole sequences: varlen attention over all B*T tokens
-            out = flash_attention(q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), cu_seqlens, max_seqlen,
-                                  window=self.window)                                   # (B*T, H, D)
+        if (
+            start_pos is None
+        ):  # every row is one or more whole sequences: varlen attention over all B*T tokens
+            out = flash_attention(
+                q.flatten(0, 1),
+                k.flatten(0, 1),
+                v.flatten(0, 1),
+                cu_seqlens,
+                max_seqlen,
+                window=self.window,
+            )  # (B*T, H, D)
         else:
-            out = self._attend_with_cache(q, k, v, start_pos)                            # (B, T, H, D)
+            out = self._attend_with_cache(q, k, v, start_pos)  # (B, T, H, D)
         return self.wo(out.reshape(B, T, self.n_heads * self.head_dim))
 
     def _attend_with_cache(self, q, k, v, start_pos: int):
         B, T = q.shape[:2]
         end = start_pos + T
-        assert B <= self.cache_k.shape[0] and end <= self.cache_k.shape[1], "larger than the KV cache: setup_kv_cache"
+        assert B <= self.cache_k.shape[0] and end <= self.cache_k.shape[1], (
+            "larger than the KV cache: setup_kv_cache"
+        )
         self.cache_k[:B, start_pos:end], self.cache_v[:B, start_pos:end] = k, v
-        first = 0 if self.window is None else max(start_pos - self.window + 1, 0)  # older keys: out of every window
-        keys, values = (c[:B, first:end].transpose(1, 2) for c in (self.cache_k, self.cache_v))  # (B, H_kv, keys, D)
+        first = (
+            0 if self.window is None else max(start_pos - self.window + 1, 0)
+        )  # older keys: out of every window
+        keys, values = (
+            c[:B, first:end].transpose(1, 2) for c in (self.cache_k, self.cache_v)
+        )  # (B, H_kv, keys, D)
         mask = None
-        if T > 1:  # a prompt chunk: query i sits at position start_pos + i and sees keys up to start_pos + i
+        if (
+            T > 1
+        ):  # a prompt chunk: query i sits at position start_pos + i and sees keys up to start_pos + i
             key_pos = torch.arange(first, end, device=q.device)
-            query_pos = key_pos[start_pos - first:, None]                               # the last T positions
-            mask = (key_pos <= query_pos) & (key_pos > query_pos - (self.window or end))  # (T, end - first)
-        out = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=mask,
-                                             enable_gqa=self.n_kv_heads != self.n_heads)   # (B, H, T, D)
+            query_pos = key_pos[start_pos - first :, None]  # the last T positions
+            mask = (key_pos <= query_pos) & (
+                key_pos > query_pos - (self.window or end)
+            )  # (T, end - first)
+        out = F.scaled_dot_product_attention(
+            q.transpose(1, 2),
+            keys,
+            values,
+            attn_mask=mask,
+            enable_gqa=self.n_kv_heads != self.n_heads,
+        )  # (B, H, T, D)
         return out.transpose(1, 2)
 
 
@@ -219,9 +297,20 @@ class Transformer(nn.Module):
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
         if args.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
-        self.output_t, self._output_t_of = None, None  # (D, V) copy of output.weight for decoding, and of what
+        self.output_t, self._output_t_of = (
+            None,
+            None,
+        )  # (D, V) copy of output.weight for decoding, and of what
 
-    def forward(self, tokens, position_ids=None, cu_seqlens=None, max_seqlen=None, targets=None, loss_weights=None):
+    def forward(
+        self,
+        tokens,
+        position_ids=None,
+        cu_seqlens=None,
+        max_seqlen=None,
+        targets=None,
+        loss_weights=None,
+    ):
         """Whole sequences: training, validation, scoring. tokens (B, T) -> logits (B, T, V) in fp32, or with
         targets (B, T) the pair (loss_sum, per_token_ce (B*T,)), loss_sum = sum(loss_weights * CE): the caller
         normalises. Packed rows: cu_seqlens int32 (n+1,) over the B*T tokens, position_ids (B, T) restarting at 0
@@ -230,19 +319,29 @@ class Transformer(nn.Module):
         if position_ids is None:
             position_ids = torch.arange(T, device=tokens.device).expand(B, T)
         if cu_seqlens is None:  # a plain batch: B sequences of length T
-            cu_seqlens, max_seqlen = torch.arange(0, (B + 1) * T, T, dtype=torch.int32, device=tokens.device), T
+            cu_seqlens, max_seqlen = (
+                torch.arange(0, (B + 1) * T, T, dtype=torch.int32, device=tokens.device),
+                T,
+            )
         elif max_seqlen is None:
             max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
         if max_seqlen > self.args.max_seq_len:
-            raise ValueError(f"a sequence of {max_seqlen} tokens exceeds max_seq_len={self.args.max_seq_len}")
-        h = self._hidden(tokens, position_ids, cu_seqlens, max_seqlen)                   # (B, T, D)
+            raise ValueError(
+                f"a sequence of {max_seqlen} tokens exceeds max_seq_len={self.args.max_seq_len}"
+            )
+        h = self._hidden(tokens, position_ids, cu_seqlens, max_seqlen)  # (B, T, D)
         if targets is None:
             return self.output(h).float()
         if loss_weights is None:  # plain language modelling: every token with a target counts once
             loss_weights = (targets != -100).float()
         # Fused: no (tokens x vocab) logits at once. Inside forward: FSDP2 unshards the root's output.weight only here.
-        return fused_linear_cross_entropy(h.reshape(B * T, -1), self.output.weight, targets.reshape(-1),
-                                          loss_weights.reshape(-1), return_per_token=True)
+        return fused_linear_cross_entropy(
+            h.reshape(B * T, -1),
+            self.output.weight,
+            targets.reshape(-1),
+            loss_weights.reshape(-1),
+            return_per_token=True,
+        )
 
     def decode(self, tokens, start_pos: int, last_only: bool = False):
         """Generation with the KV cache (setup_kv_cache first): tokens (B, T) at positions start_pos.., the
@@ -252,15 +351,19 @@ class Transformer(nn.Module):
             raise RuntimeError("decode needs the KV cache: call setup_kv_cache first")
         B, T = tokens.shape
         position_ids = torch.arange(start_pos, start_pos + T, device=tokens.device).expand(B, T)
-        h = self._hidden(tokens, position_ids, start_pos=start_pos)                      # (B, T, D)
-        h = h[:, -1:] if last_only else h                                               # (B, 1 or T, D)
+        h = self._hidden(tokens, position_ids, start_pos=start_pos)  # (B, T, D)
+        h = h[:, -1:] if last_only else h  # (B, 1 or T, D)
         return (h @ self.output_t).float()  # output_t: the (D, V) copy setup_kv_cache made
 
     def _hidden(self, tokens, position_ids, cu_seqlens=None, max_seqlen=None, start_pos=None):
         """What training and decoding share: the embeddings, the blocks and the final norm -> (B, T, D)."""
-        h = self.tok_embeddings(tokens)                                             # (B, T, D)
-        if self.args.scale_embeddings:  # Gemma: sqrt(dim), rounded to h's dtype first as transformers does (bf16:
-            h = h * torch.tensor(self.args.dim ** 0.5).to(h.dtype)  # 55.5 for 3072). A CPU scalar: no copy to the GPU
+        h = self.tok_embeddings(tokens)  # (B, T, D)
+        if (
+            self.args.scale_embeddings
+        ):  # Gemma: sqrt(dim), rounded to h's dtype first as transformers does (bf16:
+            h = h * torch.tensor(self.args.dim**0.5).to(
+                h.dtype
+            )  # 55.5 for 3072). A CPU scalar: no copy to the GPU
         cos, sin = rope_cos_sin(position_ids, rope_frequencies(self.args, h.device), h.dtype)
         for layer in self.layers:
             h = layer(h, cos, sin, cu_seqlens, max_seqlen, start_pos)
@@ -268,11 +371,15 @@ class Transformer(nn.Module):
 
     def setup_kv_cache(self, batch_size: int, max_seq_len: int, device=None, dtype=None):
         """Preallocate each layer's K/V cache, (batch_size, max_seq_len, n_kv_heads, head_dim)."""
-        assert max_seq_len <= self.args.max_seq_len, f"a KV cache of {max_seq_len} > max_seq_len positions"
+        assert max_seq_len <= self.args.max_seq_len, (
+            f"a KV cache of {max_seq_len} > max_seq_len positions"
+        )
         weight = self.output.weight
         shape = (batch_size, max_seq_len, self.args.n_kv_heads, self.args.head_dim)
         for layer in self.layers:
-            layer.attention.cache_k = torch.zeros(shape, device=device or weight.device, dtype=dtype or weight.dtype)
+            layer.attention.cache_k = torch.zeros(
+                shape, device=device or weight.device, dtype=dtype or weight.dtype
+            )
             layer.attention.cache_v = torch.zeros_like(layer.attention.cache_k)
         # Each decoding step reads all the (V, D) output matrix: `h @ output_t`, a (D, V) copy, is faster on CPU than
         # F.linear for small D (benchmarks/bench_sample.py; equal up to fp32 rounding). Kept across generations;
@@ -290,11 +397,15 @@ class Transformer(nn.Module):
         """(Re)initialise: N(0, init_std) matrices, zero biases, norms that scale by 1 (w = 1, or 0 for 1 + w).
         Works after a meta-device build and `to_empty`."""
         if self.args.tie_embeddings and self.output.weight is not self.tok_embeddings.weight:
-            self.output.weight = self.tok_embeddings.weight  # to_empty gives each module its own new Parameter
+            self.output.weight = (
+                self.tok_embeddings.weight
+            )  # to_empty gives each module its own new Parameter
         for module in self.modules():
             if isinstance(module, (nn.Linear, nn.Embedding)):
                 nn.init.normal_(module.weight, mean=0.0, std=self.args.init_std)
-                if getattr(module, "bias", None) is not None:  # qkv_bias: zero, as transformers initialises them
+                if (
+                    getattr(module, "bias", None) is not None
+                ):  # qkv_bias: zero, as transformers initialises them
                     nn.init.zeros_(module.bias)
             elif isinstance(module, RMSNorm):
                 nn.init.constant_(module.weight, 0.0 if module.plus_one else 1.0)
@@ -305,26 +416,36 @@ class Transformer(nn.Module):
         OpenChat initialised <|end_of_turn|>. Build the optimizer after this."""
         old_size = self.args.vocab_size
         if new_size < old_size:
-            raise ValueError(f"grow_vocab: new_size={new_size} is smaller than vocab_size={old_size}")
+            raise ValueError(
+                f"grow_vocab: new_size={new_size} is smaller than vocab_size={old_size}"
+            )
 
         def grown(weight):
             new = torch.empty(new_size, weight.shape[1], device=weight.device, dtype=weight.dtype)
             new[:old_size], new[old_size:] = weight, weight.float().mean(0).to(weight.dtype)
             return nn.Parameter(new, requires_grad=weight.requires_grad)
+
         self.tok_embeddings.weight = grown(self.tok_embeddings.weight)
-        self.output.weight = self.tok_embeddings.weight if self.args.tie_embeddings else grown(self.output.weight)
+        self.output.weight = (
+            self.tok_embeddings.weight if self.args.tie_embeddings else grown(self.output.weight)
+        )
         self.tok_embeddings.num_embeddings = self.output.out_features = new_size
         self.args = replace(self.args, vocab_size=new_size)
 
     def num_params(self, exclude_embeddings: bool = False) -> int:
         """Parameter count (a tied matrix once); exclude_embeddings drops the input embedding table."""
-        return sum(p.numel() for p in self.parameters()) - exclude_embeddings * self.tok_embeddings.weight.numel()
+        return (
+            sum(p.numel() for p in self.parameters())
+            - exclude_embeddings * self.tok_embeddings.weight.numel()
+        )
 
     def size_text(self) -> str:
         """The parameter count said everywhere (train.py's summary, sample.py): all of them (a tied matrix once), then
         without the input embedding table (its rows are looked up, not multiplied)."""
         total, body = self.num_params(), self.num_params(exclude_embeddings=True)
-        return f"{total / 1e6:.1f}M parameters ({body / 1e6:.1f}M without the input embedding table)"
+        return (
+            f"{total / 1e6:.1f}M parameters ({body / 1e6:.1f}M without the input embedding table)"
+        )
 
     @classmethod
     def from_pretrained(cls, path: str, device=None, dtype=None, max_seq_len: Optional[int] = None):
@@ -333,7 +454,9 @@ class Transformer(nn.Module):
         with torch.device("meta"):
             model = cls(args)
         shapes = {name: t.shape for name, t in model.state_dict().items()}
-        model.load_state_dict(hf_format.load_state_dict(path, args, shapes, device, dtype), assign=True)
+        model.load_state_dict(
+            hf_format.load_state_dict(path, args, shapes, device, dtype), assign=True
+        )
         if args.tie_embeddings:  # assign=True made two Parameters of one tensor: tie them again
             model.output.weight = model.tok_embeddings.weight
         return model

@@ -1,6 +1,7 @@
 """Packing for C-RLFT: each step, n_bins bins of `batch_tokens` tokens filled with whole conversations (no padding,
 position ids restarting per conversation, cu_seqlens for the attention), every conversation once an epoch
 (../shared/CRLFT_FACTS.md, "Packing and batches"). Reads a tokenized dataset's flat arrays (data.TokenizedDataset)."""
+
 import collections
 from dataclasses import dataclass
 
@@ -8,7 +9,9 @@ import numpy as np
 import torch
 
 
-def pack_epoch(lengths, batch_tokens: int, n_bins: int, seed: int, epoch: int) -> list[list[list[int]]]:
+def pack_epoch(
+    lengths, batch_tokens: int, n_bins: int, seed: int, epoch: int
+) -> list[list[list[int]]]:
     """steps x bins x conversation indices: every conversation exactly once, no bin over batch_tokens, every bin
     non-empty at every step. n_bins: the bins of one global step, world_size x grad_accum (train.py; 1 for the
     held-out set). Deterministic in (seed, epoch): resume by skipping steps. Each step is a random
@@ -19,10 +22,16 @@ def pack_epoch(lengths, batch_tokens: int, n_bins: int, seed: int, epoch: int) -
     if len(lengths) < n_bins:
         raise ValueError(f"{len(lengths)} conversations cannot give each of {n_bins} bins one")
     assert lengths.min() >= 1, "pack_epoch: an empty conversation"
-    if lengths.max() > batch_tokens:  # the context was longer than a bin: prepare.check_context refuses it first
-        raise ValueError(f"--batch_tokens={batch_tokens}: a conversation of {lengths.max()} tokens does not fit one "
-                         f"bin: raise --batch_tokens to at least the context, or lower --max_seq_len to it")
-    queue = collections.deque(np.random.default_rng([seed, epoch]).permutation(len(lengths)).tolist())
+    if (
+        lengths.max() > batch_tokens
+    ):  # the context was longer than a bin: prepare.check_context refuses it first
+        raise ValueError(
+            f"--batch_tokens={batch_tokens}: a conversation of {lengths.max()} tokens does not fit one "
+            f"bin: raise --batch_tokens to at least the context, or lower --max_seq_len to it"
+        )
+    queue = collections.deque(
+        np.random.default_rng([seed, epoch]).permutation(len(lengths)).tolist()
+    )
     length, steps = lengths.tolist(), []
     while queue:
         window, total = [], 0  # ~1.5 steps' worth of tokens, and a few conversations more than bins
@@ -44,8 +53,10 @@ def pack_epoch(lengths, batch_tokens: int, n_bins: int, seed: int, epoch: int) -
     for empty in [b for b in steps[-1] if not b]:
         donor = next((b for step in reversed(steps) for b in step if len(b) > 1), None)
         if donor is None:
-            raise ValueError(f"{len(lengths)} conversations of up to {batch_tokens} tokens fill one bin each, "
-                             f"not a multiple of n_bins={n_bins}: use more data or larger bins")
+            raise ValueError(
+                f"{len(lengths)} conversations of up to {batch_tokens} tokens fill one bin each, "
+                f"not a multiple of n_bins={n_bins}: use more data or larger bins"
+            )
         shortest = min(donor, key=length.__getitem__)
         donor.remove(shortest)
         empty.append(shortest)
@@ -54,16 +65,18 @@ def pack_epoch(lengths, batch_tokens: int, n_bins: int, seed: int, epoch: int) -
 
 @dataclass
 class PackedBatch:
-    tokens: torch.Tensor        # (T,) int64 inputs, conversations end to end
-    targets: torch.Tensor       # (T,) int64 the next token of each input
+    tokens: torch.Tensor  # (T,) int64 inputs, conversations end to end
+    targets: torch.Tensor  # (T,) int64 the next token of each input
     loss_weights: torch.Tensor  # (T,) float32 weight of predicting each target
     position_ids: torch.Tensor  # (T,) int64, restarting at 0 for each conversation
-    class_ids: torch.Tensor     # (T,) int64 class index of each token's conversation
-    cu_seqlens: torch.Tensor    # (n+1,) int32 conversation boundaries
+    class_ids: torch.Tensor  # (T,) int64 class index of each token's conversation
+    cu_seqlens: torch.Tensor  # (n+1,) int32 conversation boundaries
     max_seqlen: int
 
     def to(self, device) -> "PackedBatch":
-        return PackedBatch(**{n: v.to(device) if torch.is_tensor(v) else v for n, v in vars(self).items()})
+        return PackedBatch(
+            **{n: v.to(device) if torch.is_tensor(v) else v for n, v in vars(self).items()}
+        )
 
 
 def make_batch(dataset, indices) -> PackedBatch:
@@ -77,7 +90,12 @@ def make_batch(dataset, indices) -> PackedBatch:
     position_ids = np.arange(cu_seqlens[-1]) - np.repeat(cu_seqlens[:-1], lengths)  # (T,)
     src = np.repeat(starts, lengths) + position_ids  # (T,) where each input sits in the flat arrays
     as_long = lambda a: torch.from_numpy(np.ascontiguousarray(a, dtype=np.int64))  # noqa: E731
-    return PackedBatch(as_long(dataset.tokens[src]), as_long(dataset.tokens[src + 1]),
-                       torch.from_numpy(np.ascontiguousarray(dataset.weights[src + 1], dtype=np.float32)),
-                       as_long(position_ids), as_long(np.repeat(dataset.class_ids[indices], lengths)),
-                       torch.from_numpy(cu_seqlens.astype(np.int32)), int(lengths.max()))
+    return PackedBatch(
+        as_long(dataset.tokens[src]),
+        as_long(dataset.tokens[src + 1]),
+        torch.from_numpy(np.ascontiguousarray(dataset.weights[src + 1], dtype=np.float32)),
+        as_long(position_ids),
+        as_long(np.repeat(dataset.class_ids[indices], lengths)),
+        torch.from_numpy(cu_seqlens.astype(np.int32)),
+        int(lengths.max()),
+    )

@@ -1,6 +1,7 @@
 """Data prepared once per job: rank 0 tokenizes every source with all cores into out_dir/data (the format of
 `python data.py tokenize`) while the other ranks wait, then every rank memory-maps it: memory per rank does not grow
 with the world size. The same inputs reuse it, a change tokenizes again; on node-local disks each node makes its own."""
+
 import collections
 import dataclasses
 import hashlib
@@ -12,8 +13,8 @@ import time
 import numpy as np
 import torch.distributed as dist
 
-import data
 import chat_readers
+import data
 import loss_weighting
 
 
@@ -24,18 +25,36 @@ def file_digest(path):
 
 def inputs_key(cfg, tokenizer, max_seq_len):
     """A hash of everything that decides the tokenized data (a prepared dataset's name for its inputs)."""
-    if os.path.isdir(cfg.data):  # a directory of `python data.py tokenize`: its own meta names its inputs
+    if os.path.isdir(
+        cfg.data
+    ):  # a directory of `python data.py tokenize`: its own meta names its inputs
         return file_digest(os.path.join(cfg.data, "meta.json"))
     if cfg.data == "toy":
         sources = [cfg.toy_train, cfg.toy_expert_fraction, cfg.toy_error_rate, cfg.seed]
     else:
-        sources = [[name, path, file_digest(chat_readers.source_file(path))]
-                   for name, path in chat_readers.parse_sources(cfg.data)]
-    inputs = {"sources": sources, "tokenizer": [file_digest(f) for f in tokenizer.files] + [tokenizer.added],
-              "template": [tokenizer.template, data.TEMPLATE_VERSION], "class_weights": class_weights(cfg),
-              "max_seq_len": max_seq_len, "class_rule": class_rule(cfg), "refusals": refusals(cfg),
-              **{k: getattr(cfg, k) for k in ("sharegpt_condition", "use_condition", "only_classes", "skip_bad",
-                                              "per_sequence_weights")}}
+        sources = [
+            [name, path, file_digest(chat_readers.source_file(path))]
+            for name, path in chat_readers.parse_sources(cfg.data)
+        ]
+    inputs = {
+        "sources": sources,
+        "tokenizer": [file_digest(f) for f in tokenizer.files] + [tokenizer.added],
+        "template": [tokenizer.template, data.TEMPLATE_VERSION],
+        "class_weights": class_weights(cfg),
+        "max_seq_len": max_seq_len,
+        "class_rule": class_rule(cfg),
+        "refusals": refusals(cfg),
+        **{
+            k: getattr(cfg, k)
+            for k in (
+                "sharegpt_condition",
+                "use_condition",
+                "only_classes",
+                "skip_bad",
+                "per_sequence_weights",
+            )
+        },
+    }
     return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:20]
 
 
@@ -48,7 +67,11 @@ def class_rule(cfg) -> tuple[str, list] | None:
     """(field, [(pattern, class)]) of --class_from_field and --class_map (--sharegpt_condition=from_model: the field
     "model" with the default map), or None: ShareGPT's records take --sharegpt_condition."""
     field = cfg.class_from_field or ("model" if cfg.sharegpt_condition == "from_model" else "")
-    return (field, chat_readers.parse_class_map(cfg.class_map or chat_readers.DEFAULT_CLASS_MAP)) if field else None
+    return (
+        (field, chat_readers.parse_class_map(cfg.class_map or chat_readers.DEFAULT_CLASS_MAP))
+        if field
+        else None
+    )
 
 
 def refusals(cfg) -> tuple[str, ...] | None:
@@ -58,9 +81,15 @@ def refusals(cfg) -> tuple[str, ...] | None:
 
 def tokenize_sources(cfg, tokenizer, max_seq_len, key, directory):
     t0, stats = time.time(), collections.Counter()
-    conversations = data.load_conversations(cfg.data, cfg.sharegpt_condition, cfg.skip_bad, stats,
-                                            (cfg.toy_train, cfg.toy_expert_fraction, cfg.seed, cfg.toy_error_rate),
-                                            class_rule(cfg), refusals(cfg))
+    conversations = data.load_conversations(
+        cfg.data,
+        cfg.sharegpt_condition,
+        cfg.skip_bad,
+        stats,
+        (cfg.toy_train, cfg.toy_expert_fraction, cfg.seed, cfg.toy_error_rate),
+        class_rule(cfg),
+        refusals(cfg),
+    )
     if cfg.only_classes:
         keep = {c.strip() for c in cfg.only_classes.split(",")}
         conversations = [c for c in conversations if c.class_name in keep]
@@ -70,16 +99,31 @@ def tokenize_sources(cfg, tokenizer, max_seq_len, key, directory):
         conversations = [dataclasses.replace(c, condition="") for c in conversations]
     check_own_weights(conversations, class_weights(cfg))
     chat_readers.check_class_weights(conversations, class_weights(cfg))
-    dataset = data.tokenize_dataset(conversations, tokenizer, max_seq_len, class_weights(cfg), progress=True,
-                                    per_sequence=cfg.per_sequence_weights)
-    conditions = collections.defaultdict(set)  # per class, for the expert condition (train.expert_condition)
+    dataset = data.tokenize_dataset(
+        conversations,
+        tokenizer,
+        max_seq_len,
+        class_weights(cfg),
+        progress=True,
+        per_sequence=cfg.per_sequence_weights,
+    )
+    conditions = collections.defaultdict(
+        set
+    )  # per class, for the expert condition (train.expert_condition)
     for c in conversations:
         conditions[c.class_name].add(c.condition)
-    dataset.meta.update(inputs_key=key, read=dict(stats), conditions={k: sorted(v) for k, v in conditions.items()},
-                        trained_weights=trained_weights(dataset))
+    dataset.meta.update(
+        inputs_key=key,
+        read=dict(stats),
+        conditions={k: sorted(v) for k, v in conditions.items()},
+        trained_weights=trained_weights(dataset),
+    )
     dataset.save(directory)
-    print(f"data: rank {dist.get_rank()} tokenized {len(conversations)} conversations into {directory} in "
-          f"{time.time() - t0:.0f} s", flush=True)
+    print(
+        f"data: rank {dist.get_rank()} tokenized {len(conversations)} conversations into {directory} in "
+        f"{time.time() - t0:.0f} s",
+        flush=True,
+    )
 
 
 def check_own_weights(conversations, weights):
@@ -88,12 +132,16 @@ def check_own_weights(conversations, weights):
     (an own weight 0 only leaves that message out of training: no conflict)."""
     for c in (c for c in conversations if weights and c.class_name in weights):
         w = weights[c.class_name]
-        for x in (m["weight"] for m in c.messages if m["role"] == "assistant" and m.get("weight", 0) > 0):
+        for x in (
+            m["weight"] for m in c.messages if m["role"] == "assistant" and m.get("weight", 0) > 0
+        ):
             if not math.isclose(x, w, rel_tol=1e-6, abs_tol=1e-12):
-                raise ValueError(f"--class_weights: {c.class_name}={w:g}, but {c.source or 'a conversation'} gives "
-                                 f"its assistant messages of class {c.class_name!r} their own weight {x:g}, which "
-                                 f"wins: drop {c.class_name!r} from --class_weights to train the file's weights, or "
-                                 "take the weights out of the file")
+                raise ValueError(
+                    f"--class_weights: {c.class_name}={w:g}, but {c.source or 'a conversation'} gives "
+                    f"its assistant messages of class {c.class_name!r} their own weight {x:g}, which "
+                    f"wins: drop {c.class_name!r} from --class_weights to train the file's weights, or "
+                    "take the weights out of the file"
+                )
 
 
 def trained_weights(dataset) -> dict[str, list[list]]:
@@ -103,14 +151,22 @@ def trained_weights(dataset) -> dict[str, list[list]]:
     counts, step = collections.Counter(), 1 << 16
     for i in range(0, len(dataset), step):
         j = min(i + step, len(dataset))
-        w = np.asarray(dataset.weights[dataset.offsets[i]:dataset.offsets[j]])
-        cls = np.repeat(np.asarray(dataset.class_ids[i:j], np.uint64), np.diff(dataset.offsets[i:j + 1]))
-        keys, n = np.unique(cls[w > 0] << np.uint64(32) | w[w > 0].view(np.uint32), return_counts=True)
-        counts.update(dict(zip(keys.tolist(), n.tolist())))  # key: class id, then the float32 weight's bits
+        w = np.asarray(dataset.weights[dataset.offsets[i] : dataset.offsets[j]])
+        cls = np.repeat(
+            np.asarray(dataset.class_ids[i:j], np.uint64), np.diff(dataset.offsets[i : j + 1])
+        )
+        keys, n = np.unique(
+            cls[w > 0] << np.uint64(32) | w[w > 0].view(np.uint32), return_counts=True
+        )
+        counts.update(
+            dict(zip(keys.tolist(), n.tolist()))
+        )  # key: class id, then the float32 weight's bits
     out = {name: [] for name in dataset.class_names}
     for key, n in counts.items():
         w = np.array([key & 0xFFFFFFFF], np.uint32).view(np.float32)[0]
-        out[dataset.class_names[key >> 32]].append([float(str(w)), n])  # str: 0.1, not 0.10000000149
+        out[dataset.class_names[key >> 32]].append(
+            [float(str(w)), n]
+        )  # str: 0.1, not 0.10000000149
     return {name: sorted(pairs, reverse=True) for name, pairs in out.items()}
 
 
@@ -119,32 +175,43 @@ def check_prepared_weights(cfg, dataset):
     only agree with them."""
     per_sequence = dataset.meta.get("per_sequence_weights", False)
     if cfg.per_sequence_weights != per_sequence:
-        raise ValueError(f"--per_sequence_weights={str(cfg.per_sequence_weights).lower()}, but --data={cfg.data} was "
-                         f"tokenized with it {'on' if per_sequence else 'off'}: drop the flag, or tokenize again "
-                         "(python data.py tokenize --per_sequence_weights)")
+        raise ValueError(
+            f"--per_sequence_weights={str(cfg.per_sequence_weights).lower()}, but --data={cfg.data} was "
+            f"tokenized with it {'on' if per_sequence else 'off'}: drop the flag, or tokenize again "
+            "(python data.py tokenize --per_sequence_weights)"
+        )
     for name, w in (class_weights(cfg) or {}).items():
         found = [x for x, _ in dataset.meta["trained_weights"].get(name, [])]
-        if per_sequence:  # its tokens carry weight / reply length: the class weights it was made with say more
+        if (
+            per_sequence
+        ):  # its tokens carry weight / reply length: the class weights it was made with say more
             found = [(dataset.meta.get("class_weights") or {}).get(name, 1.0)]
         if any(not math.isclose(x, w, rel_tol=1e-6, abs_tol=1e-12) for x in found):
-            raise ValueError(f"--class_weights: {name}={w:g}, but --data={cfg.data} was tokenized with weight "
-                             f"{', '.join(f'{x:g}' for x in found)} for class {name!r}, and prepared data keeps its "
-                             f"weights: drop {name!r} from --class_weights, or tokenize again with --class-weights")
+            raise ValueError(
+                f"--class_weights: {name}={w:g}, but --data={cfg.data} was tokenized with weight "
+                f"{', '.join(f'{x:g}' for x in found)} for class {name!r}, and prepared data keeps its "
+                f"weights: drop {name!r} from --class_weights, or tokenize again with --class-weights"
+            )
 
 
 def class_rewards(dataset) -> dict[str, float]:
     """Each class's mean weight per supervised reply with --per_sequence_weights (a reply's tokens sum to its
     weight), else per supervised token: the weight a class was trained with, for choosing the expert."""
     per = "supervised_replies" if dataset.meta.get("per_sequence_weights") else "supervised_tokens"
-    return {name: c["weight_sum"] / max(c.get(per, 0), 1) for name, c in dataset.meta["summary"]["classes"].items()}
+    return {
+        name: c["weight_sum"] / max(c.get(per, 0), 1)
+        for name, c in dataset.meta["summary"]["classes"].items()
+    }
 
 
 def check_context(cfg, context):
     """Before tokenizing: a conversation as long as the context must fit one bin of --batch_tokens."""
     if context > cfg.batch_tokens:
-        raise ValueError(f"--max_seq_len={context} (the context; 0 = the model's) is more than --batch_tokens="
-                         f"{cfg.batch_tokens}: a conversation must fit one bin, so --batch_tokens must be >= "
-                         "--max_seq_len: raise --batch_tokens or lower --max_seq_len")
+        raise ValueError(
+            f"--max_seq_len={context} (the context; 0 = the model's) is more than --batch_tokens="
+            f"{cfg.batch_tokens}: a conversation must fit one bin, so --batch_tokens must be >= "
+            "--max_seq_len: raise --batch_tokens or lower --max_seq_len"
+        )
 
 
 def load_prepared(directory, key):
@@ -163,8 +230,12 @@ def on_rank0(fn, group):
     if dist.get_rank() == 0:
         try:
             box[0] = fn()
-        except Exception as e:  # told to every rank, or the others would wait for the group's timeout (6 hours)
-            box[1] = data.one_line(e if isinstance(e, (ValueError, OSError)) else f"{type(e).__name__}: {e}")
+        except (
+            Exception
+        ) as e:  # told to every rank, or the others would wait for the group's timeout (6 hours)
+            box[1] = data.one_line(
+                e if isinstance(e, (ValueError, OSError)) else f"{type(e).__name__}: {e}"
+            )
     dist.broadcast_object_list(box, src=0, group=group)
     if box[1] is not None:
         raise ValueError(box[1])
@@ -178,14 +249,20 @@ def prepare_data(cfg, tokenizer, max_seq_len, key, group):
         dataset = data.TokenizedDataset.load(cfg.data)
         made_with = [dataset.meta.get(k) for k in ("eot_id", "vocab_size", "template")]
         if made_with != [tokenizer.eot_id, tokenizer.vocab_size, tokenizer.template]:
-            raise ValueError(f"--data={cfg.data}: tokenized with {dataset.meta.get('tokenizer')} and template "
-                             f"{dataset.meta.get('template')!r}, not with this run's {tokenizer.path} and "
-                             f"{tokenizer.template!r}")
+            raise ValueError(
+                f"--data={cfg.data}: tokenized with {dataset.meta.get('tokenizer')} and template "
+                f"{dataset.meta.get('template')!r}, not with this run's {tokenizer.path} and "
+                f"{tokenizer.template!r}"
+            )
         if dataset.lengths.max() > min(max_seq_len, cfg.batch_tokens):
-            raise ValueError(f"--data={cfg.data}: conversations of up to {dataset.lengths.max()} tokens, more than the "
-                             f"context ({max_seq_len}) or --batch_tokens={cfg.batch_tokens}: tokenize it again with "
-                             f"--max_seq_len, or raise --batch_tokens")
-        if "trained_weights" not in dataset.meta:  # `python data.py tokenize` does not count them: once, rank 0
+            raise ValueError(
+                f"--data={cfg.data}: conversations of up to {dataset.lengths.max()} tokens, more than the "
+                f"context ({max_seq_len}) or --batch_tokens={cfg.batch_tokens}: tokenize it again with "
+                f"--max_seq_len, or raise --batch_tokens"
+            )
+        if (
+            "trained_weights" not in dataset.meta
+        ):  # `python data.py tokenize` does not count them: once, rank 0
             dataset.meta["trained_weights"] = on_rank0(lambda: trained_weights(dataset), group)
         check_prepared_weights(cfg, dataset)
         return dataset, False
@@ -201,6 +278,8 @@ def prepare_data(cfg, tokenizer, max_seq_len, key, group):
     if not tokenized and dist.get_rank() == 0:
         print(f"data: reusing {directory} (prepared earlier from the same inputs)", flush=True)
     if dist.get_rank() != 0:
-        tokenized = int(os.environ.get("LOCAL_RANK", 0)) == 0 and prepare()  # node-local disks: a copy per node
+        tokenized = (
+            int(os.environ.get("LOCAL_RANK", 0)) == 0 and prepare()
+        )  # node-local disks: a copy per node
     dist.barrier(group=group)
     return load_prepared(directory, key), tokenized

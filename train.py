@@ -7,6 +7,7 @@
 Each data source is a coarse reward class c with reward r_c, named in the prompt (data.py); the loss weights every
 assistant token by r_c and normalises over the global batch, L = sum_t w_t CE_t / sum_t w_t: `crlft_step` below.
 """
+
 import dataclasses
 import datetime
 import json
@@ -21,7 +22,11 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    set_model_state_dict,
+)
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
@@ -29,10 +34,16 @@ import data
 import hf_export
 import prepare
 import toy_task
-from train_checkpoint import check_shared, load_checkpoint, move_aside, resume_point, save_checkpoint
 from model import PRESETS, ModelArgs, Transformer
 from tokenizing import Tokenizer, checkpoint_tokenizer
-from train_config import PRESETS_TRAIN, TrainConfig, parse_config, help_text  # noqa: F401 (re-exported)
+from train_checkpoint import (
+    check_shared,
+    load_checkpoint,
+    move_aside,
+    resume_point,
+    save_checkpoint,
+)
+from train_config import PRESETS_TRAIN, TrainConfig, help_text, parse_config  # noqa: F401 (re-exported)
 from train_progress import Progress, describe, say
 
 
@@ -43,13 +54,27 @@ def setup_distributed():
     if "RANK" not in os.environ:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
-            os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                              MASTER_PORT=str(s.getsockname()[1]))
-    device = torch.device("cuda", int(os.environ["LOCAL_RANK"])) if torch.cuda.is_available() else torch.device("cpu")
+            os.environ.update(
+                RANK="0",
+                WORLD_SIZE="1",
+                LOCAL_RANK="0",
+                MASTER_ADDR="127.0.0.1",
+                MASTER_PORT=str(s.getsockname()[1]),
+            )
+    device = (
+        torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        if torch.cuda.is_available()
+        else torch.device("cpu")
+    )
     if device.type == "cuda":
         torch.cuda.set_device(device)
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return dist.get_rank(), dist.get_world_size(), device, init_device_mesh(device.type, (dist.get_world_size(),))
+    return (
+        dist.get_rank(),
+        dist.get_world_size(),
+        device,
+        init_device_mesh(device.type, (dist.get_world_size(),)),
+    )
 
 
 # -----------------------------------------------------------------------------------------------------------
@@ -59,19 +84,35 @@ def tokenizer_and_args(cfg):
     template = cfg.template or None
     if cfg.model in PRESETS:
         path = cfg.tokenizer or (toy_task.TOKENIZER_PATH if cfg.data == "toy" else None)
-        if os.path.isdir(cfg.data) and not cfg.tokenizer:  # tokenized by `python data.py tokenize`: its own
+        if (
+            os.path.isdir(cfg.data) and not cfg.tokenizer
+        ):  # tokenized by `python data.py tokenize`: its own
             meta = data.TokenizedDataset.load(cfg.data).meta
             path, template = meta["tokenizer"], template or meta.get("template")
         tokenizer = data.load_tokenizer(path, template)
         args = dataclasses.replace(PRESETS[cfg.model], vocab_size=tokenizer.vocab_size)
     else:
         args = ModelArgs.from_pretrained(cfg.model, max_seq_len=cfg.max_seq_len or None)
-        tokenizer = data.use_template(checkpoint_tokenizer(cfg.model, args.vocab_size, cfg.tokenizer or None), template)
-    overrides = {k: getattr(cfg, k) for k in "dim n_layers n_heads n_kv_heads max_seq_len".split() if getattr(cfg, k)}
-    if "dim" in overrides or "n_heads" in overrides:  # let ModelArgs derive these again from the new shape
-        head_dim = None if args.head_dim == args.dim // args.n_heads else args.head_dim  # Qwen3, Gemma: their own
-        overrides.update(head_dim=head_dim, hidden_dim=None if "dim" in overrides else args.hidden_dim)
-    return tokenizer, dataclasses.replace(args, **overrides, vocab_size=max(args.vocab_size, tokenizer.vocab_size))
+        tokenizer = data.use_template(
+            checkpoint_tokenizer(cfg.model, args.vocab_size, cfg.tokenizer or None), template
+        )
+    overrides = {
+        k: getattr(cfg, k)
+        for k in "dim n_layers n_heads n_kv_heads max_seq_len".split()
+        if getattr(cfg, k)
+    }
+    if (
+        "dim" in overrides or "n_heads" in overrides
+    ):  # let ModelArgs derive these again from the new shape
+        head_dim = (
+            None if args.head_dim == args.dim // args.n_heads else args.head_dim
+        )  # Qwen3, Gemma: their own
+        overrides.update(
+            head_dim=head_dim, hidden_dim=None if "dim" in overrides else args.hidden_dim
+        )
+    return tokenizer, dataclasses.replace(
+        args, **overrides, vocab_size=max(args.vocab_size, tokenizer.vocab_size)
+    )
 
 
 def build_model(cfg, args, device, mesh):
@@ -80,11 +121,15 @@ def build_model(cfg, args, device, mesh):
     with torch.device("meta"):
         model = Transformer(args)
     # Parameters stay fp32 (the optimizer's master copy); compute in bf16, reduce gradients in fp32.
-    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if cfg.dtype == "bf16" else None, reduce_dtype=torch.float32)
+    mp = MixedPrecisionPolicy(
+        param_dtype=torch.bfloat16 if cfg.dtype == "bf16" else None, reduce_dtype=torch.float32
+    )
     for i, block in enumerate(model.layers):
         if cfg.activation_checkpointing:
             model.layers[i] = block = checkpoint_wrapper(block)
-        if cfg.compile:  # per block, as torchtitan does; the attention kernels are custom ops inside its graph
+        if (
+            cfg.compile
+        ):  # per block, as torchtitan does; the attention kernels are custom ops inside its graph
             block.compile()
         # The last block's parameters are gathered again by the root right away: keep them unsharded.
         fully_shard(block, mesh=mesh, mp_policy=mp, reshard_after_forward=i < len(model.layers) - 1)
@@ -100,7 +145,9 @@ def build_model(cfg, args, device, mesh):
             weights = Transformer.from_pretrained(cfg.model, max_seq_len=args.max_seq_len)
             weights.grow_vocab(args.vocab_size)
         full = weights.state_dict()
-    set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    set_model_state_dict(
+        model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+    )
     return model
 
 
@@ -115,9 +162,17 @@ def crlft_step(model, batches, world_size):
     dist.all_reduce(weight_sum)
     results = []
     for i, b in enumerate(batches):
-        model.set_requires_gradient_sync(i == len(batches) - 1)  # reduce the gradients once per step
-        loss_sum, token_ce = model(b.tokens[None], position_ids=b.position_ids[None], cu_seqlens=b.cu_seqlens,
-                                   max_seqlen=b.max_seqlen, targets=b.targets[None], loss_weights=b.loss_weights[None])
+        model.set_requires_gradient_sync(
+            i == len(batches) - 1
+        )  # reduce the gradients once per step
+        loss_sum, token_ce = model(
+            b.tokens[None],
+            position_ids=b.position_ids[None],
+            cu_seqlens=b.cu_seqlens,
+            max_seqlen=b.max_seqlen,
+            targets=b.targets[None],
+            loss_weights=b.loss_weights[None],
+        )
         # FSDP averages gradients over ranks; each rank's part of the global sum is multiplied back. The fused
         # cross-entropy already holds d(sum w*CE)/d(hidden, lm_head) from its forward (crlft_kernels/cross_entropy.py):
         # this backward only scales them by world_size / sum(w), then flows through the blocks as usual.
@@ -133,7 +188,9 @@ def learning_rate(step, total_steps, cfg):
     if step < warmup:
         return cfg.lr * (step + 1) / warmup
     progress = (step - warmup) / max(1, total_steps - warmup)
-    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+    return cfg.lr * (
+        cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+    )
 
 
 @torch.no_grad()
@@ -145,29 +202,47 @@ def validate(model, dataset, my_bins, device):
     for bin_ in my_bins:
         b = data.make_batch(dataset, bin_ or [0]).to(device)
         weights = b.loss_weights.double() * bool(bin_)
-        _, token_ce = model(b.tokens[None], position_ids=b.position_ids[None], cu_seqlens=b.cu_seqlens,
-                            max_seqlen=b.max_seqlen, targets=b.targets[None], loss_weights=weights[None].float())
+        _, token_ce = model(
+            b.tokens[None],
+            position_ids=b.position_ids[None],
+            cu_seqlens=b.cu_seqlens,
+            max_seqlen=b.max_seqlen,
+            targets=b.targets[None],
+            loss_weights=weights[None].float(),
+        )
         sums[:n].index_add_(0, b.class_ids, weights * token_ce.double())
         sums[n:].index_add_(0, b.class_ids, weights)
     dist.all_reduce(sums)
-    per_class = {name: (sums[c] / sums[n + c]).item() for c, name in enumerate(dataset.class_names) if sums[n + c] > 0}
+    per_class = {
+        name: (sums[c] / sums[n + c]).item()
+        for c, name in enumerate(dataset.class_names)
+        if sums[n + c] > 0
+    }
     return (sums[:n].sum() / sums[n:].sum().clamp_min(1e-12)).item(), per_class
 
 
 def export(model, cfg, args, tokenizer, directory):
     """Gather the full weights (a collective: every rank calls this); rank 0 writes a Hugging Face directory
     and returns the model."""
-    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    full = get_model_state_dict(
+        model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+    )
     if dist.get_rank() != 0:
         return None
     with torch.device("meta"):
         local = Transformer(args)
     local.load_state_dict(full, assign=True)
-    if args.tie_embeddings:  # load_state_dict(assign=True) gave the two names two Parameters: tie again
+    if (
+        args.tie_embeddings
+    ):  # load_state_dict(assign=True) gave the two names two Parameters: tie again
         local.output.weight = local.tok_embeddings.weight
     if cfg.export:
-        hf_export.export_hf(local.to(torch.bfloat16 if cfg.dtype == "bf16" else torch.float32), tokenizer, directory,
-                     condition=cfg.expert_condition if cfg.use_condition else "")
+        hf_export.export_hf(
+            local.to(torch.bfloat16 if cfg.dtype == "bf16" else torch.float32),
+            tokenizer,
+            directory,
+            condition=cfg.expert_condition if cfg.use_condition else "",
+        )
         say(f"exported a Hugging Face model to {directory} (python sample.py --model={directory})")
     return local
 
@@ -175,14 +250,15 @@ def export(model, cfg, args, tokenizer, directory):
 @dataclasses.dataclass
 class Job:
     """What setup() makes of the user's inputs, checked, and the training loop consumes."""
+
     cfg: TrainConfig
     tokenizer: Tokenizer
-    args: ModelArgs                    # the model's shape
-    dataset: data.TokenizedDataset     # every conversation, tokenized with its loss weights
-    held_out: np.ndarray               # dataset indices of the validation conversations
-    steps: list                        # every global step: (epoch, its bins), a bin a list of dataset indices
-    run: dict                          # what a resume must not change (train_checkpoint.check_same_run)
-    resume_from: str | None            # the checkpoint to start from; None: a fresh start
+    args: ModelArgs  # the model's shape
+    dataset: data.TokenizedDataset  # every conversation, tokenized with its loss weights
+    held_out: np.ndarray  # dataset indices of the validation conversations
+    steps: list  # every global step: (epoch, its bins), a bin a list of dataset indices
+    run: dict  # what a resume must not change (train_checkpoint.check_same_run)
+    resume_from: str | None  # the checkpoint to start from; None: a fresh start
 
 
 def plan_steps(dataset, train_ids, cfg, n_bins):
@@ -190,8 +266,12 @@ def plan_steps(dataset, train_ids, cfg, n_bins):
     epoch's seed and packs them into n_bins bins a step (every rank's micro-batches: world_size x grad_accum)."""
     steps = []
     for epoch in range(cfg.epochs):
-        for bins in data.pack_epoch(dataset.lengths[train_ids], cfg.batch_tokens, n_bins, cfg.seed, epoch):
-            steps.append((epoch, [[int(train_ids[i]) for i in b] for b in bins]))  # positions -> dataset indices
+        for bins in data.pack_epoch(
+            dataset.lengths[train_ids], cfg.batch_tokens, n_bins, cfg.seed, epoch
+        ):
+            steps.append(
+                (epoch, [[int(train_ids[i]) for i in b] for b in bins])
+            )  # positions -> dataset indices
     return steps
 
 
@@ -200,35 +280,64 @@ def setup(cfg, rank, world_size, group, written=None) -> Job:
     the checkpoint directory and the resume guard, the data (prepared once), the held-out split, the plan.
     `written` (a list) gets what this rank wrote meanwhile (the prepared data), for train() to remove on an error."""
     tokenizer, args = tokenizer_and_args(cfg)
-    prepare.check_context(cfg, args.max_seq_len)  # a conversation as long as the context must fit one bin
+    prepare.check_context(
+        cfg, args.max_seq_len
+    )  # a conversation as long as the context must fit one bin
     key = prepare.on_rank0(lambda: prepare.inputs_key(cfg, tokenizer, args.max_seq_len), group)
     # What decides the model, the data order and the schedule: a resume that changes one is refused by name.
-    settings = ("batch_tokens", "grad_accum", "seed", "epochs", "class_weights", "val_fraction", "val_max",
-                "use_condition", "only_classes")
-    run = {"model": dataclasses.asdict(args),
-           "tokenizer": [os.path.basename(tokenizer.path), tokenizer.template, tokenizer.eot_id],
-           "world_size": world_size, **{k: getattr(cfg, k) for k in settings}, "data_hash": key,
-           "max_steps": cfg.max_steps}  # the learning-rate schedule's length
-    if world_size > int(os.environ.get("LOCAL_WORLD_SIZE", world_size)):  # several nodes: one checkpoint directory
+    settings = (
+        "batch_tokens",
+        "grad_accum",
+        "seed",
+        "epochs",
+        "class_weights",
+        "val_fraction",
+        "val_max",
+        "use_condition",
+        "only_classes",
+    )
+    run = {
+        "model": dataclasses.asdict(args),
+        "tokenizer": [os.path.basename(tokenizer.path), tokenizer.template, tokenizer.eot_id],
+        "world_size": world_size,
+        **{k: getattr(cfg, k) for k in settings},
+        "data_hash": key,
+        "max_steps": cfg.max_steps,
+    }  # the learning-rate schedule's length
+    if world_size > int(
+        os.environ.get("LOCAL_WORLD_SIZE", world_size)
+    ):  # several nodes: one checkpoint directory
         check_shared(cfg.ckpt_dir, group)
     # Rank 0 decides where every rank starts: ranks that each read `latest` could start from different steps.
     resume_from = prepare.on_rank0(lambda: resume_point(cfg.ckpt_dir, cfg.resume, run), group)
     dataset, tokenized = prepare.prepare_data(cfg, tokenizer, args.max_seq_len, key, group)
     if tokenized and written is not None:
         written.append(os.path.join(cfg.out_dir, "data"))
-    train_ids, held_out = data.split_holdout(dataset.class_ids, cfg.val_fraction, cfg.val_max, cfg.seed)
+    train_ids, held_out = data.split_holdout(
+        dataset.class_ids, cfg.val_fraction, cfg.val_max, cfg.seed
+    )
     if len(train_ids) < world_size * cfg.grad_accum:
-        raise ValueError(f"--data: only {len(train_ids)} training conversations for {world_size * cfg.grad_accum} bins")
+        raise ValueError(
+            f"--data: only {len(train_ids)} training conversations for {world_size * cfg.grad_accum} bins"
+        )
     steps = plan_steps(dataset, train_ids, cfg, world_size * cfg.grad_accum)
     cfg = dataclasses.replace(cfg, expert_condition=expert_condition(cfg, dataset))
-    if cfg.lr_base > 0:  # OpenChat's rule: the learning rate grows with the supervised tokens of a step
+    if (
+        cfg.lr_base > 0
+    ):  # OpenChat's rule: the learning rate grows with the supervised tokens of a step
         supervised = (np.asarray(dataset.weights) > 0).sum() * len(train_ids) / len(dataset)
         steps_per_epoch = sum(epoch == 0 for epoch, _ in steps)
-        cfg = dataclasses.replace(cfg, lr=cfg.lr_base * math.sqrt(supervised / steps_per_epoch / 4e6))
-    if not cfg.resume:  # everything checked: an earlier run's checkpoints go aside, never mixed with this run's
+        cfg = dataclasses.replace(
+            cfg, lr=cfg.lr_base * math.sqrt(supervised / steps_per_epoch / 4e6)
+        )
+    if (
+        not cfg.resume
+    ):  # everything checked: an earlier run's checkpoints go aside, never mixed with this run's
         aside = prepare.on_rank0(lambda: move_aside(cfg.ckpt_dir), group)
         if aside:
-            say(f"--resume=false: moved the checkpoints of the earlier run in {cfg.ckpt_dir} to {aside}")
+            say(
+                f"--resume=false: moved the checkpoints of the earlier run in {cfg.ckpt_dir} to {aside}"
+            )
     return Job(cfg, tokenizer, args, dataset, held_out, steps, run, resume_from)
 
 
@@ -242,13 +351,19 @@ def expert_condition(cfg, dataset) -> str:
     weight = prepare.class_rewards(dataset)
     top = [name for name in weight if math.isclose(weight[name], max(weight.values()))]
     if len(top) > 1:
-        raise ValueError(f"--expert_condition: classes {', '.join(map(repr, top))} share the largest weight "
-                         f"{weight[top[0]]:g}: name the expert's condition, --expert_condition={top[0]!r}, or give "
-                         f"the classes different --class_weights")
-    conditions = dataset.meta.get("conditions", {}).get(top[0], [top[0]])  # a prepared directory: class = condition
+        raise ValueError(
+            f"--expert_condition: classes {', '.join(map(repr, top))} share the largest weight "
+            f"{weight[top[0]]:g}: name the expert's condition, --expert_condition={top[0]!r}, or give "
+            f"the classes different --class_weights"
+        )
+    conditions = dataset.meta.get("conditions", {}).get(
+        top[0], [top[0]]
+    )  # a prepared directory: class = condition
     if len(conditions) != 1:
-        raise ValueError(f"--expert_condition: the top-weighted class {top[0]!r} has several conditions "
-                         f"({', '.join(map(repr, conditions))}): name one, --expert_condition=...")
+        raise ValueError(
+            f"--expert_condition: the top-weighted class {top[0]!r} has several conditions "
+            f"({', '.join(map(repr, conditions))}): name one, --expert_condition=..."
+        )
     return conditions[0]
 
 
@@ -257,7 +372,9 @@ def train(cfg):
     new_out_dir = not os.path.isdir(cfg.out_dir)  # looked at before any rank writes
     rank, world_size, device, mesh = setup_distributed()
     torch.manual_seed(cfg.seed)
-    group = dist.new_group(backend="gloo", timeout=datetime.timedelta(hours=6))  # data preparation's waits
+    group = dist.new_group(
+        backend="gloo", timeout=datetime.timedelta(hours=6)
+    )  # data preparation's waits
     written = []
     try:
         try:
@@ -265,7 +382,9 @@ def train(cfg):
         except (ValueError, OSError, KeyboardInterrupt) as e:
             if rank == 0 and not isinstance(e, KeyboardInterrupt):  # one line, once
                 print(f"error: {data.one_line(e)}", file=sys.stderr)
-            if int(os.environ.get("LOCAL_RANK", 0)) == 0:  # each node's disk: nothing of this run left behind
+            if (
+                int(os.environ.get("LOCAL_RANK", 0)) == 0
+            ):  # each node's disk: nothing of this run left behind
                 for path in [cfg.out_dir] if new_out_dir else written:
                     shutil.rmtree(path, ignore_errors=True)
             if isinstance(e, KeyboardInterrupt):
@@ -274,8 +393,14 @@ def train(cfg):
         cfg = job.cfg
         model = build_model(cfg, job.args, device, mesh)
         # fused: the whole AdamW update in one kernel per device on GPU, instead of many multi-tensor launches
-        optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
-                                      weight_decay=cfg.weight_decay, fused=device.type == "cuda")
+        optimizer = torch.optim.AdamW(
+            model.parameters(),
+            lr=cfg.lr,
+            betas=(cfg.beta1, cfg.beta2),
+            eps=cfg.eps,
+            weight_decay=cfg.weight_decay,
+            fused=device.type == "cuda",
+        )
         start_step = load_checkpoint(job.resume_from, model, optimizer) if job.resume_from else 0
         if job.resume_from:
             say(f"resumed from {job.resume_from} at step {start_step}")
@@ -288,8 +413,14 @@ def train(cfg):
 def validation_bins(dataset, held_out, cfg, rank, world_size):
     """This rank's share of the held-out conversations, packed once into bins of batch_tokens; every rank gets as
     many (some empty), since each forward pass is a collective under FSDP."""
-    packed = data.pack_epoch(dataset.lengths[held_out], cfg.batch_tokens, 1, cfg.seed, 0) if len(held_out) else []
-    bins = [[int(held_out[i]) for i in step[0]] for step in packed]  # one bin a step; positions -> dataset indices
+    packed = (
+        data.pack_epoch(dataset.lengths[held_out], cfg.batch_tokens, 1, cfg.seed, 0)
+        if len(held_out)
+        else []
+    )
+    bins = [
+        [int(held_out[i]) for i in step[0]] for step in packed
+    ]  # one bin a step; positions -> dataset indices
     bins += [[]] * (-len(bins) % world_size)
     return bins[rank::world_size]
 
@@ -302,17 +433,35 @@ def train_loop(job, model, optimizer, start_step, device):
     # SIGTERM (a scheduler's preemption) and Ctrl-C (SIGINT) only note the request: the step in flight finishes,
     # then every rank saves and exits, non-zero (stopped is not finished: `train.py && evaluate` must not go on).
     stop = {}
-    previous = {s: signal.signal(s, lambda signum, _: stop.setdefault("signal", signum))
-                for s in (signal.SIGTERM, signal.SIGINT)}
-    n_params = model.num_params(exclude_embeddings=not job.args.tie_embeddings)  # matmul weights: 6N FLOPs a token
-    describe(cfg, job.tokenizer, job.args, model.size_text(), dataset, job.held_out, len(steps), world_size)
-    progress = Progress(cfg, start_step, total_steps, dataset.class_names, n_params, job.args, device)
+    previous = {
+        s: signal.signal(s, lambda signum, _: stop.setdefault("signal", signum))
+        for s in (signal.SIGTERM, signal.SIGINT)
+    }
+    n_params = model.num_params(
+        exclude_embeddings=not job.args.tie_embeddings
+    )  # matmul weights: 6N FLOPs a token
+    describe(
+        cfg,
+        job.tokenizer,
+        job.args,
+        model.size_text(),
+        dataset,
+        job.held_out,
+        len(steps),
+        world_size,
+    )
+    progress = Progress(
+        cfg, start_step, total_steps, dataset.class_names, n_params, job.args, device
+    )
     step, stopped = start_step, 0
     try:
         while step < total_steps:
             progress.start_step(step)
             epoch, bins = steps[step]
-            batches = [data.make_batch(dataset, b).to(device) for b in bins[rank * cfg.grad_accum:][:cfg.grad_accum]]
+            batches = [
+                data.make_batch(dataset, b).to(device)
+                for b in bins[rank * cfg.grad_accum :][: cfg.grad_accum]
+            ]
             lr = learning_rate(step, total_steps, cfg)
             for group in optimizer.param_groups:
                 group["lr"] = lr
@@ -324,21 +473,49 @@ def train_loop(job, model, optimizer, start_step, device):
             step += 1
             loss = progress.end_step(step, epoch, lr, grad_norm, batches, outputs, weight_sum)
             if not math.isfinite(loss):
-                raise FloatingPointError(f"loss is {loss} at step {step}; the last checkpoint is intact")
-            if step == len(steps) or steps[step][0] != epoch:  # an epoch ends: the validation loss, an export to keep
+                raise FloatingPointError(
+                    f"loss is {loss} at step {step}; the last checkpoint is intact"
+                )
+            if (
+                step == len(steps) or steps[step][0] != epoch
+            ):  # an epoch ends: the validation loss, an export to keep
                 if val_bins:
                     val_loss, per_class = validate(model, dataset, val_bins, device)
-                    progress.log({"step": step, "epoch": epoch, "val_loss": val_loss, "val_loss_per_class": per_class})
-                    say(f"epoch {epoch + 1}: validation loss {val_loss:.4f} ("
-                                 + ", ".join(f"{name} {v:.4f}" for name, v in per_class.items()) + ")")
+                    progress.log(
+                        {
+                            "step": step,
+                            "epoch": epoch,
+                            "val_loss": val_loss,
+                            "val_loss_per_class": per_class,
+                        }
+                    )
+                    say(
+                        f"epoch {epoch + 1}: validation loss {val_loss:.4f} ("
+                        + ", ".join(f"{name} {v:.4f}" for name, v in per_class.items())
+                        + ")"
+                    )
                 if cfg.export:
-                    export(model, cfg, job.args, job.tokenizer, os.path.join(cfg.out_dir, f"epoch_{epoch + 1}"))
+                    export(
+                        model,
+                        cfg,
+                        job.args,
+                        job.tokenizer,
+                        os.path.join(cfg.out_dir, f"epoch_{epoch + 1}"),
+                    )
             # A signal on any rank: every rank saves this step, once, and all leave together.
             flag = torch.tensor([float(stop.get("signal", 0))], device=device)
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
             stopped = int(flag.item())
             if stopped or step % cfg.ckpt_every == 0 or step == total_steps:
-                save_checkpoint(model, optimizer, step, cfg.ckpt_dir, cfg.keep_ckpts, dataclasses.asdict(cfg), job.run)
+                save_checkpoint(
+                    model,
+                    optimizer,
+                    step,
+                    cfg.ckpt_dir,
+                    cfg.keep_ckpts,
+                    dataclasses.asdict(cfg),
+                    job.run,
+                )
             if stopped:
                 break
     finally:
@@ -347,11 +524,16 @@ def train_loop(job, model, optimizer, start_step, device):
             signal.signal(s, handler)
     if stopped:
         if rank == 0:
-            print(f"stopped by {signal.Signals(stopped).name} after step {step} of {total_steps}: checkpoint "
-                  f"{os.path.join(cfg.ckpt_dir, f'step_{step:07d}')}; the same command resumes from it",
-                  file=sys.stderr, flush=True)
+            print(
+                f"stopped by {signal.Signals(stopped).name} after step {step} of {total_steps}: checkpoint "
+                f"{os.path.join(cfg.ckpt_dir, f'step_{step:07d}')}; the same command resumes from it",
+                file=sys.stderr,
+                flush=True,
+            )
         raise SystemExit(128 + stopped)
-    scored = cfg.data == "toy" and cfg.toy_eval  # the full model is gathered only to export or to score it
+    scored = (
+        cfg.data == "toy" and cfg.toy_eval
+    )  # the full model is gathered only to export or to score it
     final = None
     if cfg.export or scored:
         final = export(model, cfg, job.args, job.tokenizer, os.path.join(cfg.out_dir, "export"))
@@ -362,11 +544,17 @@ def train_loop(job, model, optimizer, start_step, device):
         condition = cfg.expert_condition if cfg.use_condition else ""
         problems = toy_task.make_toy_eval(cfg.toy_eval, cfg.seed)
         prompt = lambda messages: data.encode_prompt(job.tokenizer, messages, condition)  # noqa: E731
-        results["accuracy"], answers = toy_task.evaluate(final.float(), job.tokenizer, problems, prompt)
-        results["accuracy_turn3"], _ = toy_task.evaluate(final, job.tokenizer, problems, prompt, turn=3)
-        say(f"toy task: {results['accuracy']:.1%} of {cfg.toy_eval} held-out problems answered correctly as the "
+        results["accuracy"], answers = toy_task.evaluate(
+            final.float(), job.tokenizer, problems, prompt
+        )
+        results["accuracy_turn3"], _ = toy_task.evaluate(
+            final, job.tokenizer, problems, prompt, turn=3
+        )
+        say(
+            f"toy task: {results['accuracy']:.1%} of {cfg.toy_eval} held-out problems answered correctly as the "
             f"first question of a chat, {results['accuracy_turn3']:.1%} as the third (greedy, condition "
-            f"{condition!r}); e.g. {answers[0][0]} -> {answers[0][1]!r}")
+            f"{condition!r}); e.g. {answers[0][0]} -> {answers[0][1]!r}"
+        )
     with open(os.path.join(cfg.out_dir, "results.json"), "w") as f:
         json.dump(results, f, indent=1)
     return results
@@ -378,12 +566,16 @@ def main(argv):
     try:
         cfg = parse_config(argv)
     except ValueError as e:
-        if os.environ.get("RANK", "0") == "0":  # under torchrun every rank parses: one of them says it
+        if (
+            os.environ.get("RANK", "0") == "0"
+        ):  # under torchrun every rank parses: one of them says it
             print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2)
     try:
         return train(cfg)
-    except KeyboardInterrupt:  # Ctrl-C outside the training steps (during those it saves first: train_loop)
+    except (
+        KeyboardInterrupt
+    ):  # Ctrl-C outside the training steps (during those it saves first: train_loop)
         if os.environ.get("RANK", "0") == "0":
             print("interrupted: nothing saved since the last checkpoint", file=sys.stderr)
         raise SystemExit(130)

@@ -4,6 +4,7 @@ run settings; written as .tmp and renamed when complete, then CKPT_DIR/latest is
 the whole data position (data order and learning rate are functions of it), so a resume that changes a run setting
 is refused by name. Every rank writes into the same directory and rank 0 lists it: on several nodes it must be a
 directory that every node shares, checked at start (check_shared)."""
+
 import json
 import os
 import secrets
@@ -40,10 +41,21 @@ def save_checkpoint(model, optimizer, step, ckpt_dir, keep=2, config=None, run=N
         paths = {f: os.path.join(tmp, f) for f in sorted(os.listdir(tmp))}
         files = {f: [os.path.getsize(p), file_digest(p)] for f, p in paths.items()}
         with open(os.path.join(tmp, "manifest.json"), "w") as f:
-            json.dump({"step": step, "world_size": dist.get_world_size(), "run": run, "config": config,
-                       "files": files}, f, indent=1)
+            json.dump(
+                {
+                    "step": step,
+                    "world_size": dist.get_world_size(),
+                    "run": run,
+                    "config": config,
+                    "files": files,
+                },
+                f,
+                indent=1,
+            )
         shutil.rmtree(final, ignore_errors=True)
-        os.rename(tmp, final)  # atomic: a crash before this line leaves the previous checkpoint as latest
+        os.rename(
+            tmp, final
+        )  # atomic: a crash before this line leaves the previous checkpoint as latest
         with open(os.path.join(ckpt_dir, "latest.tmp"), "w") as f:
             f.write(os.path.basename(final))
         os.replace(os.path.join(ckpt_dir, "latest.tmp"), os.path.join(ckpt_dir, "latest"))
@@ -64,6 +76,7 @@ def check_shared(ckpt_dir, group):
     """Several nodes: each node's first rank must see a file that rank 0 writes where the checkpoints go (the
     nearest existing directory of ckpt_dir, so nothing is created). On node-local disks the shards of the other
     nodes would never reach rank 0's manifest; refused in one line on every rank."""
+
     def write_probe():
         where = os.path.abspath(ckpt_dir)
         while not os.path.isdir(where):
@@ -75,14 +88,17 @@ def check_shared(ckpt_dir, group):
 
     probe = on_rank0(write_probe, group)
     blind = [False] * dist.get_world_size()
-    dist.all_gather_object(blind, int(os.environ.get("LOCAL_RANK", 0)) == 0 and not os.path.exists(probe),
-                           group=group)
+    dist.all_gather_object(
+        blind, int(os.environ.get("LOCAL_RANK", 0)) == 0 and not os.path.exists(probe), group=group
+    )
     if dist.get_rank() == 0:
         os.remove(probe)
     if any(blind):
-        raise ValueError(f"--ckpt_dir={ckpt_dir}: rank {blind.index(True)} (another node) does not see the "
-                         "files rank 0 writes there; checkpoints of several nodes need a directory that every "
-                         "node shares: --ckpt_dir=/shared/path (--out_dir may stay node-local)")
+        raise ValueError(
+            f"--ckpt_dir={ckpt_dir}: rank {blind.index(True)} (another node) does not see the "
+            "files rank 0 writes there; checkpoints of several nodes need a directory that every "
+            "node shares: --ckpt_dir=/shared/path (--out_dir may stay node-local)"
+        )
 
 
 def resume_point(ckpt_dir, resume, run):
@@ -91,10 +107,16 @@ def resume_point(ckpt_dir, resume, run):
     if not resume:
         return None
     if not os.path.isfile(os.path.join(ckpt_dir, "latest")):
-        old = sorted(d for d in os.listdir(ckpt_dir) if d.startswith("step_")) if os.path.isdir(ckpt_dir) else []
+        old = (
+            sorted(d for d in os.listdir(ckpt_dir) if d.startswith("step_"))
+            if os.path.isdir(ckpt_dir)
+            else []
+        )
         if any(not d.endswith(".tmp") for d in old):
-            raise ValueError(f"{ckpt_dir} holds checkpoints ({', '.join(old)}) but no `latest`: resume from one by "
-                             "writing its name into latest, or start over with --resume=false (moves them aside)")
+            raise ValueError(
+                f"{ckpt_dir} holds checkpoints ({', '.join(old)}) but no `latest`: resume from one by "
+                "writing its name into latest, or start over with --resume=false (moves them aside)"
+            )
         return None
     with open(os.path.join(ckpt_dir, "latest")) as f:
         latest = os.path.join(ckpt_dir, f.read().strip())
@@ -106,7 +128,9 @@ def move_aside(ckpt_dir):
     """(rank 0) --resume=false: an earlier run's checkpoints are renamed ckpt_dir.old-TIME before this run writes
     any, so that the two never mix (a later resume or pruning would take one run's for the other's). Returns the
     new name, or None when ckpt_dir holds no checkpoint."""
-    if not os.path.isdir(ckpt_dir) or not any(d == "latest" or d.startswith("step_") for d in os.listdir(ckpt_dir)):
+    if not os.path.isdir(ckpt_dir) or not any(
+        d == "latest" or d.startswith("step_") for d in os.listdir(ckpt_dir)
+    ):
         return None
     aside = f"{os.path.normpath(ckpt_dir)}.old-{time.strftime('%Y%m%d-%H%M%S')}"
     while os.path.exists(aside):  # two starts within a second
@@ -124,28 +148,41 @@ def check_same_run(path, run):
             state = json.load(f)
         files = state["files"]
     except (OSError, ValueError, KeyError) as e:
-        raise ValueError(f"checkpoint {path} is incomplete or corrupted: cannot read {manifest} ({e}). "
-                         f"Write an earlier checkpoint's name into {os.path.dirname(path)}/latest to resume "
-                         "from it, or start over with --resume=false") from e
+        raise ValueError(
+            f"checkpoint {path} is incomplete or corrupted: cannot read {manifest} ({e}). "
+            f"Write an earlier checkpoint's name into {os.path.dirname(path)}/latest to resume "
+            "from it, or start over with --resume=false"
+        ) from e
     for name, (size, digest) in files.items():
         p = os.path.join(path, name)
         if not os.path.exists(p):
             raise ValueError(f"checkpoint {path} is corrupted: {name} is missing")
         if os.path.getsize(p) != size:
-            raise ValueError(f"checkpoint {path} is corrupted: {name} has {os.path.getsize(p)} bytes, "
-                             f"the manifest says {size} (half-written?)")
+            raise ValueError(
+                f"checkpoint {path} is corrupted: {name} has {os.path.getsize(p)} bytes, "
+                f"the manifest says {size} (half-written?)"
+            )
         if file_digest(p) != digest:
             raise ValueError(f"checkpoint {path} is corrupted: {name} fails its SHA-256 check")
     saved = state.get("run")
     if saved is None:
-        raise ValueError(f"{path}: written by an earlier version of train.py (no run settings in its "
-                         "manifest); start over with --resume=false or another --ckpt_dir")
-    for field, value in json.loads(json.dumps(run)).items():  # as the manifest stores it: tuples are lists
+        raise ValueError(
+            f"{path}: written by an earlier version of train.py (no run settings in its "
+            "manifest); start over with --resume=false or another --ckpt_dir"
+        )
+    for field, value in json.loads(
+        json.dumps(run)
+    ).items():  # as the manifest stores it: tuples are lists
         if field in saved and saved[field] != value:
-            short = [v if len(v) <= 120 else v[:120] + "..." for v in (json.dumps(saved[field]), json.dumps(value))]
-            raise ValueError(f"{path}: {field} was {short[0]} in the run that wrote this checkpoint, now "
-                             f"{short[1]}: the model, the data order or the learning-rate schedule would "
-                             "differ. Resume with the same value, or start over with --resume=false")
+            short = [
+                v if len(v) <= 120 else v[:120] + "..."
+                for v in (json.dumps(saved[field]), json.dumps(value))
+            ]
+            raise ValueError(
+                f"{path}: {field} was {short[0]} in the run that wrote this checkpoint, now "
+                f"{short[1]}: the model, the data order or the learning-rate schedule would "
+                "differ. Resume with the same value, or start over with --resume=false"
+            )
 
 
 def load_checkpoint(path, model, optimizer):

@@ -32,13 +32,16 @@ script says so and exits 0.
 times other launch configs (tile sizes, warps, stages) of each kernel on 8k tokens, one stage at a time
 with the others at crlft_kernels/attention.py's choice, to pick kernel_config() from measurements.
 """
+
 import argparse
 import math
 import os
 import sys
 import time
 
-if __name__ == "__main__" and "--dry" in sys.argv:  # the Triton kernels in the CPU interpreter: set before triton
+if (
+    __name__ == "__main__" and "--dry" in sys.argv
+):  # the Triton kernels in the CPU interpreter: set before triton
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import torch  # noqa: E402
@@ -57,7 +60,7 @@ def sharegpt_like_lengths(total, seed, mean=600):
     """Lognormal lengths (sigma 1, mean `mean`), each at least 1, cut so they sum to `total`."""
     g = torch.Generator().manual_seed(seed)
     sigma = 1.0
-    mu = math.log(mean) - sigma ** 2 / 2
+    mu = math.log(mean) - sigma**2 / 2
     lengths = []
     while sum(lengths) < total:
         length = int(torch.empty(1).log_normal_(mu, sigma, generator=g).clamp(min=1).item())
@@ -80,7 +83,9 @@ def make_inputs(lengths, n_heads, n_kv_heads, head_dim, device, dtype=torch.bflo
     k = torch.randn(n_tokens, n_kv_heads, head_dim, device=device, dtype=dtype, requires_grad=True)
     v = torch.randn(n_tokens, n_kv_heads, head_dim, device=device, dtype=dtype, requires_grad=True)
     do = torch.randn(n_tokens, n_heads, head_dim, device=device, dtype=dtype)
-    cu_seqlens = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32, device=device)
+    cu_seqlens = torch.tensor(
+        [0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32, device=device
+    )
     return q, k, v, do, cu_seqlens
 
 
@@ -99,7 +104,10 @@ def check(q, k, v, do, cu_seqlens, max_seqlen, window=None):
 def padded_sdpa_inputs(q, k, v, do, lengths, gqa_ok):
     """(n_seqs, heads, max_len, D) copies for SDPA; K/V repeated per query head unless enable_gqa works."""
     n_seqs, max_len = len(lengths), max(lengths)
-    valid = torch.arange(max_len, device=q.device)[None, :] < torch.tensor(lengths, device=q.device)[:, None]
+    valid = (
+        torch.arange(max_len, device=q.device)[None, :]
+        < torch.tensor(lengths, device=q.device)[:, None]
+    )
 
     def pad(x):
         out = x.new_zeros(n_seqs, max_len, x.shape[1], x.shape[2])
@@ -115,6 +123,7 @@ def padded_sdpa_inputs(q, k, v, do, lengths, gqa_ok):
 
 def sdpa_gqa_works(device):
     from torch.nn.attention import SDPBackend, sdpa_kernel
+
     q = torch.randn(1, 4, 128, 128, device=device, dtype=torch.bfloat16)
     kv = torch.randn(1, 2, 128, 128, device=device, dtype=torch.bfloat16)
     try:
@@ -129,6 +138,7 @@ def timer(device):
     """Milliseconds of fn(): triton's do_bench median on a GPU; on the CPU (--dry) one call after a warm-up."""
     if device == "cuda":
         import triton.testing
+
         return lambda fn: triton.testing.do_bench(fn, warmup=10, rep=50, return_mode="median")
 
     def once(fn):
@@ -136,6 +146,7 @@ def timer(device):
         start = time.perf_counter()
         fn()
         return (time.perf_counter() - start) * 1e3
+
     return once
 
 
@@ -143,29 +154,41 @@ def flex_baseline(q, k, v, do, cu_seqlens, device):
     """FlexAttention (compiled on a GPU; eager on the CPU) with a causal document mask from cu_seqlens, on
     (1, heads, tokens, D) copies: the variable-length baseline. Returns (forward fn, backward fn, its output)."""
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
     n = q.shape[0]
-    doc = torch.searchsorted(cu_seqlens[1:], torch.arange(n, device=device, dtype=torch.int32), right=True)
+    doc = torch.searchsorted(
+        cu_seqlens[1:], torch.arange(n, device=device, dtype=torch.int32), right=True
+    )
 
     def causal_same_document(b, h, q_idx, kv_idx):
         return (doc[q_idx] == doc[kv_idx]) & (q_idx >= kv_idx)
 
     mask = create_block_mask(causal_same_document, None, None, n, n, device=device)
     # FlexAttention has no backward on the CPU (--dry): there it runs forward only.
-    qf, kf, vf = [x.detach().transpose(0, 1)[None].contiguous().requires_grad_(device == "cuda") for x in (q, k, v)]
+    qf, kf, vf = [
+        x.detach().transpose(0, 1)[None].contiguous().requires_grad_(device == "cuda")
+        for x in (q, k, v)
+    ]
     dof = do.transpose(0, 1)[None].contiguous()
     attend = torch.compile(flex_attention, dynamic=False) if device == "cuda" else flex_attention
     gqa = dict(enable_gqa=True) if q.shape[1] != k.shape[1] else {}
     out = attend(qf, kf, vf, block_mask=mask, **gqa)
-    backward = (lambda: torch.autograd.grad(out, (qf, kf, vf), dof, retain_graph=True)) if device == "cuda" else None
+    backward = (
+        (lambda: torch.autograd.grad(out, (qf, kf, vf), dof, retain_graph=True))
+        if device == "cuda"
+        else None
+    )
     return lambda: attend(qf, kf, vf, block_mask=mask, **gqa), backward, out[0].transpose(0, 1)
 
 
 def window_pairs(lengths, window):
     """(query, key) pairs a causal attention computes, within `window` keys or not (None)."""
+
     def pairs(L):
         if window is None or L <= window:
             return L * (L + 1) // 2
         return window * (window + 1) // 2 + (L - window) * window
+
     return sum(pairs(L) for L in lengths)
 
 
@@ -179,28 +202,43 @@ def bench(args):
     if not args.dry:
         totals, window_size, window_tokens, mean_len = TOTALS, WINDOW, WINDOW_TOKENS, 600
     gqa_ok = sdpa_gqa_works(device)
-    name = torch.cuda.get_device_name() if device == "cuda" else "CPU (--dry: tiny shapes, one timed call)"
-    print(f"{name}, torch {torch.__version__}; H={H} H_kv={H_kv} D={D} {str(dtype)[6:]} causal; SDPA flash backend, "
-          f"{'enable_gqa' if gqa_ok else 'K/V repeated per query head (enable_gqa not available on flash)'}; "
-          f"triton {'interpreter' if os.environ.get('TRITON_INTERPRET') == '1' else 'compiled'}")
+    name = (
+        torch.cuda.get_device_name()
+        if device == "cuda"
+        else "CPU (--dry: tiny shapes, one timed call)"
+    )
+    print(
+        f"{name}, torch {torch.__version__}; H={H} H_kv={H_kv} D={D} {str(dtype)[6:]} causal; SDPA flash backend, "
+        f"{'enable_gqa' if gqa_ok else 'K/V repeated per query head (enable_gqa not available on flash)'}; "
+        f"triton {'interpreter' if os.environ.get('TRITON_INTERPRET') == '1' else 'compiled'}"
+    )
     ms, failed = timer(device), []
 
     def checked(name, err):
         if not err < MAX_REL_ERR:
             failed.append(f"{name}: relative error {err:.1e}")
 
-    def print_summary(line):  # at once: a time limit that stops the run leaves the lines printed so far
+    def print_summary(
+        line,
+    ):  # at once: a time limit that stops the run leaves the lines printed so far
         print(f"SUMMARY {line}", flush=True)
 
     def tflops(flops, t_ms):
         return flops / (t_ms * 1e-3) / 1e12
 
     # The sliding window against full causal attention on the same inputs: one sequence, and a pack of two.
-    print(f"\nwindow {window_size} against full causal attention, {window_tokens} tokens; ideal = the share of "
-          f"(query, key) pairs left in the window")
-    print(f"{'layout':<22}{'attention':<13}{'rel_err':>9}{'fwd ms':>8}{'bwd ms':>8}{'fwd x':>7}{'f+b x':>7}"
-          f"{'ideal':>7}")
-    for layout, lengths in (("one sequence", [window_tokens]), ("pack of two", [window_tokens // 2] * 2)):
+    print(
+        f"\nwindow {window_size} against full causal attention, {window_tokens} tokens; ideal = the share of "
+        f"(query, key) pairs left in the window"
+    )
+    print(
+        f"{'layout':<22}{'attention':<13}{'rel_err':>9}{'fwd ms':>8}{'bwd ms':>8}{'fwd x':>7}{'f+b x':>7}"
+        f"{'ideal':>7}"
+    )
+    for layout, lengths in (
+        ("one sequence", [window_tokens]),
+        ("pack of two", [window_tokens // 2] * 2),
+    ):
         q, k, v, do, cu = make_inputs(lengths, H, H_kv, D, device, dtype)
         base = None
         for window in (None, window_size):
@@ -211,20 +249,36 @@ def bench(args):
             bwd = ms(lambda: torch.autograd.grad(out, (q, k, v), do, retain_graph=True))
             base = base or (fwd, fwd + bwd)
             ideal = window_pairs(lengths, window) / window_pairs(lengths, None)
-            label, kind = f"{layout} {'+'.join(map(str, lengths))}", f"window {window}" if window else "causal"
-            print(f"{label:<22}{kind:<13}{err:>9.1e}{fwd:>8.3f}{bwd:>8.3f}{fwd / base[0]:>7.2f}"
-                  f"{(fwd + bwd) / base[1]:>7.2f}{ideal:>7.2f}", flush=True)
+            label, kind = (
+                f"{layout} {'+'.join(map(str, lengths))}",
+                f"window {window}" if window else "causal",
+            )
+            print(
+                f"{label:<22}{kind:<13}{err:>9.1e}{fwd:>8.3f}{bwd:>8.3f}{fwd / base[0]:>7.2f}"
+                f"{(fwd + bwd) / base[1]:>7.2f}{ideal:>7.2f}",
+                flush=True,
+            )
             if window:
-                print_summary(f"window {window} at {window_tokens} tokens, {layout}: fwd {fwd / base[0]:.2f}x, "
-                               f"fwd+bwd {(fwd + bwd) / base[1]:.2f}x full causal (ideal {ideal:.2f})")
-            del out
-    print(f"\nTFLOP/s (median of do_bench); 'x sdpa', 'x flex' = the baseline's time / ours (> 1: ours is faster); "
-          f"flex = FlexAttention compiled, with a causal document mask (packed rows only)")
-    print(f"{'layout':<13}{'tokens':>7}{'seqs':>6}{'max_len':>8}{'rel_err':>9}{'fwd ours':>9}{'sdpa':>7}{'flex':>7}"
-          f"{'bwd ours':>9}{'sdpa':>7}{'flex':>7}{'fwd ms':>8}{'bwd ms':>8}{'bwd x sdpa':>11}{'f+b x flex':>11}")
+                print_summary(
+                    f"window {window} at {window_tokens} tokens, {layout}: fwd {fwd / base[0]:.2f}x, "
+                    f"fwd+bwd {(fwd + bwd) / base[1]:.2f}x full causal (ideal {ideal:.2f})"
+                )
+            out = None  # freed before the next one is made
+    print(
+        "\nTFLOP/s (median of do_bench); 'x sdpa', 'x flex' = the baseline's time / ours (> 1: ours is faster); "
+        "flex = FlexAttention compiled, with a causal document mask (packed rows only)"
+    )
+    print(
+        f"{'layout':<13}{'tokens':>7}{'seqs':>6}{'max_len':>8}{'rel_err':>9}{'fwd ours':>9}{'sdpa':>7}{'flex':>7}"
+        f"{'bwd ours':>9}{'sdpa':>7}{'flex':>7}{'fwd ms':>8}{'bwd ms':>8}{'bwd x sdpa':>11}{'f+b x flex':>11}"
+    )
     for layout in ("one sequence", "packed"):
         for total in totals:
-            lengths = [total] if layout == "one sequence" else sharegpt_like_lengths(total, total, mean_len)
+            lengths = (
+                [total]
+                if layout == "one sequence"
+                else sharegpt_like_lengths(total, total, mean_len)
+            )
             max_len = max(lengths)
             q, k, v, do, cu = make_inputs(lengths, H, H_kv, D, device, dtype)
             err, ref = check(q, k, v, do, cu, max_len)
@@ -238,47 +292,91 @@ def bench(args):
             qp, kp, vp, dop = padded_sdpa_inputs(q, k, v, do, lengths, gqa_ok)
             extra = dict(enable_gqa=True) if gqa_ok and H != H_kv else {}
             with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
-                sdpa_fwd = ms(lambda: F.scaled_dot_product_attention(qp, kp, vp, is_causal=True, **extra))
+                sdpa_fwd = ms(
+                    lambda: F.scaled_dot_product_attention(qp, kp, vp, is_causal=True, **extra)
+                )
                 ref_out = F.scaled_dot_product_attention(qp, kp, vp, is_causal=True, **extra)
-                sdpa_bwd = ms(lambda: torch.autograd.grad(ref_out, (qp, kp, vp), dop, retain_graph=True))
+                sdpa_bwd = ms(
+                    lambda: torch.autograd.grad(ref_out, (qp, kp, vp), dop, retain_graph=True)
+                )
 
             flex = (float("nan"),) * 2
             if layout == "packed":
                 try:
                     flex_fwd, flex_bwd, flex_out = flex_baseline(q, k, v, do, cu, device)
-                    checked(f"flex {total}", rel_err(flex_out, ref))  # the baseline's document mask is right
+                    checked(
+                        f"flex {total}", rel_err(flex_out, ref)
+                    )  # the baseline's document mask is right
                     flex = ms(flex_fwd), ms(flex_bwd) if flex_bwd else float("nan")
                 except Exception as e:  # a baseline that fails is reported, not fatal
-                    print(f"flex at {total}: {type(e).__name__}: {str(e).splitlines()[0][:150]}", flush=True)
-            print(f"{layout:<13}{total:>7}{len(lengths):>6}{max_len:>8}{err:>9.1e}{tflops(fwd_flops, ours_fwd):>9.1f}"
-                  f"{tflops(fwd_flops, sdpa_fwd):>7.1f}{tflops(fwd_flops, flex[0]):>7.1f}"
-                  f"{tflops(bwd_flops, ours_bwd):>9.1f}{tflops(bwd_flops, sdpa_bwd):>7.1f}"
-                  f"{tflops(bwd_flops, flex[1]):>7.1f}{ours_fwd:>8.3f}{ours_bwd:>8.3f}{sdpa_bwd / ours_bwd:>11.2f}"
-                  f"{sum(flex) / (ours_fwd + ours_bwd):>11.2f}", flush=True)
+                    print(
+                        f"flex at {total}: {type(e).__name__}: {str(e).splitlines()[0][:150]}",
+                        flush=True,
+                    )
+            print(
+                f"{layout:<13}{total:>7}{len(lengths):>6}{max_len:>8}{err:>9.1e}{tflops(fwd_flops, ours_fwd):>9.1f}"
+                f"{tflops(fwd_flops, sdpa_fwd):>7.1f}{tflops(fwd_flops, flex[0]):>7.1f}"
+                f"{tflops(bwd_flops, ours_bwd):>9.1f}{tflops(bwd_flops, sdpa_bwd):>7.1f}"
+                f"{tflops(bwd_flops, flex[1]):>7.1f}{ours_fwd:>8.3f}{ours_bwd:>8.3f}{sdpa_bwd / ours_bwd:>11.2f}"
+                f"{sum(flex) / (ours_fwd + ours_bwd):>11.2f}",
+                flush=True,
+            )
             if total == totals[0] and layout == "one sequence":
-                print_summary(f"attention backward, one sequence of {total}: ours {ours_bwd:.3f} ms, SDPA "
-                               f"{sdpa_bwd:.3f} ms: {sdpa_bwd / ours_bwd:.2f}x SDPA's speed")
+                print_summary(
+                    f"attention backward, one sequence of {total}: ours {ours_bwd:.3f} ms, SDPA "
+                    f"{sdpa_bwd:.3f} ms: {sdpa_bwd / ours_bwd:.2f}x SDPA's speed"
+                )
             if total == totals[-1] and layout == "packed":
-                print_summary(f"attention packed {total}: fwd+bwd ours {ours_fwd + ours_bwd:.3f} ms, FlexAttention "
-                               f"{sum(flex):.3f} ms, padded SDPA {sdpa_fwd + sdpa_bwd:.3f} ms")
-            del q, k, v, do, out, qp, kp, vp, dop, ref_out, ref
+                print_summary(
+                    f"attention packed {total}: fwd+bwd ours {ours_fwd + ours_bwd:.3f} ms, FlexAttention "
+                    f"{sum(flex):.3f} ms, padded SDPA {sdpa_fwd + sdpa_bwd:.3f} ms"
+                )
+            q = k = v = do = out = qp = kp = vp = dop = ref_out = ref = (
+                None  # freed before the next row's
+            )
             if device == "cuda":
                 torch.cuda.empty_cache()
 
     if failed:
-        print(f"FAILED: over {MAX_REL_ERR} (or NaN): {'; '.join(failed)}: the timings of those rows are of wrong "
-              f"results")
+        print(
+            f"FAILED: over {MAX_REL_ERR} (or NaN): {'; '.join(failed)}: the timings of those rows are of wrong "
+            f"results"
+        )
         sys.exit(1)
 
 
 # (block_m, block_n, warps, stages) candidates per kernel; the sweep keeps the other kernels at the default.
 SWEEP = {
-    "fwd": [(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3), (128, 64, 8, 4), (128, 32, 4, 4),
-            (64, 64, 4, 3), (128, 128, 8, 2), (256, 64, 8, 3)],
-    "dkdv": [(64, 128, 8, 2), (64, 128, 4, 2), (64, 128, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3),
-             (32, 64, 4, 3), (32, 128, 8, 3), (16, 64, 4, 3)],
-    "dq": [(128, 64, 8, 3), (128, 64, 8, 2), (64, 32, 4, 3), (128, 128, 8, 2), (128, 32, 8, 3),
-           (64, 64, 4, 4), (128, 64, 8, 4), (128, 128, 8, 3)],
+    "fwd": [
+        (128, 64, 8, 3),
+        (128, 128, 8, 3),
+        (128, 64, 4, 3),
+        (128, 64, 8, 4),
+        (128, 32, 4, 4),
+        (64, 64, 4, 3),
+        (128, 128, 8, 2),
+        (256, 64, 8, 3),
+    ],
+    "dkdv": [
+        (64, 128, 8, 2),
+        (64, 128, 4, 2),
+        (64, 128, 8, 3),
+        (128, 128, 8, 2),
+        (64, 64, 4, 3),
+        (32, 64, 4, 3),
+        (32, 128, 8, 3),
+        (16, 64, 4, 3),
+    ],
+    "dq": [
+        (128, 64, 8, 3),
+        (128, 64, 8, 2),
+        (64, 32, 4, 3),
+        (128, 128, 8, 2),
+        (128, 32, 8, 3),
+        (64, 64, 4, 4),
+        (128, 64, 8, 4),
+        (128, 128, 8, 3),
+    ],
 }
 
 
@@ -290,12 +388,17 @@ def sweep(args):
 
     default_config = attention.kernel_config
     H, H_kv, D = args.heads, args.kv_heads, args.head_dim
-    print(f"{torch.cuda.get_device_name()}: config sweep, H={H} H_kv={H_kv} D={D} bf16 causal, 8192 tokens; "
-          f"default {default_config(D, torch.bfloat16, 'cuda')}")
+    print(
+        f"{torch.cuda.get_device_name()}: config sweep, H={H} H_kv={H_kv} D={D} bf16 causal, 8192 tokens; "
+        f"default {default_config(D, torch.bfloat16, 'cuda')}"
+    )
     cases = [("one sequence", [8192]), ("packed", sharegpt_like_lengths(8192, seed=8192))]
     inputs = [(name, lengths, *make_inputs(lengths, H, H_kv, D, "cuda")) for name, lengths in cases]
-    print(f"{'kernel':<6}{'block_m':>8}{'block_n':>8}{'warps':>6}{'stages':>7}"
-          + "".join(f"{name + ' ms':>18}" for name, _ in cases) + f"{'rel_err':>9}")
+    print(
+        f"{'kernel':<6}{'block_m':>8}{'block_n':>8}{'warps':>6}{'stages':>7}"
+        + "".join(f"{name + ' ms':>18}" for name, _ in cases)
+        + f"{'rel_err':>9}"
+    )
     try:
         for kernel, candidates in SWEEP.items():
             for cand in candidates:
@@ -312,11 +415,15 @@ def sweep(args):
                         else:  # the whole backward (delta + dK/dV + dQ): only one of them changes
                             out = flash_attention(q, k, v, cu, max_len)
                             fn = lambda: torch.autograd.grad(out, (q, k, v), do, retain_graph=True)  # noqa: E731
-                        times.append(triton.testing.do_bench(fn, warmup=10, rep=50, return_mode="median"))
+                        times.append(
+                            triton.testing.do_bench(fn, warmup=10, rep=50, return_mode="median")
+                        )
                     row = "".join(f"{t:>18.3f}" for t in times) + f"{err:>9.1e}"
                 except Exception as e:  # e.g. out of shared memory for this tile size
                     row = f"   failed: {type(e).__name__}: {str(e).splitlines()[0][:80]}"
-                print(f"{kernel:<6}{cand[0]:>8}{cand[1]:>8}{cand[2]:>6}{cand[3]:>7}{row}", flush=True)
+                print(
+                    f"{kernel:<6}{cand[0]:>8}{cand[1]:>8}{cand[2]:>6}{cand[3]:>7}{row}", flush=True
+                )
     finally:
         attention.kernel_config = default_config
 
@@ -326,17 +433,24 @@ def main():
     parser.add_argument("--heads", type=int, default=32)
     parser.add_argument("--kv-heads", type=int, default=8)
     parser.add_argument("--head-dim", type=int, default=128)
-    parser.add_argument("--sweep", action="store_true", help="time other launch configs of each kernel")
-    parser.add_argument("--dry", action="store_true",
-                        help="CPU check of the code path: tiny shapes, the Triton interpreter, one timed call")
+    parser.add_argument(
+        "--sweep", action="store_true", help="time other launch configs of each kernel"
+    )
+    parser.add_argument(
+        "--dry",
+        action="store_true",
+        help="CPU check of the code path: tiny shapes, the Triton interpreter, one timed call",
+    )
     args = parser.parse_args()
     if args.dry:
         args.heads, args.kv_heads, args.head_dim = 2, 1, 16
         return bench(args)
     if not torch.cuda.is_available():
-        print("bench_attention: no CUDA GPU here, nothing to time (--dry checks the code path on the CPU). The "
-              "kernels are checked on the CPU by tests/test_attention.py (interpreter, and an ahead-of-time compile "
-              "for sm_80/sm_90a).")
+        print(
+            "bench_attention: no CUDA GPU here, nothing to time (--dry checks the code path on the CPU). The "
+            "kernels are checked on the CPU by tests/test_attention.py (interpreter, and an ahead-of-time compile "
+            "for sm_80/sm_90a)."
+        )
         return
     sweep(args) if args.sweep else bench(args)
 

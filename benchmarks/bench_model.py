@@ -4,6 +4,7 @@ the 19M LLaMA) on 4 x 256 tokens by default.
 
     python benchmarks/bench_model.py [--threads 2] [--batch 4] [--seq 256] [--steps 10]
 """
+
 import argparse
 import os
 import sys
@@ -36,7 +37,9 @@ def time_interleaved(steps, n_steps, n_warmup=1):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq", type=int, default=256)
@@ -56,17 +59,21 @@ def main():
     ours.train(), theirs.train()
 
     tokens = torch.randint(0, args.vocab_size, (opts.batch, opts.seq))
-    print(f"preset {opts.preset} ({ours.num_params() / 1e6:.1f}M params), batch {opts.batch} x {opts.seq} tokens, "
-          f"float32, CPU, torch {torch.__version__}, {opts.threads} threads, "
-          f"HF attention {theirs.config._attn_implementation}")
-    print(f"| {'forward+backward (median)':<46} | {'wall ms':>8} | {'tokens/s':>8} | {'speed-up':>8} | "
-          f"{'CPU ms':>8} | {'speed-up':>8} |")
+    print(
+        f"preset {opts.preset} ({ours.num_params() / 1e6:.1f}M params), batch {opts.batch} x {opts.seq} tokens, "
+        f"float32, CPU, torch {torch.__version__}, {opts.threads} threads, "
+        f"HF attention {theirs.config._attn_implementation}"
+    )
+    print(
+        f"| {'forward+backward (median)':<46} | {'wall ms':>8} | {'tokens/s':>8} | {'speed-up':>8} | "
+        f"{'CPU ms':>8} | {'speed-up':>8} |"
+    )
     print(f"|{'-' * 48}|{'-' * 10}|{'-' * 10}|{'-' * 10}|{'-' * 10}|{'-' * 10}|")
     # All targets, as in pre-training; then the first half of each row without a target, like the user turns
     # that C-RLFT gives weight 0 (HF: label -100; ours: loss weight 0, skipped by the fused loss).
     for case, masked in [("all targets", 0.0), ("1st half masked", 0.5)]:
         labels = tokens.clone()
-        labels[:, :int(masked * opts.seq)] = -100
+        labels[:, : int(masked * opts.seq)] = -100
         # Ours predicts labels[:, 1:] at positions [0, T-1), the same pairs as HF's shifted labels.
         targets = torch.cat([labels[:, 1:], torch.full((opts.batch, 1), -100)], dim=1)
         loss_weights = (targets != -100).float()
@@ -88,9 +95,14 @@ def main():
         assert abs(loss_ours - loss_theirs) < 1e-4, (loss_ours, loss_theirs)
         t_theirs, t_ours = time_interleaved([theirs_step, ours_step], opts.steps)
         n_tokens = opts.batch * opts.seq
-        for name, (wall, cpu) in [("transformers LlamaForCausalLM", t_theirs), ("model.py (fused linear CE)", t_ours)]:
-            print(f"| {case + ': ' + name:<46} | {wall * 1e3:8.1f} | {n_tokens / wall:8.0f} | "
-                  f"{t_theirs[0] / wall:7.2f}x | {cpu * 1e3:8.1f} | {t_theirs[1] / cpu:7.2f}x |")
+        for name, (wall, cpu) in [
+            ("transformers LlamaForCausalLM", t_theirs),
+            ("model.py (fused linear CE)", t_ours),
+        ]:
+            print(
+                f"| {case + ': ' + name:<46} | {wall * 1e3:8.1f} | {n_tokens / wall:8.0f} | "
+                f"{t_theirs[0] / wall:7.2f}x | {cpu * 1e3:8.1f} | {t_theirs[1] / cpu:7.2f}x |"
+            )
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ Time: from the job's start of preparation to the last rank holding the dataset (
 command, start-up included). Peak memory (ru_maxrss): rank 0's process, the largest of the other ranks', and
 the largest tokenizer worker process of any rank.
 """
+
 import argparse
 import collections
 import json
@@ -33,8 +34,15 @@ def worker(mode, out_dir, result_dir):
     import prepare
     import train
 
-    argv = ["--data=sharegpt", "--skip_bad=true", "--model=1b", "--max_seq_len=8192", "--batch_tokens=8192",
-            f"--out_dir={out_dir}", "--class_weights=GPT4 Correct=1"]
+    argv = [
+        "--data=sharegpt",
+        "--skip_bad=true",
+        "--model=1b",
+        "--max_seq_len=8192",
+        "--batch_tokens=8192",
+        f"--out_dir={out_dir}",
+        "--class_weights=GPT4 Correct=1",
+    ]
     cfg = train.parse_config(argv)
     dist.init_process_group("gloo")
     rank = dist.get_rank()
@@ -42,21 +50,34 @@ def worker(mode, out_dir, result_dir):
     t0 = time.perf_counter()
     tokenizer, args = train.tokenizer_and_args(cfg)
     if mode == "before":
-        conversations = data.load_conversations(cfg.data, cfg.sharegpt_condition, True, collections.Counter())
-        dataset = data.tokenize_dataset(conversations, tokenizer, args.max_seq_len,
-                                        prepare.class_weights(cfg))
+        conversations = data.load_conversations(
+            cfg.data, cfg.sharegpt_condition, True, collections.Counter()
+        )
+        dataset = data.tokenize_dataset(
+            conversations, tokenizer, args.max_seq_len, prepare.class_weights(cfg)
+        )
     else:
         group = dist.new_group(backend="gloo")
         key = prepare.on_rank0(lambda: prepare.inputs_key(cfg, tokenizer, args.max_seq_len), group)
         dataset, _ = prepare.prepare_data(cfg, tokenizer, args.max_seq_len, key, group)
-    total = int(dataset.tokens.sum(dtype="int64"))  # reads every token, as an epoch of training does
+    total = int(
+        dataset.tokens.sum(dtype="int64")
+    )  # reads every token, as an epoch of training does
     seconds = time.perf_counter() - t0
     dist.barrier()
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
     with open(os.path.join(result_dir, f"rank{rank}.json"), "w") as f:
-        json.dump({"seconds": seconds, "rss_mib": rss, "worker_rss_mib": children, "conversations": len(dataset),
-                   "checksum": total}, f)
+        json.dump(
+            {
+                "seconds": seconds,
+                "rss_mib": rss,
+                "worker_rss_mib": children,
+                "conversations": len(dataset),
+                "checksum": total,
+            },
+            f,
+        )
     dist.destroy_process_group()
 
 
@@ -64,8 +85,18 @@ def job(mode, ranks):
     with tempfile.TemporaryDirectory() as tmp:
         env = dict(os.environ, OMP_NUM_THREADS="1")
         env.pop("TRITON_INTERPRET", None)
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}", __file__,
-               "--worker", mode, os.path.join(tmp, "run"), tmp]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc_per_node={ranks}",
+            __file__,
+            "--worker",
+            mode,
+            os.path.join(tmp, "run"),
+            tmp,
+        ]
         t0 = time.perf_counter()
         proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
         wall = time.perf_counter() - t0
@@ -84,15 +115,22 @@ def main():
     if args.worker:
         return worker(*args.worker)
     print(f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
-    print(f"{'ranks':>5} {'way':>7} {'prepare s':>10} {'job s':>7} {'rank 0 peak MiB':>16} {'other ranks MiB':>16} "
-          f"{'worker peak MiB':>16} {'conversations':>14}")
+    print(
+        f"{'ranks':>5} {'way':>7} {'prepare s':>10} {'job s':>7} {'rank 0 peak MiB':>16} {'other ranks MiB':>16} "
+        f"{'worker peak MiB':>16} {'conversations':>14}"
+    )
     for ranks in map(int, args.ranks.split(",")):
         for mode in ("before", "after"):
             results, wall = job(mode, ranks)
-            others = f"{max(r['rss_mib'] for r in results[1:]):16.0f}" if ranks > 1 else f"{'-':>16}"
-            print(f"{ranks:5d} {mode:>7} {max(r['seconds'] for r in results):10.1f} {wall:7.1f} "
-                  f"{results[0]['rss_mib']:16.0f} {others} {max(r['worker_rss_mib'] for r in results):16.0f} "
-                  f"{results[0]['conversations']:14d}", flush=True)
+            others = (
+                f"{max(r['rss_mib'] for r in results[1:]):16.0f}" if ranks > 1 else f"{'-':>16}"
+            )
+            print(
+                f"{ranks:5d} {mode:>7} {max(r['seconds'] for r in results):10.1f} {wall:7.1f} "
+                f"{results[0]['rss_mib']:16.0f} {others} {max(r['worker_rss_mib'] for r in results):16.0f} "
+                f"{results[0]['conversations']:14d}",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ measured apart. Best of --repeats runs, the two alternating. The table also says
 tokens, and the weight-read bound: tokens/s if a step only read each weight it uses once (summing it), the
 ceiling that memory bandwidth sets for any fp32 decoder on these weights. On a CPU shared with other work, compare at --threads 1: with 2 threads, waiting threads stall each other.
 """
+
 import argparse
 import os
 import sys
@@ -24,9 +25,19 @@ from sample import GREEDY, generate  # noqa: E402
 
 CONFIGS = {
     # Python overhead dominates: what a decode loop itself costs per token.
-    "micro": ModelArgs(dim=64, n_layers=4, n_heads=4, n_kv_heads=2, vocab_size=512, multiple_of=32, max_seq_len=1024),
+    "micro": ModelArgs(
+        dim=64,
+        n_layers=4,
+        n_heads=4,
+        n_kv_heads=2,
+        vocab_size=512,
+        multiple_of=32,
+        max_seq_len=1024,
+    ),
     "tiny": PRESETS["tiny"],
-    "100M": ModelArgs(dim=768, n_layers=12, n_heads=12, n_kv_heads=12, vocab_size=32000, max_seq_len=1024),
+    "100M": ModelArgs(
+        dim=768, n_layers=12, n_heads=12, n_kv_heads=12, vocab_size=32000, max_seq_len=1024
+    ),
 }
 
 
@@ -41,7 +52,9 @@ def bench(name, args, prompt_len, new_tokens, repeats):
     with tempfile.TemporaryDirectory() as tmp:
         model.save_pretrained(tmp)
         hf = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32).eval()
-    hf.generation_config.eos_token_id = None  # decode exactly new_tokens, like ours with no stop ids
+    hf.generation_config.eos_token_id = (
+        None  # decode exactly new_tokens, like ours with no stop ids
+    )
     hf.generation_config.pad_token_id = 0
     hf_input = torch.tensor([prompt])
 
@@ -53,6 +66,7 @@ def bench(name, args, prompt_len, new_tokens, repeats):
             with torch.inference_mode():
                 out = hf.generate(hf_input, max_new_tokens=n, min_new_tokens=n, do_sample=False)
             return out[0, prompt_len:].tolist()
+
         return run
 
     ours(8)(), theirs(8)()  # warm-up
@@ -73,9 +87,12 @@ def bench(name, args, prompt_len, new_tokens, repeats):
     same = rows["ours"][2] == rows["transformers"][2]
     ratio = rows["ours"][1] / rows["transformers"][1]
     params = model.num_params() / 1e6
-    print(f"| {name} ({params:.3g}M) | {rows['ours'][0] * 1e3:.1f} | {rows['transformers'][0] * 1e3:.1f} | "
-          f"{rows['ours'][1]:.1f} | {rows['transformers'][1]:.1f} | {ratio:.2f}x | {'yes' if same else 'NO'} | "
-          f"{weight_read_bound(model):.0f} |", flush=True)
+    print(
+        f"| {name} ({params:.3g}M) | {rows['ours'][0] * 1e3:.1f} | {rows['transformers'][0] * 1e3:.1f} | "
+        f"{rows['ours'][1]:.1f} | {rows['transformers'][1]:.1f} | {ratio:.2f}x | {'yes' if same else 'NO'} | "
+        f"{weight_read_bound(model):.0f} |",
+        flush=True,
+    )
 
 
 def weight_read_bound(model, repeats=5):
@@ -92,7 +109,9 @@ def weight_read_bound(model, repeats=5):
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--prompt-len", type=int, default=32)
@@ -100,10 +119,14 @@ def main():
     p.add_argument("--repeats", type=int, default=5)
     a = p.parse_args()
     torch.set_num_threads(a.threads)
-    print(f"CPU, {a.threads} threads, fp32, greedy, prompt {a.prompt_len} tokens, {a.new_tokens} new tokens, "
-          f"torch {torch.__version__}")
-    print("| config | prompt+1st token ms (ours) | (transformers) | decode tok/s (ours) | (transformers) "
-          "| ratio | same tokens | weight-read bound, tok/s |")
+    print(
+        f"CPU, {a.threads} threads, fp32, greedy, prompt {a.prompt_len} tokens, {a.new_tokens} new tokens, "
+        f"torch {torch.__version__}"
+    )
+    print(
+        "| config | prompt+1st token ms (ours) | (transformers) | decode tok/s (ours) | (transformers) "
+        "| ratio | same tokens | weight-read bound, tok/s |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for name in a.configs:
         bench(name, CONFIGS[name], a.prompt_len, a.new_tokens, a.repeats)

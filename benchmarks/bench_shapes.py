@@ -24,6 +24,7 @@ FSDP shards parameters, gradients and moments 8 ways; the rest (activations, the
 the loss's chunks) belongs to each rank's own tokens and does not shrink. peak - S assumes every gradient was
 allocated at the peak, peak - M that none was: the two bound the answer.
 """
+
 import argparse
 import dataclasses
 import gc
@@ -41,31 +42,50 @@ import torch.distributed as dist
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from bench_attention import sharegpt_like_lengths  # noqa: E402
+
 import data  # noqa: E402
 import train  # noqa: E402
-from bench_attention import sharegpt_like_lengths  # noqa: E402
 from model import PRESETS, ModelArgs  # noqa: E402
 from train_config import TrainConfig  # noqa: E402
 from train_progress import Progress  # noqa: E402
 
 FULL_LAYERS, RANKS = 32, 8
 SHAPES = {  # the released checkpoints' config.json (CRLFT_FACTS.md); max_seq_len is set to the pack size below
-    "llama3-8b": PRESETS["8b"],  # dim 4096, 32 heads, 8 KV heads, hidden 14336, vocab 128256, rope_theta 500000
-    "mistral-7b": ModelArgs(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, hidden_dim=14336, vocab_size=32000,
-                            sliding_window=4096, model_type="mistral"),
+    "llama3-8b": PRESETS[
+        "8b"
+    ],  # dim 4096, 32 heads, 8 KV heads, hidden 14336, vocab 128256, rope_theta 500000
+    "mistral-7b": ModelArgs(
+        dim=4096,
+        n_layers=32,
+        n_heads=32,
+        n_kv_heads=8,
+        hidden_dim=14336,
+        vocab_size=32000,
+        sliding_window=4096,
+        model_type="mistral",
+    ),
 }
 PROMPT_SHARE = 0.4  # the leading share of each random conversation that carries weight 0
 
 
 def random_packs(n_steps, batch_tokens, vocab_size, seed):
     """n_steps packs (data.PackedBatch) of random conversations of ShareGPT-like lengths, as train.py makes them."""
-    lengths = [min(n, batch_tokens) for n in sharegpt_like_lengths(int(1.2 * n_steps * batch_tokens), seed)]
-    offsets = np.cumsum([0] + [n + 1 for n in lengths], dtype=np.int64)  # a conversation of L inputs has L+1 tokens
+    lengths = [
+        min(n, batch_tokens) for n in sharegpt_like_lengths(int(1.2 * n_steps * batch_tokens), seed)
+    ]
+    offsets = np.cumsum(
+        [0] + [n + 1 for n in lengths], dtype=np.int64
+    )  # a conversation of L inputs has L+1 tokens
     rng = np.random.default_rng(seed)
     tokens = rng.integers(0, vocab_size, offsets[-1], dtype=np.int32)
     position = np.arange(offsets[-1]) - np.repeat(offsets[:-1], np.diff(offsets))
-    weights = (position > PROMPT_SHARE * np.repeat(np.diff(offsets), np.diff(offsets))).astype(np.float32)
-    dataset = data.TokenizedDataset(tokens, weights, offsets, np.zeros(len(lengths), np.int32), ["random"])
+    weights = (position > PROMPT_SHARE * np.repeat(np.diff(offsets), np.diff(offsets))).astype(
+        np.float32
+    )
+    dataset = data.TokenizedDataset(
+        tokens, weights, offsets, np.zeros(len(lengths), np.int32), ["random"]
+    )
     steps = data.pack_epoch(dataset.lengths, batch_tokens, 1, seed, 0)
     assert len(steps) >= n_steps, f"{len(steps)} packs for {n_steps} steps"
     return [data.make_batch(dataset, step[0]) for step in steps[:n_steps]]
@@ -74,20 +94,37 @@ def random_packs(n_steps, batch_tokens, vocab_size, seed):
 def run_shape(name, args, opts, compiled, device, mesh):
     """Train `opts.steps` steps of `args`; returns the row of figures (see the docstring)."""
     out_dir = tempfile.mkdtemp(prefix=f"bench_shapes_{name}_")
-    cfg = TrainConfig(model="8b", dtype=opts.dtype, activation_checkpointing=True, compile=compiled,
-                      out_dir=out_dir, lr=3e-5)  # any preset name: build_model draws fresh weights of shape `args`
+    cfg = TrainConfig(
+        model="8b",
+        dtype=opts.dtype,
+        activation_checkpointing=True,
+        compile=compiled,
+        out_dir=out_dir,
+        lr=3e-5,
+    )  # any preset name: build_model draws fresh weights of shape `args`
     # Built on the GPU: rank 0's full copy of the fresh weights is drawn there, not by the CPU (seconds, not minutes).
     with torch.device(device):
         model = train.build_model(cfg, args, device, mesh)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
-                                  weight_decay=cfg.weight_decay, fused=device.type == "cuda")
+    optimizer = torch.optim.AdamW(
+        model.parameters(),
+        lr=cfg.lr,
+        betas=(cfg.beta1, cfg.beta2),
+        eps=cfg.eps,
+        weight_decay=cfg.weight_decay,
+        fused=device.type == "cuda",
+    )
     n_params = model.num_params(exclude_embeddings=True)  # as train_loop counts them for the MFU
-    batches = [b.to(device) for b in random_packs(opts.steps, opts.tokens, args.vocab_size, seed=opts.tokens)]
+    batches = [
+        b.to(device)
+        for b in random_packs(opts.steps, opts.tokens, args.vocab_size, seed=opts.tokens)
+    ]
     progress = Progress(cfg, 0, opts.steps, ["random"], n_params, args, device)
     cuda = device.type == "cuda"
     state_bytes = grad_bytes = 0
     try:
-        for step, batch in enumerate(batches):  # train_loop's step, without its data, checkpoints and exports
+        for step, batch in enumerate(
+            batches
+        ):  # train_loop's step, without its data, checkpoints and exports
             if step == 1 and cuda:
                 torch.cuda.reset_peak_memory_stats()
             progress.start_step(step)
@@ -97,7 +134,9 @@ def run_shape(name, args, opts, compiled, device, mesh):
             optimizer.step()
             if step == 0:
                 state_bytes = torch.cuda.memory_allocated() if cuda else 0
-                grad_bytes = sum(p.grad.to_local().numel() * p.grad.element_size() for p in model.parameters())
+                grad_bytes = sum(
+                    p.grad.to_local().numel() * p.grad.element_size() for p in model.parameters()
+                )
             optimizer.zero_grad(set_to_none=True)
             progress.end_step(step + 1, 0, cfg.lr, grad_norm, [batch], outputs, weight_sum)
     finally:
@@ -107,11 +146,20 @@ def run_shape(name, args, opts, compiled, device, mesh):
         records = [json.loads(line) for line in f]
     shutil.rmtree(out_dir)
     late = records[2:] or records
-    row = dict(shape=name, layers=args.n_layers, tokens=opts.tokens, compiled=compiled, params=model.num_params(),
-               step_s=statistics.median(r["time_s"] for r in late),
-               tokens_per_s=statistics.median(r["tokens_per_s"] for r in late),
-               mfu=statistics.median(r.get("mfu", float("nan")) for r in late), loss=records[-1]["loss"],
-               peak=peak, state=state_bytes, grads=grad_bytes)
+    row = dict(
+        shape=name,
+        layers=args.n_layers,
+        tokens=opts.tokens,
+        compiled=compiled,
+        params=model.num_params(),
+        step_s=statistics.median(r["time_s"] for r in late),
+        tokens_per_s=statistics.median(r["tokens_per_s"] for r in late),
+        mfu=statistics.median(r.get("mfu", float("nan")) for r in late),
+        loss=records[-1]["loss"],
+        peak=peak,
+        state=state_bytes,
+        grads=grad_bytes,
+    )
     row.update(per_rank_at_8(row, args, opts.tokens))
     return row
 
@@ -124,8 +172,11 @@ def per_rank_at_8(row, args, tokens):
     scale = p_full / (RANKS * row["params"])
     extra = (FULL_LAYERS - args.n_layers) * tokens * args.dim * 2
     resident = row["state"] - row["grads"]
-    return dict(params_32=p_full, at8_low=row["state"] * scale + row["peak"] - row["state"] + extra,
-                at8_high=row["state"] * scale + row["peak"] - resident + extra)
+    return dict(
+        params_32=p_full,
+        at8_low=row["state"] * scale + row["peak"] - row["state"] + extra,
+        at8_high=row["state"] * scale + row["peak"] - resident + extra,
+    )
 
 
 def main():
@@ -133,15 +184,25 @@ def main():
     parser.add_argument("--layers", type=int, default=8, help="blocks kept of the 32")
     parser.add_argument("--tokens", type=int, default=16384, help="packed tokens a step")
     parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--compile", type=lambda s: s.lower() in ("1", "true", "yes"), default=None,
-                        help="torch.compile each block (default: on a GPU, not with --dry)")
-    parser.add_argument("--shapes", default=",".join(SHAPES), help="comma-separated, of " + ", ".join(SHAPES))
-    parser.add_argument("--dry", action="store_true", help="CPU check of the code path: tiny shapes, 3 steps")
+    parser.add_argument(
+        "--compile",
+        type=lambda s: s.lower() in ("1", "true", "yes"),
+        default=None,
+        help="torch.compile each block (default: on a GPU, not with --dry)",
+    )
+    parser.add_argument(
+        "--shapes", default=",".join(SHAPES), help="comma-separated, of " + ", ".join(SHAPES)
+    )
+    parser.add_argument(
+        "--dry", action="store_true", help="CPU check of the code path: tiny shapes, 3 steps"
+    )
     opts = parser.parse_args()
     unknown = set(opts.shapes.split(",")) - set(SHAPES)
     if unknown or opts.steps < 3 or not 1 <= opts.layers <= FULL_LAYERS:
-        raise SystemExit(f"bench_shapes.py: --shapes {sorted(unknown)} unknown, or --steps < 3, or --layers outside "
-                         f"1..{FULL_LAYERS}: change the flag")
+        raise SystemExit(
+            f"bench_shapes.py: --shapes {sorted(unknown)} unknown, or --steps < 3, or --layers outside "
+            f"1..{FULL_LAYERS}: change the flag"
+        )
     if opts.dry:  # tiny widths, the real vocabularies; fp32 on a CPU
         opts = argparse.Namespace(**{**vars(opts), "layers": 2, "tokens": 256, "steps": 3})
         shrink = dict(dim=64, n_heads=4, n_kv_heads=2, hidden_dim=128, sliding_window=64)
@@ -157,11 +218,21 @@ def main():
         for name in opts.shapes.split(","):
             args = dataclasses.replace(SHAPES[name], n_layers=opts.layers, max_seq_len=opts.tokens)
             if opts.dry:
-                args = dataclasses.replace(args, **{k: v for k, v in shrink.items()
-                                                    if k != "sliding_window" or args.sliding_window}, head_dim=None)
-            print(f"{name}: {args.n_layers} of {FULL_LAYERS} layers, dim {args.dim}, vocab {args.vocab_size}, "
-                  f"window {args.sliding_window}, {opts.tokens} tokens a step, {opts.steps} steps, "
-                  f"compile {opts.compile}", flush=True)
+                args = dataclasses.replace(
+                    args,
+                    **{
+                        k: v
+                        for k, v in shrink.items()
+                        if k != "sliding_window" or args.sliding_window
+                    },
+                    head_dim=None,
+                )
+            print(
+                f"{name}: {args.n_layers} of {FULL_LAYERS} layers, dim {args.dim}, vocab {args.vocab_size}, "
+                f"window {args.sliding_window}, {opts.tokens} tokens a step, {opts.steps} steps, "
+                f"compile {opts.compile}",
+                flush=True,
+            )
             for compiled in (True, False) if opts.compile else (False,):
                 try:
                     rows.append(run_shape(name, args, opts, compiled, device, mesh))
@@ -170,9 +241,14 @@ def main():
                 except torch.OutOfMemoryError as e:  # the other shape still runs
                     print(f"{name}: out of memory: {data.one_line(e)[:300]}", flush=True)
                     break
-                except Exception as e:  # e.g. torch.compile failing: rows without it rather than none
-                    print(f"{name}: {'compiled ' * compiled}run failed: {type(e).__name__}: {data.one_line(e)[:300]}"
-                          f"{'; again without torch.compile, and the next shapes too' * compiled}", flush=True)
+                except (
+                    Exception
+                ) as e:  # e.g. torch.compile failing: rows without it rather than none
+                    print(
+                        f"{name}: {'compiled ' * compiled}run failed: {type(e).__name__}: {data.one_line(e)[:300]}"
+                        f"{'; again without torch.compile, and the next shapes too' * compiled}",
+                        flush=True,
+                    )
                     opts.compile = False
                 finally:  # the failed run's model and optimizer state, before the next run allocates its own
                     gc.collect()
@@ -181,13 +257,17 @@ def main():
     finally:
         dist.destroy_process_group()
     gb = 1e9
-    print(f"\n{'':8}{'shape':<11}{'layers':>7}{'tokens':>7}{'compile':>8}{'params':>8}{'step s':>8}{'tok/s':>8}"
-          f"{'MFU':>7}{'peak GB':>9}{'state GB':>9}   per rank at {FULL_LAYERS} layers x {RANKS} ranks, GB (low..high)")
+    print(
+        f"\n{'':8}{'shape':<11}{'layers':>7}{'tokens':>7}{'compile':>8}{'params':>8}{'step s':>8}{'tok/s':>8}"
+        f"{'MFU':>7}{'peak GB':>9}{'state GB':>9}   per rank at {FULL_LAYERS} layers x {RANKS} ranks, GB (low..high)"
+    )
     for r in rows:
-        print(f"SUMMARY {r['shape']:<11}{r['layers']:>7}{r['tokens']:>7}{str(r['compiled']):>8}"
-              f"{r['params'] / 1e9:>7.2f}B{r['step_s']:>8.3f}{r['tokens_per_s']:>8.0f}{r['mfu']:>7.1%}"
-              f"{r['peak'] / gb:>9.1f}{r['state'] / gb:>9.1f}"
-              f"   {r['at8_low'] / gb:.1f}..{r['at8_high'] / gb:.1f} ({r['params_32'] / 1e9:.2f}B params)")
+        print(
+            f"SUMMARY {r['shape']:<11}{r['layers']:>7}{r['tokens']:>7}{str(r['compiled']):>8}"
+            f"{r['params'] / 1e9:>7.2f}B{r['step_s']:>8.3f}{r['tokens_per_s']:>8.0f}{r['mfu']:>7.1%}"
+            f"{r['peak'] / gb:>9.1f}{r['state'] / gb:>9.1f}"
+            f"   {r['at8_low'] / gb:.1f}..{r['at8_high'] / gb:.1f} ({r['params_32'] / 1e9:.2f}B params)"
+        )
     if len(rows) < len(opts.shapes.split(",")):
         raise SystemExit(1)
 

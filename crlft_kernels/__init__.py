@@ -1,5 +1,6 @@
 """Triton kernels, each with a plain PyTorch reference beside it. The kernel runs on a CUDA tensor, or on a CPU
 tensor when TRITON_INTERPRET=1 was set before triton was imported (the tests); elsewhere the reference runs."""
+
 import os
 
 import torch
@@ -17,4 +18,6 @@ FORCE_REFERENCE = False
 def use_triton(t: torch.Tensor) -> bool:
     if FORCE_REFERENCE:
         return False
-    return HAS_TRITON and (t.is_cuda or (t.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"))
+    return HAS_TRITON and (
+        t.is_cuda or (t.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1")
+    )

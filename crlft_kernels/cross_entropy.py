@@ -28,6 +28,7 @@ the row step leaves them out of the log-sum-exp and writes 0 as their gradient, 
 grad_hidden; grad_weight's extra rows are dropped. The copy costs V_padded * D once a call (none when V already is
 a multiple of 64); the model, its checkpoints and exports keep the true V. The PyTorch row step needs no padding.
 """
+
 import math
 from functools import partial
 from typing import Optional
@@ -38,21 +39,28 @@ import torch.nn.functional as F
 from crlft_kernels import HAS_TRITON, tl, triton, use_triton
 
 MIN_CHUNK_ROWS = 512
-VOCAB_ALIGN = 64  # the Triton path pads W to a multiple of this many rows: aligned (C, V) logits rows
+VOCAB_ALIGN = (
+    64  # the Triton path pads W to a multiple of this many rows: aligned (C, V) logits rows
+)
 
 
 # ---- The row step: log-sum-exp and the in-place logits gradient -------------------------------------------
 if HAS_TRITON:
 
     @triton.jit
-    def _ce_rows_kernel(logits_ptr, targets_ptr, weights_ptr, ce_ptr, V, n_cols, stride_row, BLOCK_V: tl.constexpr):
+    def _ce_rows_kernel(
+        logits_ptr, targets_ptr, weights_ptr, ce_ptr, V, n_cols, stride_row, BLOCK_V: tl.constexpr
+    ):
         """One program per row of logits (C, n_cols), input dtype, overwritten with w * (softmax - onehot); columns
         V..n_cols are the padded vocabulary (zero rows of W): absent from the log-sum-exp, their gradient written 0.
         targets (C,) int64, all in [0, V); weights (C,) fp32; ce (C,) fp32 out: the unweighted CE per row."""
         row = tl.program_id(0).to(tl.int64)  # int64: row * stride_row can pass 2**31 for big chunks
         row_ptr = logits_ptr + row * stride_row
         offsets = tl.arange(0, BLOCK_V)
-        m, s = float("-inf"), 0.0  # pass 1: online max and sum of exp, in fp32 whatever the input dtype
+        m, s = (
+            float("-inf"),
+            0.0,
+        )  # pass 1: online max and sum of exp, in fp32 whatever the input dtype
         for start in range(0, V, BLOCK_V):
             cols = start + offsets
             x = tl.load(row_ptr + cols, mask=cols < V, other=float("-inf")).to(tl.float32)
@@ -86,22 +94,31 @@ def _ce_rows_triton(logits, targets, weights, vocab_size=None):
     assert V <= n_cols
     ce = torch.empty(C, dtype=torch.float32, device=logits.device)
     block_v, num_warps = kernel_config(V)
-    _ce_rows_kernel[(C,)](logits, targets, weights, ce, V, n_cols, logits.stride(0), BLOCK_V=block_v,
-                          num_warps=num_warps)
+    _ce_rows_kernel[(C,)](
+        logits,
+        targets,
+        weights,
+        ce,
+        V,
+        n_cols,
+        logits.stride(0),
+        BLOCK_V=block_v,
+        num_warps=num_warps,
+    )
     return ce
 
 
 def _ce_rows_torch(logits, targets, weights):
     """The row step in PyTorch (the CPU path), in place: the only (C, V) temporary is an fp32 copy of 16-bit logits."""
-    x = logits.float()                                        # the logits themselves when fp32
+    x = logits.float()  # the logits themselves when fp32
     rows = torch.arange(len(targets), device=x.device)
-    target_logit = x[rows, targets]                           # (C,)
-    row_max = x.amax(dim=1)                                   # (C,)
-    x.sub_(row_max[:, None]).exp_()                           # exp(z - max), in [0, 1]
-    sum_exp = x.sum(dim=1)                                    # (C,)
-    ce = row_max + sum_exp.log() - target_logit               # logsumexp(z) - z[y]
-    x.mul_((weights / sum_exp)[:, None])                      # w * softmax
-    x[rows, targets] -= weights                               # w * (softmax - onehot)
+    target_logit = x[rows, targets]  # (C,)
+    row_max = x.amax(dim=1)  # (C,)
+    x.sub_(row_max[:, None]).exp_()  # exp(z - max), in [0, 1]
+    sum_exp = x.sum(dim=1)  # (C,)
+    ce = row_max + sum_exp.log() - target_logit  # logsumexp(z) - z[y]
+    x.mul_((weights / sum_exp)[:, None])  # w * softmax
+    x[rows, targets] -= weights  # w * (softmax - onehot)
     if x.data_ptr() != logits.data_ptr():
         logits.copy_(x)
     return ce
@@ -124,21 +141,36 @@ def _check(ok, message):
 
 
 def _check_inputs(hidden, weight, targets, loss_weights, chunk_size):
-    _check(hidden.dim() == 2 and weight.dim() == 2,
-           f"hidden must be (N, D) and weight (V, D), got {tuple(hidden.shape)} and {tuple(weight.shape)}")
-    _check(hidden.shape[1] == weight.shape[1], f"hidden dim {hidden.shape[1]} != weight dim {weight.shape[1]}")
-    _check(hidden.dtype == weight.dtype, f"hidden dtype {hidden.dtype} != weight dtype {weight.dtype}")
+    _check(
+        hidden.dim() == 2 and weight.dim() == 2,
+        f"hidden must be (N, D) and weight (V, D), got {tuple(hidden.shape)} and {tuple(weight.shape)}",
+    )
+    _check(
+        hidden.shape[1] == weight.shape[1],
+        f"hidden dim {hidden.shape[1]} != weight dim {weight.shape[1]}",
+    )
+    _check(
+        hidden.dtype == weight.dtype, f"hidden dtype {hidden.dtype} != weight dtype {weight.dtype}"
+    )
     N = hidden.shape[0]
-    _check(targets.shape == (N,) and loss_weights.shape == (N,),
-           f"targets and loss_weights must be ({N},), got {tuple(targets.shape)} and {tuple(loss_weights.shape)}")
+    _check(
+        targets.shape == (N,) and loss_weights.shape == (N,),
+        f"targets and loss_weights must be ({N},), got {tuple(targets.shape)} and {tuple(loss_weights.shape)}",
+    )
     _check(targets.dtype == torch.int64, f"targets must be int64, got {targets.dtype}")
-    _check(loss_weights.is_floating_point(), f"loss_weights must be float, got {loss_weights.dtype}")
-    _check(len({hidden.device, weight.device, targets.device, loss_weights.device}) == 1,
-           "hidden, weight, targets, loss_weights must be on one device")
+    _check(
+        loss_weights.is_floating_point(), f"loss_weights must be float, got {loss_weights.dtype}"
+    )
+    _check(
+        len({hidden.device, weight.device, targets.device, loss_weights.device}) == 1,
+        "hidden, weight, targets, loss_weights must be on one device",
+    )
     _check(chunk_size is None or chunk_size >= 1, f"chunk_size must be >= 1, got {chunk_size}")
 
 
-def _forward_and_grads(hidden, weight, targets, loss_weights, chunk_size, need_grad_hidden, need_grad_weight):
+def _forward_and_grads(
+    hidden, weight, targets, loss_weights, chunk_size, need_grad_hidden, need_grad_weight
+):
     """loss_sum, per_token_ce and (where asked, else None) grad_hidden, grad_weight for grad_output == 1."""
     (N, D), V = hidden.shape, weight.shape[0]
     rows_kept = torch.nonzero(loss_weights != 0).squeeze(1)  # (M,) only these enter the matmuls
@@ -146,10 +178,14 @@ def _forward_and_grads(hidden, weight, targets, loss_weights, chunk_size, need_g
     out_of_range = (targets_kept < 0) | (targets_kept >= V)
     if bool(out_of_range.any()):
         bad = rows_kept[out_of_range][0].item()
-        raise ValueError(f"crlft_kernels/cross_entropy.py: targets[{bad}] = {targets[bad].item()} is outside "
-                         f"[0, {V}) but loss_weights[{bad}] = {loss_weights[bad].item()} is nonzero")
+        raise ValueError(
+            f"crlft_kernels/cross_entropy.py: targets[{bad}] = {targets[bad].item()} is outside "
+            f"[0, {V}) but loss_weights[{bad}] = {loss_weights[bad].item()} is nonzero"
+        )
     C = chunk_size or default_chunk_size(N, V, D)
-    if use_triton(hidden):  # zero rows up to a multiple of VOCAB_ALIGN (see the docstring); no grad flows to them
+    if use_triton(
+        hidden
+    ):  # zero rows up to a multiple of VOCAB_ALIGN (see the docstring); no grad flows to them
         row_step = partial(_ce_rows_triton, vocab_size=V)
         if V % VOCAB_ALIGN:
             weight = F.pad(weight.detach(), (0, 0, 0, -V % VOCAB_ALIGN))
@@ -157,19 +193,23 @@ def _forward_and_grads(hidden, weight, targets, loss_weights, chunk_size, need_g
         row_step = _ce_rows_torch
     per_token_ce = torch.zeros(N, dtype=torch.float32, device=hidden.device)
     grad_hidden = torch.zeros_like(hidden) if need_grad_hidden else None
-    grad_weight = torch.zeros_like(weight) if need_grad_weight else None  # (V_padded, D), see the docstring
+    grad_weight = (
+        torch.zeros_like(weight) if need_grad_weight else None
+    )  # (V_padded, D), see the docstring
     for start in range(0, len(rows_kept), C):
-        rows = rows_kept[start:start + C]                     # (C,)
-        h = hidden[rows]                                      # (C, D)
-        logits = h @ weight.t()                               # (C, V_padded), input dtype
-        per_token_ce[rows] = row_step(logits, targets_kept[start:start + C], weights_kept[start:start + C])
-        if need_grad_hidden:                                  # the logits now hold their gradient dz (0 in padding)
-            grad_hidden[rows] = logits @ weight               # (C, D)
+        rows = rows_kept[start : start + C]  # (C,)
+        h = hidden[rows]  # (C, D)
+        logits = h @ weight.t()  # (C, V_padded), input dtype
+        per_token_ce[rows] = row_step(
+            logits, targets_kept[start : start + C], weights_kept[start : start + C]
+        )
+        if need_grad_hidden:  # the logits now hold their gradient dz (0 in padding)
+            grad_hidden[rows] = logits @ weight  # (C, D)
         if need_grad_weight:
-            grad_weight.addmm_(logits.t(), h)                 # (V_padded, D)
-        del logits, h                                         # before the next chunk's are allocated
+            grad_weight.addmm_(logits.t(), h)  # (V_padded, D)
+        del logits, h  # before the next chunk's are allocated
     if need_grad_weight:
-        grad_weight = grad_weight[:V]                         # the true vocabulary's rows (a contiguous view)
+        grad_weight = grad_weight[:V]  # the true vocabulary's rows (a contiguous view)
     return (per_token_ce * loss_weights.float()).sum(), per_token_ce, grad_hidden, grad_weight
 
 
@@ -178,60 +218,91 @@ def _forward_and_grads(hidden, weight, targets, loss_weights, chunk_size, need_g
 # compiled graph (its nonzero and data-dependent checks would otherwise break the graph). Gradients not asked for are
 # empty tensors: an op's outputs cannot be None.
 @torch.library.custom_op("crlft::linear_cross_entropy", mutates_args=())
-def _linear_cross_entropy_op(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                             loss_weights: torch.Tensor, chunk_size: Optional[int], need_grad_hidden: bool,
-                             need_grad_weight: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def _linear_cross_entropy_op(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    loss_weights: torch.Tensor,
+    chunk_size: Optional[int],
+    need_grad_hidden: bool,
+    need_grad_weight: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     loss_sum, per_token_ce, grad_hidden, grad_weight = _forward_and_grads(
-        hidden, weight, targets, loss_weights, chunk_size, need_grad_hidden, need_grad_weight)
-    return (loss_sum, per_token_ce, hidden.new_empty(0) if grad_hidden is None else grad_hidden,
-            weight.new_empty(0) if grad_weight is None else grad_weight)
+        hidden, weight, targets, loss_weights, chunk_size, need_grad_hidden, need_grad_weight
+    )
+    return (
+        loss_sum,
+        per_token_ce,
+        hidden.new_empty(0) if grad_hidden is None else grad_hidden,
+        weight.new_empty(0) if grad_weight is None else grad_weight,
+    )
 
 
 @_linear_cross_entropy_op.register_fake
 def _(hidden, weight, targets, loss_weights, chunk_size, need_grad_hidden, need_grad_weight):
-    return (hidden.new_empty((), dtype=torch.float32), hidden.new_empty(hidden.shape[0], dtype=torch.float32),
-            torch.empty_like(hidden) if need_grad_hidden else hidden.new_empty(0),
-            torch.empty_like(weight) if need_grad_weight else weight.new_empty(0))
+    return (
+        hidden.new_empty((), dtype=torch.float32),
+        hidden.new_empty(hidden.shape[0], dtype=torch.float32),
+        torch.empty_like(hidden) if need_grad_hidden else hidden.new_empty(0),
+        torch.empty_like(weight) if need_grad_weight else weight.new_empty(0),
+    )
 
 
 def _setup_context(ctx, inputs, output):
     ctx.need_grads = inputs[5:7]
     ctx.save_for_backward(output[2], output[3])
     ctx.mark_non_differentiable(*output[1:])
-    ctx.set_materialize_grads(False)  # no zero tensors for the grads of the outputs that are gradients themselves
+    ctx.set_materialize_grads(
+        False
+    )  # no zero tensors for the grads of the outputs that are gradients themselves
 
 
 def _backward(ctx, grad_loss, grad_per_token, grad_of_grad_hidden, grad_of_grad_weight):
     # The stored gradients are for grad_output == 1; scale them (out of place: backward may run twice).
-    grads = [g * grad_loss.to(g.dtype) if need else None for g, need in zip(ctx.saved_tensors, ctx.need_grads)]
+    grads = [
+        g * grad_loss.to(g.dtype) if need else None
+        for g, need in zip(ctx.saved_tensors, ctx.need_grads)
+    ]
     return (*grads, None, None, None, None, None)
 
 
 _linear_cross_entropy_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-def fused_linear_cross_entropy(hidden, lm_head_weight, targets, loss_weights, return_per_token=False,
-                               chunk_size=None):
+def fused_linear_cross_entropy(
+    hidden, lm_head_weight, targets, loss_weights, return_per_token=False, chunk_size=None
+):
     """sum_t loss_weights[t] * CE(hidden[t] @ lm_head_weight.T, targets[t]) as an fp32 scalar.
     hidden (N, D) and lm_head_weight (V, D) in one dtype (fp32/fp16/bf16; under autocast both are cast to
     the autocast dtype first), targets (N,) int64 (may be -100 where the weight is 0), loss_weights (N,)
     float. Differentiable w.r.t. hidden and lm_head_weight (not loss_weights). With return_per_token=True
     also returns per_token_ce (N,) fp32, detached, unweighted, 0 where loss_weights is 0.
     chunk_size: tokens per chunk (default: default_chunk_size(N, V, D))."""
-    if torch.is_autocast_enabled(hidden.device.type):  # do what autocast does to `hidden @ weight.T`
+    if torch.is_autocast_enabled(
+        hidden.device.type
+    ):  # do what autocast does to `hidden @ weight.T`
         dtype = torch.get_autocast_dtype(hidden.device.type)
         hidden, lm_head_weight = hidden.to(dtype), lm_head_weight.to(dtype)
     _check_inputs(hidden, lm_head_weight, targets, loss_weights, chunk_size)
     grad_on = torch.is_grad_enabled()  # evaluation (no_grad): no gradient work at all
-    out = _linear_cross_entropy_op(hidden, lm_head_weight, targets, loss_weights, chunk_size,
-                                   grad_on and hidden.requires_grad, grad_on and lm_head_weight.requires_grad)
+    out = _linear_cross_entropy_op(
+        hidden,
+        lm_head_weight,
+        targets,
+        loss_weights,
+        chunk_size,
+        grad_on and hidden.requires_grad,
+        grad_on and lm_head_weight.requires_grad,
+    )
     return (out[0], out[1]) if return_per_token else out[0]
 
 
-def linear_cross_entropy_reference(hidden, lm_head_weight, targets, loss_weights, return_per_token=False):
+def linear_cross_entropy_reference(
+    hidden, lm_head_weight, targets, loss_weights, return_per_token=False
+):
     """Plain PyTorch, all (N, V) logits at once: what the tests and benchmark compare against. Logits are
     upcast to fp32 (kept in float64 for float64 inputs, so tests can check in float64)."""
-    logits = hidden @ lm_head_weight.t()                                            # (N, V)
+    logits = hidden @ lm_head_weight.t()  # (N, V)
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
     ce = F.cross_entropy(logits, targets, reduction="none")  # (N,)
     loss_sum = (ce * loss_weights.float()).sum()

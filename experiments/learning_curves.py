@@ -34,6 +34,7 @@ scores.jsonl; --report_only reads them back. Writes results.md (a table per sett
 (a panel per setting: expert-condition accuracy above, novice-condition accuracy below; a line per method, the mean
 over seeds, its band the seeds' range) in --out_dir.
 """
+
 import argparse
 import json
 import os
@@ -67,9 +68,19 @@ def run_dir(args, setting, method, seed):
 def job_spec(args, setting, method, seed):
     """Everything that decides a run's curve: a finished run with the same spec is not trained again."""
     fraction, error_rate, _ = SETTINGS[setting]
-    return dict(setting=setting, method=method, seed=seed, max_steps=args.max_steps, every=args.every,
-                toy_train=args.toy_train, toy_eval=args.toy_eval, eval_subset=args.eval_subset,
-                expert_fraction=fraction, error_rate=error_rate, extra=args.extra)
+    return dict(
+        setting=setting,
+        method=method,
+        seed=seed,
+        max_steps=args.max_steps,
+        every=args.every,
+        toy_train=args.toy_train,
+        toy_eval=args.toy_eval,
+        eval_subset=args.eval_subset,
+        expert_fraction=fraction,
+        error_rate=error_rate,
+        extra=args.extra,
+    )
 
 
 def read_scores(directory):
@@ -99,14 +110,25 @@ def launch(args, setting, method, seed):
         env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
         env.pop("TRITON_INTERPRET", None)
         t0 = time.time()
-        cmd = [sys.executable, os.path.abspath(__file__), "--job", json.dumps(spec), "--out_dir", directory]
+        cmd = [
+            sys.executable,
+            os.path.abspath(__file__),
+            "--job",
+            json.dumps(spec),
+            "--out_dir",
+            directory,
+        ]
         proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
         if proc.returncode != 0:
-            raise SystemExit(f"{setting} {method} seed {seed} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
+            raise SystemExit(
+                f"{setting} {method} seed {seed} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}"
+            )
         scores = finished(directory, spec)
-        print(f"  {setting:12s} {method:15s} seed {seed}: expert {scores[-1]['expert']:.1%}, novice "
-              f"{scores[-1]['novice']:.1%} at step {scores[-1]['step']} ({(time.time() - t0) / 60:.1f} min)",
-              flush=True)
+        print(
+            f"  {setting:12s} {method:15s} seed {seed}: expert {scores[-1]['expert']:.1%}, novice "
+            f"{scores[-1]['novice']:.1%} at step {scores[-1]['step']} ({(time.time() - t0) / 60:.1f} min)",
+            flush=True,
+        )
     return scores
 
 
@@ -115,46 +137,74 @@ def run_job(spec, directory):
     import data
     import toy_task
     import train
+
     method = METHODS[spec["method"]]
-    overrides = dict(method, expert_condition=EXPERT, seed=spec["seed"], out_dir=directory,
-                     max_steps=spec["max_steps"], epochs=1000, toy_train=spec["toy_train"],
-                     toy_expert_fraction=spec["expert_fraction"], toy_error_rate=spec["error_rate"], toy_eval=0,
-                     resume=False, export=False, ckpt_every=spec["every"])
+    overrides = dict(
+        method,
+        expert_condition=EXPERT,
+        seed=spec["seed"],
+        out_dir=directory,
+        max_steps=spec["max_steps"],
+        epochs=1000,
+        toy_train=spec["toy_train"],
+        toy_expert_fraction=spec["expert_fraction"],
+        toy_error_rate=spec["error_rate"],
+        toy_eval=0,
+        resume=False,
+        export=False,
+        ckpt_every=spec["every"],
+    )
     cfg = train.parse_config([f"--{k}={v}" for k, v in overrides.items()] + spec["extra"])
     tokenizer, args = train.tokenizer_and_args(cfg)
     problems = {  # the same held-out problems under both conditions, against the true and the carry-free sums
         EXPERT: toy_task.make_toy_eval(spec["toy_eval"], spec["seed"]),
-        NOVICE: toy_task.make_toy_eval(spec["toy_eval"], spec["seed"], carry_free=True)}
-    subset = {q for q, _ in problems[EXPERT][:spec["eval_subset"]]}  # a prefix: the same questions at every point
+        NOVICE: toy_task.make_toy_eval(spec["toy_eval"], spec["seed"], carry_free=True),
+    }
+    subset = {
+        q for q, _ in problems[EXPERT][: spec["eval_subset"]]
+    }  # a prefix: the same questions at every point
     os.makedirs(directory, exist_ok=True)
     with open(os.path.join(directory, "job.json"), "w") as f:
         json.dump(spec, f)
     log = open(os.path.join(directory, "scores.jsonl"), "w")
 
-    def score(model, optimizer, step, *_, **__):  # train_loop's save_checkpoint(model, optimizer, step, ...)
+    def score(
+        model, optimizer, step, *_, **__
+    ):  # train_loop's save_checkpoint(model, optimizer, step, ...)
         t0 = time.time()
-        local = train.export(model, cfg, args, tokenizer, directory)  # the full weights (export=False: no files)
+        local = train.export(
+            model, cfg, args, tokenizer, directory
+        )  # the full weights (export=False: no files)
         last = step == spec["max_steps"]
         record = {"step": step}
         for condition, key in ((EXPERT, "expert"), (NOVICE, "novice")):
             prompt = lambda messages: data.encode_prompt(  # noqa: E731
-                tokenizer, messages, condition if cfg.use_condition else "")
-            chosen = problems[condition] if last else problems[condition][:spec["eval_subset"]]
+                tokenizer, messages, condition if cfg.use_condition else ""
+            )
+            chosen = problems[condition] if last else problems[condition][: spec["eval_subset"]]
             accuracy, answers = toy_task.evaluate(local, tokenizer, chosen, prompt)
             right = dict(chosen)
             # the curve's point always on the subset (at the last step, from the full set's answers)
-            record[key] = sum(right[q] == a.strip() for q, a in answers if q in subset) / len(subset)
+            record[key] = sum(right[q] == a.strip() for q, a in answers if q in subset) / len(
+                subset
+            )
             if last:
                 record[f"{key}_full"] = accuracy
-        record.update(n_subset=len(subset), n_full=len(problems[EXPERT]), eval_s=round(time.time() - t0, 2))
+        record.update(
+            n_subset=len(subset), n_full=len(problems[EXPERT]), eval_s=round(time.time() - t0, 2)
+        )
         log.write(json.dumps(record) + "\n")
         log.flush()
 
-    train.save_checkpoint = score  # train_loop calls it every cfg.ckpt_every steps and at the last step
+    train.save_checkpoint = (
+        score  # train_loop calls it every cfg.ckpt_every steps and at the last step
+    )
     train.train(cfg)
     log.close()
     if not (scores := read_scores(directory)) or scores[-1]["step"] != spec["max_steps"]:
-        raise SystemExit("train.py did not call save_checkpoint at its last step: the scoring hook is stale")
+        raise SystemExit(
+            "train.py did not call save_checkpoint at its last step: the scoring hook is stale"
+        )
 
 
 # ----------------------------------------------------------------------------------------------- the report
@@ -197,31 +247,55 @@ def steps_text(steps, max_steps):
 def table(setting, curves, seeds, args):
     """curves: {method: [scores of each seed]} -> the setting's markdown tables: the summary, then the curves."""
     fraction, error_rate, description = SETTINGS[setting]
-    rows = [f"**{setting}**: {description} ({args.toy_train} conversations, expert share {fraction:g}, novice "
-            f"error rate {error_rate:g}); {args.max_steps} steps; seeds {', '.join(map(str, seeds))}.", "",
-            "| method | condition | weights (expert / novice) | expert share of Σw | expert: steps to 50% | "
-            "expert: steps to 90% | expert: best, mean ± sd (at step) | expert: final, mean ± sd (per seed) | "
-            "novice condition, carry-free: final |", "|---|---|---|---|---|---|---|---|---|"]
+    rows = [
+        f"**{setting}**: {description} ({args.toy_train} conversations, expert share {fraction:g}, novice "
+        f"error rate {error_rate:g}); {args.max_steps} steps; seeds {', '.join(map(str, seeds))}.",
+        "",
+        "| method | condition | weights (expert / novice) | expert share of Σw | expert: steps to 50% | "
+        "expert: steps to 90% | expert: best, mean ± sd (at step) | expert: final, mean ± sd (per seed) | "
+        "novice condition, carry-free: final |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for method, runs in curves.items():
         cfg = METHODS[method]
         shares = [expert_weight_share(run_dir(args, setting, method, seed)) for seed in seeds]
         share = f"{statistics.mean(shares):.1%}" if None not in shares else "—"
-        weights = cfg["class_weights"].replace(f"{EXPERT}=", "").replace(f"{NOVICE}=", "").replace(",", " / ")
+        weights = (
+            cfg["class_weights"]
+            .replace(f"{EXPERT}=", "")
+            .replace(f"{NOVICE}=", "")
+            .replace(",", " / ")
+        )
         reach = [steps_text([steps_to(c, t) for c in runs], args.max_steps) for t in THRESHOLDS]
-        best = [max(c, key=lambda r: (r["expert"], -r["step"])) for c in runs]  # the earliest of equal bests
+        best = [
+            max(c, key=lambda r: (r["expert"], -r["step"])) for c in runs
+        ]  # the earliest of equal bests
         m, sd = mean_sd([b["expert"] for b in best])
-        rows.append(f"| {method} | {'yes' if cfg['use_condition'] else 'no'} | {weights} | {share} | {reach[0]} | "
-                    f"{reach[1]} | {m:.1%} ± {sd:.1%} (at {', '.join(str(b['step']) for b in best)}) | "
-                    f"{pct([c[-1]['expert_full'] for c in runs])} | {pct([c[-1]['novice_full'] for c in runs])} |")
+        rows.append(
+            f"| {method} | {'yes' if cfg['use_condition'] else 'no'} | {weights} | {share} | {reach[0]} | "
+            f"{reach[1]} | {m:.1%} ± {sd:.1%} (at {', '.join(str(b['step']) for b in best)}) | "
+            f"{pct([c[-1]['expert_full'] for c in runs])} | {pct([c[-1]['novice_full'] for c in runs])} |"
+        )
     steps = [r["step"] for r in next(iter(curves.values()))[0]]
-    for key, label in (("expert", "expert condition, true sums"), ("novice", "novice condition, carry-free sums")):
-        rows += ["", f"The curves, {label}: accuracy (%) on the {args.eval_subset}-problem subset, mean over seeds "
-                 "[lowest seed – highest seed], at step", "",
-                 "| method | " + " | ".join(map(str, steps)) + " |", "|---|" + "---|" * len(steps)]
+    for key, label in (
+        ("expert", "expert condition, true sums"),
+        ("novice", "novice condition, carry-free sums"),
+    ):
+        rows += [
+            "",
+            f"The curves, {label}: accuracy (%) on the {args.eval_subset}-problem subset, mean over seeds "
+            "[lowest seed – highest seed], at step",
+            "",
+            "| method | " + " | ".join(map(str, steps)) + " |",
+            "|---|" + "---|" * len(steps),
+        ]
         for method, runs in curves.items():
             cells = [[100 * c[k][key] for c in runs] for k in range(len(steps))]
-            rows.append(f"| {method} | " + " | ".join(f"{statistics.mean(v):.0f} [{min(v):.0f}–{max(v):.0f}]"
-                                                        for v in cells) + " |")
+            rows.append(
+                f"| {method} | "
+                + " | ".join(f"{statistics.mean(v):.0f} [{min(v):.0f}–{max(v):.0f}]" for v in cells)
+                + " |"
+            )
     return "\n".join(rows) + "\n"
 
 
@@ -231,13 +305,20 @@ def band_chart(path, settings, curves, args):
     panels, width, height = [], plot.W * len(settings), plot.H * 2
     for col, setting in enumerate(settings):
         for row, key, label in ((0, "expert", "true sums"), (1, "novice", "carry-free sums")):
-            title = (f"{setting}: {SETTINGS[setting][2]}" if row == 0
-                     else f"{setting}: novice (or plain) prompt, carry-free sums")
-            parts, to_px = plot._frame(title, "step", f"held-out accuracy (%): {label}", 0, args.max_steps, 0, 100)
+            title = (
+                f"{setting}: {SETTINGS[setting][2]}"
+                if row == 0
+                else f"{setting}: novice (or plain) prompt, carry-free sums"
+            )
+            parts, to_px = plot._frame(
+                title, "step", f"held-out accuracy (%): {label}", 0, args.max_steps, 0, 100
+            )
             parts[0] = parts[0].replace("<svg ", f'<svg x="{col * plot.W}" y="{row * plot.H}" ', 1)
             for v in plot._ticks(0, args.max_steps):
                 x, _ = to_px(v, 0)
-                parts.append(f'<text x="{x:.1f}" y="{plot.H - plot.BOTTOM + 16}" text-anchor="middle">{v:g}</text>')
+                parts.append(
+                    f'<text x="{x:.1f}" y="{plot.H - plot.BOTTOM + 16}" text-anchor="middle">{v:g}</text>'
+                )
             for i, runs in enumerate(curves[setting].values()):
                 color = plot.PALETTE[i % len(plot.PALETTE)]
                 steps = [r["step"] for r in runs[0]]
@@ -245,44 +326,70 @@ def band_chart(path, settings, curves, args):
                 upper = [to_px(s, max(v)) for s, v in zip(steps, values)]
                 lower = [to_px(s, min(v)) for s, v in zip(steps, values)]
                 band = " ".join("%.1f,%.1f" % p for p in upper + lower[::-1])
-                line = " ".join("%.1f,%.1f" % to_px(s, statistics.mean(v)) for s, v in zip(steps, values))
-                parts.append(f'<polygon points="{band}" fill="{color}" fill-opacity="0.15" stroke="none"/>'
-                             f'<polyline points="{line}" fill="none" stroke-width="1.8" stroke="{color}"/>')
+                line = " ".join(
+                    "%.1f,%.1f" % to_px(s, statistics.mean(v)) for s, v in zip(steps, values)
+                )
+                parts.append(
+                    f'<polygon points="{band}" fill="{color}" fill-opacity="0.15" stroke="none"/>'
+                    f'<polyline points="{line}" fill="none" stroke-width="1.8" stroke="{color}"/>'
+                )
             plot._legend(parts, list(curves[setting]))
             panels.append("\n".join(parts + ["</svg>"]))
     with open(path, "w") as f:
-        f.write(f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" '
-                f'font-size="12"><title>{escape("C-RLFT vs SFT: held-out accuracy against training steps")}</title>\n'
-                + "\n".join(panels) + "\n</svg>\n")
+        f.write(
+            f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" '
+            f'font-size="12"><title>{escape("C-RLFT vs SFT: held-out accuracy against training steps")}</title>\n'
+            + "\n".join(panels)
+            + "\n</svg>\n"
+        )
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--seeds", type=int, default=3)
-    p.add_argument("--max_steps", type=int, default=1000, help="every run's budget (and so its schedule)")
+    p.add_argument(
+        "--max_steps", type=int, default=1000, help="every run's budget (and so its schedule)"
+    )
     p.add_argument("--every", type=int, default=100, help="score every this many steps (K)")
     p.add_argument("--toy_train", type=int, default=12000)
-    p.add_argument("--toy_eval", type=int, default=500, help="held-out problems scored at the last step")
-    p.add_argument("--eval_subset", type=int, default=200, help="the first this many of them, scored every K steps")
+    p.add_argument(
+        "--toy_eval", type=int, default=500, help="held-out problems scored at the last step"
+    )
+    p.add_argument(
+        "--eval_subset",
+        type=int,
+        default=200,
+        help="the first this many of them, scored every K steps",
+    )
     p.add_argument("--settings", default=",".join(SETTINGS))
     p.add_argument("--methods", default=",".join(METHODS))
     p.add_argument("--jobs", type=int, default=2, help="runs side by side")
     p.add_argument("--threads", type=int, default=1, help="torch threads per run")
     p.add_argument("--out_dir", default=os.path.join(ROOT, "out", "learning_curves"))
-    p.add_argument("--report_only", action="store_true", help="tables and picture from the runs in --out_dir")
+    p.add_argument(
+        "--report_only", action="store_true", help="tables and picture from the runs in --out_dir"
+    )
     p.add_argument("--job", help=argparse.SUPPRESS)
-    args, args.extra = p.parse_known_args(argv)  # unknown --key=value go to train.py (e.g. a model shape)
+    args, args.extra = p.parse_known_args(
+        argv
+    )  # unknown --key=value go to train.py (e.g. a model shape)
     if args.job:
         return run_job(json.loads(args.job), args.out_dir)
     settings, methods = args.settings.split(","), args.methods.split(",")
     seeds = [1000 + s for s in range(args.seeds)]
-    jobs = [(st, m, s) for s in seeds for st in settings for m in methods]  # seeds last: a first look early
+    jobs = [
+        (st, m, s) for s in seeds for st in settings for m in methods
+    ]  # seeds last: a first look early
     os.makedirs(args.out_dir, exist_ok=True)
     timing = os.path.join(args.out_dir, "timing.json")
     if args.report_only:
         done = {job: finished(run_dir(args, *job), job_spec(args, *job)) for job in jobs}
         if missing := [job for job, scores in done.items() if scores is None]:
-            raise SystemExit(f"{len(missing)} run(s) missing or not finished with these options, e.g. {missing[0]}")
+            raise SystemExit(
+                f"{len(missing)} run(s) missing or not finished with these options, e.g. {missing[0]}"
+            )
         with open(timing) as f:  # the wall time of the command that ran them
             minutes = json.load(f)["minutes"]
     else:
@@ -294,18 +401,27 @@ def main(argv=None):
         with open(timing, "w") as f:
             json.dump({"minutes": minutes, "jobs": args.jobs, "threads": args.threads}, f)
     curves = {st: {m: [done[(st, m, s)] for s in seeds] for m in methods} for st in settings}
-    text = (f"C-RLFT vs SFT as learning curves (experiments/learning_curves.py): {len(jobs)} runs, {args.jobs} side "
-            f"by side, {args.threads} thread(s) each; {minutes:.1f} minutes in all. Expert: accuracy under the expert "
-            "condition against the true sums; novice: under the novice condition against the novices' carry-free "
-            "sums (runs without conditions: the plain template both times). Steps to 50% / 90% and the best are on "
-            f"the {args.eval_subset}-problem subset scored every {args.every} steps; final: all {args.toy_eval} "
-            "problems at the last step.\n\n" + "\n".join(table(st, curves[st], seeds, args) for st in settings))
+    text = (
+        f"C-RLFT vs SFT as learning curves (experiments/learning_curves.py): {len(jobs)} runs, {args.jobs} side "
+        f"by side, {args.threads} thread(s) each; {minutes:.1f} minutes in all. Expert: accuracy under the expert "
+        "condition against the true sums; novice: under the novice condition against the novices' carry-free "
+        "sums (runs without conditions: the plain template both times). Steps to 50% / 90% and the best are on "
+        f"the {args.eval_subset}-problem subset scored every {args.every} steps; final: all {args.toy_eval} "
+        "problems at the last step.\n\n"
+        + "\n".join(table(st, curves[st], seeds, args) for st in settings)
+    )
     print("\n" + text)
     with open(os.path.join(args.out_dir, "results.md"), "w") as f:
         f.write(text)
     with open(os.path.join(args.out_dir, "results.json"), "w") as f:
-        json.dump({st: {m: {str(s): c for s, c in zip(seeds, runs)} for m, runs in curves[st].items()}
-                   for st in settings}, f, indent=1)
+        json.dump(
+            {
+                st: {m: {str(s): c for s, c in zip(seeds, runs)} for m, runs in curves[st].items()}
+                for st in settings
+            },
+            f,
+            indent=1,
+        )
     band_chart(os.path.join(args.out_dir, "curves.svg"), settings, curves, args)
     print(f"wrote {args.out_dir}/results.md, results.json, curves.svg")
     return curves

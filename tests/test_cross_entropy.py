@@ -9,6 +9,7 @@ Tolerances (inputs are rounded to the test dtype first, the float64 reference se
   float16: the logits themselves are rounded to fp16 (spacing 0.0625 near |z| = 100), so
            loss rel 1e-3; per-token CE atol 0.1; grads atol 2e-2 * max|reference grad|.
 """
+
 import os
 import subprocess
 import sys
@@ -43,7 +44,9 @@ def make_inputs(N, D, V, dtype, scale=2.5, seed=0):
     loss_weights = torch.rand(N, generator=g)
     loss_weights[0::3] = 0.0
     loss_weights[1::4] = 1.0
-    targets[loss_weights == 0] = -100  # prompt/padding tokens: the fused path must never look at them
+    targets[
+        loss_weights == 0
+    ] = -100  # prompt/padding tokens: the fused path must never look at them
     return hidden, weight, targets, loss_weights
 
 
@@ -58,8 +61,13 @@ def run(fn, hidden, weight, targets, loss_weights, **kw):
 def check_against_float64(hidden, weight, targets, loss_weights, **kw):
     dtype = hidden.dtype
     loss, ce, gh, gw = run(fused_linear_cross_entropy, hidden, weight, targets, loss_weights, **kw)
-    ref_loss, ref_ce, ref_gh, ref_gw = run(linear_cross_entropy_reference, hidden.double(), weight.double(),
-                                           targets, loss_weights.double())
+    ref_loss, ref_ce, ref_gh, ref_gw = run(
+        linear_cross_entropy_reference,
+        hidden.double(),
+        weight.double(),
+        targets,
+        loss_weights.double(),
+    )
     loss_rel, ce_atol, grad_rel = TOL[dtype]
     assert loss.dtype == torch.float32 and ce.dtype == torch.float32
     assert gh.dtype == dtype and gw.dtype == dtype
@@ -68,8 +76,12 @@ def check_against_float64(hidden, weight, targets, loss_weights, **kw):
     torch.testing.assert_close(ce.double()[kept], ref_ce[kept], rtol=0, atol=ce_atol)
     assert (ce[~kept] == 0).all()
     assert (gh[~kept] == 0).all()
-    torch.testing.assert_close(gh.double(), ref_gh, rtol=0, atol=grad_rel * ref_gh.abs().max().item())
-    torch.testing.assert_close(gw.double(), ref_gw, rtol=0, atol=grad_rel * ref_gw.abs().max().item())
+    torch.testing.assert_close(
+        gh.double(), ref_gh, rtol=0, atol=grad_rel * ref_gh.abs().max().item()
+    )
+    torch.testing.assert_close(
+        gw.double(), ref_gw, rtol=0, atol=grad_rel * ref_gw.abs().max().item()
+    )
     return ref_loss
 
 
@@ -84,7 +96,9 @@ class RecordShapes(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if func.namespace == "crlft":
             with self:
-                out = func.redispatch(torch._C.DispatchKeySet(torch._C.DispatchKey.CPU), *args, **(kwargs or {}))
+                out = func.redispatch(
+                    torch._C.DispatchKeySet(torch._C.DispatchKey.CPU), *args, **(kwargs or {})
+                )
         else:
             out = func(*args, **(kwargs or {}))
         outs = out if isinstance(out, (tuple, list)) else [out]
@@ -114,12 +128,21 @@ def test_huge_logits_stay_finite():
     # |z| up to ~1e4: exp overflows fp32 without the max subtraction.
     hidden, weight, targets, loss_weights = make_inputs(17, 16, 3001, torch.float32, scale=25.0)
     loss_rel, ce_atol, grad_rel = TOL[torch.float32]
-    loss, ce, gh, gw = run(fused_linear_cross_entropy, hidden, weight, targets, loss_weights, chunk_size=5)
-    ref = run(linear_cross_entropy_reference, hidden.double(), weight.double(), targets,
-              loss_weights.double())
+    loss, ce, gh, gw = run(
+        fused_linear_cross_entropy, hidden, weight, targets, loss_weights, chunk_size=5
+    )
+    ref = run(
+        linear_cross_entropy_reference,
+        hidden.double(),
+        weight.double(),
+        targets,
+        loss_weights.double(),
+    )
     assert torch.isfinite(loss) and torch.isfinite(gh).all() and torch.isfinite(gw).all()
     torch.testing.assert_close(loss.double(), ref[0], rtol=loss_rel, atol=0)
-    torch.testing.assert_close(gw.double(), ref[3], rtol=0, atol=grad_rel * ref[3].abs().max().item())
+    torch.testing.assert_close(
+        gw.double(), ref[3], rtol=0, atol=grad_rel * ref[3].abs().max().item()
+    )
 
 
 def test_chunk_size_does_not_change_the_result():
@@ -160,7 +183,9 @@ def test_no_grad_and_frozen_weight():
     w = weight.clone().requires_grad_()
     with torch.no_grad(), RecordShapes() as rec:
         torch.testing.assert_close(fused_linear_cross_entropy(h, w, targets, loss_weights), ref)
-    assert not any(shape == (97, 8) for _, shapes in rec.ops for shape in shapes)  # no grad_weight work
+    assert not any(
+        shape == (97, 8) for _, shapes in rec.ops for shape in shapes
+    )  # no grad_weight work
     fused_linear_cross_entropy(h, weight, targets, loss_weights).backward()  # weight needs no grad
     h_ref = hidden.clone().requires_grad_()
     linear_cross_entropy_reference(h_ref, weight, targets, loss_weights).backward()
@@ -196,11 +221,18 @@ def test_never_materialises_all_logits_and_skips_zero_weight_rows():
     sizes = [torch.Size(s).numel() for _, shapes in rec.ops for s in shapes]
     assert max(sizes) <= max(chunk * V, V * D)  # nothing of size N * V
     mm_rows = [shapes[0][0] for op, shapes in rec.ops if op in MATMULS and shapes[0][1] == V]
-    assert sum(mm_rows) == n_kept and max(mm_rows) <= chunk  # only weighted rows reach the logits matmul
+    assert (
+        sum(mm_rows) == n_kept and max(mm_rows) <= chunk
+    )  # only weighted rows reach the logits matmul
 
 
 def test_default_chunk_logits_about_the_size_of_hidden():
-    for N, V, D in [(80_000, 32001, 4096), (32768, 32001, 4096), (5000, 128256, 4096), (10, 32001, 16)]:
+    for N, V, D in [
+        (80_000, 32001, 4096),
+        (32768, 32001, 4096),
+        (5000, 128256, 4096),
+        (10, 32001, 16),
+    ]:
         C = default_chunk_size(N, V, D)
         assert C % 64 == 0 and C >= MIN_CHUNK_ROWS
         # logits of one chunk ~ hidden's size, up to rounding to 64 rows, or the row floor when that is bigger
@@ -234,7 +266,7 @@ def test_triton_row_step_matches_torch_row_step_on_strided_huge_logits():
 
     g = torch.Generator().manual_seed(2)
     C, V = 6, 5003
-    storage = torch.randn(C, V + 13, generator=g) * 300.0   # |z| up to ~1e3, rows with a stride != V
+    storage = torch.randn(C, V + 13, generator=g) * 300.0  # |z| up to ~1e3, rows with a stride != V
     targets = torch.randint(0, V, (C,), generator=g)
     weights = torch.tensor([1.0, 0.5, 2.0, 0.25, 1.0, 3.0])
     ref = torch.nn.functional.cross_entropy(storage[:, :V].double(), targets, reduction="none")
@@ -256,7 +288,9 @@ def test_triton_row_step_leaves_padding_columns_alone():
     logits = storage[:, :650]
     _ce_rows_triton(logits, torch.tensor([0, 5, 649]), torch.ones(3))
     assert (storage[:, 650:] == 7.0).all()
-    torch.testing.assert_close(logits.sum(dim=1), torch.zeros(3), atol=1e-5, rtol=0)  # softmax - onehot
+    torch.testing.assert_close(
+        logits.sum(dim=1), torch.zeros(3), atol=1e-5, rtol=0
+    )  # softmax - onehot
 
 
 @pytest.mark.triton
@@ -303,9 +337,15 @@ def test_custom_op_passes_opcheck():
 
     hidden, weight, targets, loss_weights = make_inputs(20, 8, 101, torch.float32, scale=1.0)
     hidden.requires_grad_(), weight.requires_grad_()
-    for chunk_size, need_grad_hidden, need_grad_weight in ((8, True, True), (None, False, True), (5, True, False)):
-        torch.library.opcheck(_linear_cross_entropy_op, (hidden, weight, targets, loss_weights, chunk_size,
-                                                         need_grad_hidden, need_grad_weight))
+    for chunk_size, need_grad_hidden, need_grad_weight in (
+        (8, True, True),
+        (None, False, True),
+        (5, True, False),
+    ):
+        torch.library.opcheck(
+            _linear_cross_entropy_op,
+            (hidden, weight, targets, loss_weights, chunk_size, need_grad_hidden, need_grad_weight),
+        )
 
 
 # ---------------------------------------------------------------- ahead-of-time compile for real GPUs -----
@@ -340,8 +380,13 @@ def test_kernel_compiles_for_a100_and_h100(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_CACHE_DIR"] = str(tmp_path / "triton_cache")  # really compile, no cached result
     env["TRITON_DEFAULT_FP_FUSION"] = "1"
-    proc = subprocess.run([sys.executable, "-c", COMPILE_SCRIPT.format(root=ROOT)], env=env,
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", COMPILE_SCRIPT.format(root=ROOT)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     n_configs = len({kernel_config(V) for V in (32000, 32001, 32064, 128256, 1000, 100)})
     assert proc.stdout.count("ok ") == n_configs * 2 * 3, proc.stdout

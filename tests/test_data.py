@@ -3,6 +3,7 @@
 Expected ids come from the facts file and from sentencepiece's own encode of each piece (an independent
 SentencePieceProcessor), assembled by hand here.
 """
+
 import collections
 import json
 import os
@@ -12,13 +13,14 @@ import numpy as np
 import pytest
 import sentencepiece as spm
 import torch
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from test_readers import GOOD, _write
 
-import data
 import chat_readers
+import data
 import toy_task
 from data import DataError
-from test_readers import GOOD, _write
 
 BOS, EOT = 1, 32000
 
@@ -35,6 +37,7 @@ def sp():  # the reference: plain sentencepiece on the same file
 
 # ------------------------------------------------------------------------------------------------ template
 
+
 def test_role_prefix_ids_match_the_facts(tok):
     t = data.TEMPLATES["openchat_3.5"]
     assert tok.encode_special(t.head("User", "GPT4")) == [420, 6316, 28781, 1247, 28747]
@@ -44,50 +47,105 @@ def test_role_prefix_ids_match_the_facts(tok):
 
 
 def test_hand_written_conversation(tok, sp):
-    messages = [{"role": "user", "content": "Hello"}, {"role": "assistant", "content": "Hi there!"},
-                {"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4", "weight": 0.5}]
+    messages = [
+        {"role": "user", "content": "Hello"},
+        {"role": "assistant", "content": "Hi there!"},
+        {"role": "user", "content": "2+2?"},
+        {"role": "assistant", "content": "4", "weight": 0.5},
+    ]
     tokens, weights = data.encode_conversation(tok, messages, "GPT4", weight=0.1)
-    user, assistant = [420, 6316, 28781, 1247, 28747], [420, 6316, 28781, 21631, 28747]  # facts file
-    hello, hi, q, four = sp.encode("Hello"), sp.encode("Hi there!"), sp.encode("2+2?"), sp.encode("4")
+    user, assistant = (
+        [420, 6316, 28781, 1247, 28747],
+        [420, 6316, 28781, 21631, 28747],
+    )  # facts file
+    hello, hi, q, four = (
+        sp.encode("Hello"),
+        sp.encode("Hi there!"),
+        sp.encode("2+2?"),
+        sp.encode("4"),
+    )
     assert hello == [22557]
-    expected = [BOS] + user + hello + [EOT] + assistant + hi + [EOT] + user + q + [EOT] + assistant + four + [EOT]
-    expected_w = ([0.0] * (1 + 5 + 1 + 1 + 5) + [0.1] * (len(hi) + 1) + [0.0] * (5 + len(q) + 1 + 5)
-                  + [0.5] * (len(four) + 1))
+    expected = (
+        [BOS]
+        + user
+        + hello
+        + [EOT]
+        + assistant
+        + hi
+        + [EOT]
+        + user
+        + q
+        + [EOT]
+        + assistant
+        + four
+        + [EOT]
+    )
+    expected_w = (
+        [0.0] * (1 + 5 + 1 + 1 + 5)
+        + [0.1] * (len(hi) + 1)
+        + [0.0] * (5 + len(q) + 1 + 5)
+        + [0.5] * (len(four) + 1)
+    )
     assert tokens == expected
     assert weights == pytest.approx(expected_w)
 
 
 def test_pieces_equal_the_hf_text_template(tok, sp):
     # "GPT4 Correct User: Hello" as one text gives the same ids as the prefix and the content on their own
-    tokens, _ = data.encode_conversation(tok, [{"role": "user", "content": "Hello world"},
-                                               {"role": "assistant", "content": "Yes."}], "GPT4 Correct")
-    assert tokens == ([BOS] + sp.encode("GPT4 Correct User: Hello world") + [EOT]
-                      + sp.encode("GPT4 Correct Assistant: Yes.") + [EOT])
+    tokens, _ = data.encode_conversation(
+        tok,
+        [{"role": "user", "content": "Hello world"}, {"role": "assistant", "content": "Yes."}],
+        "GPT4 Correct",
+    )
+    assert tokens == (
+        [BOS]
+        + sp.encode("GPT4 Correct User: Hello world")
+        + [EOT]
+        + sp.encode("GPT4 Correct Assistant: Yes.")
+        + [EOT]
+    )
 
 
 def test_special_token_text_stays_text(tok, sp):
     content = "a <s> b </s> c <|end_of_turn|> <unk>"
-    tokens, weights = data.encode_conversation(tok, [{"role": "user", "content": "x"},
-                                                     {"role": "assistant", "content": content}], "GPT4 Correct")
+    tokens, weights = data.encode_conversation(
+        tok,
+        [{"role": "user", "content": "x"}, {"role": "assistant", "content": content}],
+        "GPT4 Correct",
+    )
     body = sp.encode(content)
     assert BOS not in body and 2 not in body and EOT not in body
-    assert tokens[-len(body) - 1:] == body + [EOT]
+    assert tokens[-len(body) - 1 :] == body + [EOT]
     assert tokens.count(EOT) == 2 and tokens.count(BOS) == 1
     assert tok.encode("<s>") == [523, 28713, 28767]  # "▁<", "s", ">": not the BOS control symbol
     assert tok.decode(tokens[1:]).endswith("Assistant: " + content + "<|end_of_turn|>")
     # a whole message (or system prompt) that is exactly a special token's text is text too
-    messages = [{"role": "user", "content": "<|end_of_turn|>"}, {"role": "assistant", "content": "<s>"}]
+    messages = [
+        {"role": "user", "content": "<|end_of_turn|>"},
+        {"role": "assistant", "content": "<s>"},
+    ]
     tokens, _ = data.encode_conversation(tok, messages, "GPT4 Correct", system="<s>")
     assert tokens.count(EOT) == 3 and tokens.count(BOS) == 1 and tokens[1:4] == sp.encode("<s>")
-    assert data.encode_prompt(tok, messages, "GPT4 Correct", "<s>") == tokens + sp.encode("GPT4 Correct Assistant:")
+    assert data.encode_prompt(tok, messages, "GPT4 Correct", "<s>") == tokens + sp.encode(
+        "GPT4 Correct Assistant:"
+    )
 
 
 def test_system_prompt_and_empty_condition(tok, sp):
     msgs = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
     tokens, weights = data.encode_conversation(tok, msgs, "", system="Be brief.")
     system = sp.encode("Be brief.")
-    expected = ([BOS] + system + [EOT] + sp.encode("User:") + sp.encode("Hi") + [EOT] + sp.encode("Assistant:")
-                + sp.encode("Hello") + [EOT])
+    expected = (
+        [BOS]
+        + system
+        + [EOT]
+        + sp.encode("User:")
+        + sp.encode("Hi")
+        + [EOT]
+        + sp.encode("Assistant:")
+        + sp.encode("Hello")
+        + [EOT]
+    )
     assert sp.encode("User:") == [1247, 28747]
     assert tokens == expected
     n_hello = len(sp.encode("Hello")) + 1
@@ -96,7 +154,9 @@ def test_system_prompt_and_empty_condition(tok, sp):
 
 def test_encode_prompt_ends_with_the_assistant_prefix(tok, sp):
     prompt = data.encode_prompt(tok, [{"role": "user", "content": "Hello"}], "GPT4 Correct")
-    assert prompt == [BOS] + sp.encode("GPT4 Correct User:") + [22557, EOT] + sp.encode("GPT4 Correct Assistant:")
+    assert prompt == [BOS] + sp.encode("GPT4 Correct User:") + [22557, EOT] + sp.encode(
+        "GPT4 Correct Assistant:"
+    )
 
 
 @settings(max_examples=300, deadline=None)
@@ -129,14 +189,23 @@ def test_decode_writes_eot_as_text(tok):
 
 
 def test_parse_class_weights():
-    assert chat_readers.parse_class_weights("GPT4 Correct=1, GPT3=0.1") == {"GPT4 Correct": 1.0, "GPT3": 0.1}
-    for bad, says in [("GPT4", "NAME=WEIGHT"), ("GPT4=x", "not a number"), ("GPT4=-1", ">= 0"),
-                      ("GPT4=1,GPT4=2", "twice"), ("GPT4=nan", "finite")]:
+    assert chat_readers.parse_class_weights("GPT4 Correct=1, GPT3=0.1") == {
+        "GPT4 Correct": 1.0,
+        "GPT3": 0.1,
+    }
+    for bad, says in [
+        ("GPT4", "NAME=WEIGHT"),
+        ("GPT4=x", "not a number"),
+        ("GPT4=-1", ">= 0"),
+        ("GPT4=1,GPT4=2", "twice"),
+        ("GPT4=nan", "finite"),
+    ]:
         with pytest.raises(ValueError, match=says):
             chat_readers.parse_class_weights(bad)
 
 
 # ------------------------------------------------------------------------------------------ reading input
+
 
 @pytest.fixture(scope="module")
 def sharegpt_head():
@@ -149,47 +218,82 @@ def sharegpt_head():
 
 # ------------------------------------------------------------------------------------------- tokenization
 
+
 def _conv(*pairs, cls="GPT4 Correct", weight=None):
     messages = []
     for q, a in pairs:
         messages.append({"role": "user", "content": q})
-        messages.append({"role": "assistant", "content": a} | ({} if weight is None else {"weight": weight}))
+        messages.append(
+            {"role": "assistant", "content": a} | ({} if weight is None else {"weight": weight})
+        )
     return data.Conversation(messages, cls, None, cls, "test")
 
 
 def test_truncation_trailing_cut_and_drops(tok, sp):
     long = "word " * 40
-    convs = [_conv(("Q", "A"), ("Q2", long)),                       # truncated after its first exchange
-             _conv(("Q", long)),                                      # dropped: first exchange too long
-             data.Conversation([{"role": "user", "content": "Q"}, {"role": "assistant", "content": "A"},
-                                {"role": "user", "content": "trailing"}], "GPT3", None, "GPT3"),
-             _conv(("Q", "A"), weight=0.0)]                          # dropped: nothing to learn
-    ds = data.tokenize_dataset(convs, tok, max_seq_len=30, class_weights={"GPT4 Correct": 1.0, "GPT3": 0.1})
-    first = [BOS] + sp.encode("GPT4 Correct User:") + sp.encode("Q") + [EOT] + \
-        sp.encode("GPT4 Correct Assistant:") + sp.encode("A") + [EOT]
-    third = [BOS] + sp.encode("GPT3 User:") + sp.encode("Q") + [EOT] + sp.encode("GPT3 Assistant:") + \
-        sp.encode("A") + [EOT]
+    convs = [
+        _conv(("Q", "A"), ("Q2", long)),  # truncated after its first exchange
+        _conv(("Q", long)),  # dropped: first exchange too long
+        data.Conversation(
+            [
+                {"role": "user", "content": "Q"},
+                {"role": "assistant", "content": "A"},
+                {"role": "user", "content": "trailing"},
+            ],
+            "GPT3",
+            None,
+            "GPT3",
+        ),
+        _conv(("Q", "A"), weight=0.0),
+    ]  # dropped: nothing to learn
+    ds = data.tokenize_dataset(
+        convs, tok, max_seq_len=30, class_weights={"GPT4 Correct": 1.0, "GPT3": 0.1}
+    )
+    first = (
+        [BOS]
+        + sp.encode("GPT4 Correct User:")
+        + sp.encode("Q")
+        + [EOT]
+        + sp.encode("GPT4 Correct Assistant:")
+        + sp.encode("A")
+        + [EOT]
+    )
+    third = (
+        [BOS]
+        + sp.encode("GPT3 User:")
+        + sp.encode("Q")
+        + [EOT]
+        + sp.encode("GPT3 Assistant:")
+        + sp.encode("A")
+        + [EOT]
+    )
     assert len(ds) == 2 and ds.class_names == ["GPT3", "GPT4 Correct"]
-    assert ds.tokens[ds.offsets[0]:ds.offsets[1]].tolist() == first
-    assert ds.tokens[ds.offsets[1]:ds.offsets[2]].tolist() == third
-    assert ds.weights[ds.offsets[2] - 2:].tolist() == pytest.approx([0.1, 0.1])
+    assert ds.tokens[ds.offsets[0] : ds.offsets[1]].tolist() == first
+    assert ds.tokens[ds.offsets[1] : ds.offsets[2]].tolist() == third
+    assert ds.weights[ds.offsets[2] - 2 :].tolist() == pytest.approx([0.1, 0.1])
     assert ds.class_ids.tolist() == [1, 0]
     s = ds.meta["summary"]
     assert s["truncated_to_context"] == 1
-    assert s["dropped"] == {"its first exchange is longer than the context": 1,
-                            "no supervised tokens (all weights 0)": 1}
+    assert s["dropped"] == {
+        "its first exchange is longer than the context": 1,
+        "no supervised tokens (all weights 0)": 1,
+    }
     assert s["classes"]["GPT3"]["supervised_tokens"] == 2
 
 
 def test_class_weights_errors_and_message_override(tok):
     with pytest.raises(DataError, match="test: class 'GPT3' has no weight"):
-        data.tokenize_dataset([_conv(("Q", "A"), cls="GPT3")], tok, 100, class_weights={"GPT4 Correct": 1.0})
-    ds = data.tokenize_dataset([_conv(("Q", "A"), cls="GPT3", weight=0.3)], tok, 100, class_weights={})
+        data.tokenize_dataset(
+            [_conv(("Q", "A"), cls="GPT3")], tok, 100, class_weights={"GPT4 Correct": 1.0}
+        )
+    ds = data.tokenize_dataset(
+        [_conv(("Q", "A"), cls="GPT3", weight=0.3)], tok, 100, class_weights={}
+    )
     assert ds.weights.tolist() == pytest.approx([0.0] * (len(ds.weights) - 2) + [0.3, 0.3])
 
 
 def test_tokenize_workers_save_load(tok, sharegpt_head, tmp_path):
-    convs = sharegpt_head[:2 * data.CHUNK + 7]
+    convs = sharegpt_head[: 2 * data.CHUNK + 7]
     one = data.tokenize_dataset(convs, tok, 8192, workers=1)
     two = data.tokenize_dataset(convs, tok, 8192, workers=2)
     for name in ("tokens", "weights", "offsets", "class_ids"):
@@ -199,10 +303,14 @@ def test_tokenize_workers_save_load(tok, sharegpt_head, tmp_path):
     assert np.array_equal(back.tokens, one.tokens) and back.meta["summary"] == one.meta["summary"]
     c = convs[5]
     tokens, weights = data.encode_conversation(tok, c.messages, c.condition, c.system)
-    assert back.tokens[back.offsets[5]:back.offsets[6]].tolist() == tokens[:back.offsets[6] - back.offsets[5]]
+    assert (
+        back.tokens[back.offsets[5] : back.offsets[6]].tolist()
+        == tokens[: back.offsets[6] - back.offsets[5]]
+    )
 
 
 # ---------------------------------------------------------------------------------------------- toy task
+
 
 def score_toy_answer(question, answer_text):
     """Exact match of the stripped answer with the true sum of a toy question "A+B="."""
@@ -218,18 +326,28 @@ def test_toy_scorer_and_data():
     with pytest.raises(ValueError):
         score_toy_answer("what?", "1")
     assert toy_task.carry_free_sum(158, 267) == 315 and toy_task.carry_free_sum(999, 999) == 888
-    convs = toy_task.make_toy_conversations(4000, expert_fraction=0.05, seed=3, sub_optimal_error=0.7)
-    assert [c.messages for c in convs] == [c.messages for c in toy_task.make_toy_conversations(4000, 0.05, 3, 0.7)]
+    convs = toy_task.make_toy_conversations(
+        4000, expert_fraction=0.05, seed=3, sub_optimal_error=0.7
+    )
+    assert [c.messages for c in convs] == [
+        c.messages for c in toy_task.make_toy_conversations(4000, 0.05, 3, 0.7)
+    ]
     by_class = collections.defaultdict(list)
     for c in convs:
         q, a = c.messages[0]["content"], c.messages[1]["content"]
         x, y = map(int, q[:-1].split("+"))
         assert not toy_task.is_eval_problem(x, y)
         by_class[c.class_name].append((score_toy_answer(q, a), x, y))
-    assert len(by_class[toy_task.EXPERT]) == 200 and all(ok for ok, _, _ in by_class[toy_task.EXPERT])
-    carrying = [ok for ok, x, y in by_class[toy_task.SUB_OPTIMAL] if toy_task.carry_free_sum(x, y) != x + y]
+    assert len(by_class[toy_task.EXPERT]) == 200 and all(
+        ok for ok, _, _ in by_class[toy_task.EXPERT]
+    )
+    carrying = [
+        ok for ok, x, y in by_class[toy_task.SUB_OPTIMAL] if toy_task.carry_free_sum(x, y) != x + y
+    ]
     assert 0.25 < np.mean(carrying) < 0.35  # 30% right where a carry matters
-    default = toy_task.make_toy_conversations(2000, seed=3)  # 2% expert; novices always drop the carries
+    default = toy_task.make_toy_conversations(
+        2000, seed=3
+    )  # 2% expert; novices always drop the carries
     assert sum(c.class_name == toy_task.EXPERT for c in default) == 40
     for c in default:
         (x, y), a = map(int, c.messages[0]["content"][:-1].split("+")), c.messages[1]["content"]
@@ -248,19 +366,35 @@ def test_toy_tokenizer(tmp_path):
     # prompt, not the positions of the operands, and adds no digit beside them
     assert [tok.piece(i) for i in tok.encode("Expert User:")] == ["▁Expert", "▁User:"]
     assert [tok.piece(i) for i in tok.encode("Novice Assistant:")] == ["▁Novice", "▁Assistant:"]
-    assert [tok.piece(i) for i in tok.encode("GPT4 Correct User:")] == ["▁GPT", "4", "▁Correct", "▁User:"]
+    assert [tok.piece(i) for i in tok.encode("GPT4 Correct User:")] == [
+        "▁GPT",
+        "4",
+        "▁Correct",
+        "▁User:",
+    ]
     assert [tok.piece(i) for i in tok.encode("579")] == ["▁", "5", "7", "9"]
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments"))
+    sys.path.insert(
+        0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments")
+    )
     import toy_tokenizer
-    toy_tokenizer.train_toy_tokenizer(str(tmp_path / "t.model"))  # regenerates the committed file exactly
+
+    toy_tokenizer.train_toy_tokenizer(
+        str(tmp_path / "t.model")
+    )  # regenerates the committed file exactly
     assert (tmp_path / "t.model").read_bytes() == open(toy_task.TOKENIZER_PATH, "rb").read()
     ds = data.tokenize_dataset(toy_task.make_toy_conversations(50), tok, 64, toy_task.CLASS_WEIGHTS)
-    exchanges = [int((ds.tokens[a:b] == tok.eot_id).sum()) // 2 for a, b in zip(ds.offsets[:-1], ds.offsets[1:])]
+    exchanges = [
+        int((ds.tokens[a:b] == tok.eot_id).sum()) // 2
+        for a, b in zip(ds.offsets[:-1], ds.offsets[1:])
+    ]
     assert set(exchanges) == {1, 2, 3}  # a chat goes on after its first answer
-    assert ds.lengths.max() <= 3 * 16  # an exchange is at most 16 tokens: the toy model's context is ample
+    assert (
+        ds.lengths.max() <= 3 * 16
+    )  # an exchange is at most 16 tokens: the toy model's context is ample
 
 
 # ------------------------------------------------------------------------------------------------ packing
+
 
 def _check_packing(steps, lengths, budget, world):
     assert all(len(step) == world for step in steps)
@@ -283,7 +417,9 @@ def test_pack_epoch_properties(draw, budget, world, seed, epoch):
 def test_pack_epoch_any_lengths(lengths, world):
     try:
         steps = data.pack_epoch(lengths, 64, world, 0, 0)
-    except ValueError as e:  # only when every bin holds a single conversation and they don't share out
+    except (
+        ValueError
+    ) as e:  # only when every bin holds a single conversation and they don't share out
         assert "multiple of n_bins" in str(e) and len(lengths) % world != 0
         return
     _check_packing(steps, lengths, 64, world)
@@ -292,7 +428,9 @@ def test_pack_epoch_any_lengths(lengths, world):
 def test_pack_epoch_errors_and_shuffling():
     with pytest.raises(ValueError, match="3 conversations cannot give each of 4 bins one"):
         data.pack_epoch([1, 2, 3], 10, 4, 0, 0)
-    with pytest.raises(ValueError, match="--batch_tokens=10: a conversation of 11 tokens does not fit one bin"):
+    with pytest.raises(
+        ValueError, match="--batch_tokens=10: a conversation of 11 tokens does not fit one bin"
+    ):
         data.pack_epoch([1, 11, 3], 10, 1, 0, 0)
     with pytest.raises(ValueError, match="multiple of n_bins=8"):
         data.pack_epoch([10] * 9, 10, 8, 0, 0)
@@ -322,7 +460,10 @@ def test_make_batch_fields():
     ds = data.TokenizedDataset(
         tokens=np.array([1, 10, 11, 12, 1, 20, 21], np.int32),
         weights=np.array([0, 0, 1, 1, 0, 0.5, 0.5], np.float32),
-        offsets=np.array([0, 4, 7]), class_ids=np.array([0, 1], np.int32), class_names=["a", "b"])
+        offsets=np.array([0, 4, 7]),
+        class_ids=np.array([0, 1], np.int32),
+        class_names=["a", "b"],
+    )
     assert ds.lengths.tolist() == [3, 2]
     batch = data.make_batch(ds, [1, 0])
     assert batch.tokens.tolist() == [1, 20, 1, 10, 11]
@@ -331,48 +472,371 @@ def test_make_batch_fields():
     assert batch.position_ids.tolist() == [0, 1, 0, 1, 2]
     assert batch.class_ids.tolist() == [1, 1, 0, 0, 0]
     assert batch.cu_seqlens.tolist() == [0, 2, 5] and batch.max_seqlen == 3
-    assert [t.dtype for t in (batch.tokens, batch.targets, batch.loss_weights, batch.position_ids,
-                              batch.class_ids, batch.cu_seqlens)] == [torch.int64] * 2 + [torch.float32] + \
-        [torch.int64] * 2 + [torch.int32]
+    assert [
+        t.dtype
+        for t in (
+            batch.tokens,
+            batch.targets,
+            batch.loss_weights,
+            batch.position_ids,
+            batch.class_ids,
+            batch.cu_seqlens,
+        )
+    ] == [torch.int64] * 2 + [torch.float32] + [torch.int64] * 2 + [torch.int32]
     assert batch.to("cpu").tokens.tolist() == batch.tokens.tolist()
 
 
 # ---------------------------------------------------------------------------------------------------- CLI
 
+
 def test_cli_tokenize_and_show(tmp_path, capsys):
-    good = _write(tmp_path, "d.jsonl", [json.dumps(GOOD), json.dumps({**GOOD, "condition": "GPT3"})])
-    data.main(["tokenize", "--input", good, "--out", str(tmp_path / "out"), "--class-weights",
-               "GPT4 Correct=1,GPT3=0.1", "--max-seq-len", "64"])
+    good = _write(
+        tmp_path, "d.jsonl", [json.dumps(GOOD), json.dumps({**GOOD, "condition": "GPT3"})]
+    )
+    data.main(
+        [
+            "tokenize",
+            "--input",
+            good,
+            "--out",
+            str(tmp_path / "out"),
+            "--class-weights",
+            "GPT4 Correct=1,GPT3=0.1",
+            "--max-seq-len",
+            "64",
+        ]
+    )
     ds = data.TokenizedDataset.load(str(tmp_path / "out"))
-    assert len(ds) == 2 and ds.class_names == ["GPT3", "GPT4 Correct"] and ds.meta["vocab_size"] == 32001
+    assert (
+        len(ds) == 2
+        and ds.class_names == ["GPT3", "GPT4 Correct"]
+        and ds.meta["vocab_size"] == 32001
+    )
     assert '"conversations": 2' in capsys.readouterr().out
     data.main(["show", "--input", "toy", "--toy-n", "10", "--index", "3"])
     out = capsys.readouterr().out
-    assert "weight 0     [<s>][▁Novice][▁User:]" in out and "weight 0.1   [▁]" in out and "[<|end_of_turn|>]" in out
+    assert (
+        "weight 0     [<s>][▁Novice][▁User:]" in out
+        and "weight 0.1   [▁]" in out
+        and "[<|end_of_turn|>]" in out
+    )
 
 
 # OpenChat's own expected tokens and weights for its test conversations on the Mistral tokenizer (openchat_3.5's
 # conversation template), from ochat/tests/test_model_config.py: public test vectors, copied as data.
 OPENCHAT_MISTRAL_TOKENS = [
-    [1, 420, 6316, 28781, 1247, 28747, 1824, 28742, 28713, 272, 8086, 737, 28804, 32000, 420, 6316, 28781, 21631,
-     28747, 315, 28742, 28719, 396, 16107, 304, 949, 28742, 28707, 506, 2735, 298, 1353, 28733, 1536, 1178, 28723,
-     32000, 420, 6316, 28781, 1247, 28747, 5434, 28725, 1103, 28723, 1602, 541, 315, 873, 28804, 32000, 420, 6316,
-     28781, 21631, 28747, 995, 541, 1877, 264, 8086, 4400, 442, 954, 354, 272, 1080, 1868, 1871, 28723, 32000],
-    [1, 420, 6316, 28770, 1247, 28747, 1824, 349, 16107, 28804, 32000, 420, 6316, 28770, 21631, 28747, 16107, 10969,
-     354, 3951, 14773, 23091, 28723, 661, 15654, 298, 272, 17230, 302, 2930, 10895, 9537, 486, 12155, 28723, 32000,
-     420, 6316, 28770, 1247, 28747, 2418, 368, 2822, 28804, 32000, 420, 6316, 28770, 21631, 28747, 315, 541, 28742,
-     28707, 2822, 442, 3229, 1871, 737, 10589, 28723, 315, 8270, 14915, 2818, 356, 710, 28733, 24049, 1178, 28723,
-     32000],
-    [1, 995, 460, 264, 10865, 13892, 28723, 32000, 420, 6316, 28770, 1247, 28747, 2418, 368, 6557, 264, 1820, 28804,
-     32000, 420, 6316, 28770, 21631, 28747, 12875, 28723, 464, 28735, 3016, 596, 28747, 330, 365, 4667, 6866, 302,
-     17442, 978, 507, 28742, 486, 26424, 1052, 26586, 3407, 1900, 349, 264, 1598, 1220, 28723, 32000, 420, 6316,
-     28770, 1247, 28747, 1824, 28742, 28713, 378, 684, 28804, 32000, 420, 6316, 28770, 21631, 28747, 661, 28742,
-     28713, 684, 272, 3340, 302, 272, 2930, 7018, 477, 272, 10195, 302, 11537, 28709, 318, 3016, 596, 297, 7710,
-     582, 298, 272, 2169, 1370, 28723, 32000],
-    [1, 523, 28713, 28767, 1976, 460, 264, 10865, 13892, 28723, 32000, 420, 6316, 28781, 1247, 28747, 1824, 511, 523,
-     28713, 28767, 1867, 28713, 28767, 523, 28766, 416, 28730, 1009, 28730, 499, 28766, 28767, 2072, 28804, 32000,
-     420, 6316, 28781, 21631, 28747, 523, 28713, 28767, 1867, 28713, 28767, 523, 28766, 416, 28730, 1009, 28730, 499,
-     28766, 28767, 460, 2841, 16246, 28723, 32000],
+    [
+        1,
+        420,
+        6316,
+        28781,
+        1247,
+        28747,
+        1824,
+        28742,
+        28713,
+        272,
+        8086,
+        737,
+        28804,
+        32000,
+        420,
+        6316,
+        28781,
+        21631,
+        28747,
+        315,
+        28742,
+        28719,
+        396,
+        16107,
+        304,
+        949,
+        28742,
+        28707,
+        506,
+        2735,
+        298,
+        1353,
+        28733,
+        1536,
+        1178,
+        28723,
+        32000,
+        420,
+        6316,
+        28781,
+        1247,
+        28747,
+        5434,
+        28725,
+        1103,
+        28723,
+        1602,
+        541,
+        315,
+        873,
+        28804,
+        32000,
+        420,
+        6316,
+        28781,
+        21631,
+        28747,
+        995,
+        541,
+        1877,
+        264,
+        8086,
+        4400,
+        442,
+        954,
+        354,
+        272,
+        1080,
+        1868,
+        1871,
+        28723,
+        32000,
+    ],
+    [
+        1,
+        420,
+        6316,
+        28770,
+        1247,
+        28747,
+        1824,
+        349,
+        16107,
+        28804,
+        32000,
+        420,
+        6316,
+        28770,
+        21631,
+        28747,
+        16107,
+        10969,
+        354,
+        3951,
+        14773,
+        23091,
+        28723,
+        661,
+        15654,
+        298,
+        272,
+        17230,
+        302,
+        2930,
+        10895,
+        9537,
+        486,
+        12155,
+        28723,
+        32000,
+        420,
+        6316,
+        28770,
+        1247,
+        28747,
+        2418,
+        368,
+        2822,
+        28804,
+        32000,
+        420,
+        6316,
+        28770,
+        21631,
+        28747,
+        315,
+        541,
+        28742,
+        28707,
+        2822,
+        442,
+        3229,
+        1871,
+        737,
+        10589,
+        28723,
+        315,
+        8270,
+        14915,
+        2818,
+        356,
+        710,
+        28733,
+        24049,
+        1178,
+        28723,
+        32000,
+    ],
+    [
+        1,
+        995,
+        460,
+        264,
+        10865,
+        13892,
+        28723,
+        32000,
+        420,
+        6316,
+        28770,
+        1247,
+        28747,
+        2418,
+        368,
+        6557,
+        264,
+        1820,
+        28804,
+        32000,
+        420,
+        6316,
+        28770,
+        21631,
+        28747,
+        12875,
+        28723,
+        464,
+        28735,
+        3016,
+        596,
+        28747,
+        330,
+        365,
+        4667,
+        6866,
+        302,
+        17442,
+        978,
+        507,
+        28742,
+        486,
+        26424,
+        1052,
+        26586,
+        3407,
+        1900,
+        349,
+        264,
+        1598,
+        1220,
+        28723,
+        32000,
+        420,
+        6316,
+        28770,
+        1247,
+        28747,
+        1824,
+        28742,
+        28713,
+        378,
+        684,
+        28804,
+        32000,
+        420,
+        6316,
+        28770,
+        21631,
+        28747,
+        661,
+        28742,
+        28713,
+        684,
+        272,
+        3340,
+        302,
+        272,
+        2930,
+        7018,
+        477,
+        272,
+        10195,
+        302,
+        11537,
+        28709,
+        318,
+        3016,
+        596,
+        297,
+        7710,
+        582,
+        298,
+        272,
+        2169,
+        1370,
+        28723,
+        32000,
+    ],
+    [
+        1,
+        523,
+        28713,
+        28767,
+        1976,
+        460,
+        264,
+        10865,
+        13892,
+        28723,
+        32000,
+        420,
+        6316,
+        28781,
+        1247,
+        28747,
+        1824,
+        511,
+        523,
+        28713,
+        28767,
+        1867,
+        28713,
+        28767,
+        523,
+        28766,
+        416,
+        28730,
+        1009,
+        28730,
+        499,
+        28766,
+        28767,
+        2072,
+        28804,
+        32000,
+        420,
+        6316,
+        28781,
+        21631,
+        28747,
+        523,
+        28713,
+        28767,
+        1867,
+        28713,
+        28767,
+        523,
+        28766,
+        416,
+        28730,
+        1009,
+        28730,
+        499,
+        28766,
+        28767,
+        460,
+        2841,
+        16246,
+        28723,
+        32000,
+    ],
 ]
 
 
@@ -380,24 +844,31 @@ def _runs(*runs):
     return [w for weight, n in runs for w in [weight] * n]
 
 
-OPENCHAT_MISTRAL_WEIGHTS = [_runs((0.0, 19), (0.1, 18), (0.0, 20), (1.0, 15)),
-                            _runs((0.0, 6), (0.5, 5), (0.0, 5), (0.5, 20), (0.0, 5), (0.5, 5), (0.0, 5), (0.5, 22)),
-                            _runs((0.0, 25), (1.0, 28), (0.0, 17), (0.1, 28)),
-                            _runs((0.0, 41), (1.0, 20))]
+OPENCHAT_MISTRAL_WEIGHTS = [
+    _runs((0.0, 19), (0.1, 18), (0.0, 20), (1.0, 15)),
+    _runs((0.0, 6), (0.5, 5), (0.0, 5), (0.5, 20), (0.0, 5), (0.5, 5), (0.0, 5), (0.5, 22)),
+    _runs((0.0, 25), (1.0, 28), (0.0, 17), (0.1, 28)),
+    _runs((0.0, 41), (1.0, 20)),
+]
 
 
 def test_openchat_test_conversations_token_and_weight_exact(tok, tmp_path):
     """OpenChat's JSONL test file as it is (users' weights included), through our reader and template: exactly
     OpenChat's expected tokens and weights on the Mistral tokenizer; and through tokenize_dataset too."""
     from test_readers import OPENCHAT_TESTS
+
     path = tmp_path / "openchat.jsonl"
     path.write_text("\n".join(OPENCHAT_TESTS) + "\n")
     conversations = chat_readers.read_jsonl(str(path))
     for c, tokens, weights in zip(conversations, OPENCHAT_MISTRAL_TOKENS, OPENCHAT_MISTRAL_WEIGHTS):
         assert len(weights) == len(tokens)
-        ours = data.encode_conversation(tok, c.messages, c.condition, c.system, weight=123.0)  # own weights win
+        ours = data.encode_conversation(
+            tok, c.messages, c.condition, c.system, weight=123.0
+        )  # own weights win
         assert ours == (tokens, pytest.approx(weights))
     dataset = data.tokenize_dataset(conversations, tok, 8192, {"GPT4": 9.0, "GPT3": 9.0}, workers=1)
     for i, (tokens, weights) in enumerate(zip(OPENCHAT_MISTRAL_TOKENS, OPENCHAT_MISTRAL_WEIGHTS)):
         a, b = dataset.offsets[i], dataset.offsets[i + 1]
-        assert dataset.tokens[a:b].tolist() == tokens and dataset.weights[a:b].tolist() == pytest.approx(weights)
+        assert dataset.tokens[a:b].tolist() == tokens and dataset.weights[
+            a:b
+        ].tolist() == pytest.approx(weights)

@@ -4,6 +4,7 @@ References: torch.distributed.checkpoint's own converter (dcp_to_torch_save) rea
 our loader; train.py's final export is what an export of the run must look like; transformers loads the export.
 Runs: a `toy` preset from scratch, and a fine-tuned checkpoint with tied embeddings (its tokenizer in its directory).
 """
+
 import json
 import os
 import shutil
@@ -25,7 +26,14 @@ transformers = pytest.importorskip("transformers")
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = ["--toy_train=240", "--toy_eval=0", "--batch_tokens=600", "--epochs=2", "--max_steps=4", "--ckpt_every=2"]
+TINY = [
+    "--toy_train=240",
+    "--toy_eval=0",
+    "--batch_tokens=600",
+    "--epochs=2",
+    "--max_steps=4",
+    "--ckpt_every=2",
+]
 SHAPE = ["--dim=32", "--n_layers=2", "--n_heads=4", "--n_kv_heads=2"]
 EXPORT_FILES = ["config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json"]
 
@@ -33,8 +41,14 @@ EXPORT_FILES = ["config.json", "generation_config.json", "tokenizer.json", "toke
 def train(out_dir, args):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     cmd = [sys.executable, os.path.join(ROOT, "train.py"), *TINY, f"--out_dir={out_dir}", *args]
-    proc = subprocess.run(cmd, cwd=ROOT, env={**env, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
-                          timeout=300)
+    proc = subprocess.run(
+        cmd,
+        cwd=ROOT,
+        env={**env, "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
@@ -46,8 +60,18 @@ def run(request, tmp_path_factory):
         train(base / "run", SHAPE)
     else:  # a "released" checkpoint to fine-tune: tied embeddings, the toy tokenizer in its directory
         torch.manual_seed(0)
-        model = Transformer(ModelArgs(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=128, max_seq_len=256,
-                                      multiple_of=32, tie_embeddings=True))
+        model = Transformer(
+            ModelArgs(
+                dim=32,
+                n_layers=2,
+                n_heads=4,
+                n_kv_heads=2,
+                vocab_size=128,
+                max_seq_len=256,
+                multiple_of=32,
+                tie_embeddings=True,
+            )
+        )
         model.init_weights()
         model.save_pretrained(str(base / "base"))
         shutil.copyfile(toy_task.TOKENIZER_PATH, base / "base" / "tokenizer.model")
@@ -73,8 +97,12 @@ def test_an_earlier_checkpoint_exports_as_that_checkpoint(run, tmp_path):
         torch.testing.assert_close(exported[name], tensor, rtol=0, atol=0, msg=name)
     assert set(exported) == set(saved)
     final = Transformer.from_pretrained(str(run / "export"), dtype=torch.float32).state_dict()
-    assert any(not torch.equal(final[name], exported[name]) for name in final)  # step 4's weights, not step 2's
-    for name in EXPORT_FILES:  # the same export as the end of training: tokenizer, template, condition, stops
+    assert any(
+        not torch.equal(final[name], exported[name]) for name in final
+    )  # step 4's weights, not step 2's
+    for name in (
+        EXPORT_FILES
+    ):  # the same export as the end of training: tokenizer, template, condition, stops
         with open(out / name) as mine, open(run / "export" / name) as train_py:
             assert json.load(mine) == json.load(train_py), name
     with open(out / "tokenizer_config.json") as f:
@@ -90,14 +118,17 @@ def test_an_earlier_checkpoint_exports_as_that_checkpoint(run, tmp_path):
 
 
 def test_latest_by_default_and_condition_flag(run, tmp_path):
-    export_checkpoint.main([f"--run={run}", "--condition=Novice"])  # the latest, into the run's directory
+    export_checkpoint.main(
+        [f"--run={run}", "--condition=Novice"]
+    )  # the latest, into the run's directory
     out = run / "export_step_0000004"
     final = Transformer.from_pretrained(str(run / "export")).state_dict()
     latest = Transformer.from_pretrained(str(out)).state_dict()
     assert all(torch.equal(final[name], latest[name]) for name in final)
     hf_tokenizer = transformers.AutoTokenizer.from_pretrained(str(out))
-    text = hf_tokenizer.apply_chat_template([{"role": "user", "content": "1+2="}], tokenize=False,
-                                            add_generation_prompt=True)
+    text = hf_tokenizer.apply_chat_template(
+        [{"role": "user", "content": "1+2="}], tokenize=False, add_generation_prompt=True
+    )
     assert "Novice User:" in text and "Novice Assistant:" in text and "Expert" not in text
     shutil.rmtree(out)
 
@@ -111,9 +142,13 @@ def test_errors_are_one_line_and_write_nothing(run, tmp_path, capsys):
         assert message.startswith("error: ") and "\n" not in message
         return message
 
-    assert "--step=3: no checkpoint step_0000003" in refused("--step=3") and "steps 2, 4" in refused("--step=3")
+    assert "--step=3: no checkpoint step_0000003" in refused(
+        "--step=3"
+    ) and "steps 2, 4" in refused("--step=3")
     assert "--run / --ckpt_dir" in refused(f"--ckpt_dir={tmp_path / 'nowhere'}")
-    assert "--tokenizer" in refused(f"--tokenizer={data.default_tokenizer_path()}")  # not the run's tokenizer
+    assert "--tokenizer" in refused(
+        f"--tokenizer={data.default_tokenizer_path()}"
+    )  # not the run's tokenizer
     broken = tmp_path / "ckpt"
     shutil.copytree(run / "ckpt", broken)
     shard = next(f for f in os.listdir(broken / "step_0000002") if f.endswith(".distcp"))

@@ -3,46 +3,113 @@ reference), in float32 on the PyTorch reference kernels: Llama 3.2 (llama3 RoPE 
 vocabulary), Qwen2 (q/k/v biases), Qwen3 (q/k RMSNorm, head_dim != dim / heads) and Gemma (GeGLU, sqrt(dim) input
 scale, (1 + w) norms). Each tiny checkpoint is written by transformers' class: logits, every gradient, packed rows,
 our save loaded back by AutoModelForCausalLM, greedy decoding with our KV cache; then the refusals."""
+
 import json
 
 import pytest
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
-from transformers import (AutoModelForCausalLM, GemmaConfig, GemmaForCausalLM, LlamaConfig, LlamaForCausalLM,
-                          Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
+from test_model import TOL, packed_batch, randomize_
+from transformers import (
+    AutoModelForCausalLM,
+    GemmaConfig,
+    GemmaForCausalLM,
+    LlamaConfig,
+    LlamaForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+)
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 import model as M
 from hf_format import hf_names
-from test_model import TOL, packed_batch, randomize_
 
 V = 320  # a vocabulary padded to a multiple of 64, as released checkpoints pad theirs past the tokenizer
-LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0, "low_freq_factor": 1.0,
-               "high_freq_factor": 4.0, "original_max_position_embeddings": 32}
+LLAMA3_ROPE = {
+    "rope_type": "llama3",
+    "rope_theta": 500000.0,
+    "factor": 32.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 32,
+}
 FAMILIES = {  # name: (config class, model class, config, the options our reader must pick)
     # head_dim 32 at theta 5e5: wavelengths 6.3, 14, 33, 74, ...: one kept (< 32/4), one blended, the rest divided
-    "llama3.2": (LlamaConfig, LlamaForCausalLM,
-                 dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, head_dim=32, tie_word_embeddings=True, max_position_embeddings=128,
-                      rope_parameters=LLAMA3_ROPE, bos_token_id=128000, eos_token_id=[128001, 128009]),
-                 dict(rope_scaling_factor=32.0, rope_original_max_seq_len=32, tie_embeddings=True)),
+    "llama3.2": (
+        LlamaConfig,
+        LlamaForCausalLM,
+        dict(
+            hidden_size=64,
+            intermediate_size=96,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=32,
+            tie_word_embeddings=True,
+            max_position_embeddings=128,
+            rope_parameters=LLAMA3_ROPE,
+            bos_token_id=128000,
+            eos_token_id=[128001, 128009],
+        ),
+        dict(rope_scaling_factor=32.0, rope_original_max_seq_len=32, tie_embeddings=True),
+    ),
     # as released: a window configured but not in use (use_sliding_window false)
-    "qwen2": (Qwen2Config, Qwen2ForCausalLM,
-              dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-                   num_key_value_heads=2, tie_word_embeddings=True, rope_parameters={"rope_theta": 1e6},
-                   use_sliding_window=False, sliding_window=32, max_window_layers=1),
-              dict(qkv_bias=True, tie_embeddings=True, sliding_window=None)),
-    "qwen3": (Qwen3Config, Qwen3ForCausalLM,
-              dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-                   num_key_value_heads=2, head_dim=24, rope_parameters={"rope_theta": 1e6}, sliding_window=None),
-              dict(qk_norm=True, head_dim=24, tie_embeddings=False)),
+    "qwen2": (
+        Qwen2Config,
+        Qwen2ForCausalLM,
+        dict(
+            hidden_size=64,
+            intermediate_size=96,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            tie_word_embeddings=True,
+            rope_parameters={"rope_theta": 1e6},
+            use_sliding_window=False,
+            sliding_window=32,
+            max_window_layers=1,
+        ),
+        dict(qkv_bias=True, tie_embeddings=True, sliding_window=None),
+    ),
+    "qwen3": (
+        Qwen3Config,
+        Qwen3ForCausalLM,
+        dict(
+            hidden_size=64,
+            intermediate_size=96,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=24,
+            rope_parameters={"rope_theta": 1e6},
+            sliding_window=None,
+        ),
+        dict(qk_norm=True, head_dim=24, tie_embeddings=False),
+    ),
     # hidden 48: sqrt(48) = 6.93 is not a bf16 number (6.9375 is), so the cast of the normaliser shows
-    "gemma": (GemmaConfig, GemmaForCausalLM,
-              dict(hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-                   num_key_value_heads=1, head_dim=32, hidden_act="gelu_pytorch_tanh"),
-              dict(norm_plus_one=True, scale_embeddings=True, ffn_activation="gelu_pytorch_tanh", head_dim=32,
-                   tie_embeddings=True)),
+    "gemma": (
+        GemmaConfig,
+        GemmaForCausalLM,
+        dict(
+            hidden_size=48,
+            intermediate_size=96,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=1,
+            head_dim=32,
+            hidden_act="gelu_pytorch_tanh",
+        ),
+        dict(
+            norm_plus_one=True,
+            scale_embeddings=True,
+            ffn_activation="gelu_pytorch_tanh",
+            head_dim=32,
+            tie_embeddings=True,
+        ),
+    ),
 }
 
 
@@ -101,7 +168,12 @@ def test_packed_rows_match_transformers_per_sequence(name, saved):
     sequences, tokens, position_ids, cu_seqlens = packed_batch(lengths, V, seed=4)
     sequences = [s.clamp_min(1) for s in sequences]
     with torch.no_grad():
-        packed = ours(tokens.clamp_min(1), position_ids=position_ids, cu_seqlens=cu_seqlens, max_seqlen=max(lengths))
+        packed = ours(
+            tokens.clamp_min(1),
+            position_ids=position_ids,
+            cu_seqlens=cu_seqlens,
+            max_seqlen=max(lengths),
+        )
         separate = torch.cat([hf(s[None], use_cache=False).logits[0] for s in sequences])
     torch.testing.assert_close(packed[0], separate, atol=TOL, rtol=0)
 
@@ -112,14 +184,20 @@ def test_our_save_loads_in_transformers_as_the_same_class(name, saved, tmp_path)
     ours = M.Transformer.from_pretrained(str(path))
     ours.save_pretrained(str(tmp_path))
     config = json.loads((tmp_path / "config.json").read_text())
-    assert config["architectures"] == [type(hf).__name__] and config["model_type"] == hf.config.model_type
+    assert (
+        config["architectures"] == [type(hf).__name__]
+        and config["model_type"] == hf.config.model_type
+    )
     again = AutoModelForCausalLM.from_pretrained(str(tmp_path), dtype=torch.float32).eval()
     assert type(again) is type(hf) and again.num_parameters() == hf.num_parameters()
     tokens = tokens_of((2, 40), seed=5)
     with torch.no_grad():
         torch.testing.assert_close(again(tokens).logits, hf(tokens).logits, atol=TOL, rtol=0)
     # every stored tensor as transformers wrote it (the padded vocabulary's rows too), and our shape comes back
-    theirs, mine = load_file(str(path / "model.safetensors")), load_file(str(tmp_path / "model.safetensors"))
+    theirs, mine = (
+        load_file(str(path / "model.safetensors")),
+        load_file(str(tmp_path / "model.safetensors")),
+    )
     assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine)
     assert mine["model.embed_tokens.weight"].shape[0] == V
     assert M.Transformer.from_pretrained(str(tmp_path)).args == ours.args
@@ -141,25 +219,45 @@ def test_greedy_decoding_with_our_kv_cache_matches_generate(name, saved):
             tokens.append(int(steps[-1][0, -1].argmax()))
             steps.append(ours.decode(torch.tensor([tokens[-1:]]), start_pos=pos))
         ours.clear_kv_cache()
-        want = hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n_new, do_sample=False,
-                           eos_token_id=None, pad_token_id=0)
+        want = hf.generate(
+            prompt,
+            attention_mask=torch.ones_like(prompt),
+            max_new_tokens=n_new,
+            do_sample=False,
+            eos_token_id=None,
+            pad_token_id=0,
+        )
         assert tokens == want[0, 28:].tolist()
-        torch.testing.assert_close(torch.cat(steps, dim=1), hf(want).logits[:, 27:], atol=TOL, rtol=0)
+        torch.testing.assert_close(
+            torch.cat(steps, dim=1), hf(want).logits[:, 27:], atol=TOL, rtol=0
+        )
 
 
 # ----------------------------------------------------------------------------- the pieces, exactly
 
+
 def test_llama3_frequencies_equal_transformers():
     """Llama 3.1-8B's own values (head_dim 128, original 8192, factor 8) and the tiny test config's: bit for bit."""
-    for rope, head_dim in [({**LLAMA3_ROPE, "factor": 8.0, "original_max_position_embeddings": 8192}, 128),
-                           (LLAMA3_ROPE, 32)]:
-        config = LlamaConfig(hidden_size=4 * head_dim, num_attention_heads=4, rope_parameters=dict(rope))
+    for rope, head_dim in [
+        ({**LLAMA3_ROPE, "factor": 8.0, "original_max_position_embeddings": 8192}, 128),
+        (LLAMA3_ROPE, 32),
+    ]:
+        config = LlamaConfig(
+            hidden_size=4 * head_dim, num_attention_heads=4, rope_parameters=dict(rope)
+        )
         want, _ = ROPE_INIT_FUNCTIONS["llama3"](config, "cpu")
-        args = M.ModelArgs(dim=4 * head_dim, n_heads=4, rope_theta=5e5, rope_scaling_factor=rope["factor"],
-                           rope_original_max_seq_len=rope["original_max_position_embeddings"])
+        args = M.ModelArgs(
+            dim=4 * head_dim,
+            n_heads=4,
+            rope_theta=5e5,
+            rope_scaling_factor=rope["factor"],
+            rope_original_max_seq_len=rope["original_max_position_embeddings"],
+        )
         assert torch.equal(M.rope_frequencies(args, "cpu"), want)
-        assert not torch.equal(M.rope_frequencies(M.ModelArgs(dim=4 * head_dim, n_heads=4, rope_theta=5e5), "cpu"),
-                               want)
+        assert not torch.equal(
+            M.rope_frequencies(M.ModelArgs(dim=4 * head_dim, n_heads=4, rope_theta=5e5), "cpu"),
+            want,
+        )
 
 
 @pytest.mark.parametrize("style", ["4.x rope_scaling", "4.x legacy 'type'"])
@@ -184,18 +282,22 @@ def test_gemma_bf16_embedding_scale_and_norm_are_transformers_bit_for_bit(saved)
     hf = GemmaForCausalLM.from_pretrained(str(path), dtype=torch.bfloat16).eval()
     ours = M.Transformer.from_pretrained(str(path), dtype=torch.bfloat16)
     seen = {}
-    hf.model.layers[0].register_forward_pre_hook(lambda m, args, kwargs: seen.update(hf=args[0]), with_kwargs=True)
+    hf.model.layers[0].register_forward_pre_hook(
+        lambda m, args, kwargs: seen.update(hf=args[0]), with_kwargs=True
+    )
     ours.layers[0].register_forward_pre_hook(lambda m, args: seen.update(ours=args[0]))
     tokens = tokens_of((1, 9), seed=7)
     with torch.no_grad():
         hf(tokens)
         ours(tokens)
         assert seen["ours"].dtype == torch.bfloat16 and torch.equal(seen["ours"], seen["hf"])
-        assert not torch.equal(ours.tok_embeddings(tokens) * 48 ** 0.5, seen["hf"])  # scaled by the fp32 sqrt(48)
+        assert not torch.equal(
+            ours.tok_embeddings(tokens) * 48**0.5, seen["hf"]
+        )  # scaled by the fp32 sqrt(48)
         x = torch.randn(3, 48, generator=torch.Generator().manual_seed(8)).to(torch.bfloat16)
         norm = ours.layers[0].attention_norm
         assert torch.equal(norm(x), hf.model.layers[0].input_layernorm(x))
-        cast_first = M.RMSNorm(48, norm.eps).to(torch.bfloat16)(x)                    # LlamaRMSNorm's order
+        cast_first = M.RMSNorm(48, norm.eps).to(torch.bfloat16)(x)  # LlamaRMSNorm's order
         assert not torch.equal(norm(x), (1 + norm.weight) * cast_first)
 
 
@@ -209,7 +311,9 @@ def test_meta_device_build_then_init_weights(name, saved):
     ours.init_weights()
     for param_name, p in ours.named_parameters():
         if param_name.endswith("norm.weight"):
-            assert torch.equal(p, torch.full_like(p, 0.0 if args.norm_plus_one else 1.0)), param_name
+            assert torch.equal(p, torch.full_like(p, 0.0 if args.norm_plus_one else 1.0)), (
+                param_name
+            )
         elif param_name.endswith("bias"):
             assert torch.equal(p, torch.zeros_like(p)), param_name
         else:
@@ -223,21 +327,48 @@ def test_meta_device_build_then_init_weights(name, saved):
 
 # ----------------------------------------------------------------------------- refusals
 
-@pytest.mark.parametrize("family, changes, field", [
-    ("gemma", {"model_type": "gemma2"}, "model_type"),
-    ("gemma", {"final_logit_softcapping": 30.0}, "final_logit_softcapping"),
-    ("gemma", {"attn_logit_softcapping": 50.0}, "attn_logit_softcapping"),
-    ("qwen2", {"use_sliding_window": True, "sliding_window": 16}, "use_sliding_window"),  # layer 1 (max_window_layers)
-    ("qwen3", {"use_sliding_window": True, "sliding_window": 64, "max_window_layers": 0}, "use_sliding_window"),
-    ("qwen3", {"use_sliding_window": True, "sliding_window": 64,
-               "layer_types": ["full_attention", "sliding_attention"]}, "use_sliding_window"),
-    ("llama3.2", {"rope_parameters": {"rope_type": "yarn", "rope_theta": 5e5, "factor": 4.0}}, "rope_parameters"),
-    ("llama3.2", {"rope_scaling": {"rope_type": "dynamic", "factor": 2.0}}, "rope_scaling"),
-    ("qwen3", {"attention_bias": True}, "attention_bias"),
-])
-def test_unsupported_family_config_is_one_line_naming_the_field(family, changes, field, saved, tmp_path):
+
+@pytest.mark.parametrize(
+    "family, changes, field",
+    [
+        ("gemma", {"model_type": "gemma2"}, "model_type"),
+        ("gemma", {"final_logit_softcapping": 30.0}, "final_logit_softcapping"),
+        ("gemma", {"attn_logit_softcapping": 50.0}, "attn_logit_softcapping"),
+        (
+            "qwen2",
+            {"use_sliding_window": True, "sliding_window": 16},
+            "use_sliding_window",
+        ),  # layer 1 (max_window_layers)
+        (
+            "qwen3",
+            {"use_sliding_window": True, "sliding_window": 64, "max_window_layers": 0},
+            "use_sliding_window",
+        ),
+        (
+            "qwen3",
+            {
+                "use_sliding_window": True,
+                "sliding_window": 64,
+                "layer_types": ["full_attention", "sliding_attention"],
+            },
+            "use_sliding_window",
+        ),
+        (
+            "llama3.2",
+            {"rope_parameters": {"rope_type": "yarn", "rope_theta": 5e5, "factor": 4.0}},
+            "rope_parameters",
+        ),
+        ("llama3.2", {"rope_scaling": {"rope_type": "dynamic", "factor": 2.0}}, "rope_scaling"),
+        ("qwen3", {"attention_bias": True}, "attention_bias"),
+    ],
+)
+def test_unsupported_family_config_is_one_line_naming_the_field(
+    family, changes, field, saved, tmp_path
+):
     config = json.loads((saved[family][1] / "config.json").read_text())
-    config.pop("layer_types", None)  # as released Qwen configs: transformers derives it from max_window_layers
+    config.pop(
+        "layer_types", None
+    )  # as released Qwen configs: transformers derives it from max_window_layers
     (tmp_path / "config.json").write_text(json.dumps(config | changes))
     with pytest.raises(ValueError, match=f"config.json: {field}=") as error:
         M.ModelArgs.from_pretrained(str(tmp_path))
@@ -264,4 +395,10 @@ def test_options_must_be_the_family_s():
     with pytest.raises(ValueError, match="ffn_activation='gelu'"):
         M.ModelArgs(dim=64, n_heads=4, ffn_activation="gelu")
     with pytest.raises(ValueError, match="RoPE scaling"):
-        M.ModelArgs(dim=64, n_heads=4, rope_scaling_factor=8.0, rope_low_freq_factor=4.0, rope_high_freq_factor=1.0)
+        M.ModelArgs(
+            dim=64,
+            n_heads=4,
+            rope_scaling_factor=8.0,
+            rope_low_freq_factor=4.0,
+            rope_high_freq_factor=1.0,
+        )

@@ -12,6 +12,7 @@ kernel's error at most 2x (out) or 3x (gradients) that of the same reference run
 one bf16 half-ulp at the scale (rounding the exact result to bf16 alone can cost that). A 1-token sequence's output
 is its own v, exact in bf16, in the kernel and in SDPA: one that attends anywhere else is off by O(1) and fails.
 """
+
 import itertools
 import json
 import os
@@ -67,10 +68,18 @@ def measure_attention(n_heads, n_kv_heads, window, seed=0):
         out = fn(*leaves, cu_seqlens, max(PACK), window=window)
         return [out.detach(), *torch.autograd.grad(out, leaves, do.to(dtype))]
 
-    kernel, sdpa, ref = run(flash_attention, torch.bfloat16), run(attention_reference, torch.bfloat16), \
-        run(attention_reference, torch.float32)
-    return {name: {"kernel": per_sequence_errors(x, r, cu_seqlens), "sdpa": per_sequence_errors(y, r, cu_seqlens)}
-            for name, x, y, r in zip(("out", "dq", "dk", "dv"), kernel, sdpa, ref)}
+    kernel, sdpa, ref = (
+        run(flash_attention, torch.bfloat16),
+        run(attention_reference, torch.bfloat16),
+        run(attention_reference, torch.float32),
+    )
+    return {
+        name: {
+            "kernel": per_sequence_errors(x, r, cu_seqlens),
+            "sdpa": per_sequence_errors(y, r, cu_seqlens),
+        }
+        for name, x, y, r in zip(("out", "dq", "dk", "dv"), kernel, sdpa, ref)
+    }
 
 
 def measure_cross_entropy(V, N=4096, D=1024, seed=0):
@@ -89,19 +98,28 @@ def measure_cross_entropy(V, N=4096, D=1024, seed=0):
     targets[loss_weights == 0] = -100
 
     def run(fn, dtype):
-        h, w = hidden.detach().to(dtype).requires_grad_(), weight.detach().to(dtype).requires_grad_()
+        h, w = (
+            hidden.detach().to(dtype).requires_grad_(),
+            weight.detach().to(dtype).requires_grad_(),
+        )
         loss, per_token_ce = fn(h, w, targets, loss_weights, return_per_token=True)
-        return [x.float() for x in (loss.detach(), per_token_ce, *torch.autograd.grad(loss, (h, w)))]
+        return [
+            x.float() for x in (loss.detach(), per_token_ce, *torch.autograd.grad(loss, (h, w)))
+        ]
 
-    (loss, ce, gh, gw), (ref_loss, ref_ce, ref_gh, ref_gw) = run(fused_linear_cross_entropy, torch.bfloat16), \
-        run(linear_cross_entropy_reference, torch.float32)
+    (loss, ce, gh, gw), (ref_loss, ref_ce, ref_gh, ref_gw) = (
+        run(fused_linear_cross_entropy, torch.bfloat16),
+        run(linear_cross_entropy_reference, torch.float32),
+    )
     kept = loss_weights != 0
-    return {"loss_rel": ((loss - ref_loss).abs() / ref_loss.abs()).item(),
-            "ce_max_abs": (ce - ref_ce)[kept].abs().max().item(),
-            "grad_hidden_rel": ((gh - ref_gh).abs().max() / ref_gh.abs().max()).item(),
-            "grad_weight_rel": ((gw - ref_gw).abs().max() / ref_gw.abs().max()).item(),
-            "zero_weight_rows_zero": bool((ce[~kept] == 0).all() and (gh[~kept] == 0).all()),
-            "grad_weight_rows": gw.shape[0]}
+    return {
+        "loss_rel": ((loss - ref_loss).abs() / ref_loss.abs()).item(),
+        "ce_max_abs": (ce - ref_ce)[kept].abs().max().item(),
+        "grad_hidden_rel": ((gh - ref_gh).abs().max() / ref_gh.abs().max()).item(),
+        "grad_weight_rel": ((gw - ref_gw).abs().max() / ref_gw.abs().max()).item(),
+        "zero_weight_rows_zero": bool((ce[~kept] == 0).all() and (gh[~kept] == 0).all()),
+        "grad_weight_rows": gw.shape[0],
+    }
 
 
 def measure_model(seed=0):
@@ -111,8 +129,16 @@ def measure_model(seed=0):
     import model as M
 
     torch.manual_seed(seed)
-    args = M.ModelArgs(dim=512, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=32001, max_seq_len=1024,
-                       model_type="mistral", sliding_window=256)
+    args = M.ModelArgs(
+        dim=512,
+        n_layers=2,
+        n_heads=4,
+        n_kv_heads=2,
+        vocab_size=32001,
+        max_seq_len=1024,
+        model_type="mistral",
+        sliding_window=256,
+    )
     net = M.Transformer(args)
     net.init_weights()
     net.to("cuda", torch.bfloat16)
@@ -139,9 +165,13 @@ def measure_model(seed=0):
         ref_logits, ref_loss, ref_grads = run()
     finally:
         crlft_kernels.FORCE_REFERENCE = False
-    return {"logits_rel": ((logits - ref_logits).abs().max() / ref_logits.abs().max()).item(),
-            "loss_rel": ((loss - ref_loss).abs() / ref_loss.abs()).item(),
-            "grads_rel": max(((grads[n] - g).abs().max() / g.abs().max()).item() for n, g in ref_grads.items())}
+    return {
+        "logits_rel": ((logits - ref_logits).abs().max() / ref_logits.abs().max()).item(),
+        "loss_rel": ((loss - ref_loss).abs() / ref_loss.abs()).item(),
+        "grads_rel": max(
+            ((grads[n] - g).abs().max() / g.abs().max()).item() for n, g in ref_grads.items()
+        ),
+    }
 
 
 def measure_all():
@@ -155,12 +185,20 @@ def measure_all():
         def wrapper(*args, **kwargs):
             calls[name] += 1
             return fn(*args, **kwargs)
+
         return wrapper
-    attention._forward = counted("attention", attention._forward)  # looked up at call time by the op
+
+    attention._forward = counted(
+        "attention", attention._forward
+    )  # looked up at call time by the op
     cross_entropy._ce_rows_triton = counted("ce_rows", cross_entropy._ce_rows_triton)
-    jobs = {**{f"attention_{name}": (measure_attention, case) for name, case in ATTENTION_CASES.items()},
-            **{f"cross_entropy_{V}": (measure_cross_entropy, (V,)) for V in VOCABS},
-            "model": (measure_model, ())}
+    jobs = {
+        **{
+            f"attention_{name}": (measure_attention, case) for name, case in ATTENTION_CASES.items()
+        },
+        **{f"cross_entropy_{V}": (measure_cross_entropy, (V,)) for V in VOCABS},
+        "model": (measure_model, ()),
+    }
     results = {}
     for name, (fn, args) in jobs.items():
         before = dict(calls)
@@ -175,8 +213,14 @@ def measure_all():
 # ---------------------------------------------------------------- the tests -------------------------------------
 @pytest.fixture(scope="module")
 def measured():
-    proc = subprocess.run([sys.executable, os.path.abspath(__file__)], cwd=ROOT, env=env_without_interpreter(),
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, os.path.abspath(__file__)],
+        cwd=ROOT,
+        env=env_without_interpreter(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
@@ -189,7 +233,12 @@ def test_bf16_attention_per_sequence_against_fp32(measured, case):
     for name, factor in (("out", 2), ("dq", 3), ("dk", 3), ("dv", 3)):
         errors = result[name]
         for i, (ours, sdpa) in enumerate(zip(errors["kernel"], errors["sdpa"])):
-            assert ours <= factor * sdpa + 4e-3, (name, f"sequence {i} of {PACK[i]} tokens", ours, sdpa)
+            assert ours <= factor * sdpa + 4e-3, (
+                name,
+                f"sequence {i} of {PACK[i]} tokens",
+                ours,
+                sdpa,
+            )
 
 
 @pytest.mark.parametrize("V", VOCABS)
@@ -212,7 +261,9 @@ def test_model_with_triton_kernels_matches_the_reference_path(measured):
     result = measured["model"]
     assert "error" not in result, result["error"]
     assert result["triton_calls"]["attention"] > 0 and result["triton_calls"]["ce_rows"] > 0, result
-    assert result["logits_rel"] < 3e-2 and result["loss_rel"] < 1e-2 and result["grads_rel"] < 5e-2, result
+    assert (
+        result["logits_rel"] < 3e-2 and result["loss_rel"] < 1e-2 and result["grads_rel"] < 5e-2
+    ), result
 
 
 def test_fsdp_bf16_step_matches_fp32(tmp_path):
@@ -222,11 +273,29 @@ def test_fsdp_bf16_step_matches_fp32(tmp_path):
     within 2e-2. A wrongly weighted token or a broken kernel moves either by far more."""
     procs = {}
     for dtype in ("bf16", "fp32"):
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1",
-               os.path.join(ROOT, "train.py"), "--max_steps=1", f"--dtype={dtype}", f"--out_dir={tmp_path / dtype}",
-               "--export=false", "--toy_train=2000", "--toy_eval=0", "--val_fraction=0"]
-        procs[dtype] = subprocess.Popen(cmd, cwd=ROOT, env=env_without_interpreter(), stdout=subprocess.PIPE,
-                                        stderr=subprocess.STDOUT, text=True)
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=1",
+            os.path.join(ROOT, "train.py"),
+            "--max_steps=1",
+            f"--dtype={dtype}",
+            f"--out_dir={tmp_path / dtype}",
+            "--export=false",
+            "--toy_train=2000",
+            "--toy_eval=0",
+            "--val_fraction=0",
+        ]
+        procs[dtype] = subprocess.Popen(
+            cmd,
+            cwd=ROOT,
+            env=env_without_interpreter(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
     steps = {}
     for dtype, proc in procs.items():
         output, _ = proc.communicate(timeout=300)

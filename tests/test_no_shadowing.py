@@ -1,6 +1,7 @@
 """No module or package at the project's root may share its import name with an installed distribution: run from
 the root (python train.py, pytest, a user's own script), ours is found first and shadows it for every program,
 as our old `kernels/` shadowed Hugging Face's `kernels` that transformers imports."""
+
 import importlib.metadata
 import os
 
@@ -21,9 +22,14 @@ def root_import_names(root: str) -> list[str]:
 
 
 def clashes(root: str) -> list[str]:
-    installed = importlib.metadata.packages_distributions()  # import name -> the distributions providing it
-    return [f"{root}/{name}: {', '.join(installed[name])} (installed) provides the import name {name!r} too"
-            for name in root_import_names(root) if name in installed]
+    installed = (
+        importlib.metadata.packages_distributions()
+    )  # import name -> the distributions providing it
+    return [
+        f"{root}/{name}: {', '.join(installed[name])} (installed) provides the import name {name!r} too"
+        for name in root_import_names(root)
+        if name in installed
+    ]
 
 
 def test_no_project_module_shadows_an_installed_distribution():

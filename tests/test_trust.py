@@ -6,6 +6,7 @@ own private disk: a mount namespace, root only); SIGTERM and Ctrl-C save once on
 one line; --max_steps is part of the run; --resume=false never mixes two runs' checkpoints; --class_weights that a
 file's own weights (or a prepared directory's) would override is refused; a failed start leaves nothing new.
 """
+
 import json
 import os
 import shutil
@@ -47,8 +48,15 @@ def reference(tmp_path_factory):
 
 
 def start(cmd, **kwargs):
-    return subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            **kwargs)
+    return subprocess.Popen(
+        cmd,
+        cwd=ROOT,
+        env=env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        **kwargs,
+    )
 
 
 def wait_for_step(log_path, step, procs, timeout=240):
@@ -74,8 +82,11 @@ def worker(out_dir, rank):
                 environ = f.read().split(b"\0")
         except OSError:
             continue
-        if (f"--out_dir={out_dir}".encode() in cmd and b"torch.distributed.run" not in cmd
-                and f"RANK={rank}".encode() in environ):
+        if (
+            f"--out_dir={out_dir}".encode() in cmd
+            and b"torch.distributed.run" not in cmd
+            and f"RANK={rank}".encode() in environ
+        ):
             return int(pid)
     raise AssertionError(f"no rank {rank} of {out_dir}")
 
@@ -105,7 +116,10 @@ def test_sigterm_and_ctrl_c_save_once_on_every_rank_and_exit_non_zero(tmp_path, 
     the step finishes, both ranks save it, one line says where and how to resume, the exit code is not 0; the same
     command then continues the uninterrupted run's loss curve."""
     out = tmp_path / "run"
-    proc = start([*TORCHRUN, os.path.join(ROOT, "train.py"), *TINY, f"--out_dir={out}", *RUN], start_new_session=True)
+    proc = start(
+        [*TORCHRUN, os.path.join(ROOT, "train.py"), *TINY, f"--out_dir={out}", *RUN],
+        start_new_session=True,
+    )
     wait_for_step(out / "log.jsonl", 3, [proc])
     if sig == signal.SIGTERM:
         proc.send_signal(sig)
@@ -116,8 +130,10 @@ def test_sigterm_and_ctrl_c_save_once_on_every_rank_and_exit_non_zero(tmp_path, 
     line = one_line(stderr, "stopped by ")
     step = int((out / "ckpt" / "latest").read_text().strip().removeprefix("step_"))
     assert 3 <= step < 14
-    assert line == (f"stopped by {sig.name} after step {step} of 14: checkpoint {out / 'ckpt' / f'step_{step:07d}'};"
-                    " the same command resumes from it")
+    assert line == (
+        f"stopped by {sig.name} after step {step} of 14: checkpoint {out / 'ckpt' / f'step_{step:07d}'};"
+        " the same command resumes from it"
+    )
     ckpt = out / "ckpt" / f"step_{step:07d}"
     manifest = json.loads((ckpt / "manifest.json").read_text())
     assert {"rng_rank0.safetensors", "rng_rank1.safetensors"} <= set(manifest["files"])
@@ -140,19 +156,40 @@ def two_nodes(disk, state, args, private=True):
     ../shared/two_nodes.sh does); else both see the same `disk`."""
     port, procs = free_port(), []
     for n in range(2):
-        torchrun = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node_rank={n}",
-                    "--nproc_per_node=1", "--master_addr=127.0.0.1", f"--master_port={port}",
-                    os.path.join(ROOT, "train.py"), *TINY, *args]
+        torchrun = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nnodes=2",
+            f"--node_rank={n}",
+            "--nproc_per_node=1",
+            "--master_addr=127.0.0.1",
+            f"--master_port={port}",
+            os.path.join(ROOT, "train.py"),
+            *TINY,
+            *args,
+        ]
         if private:
             os.makedirs(state / f"node{n}", exist_ok=True)
-            torchrun = ["unshare", "-m", "bash", "-c", 'mount --bind "$1" "$2" && shift 2 && exec "$@"', "_",
-                        str(state / f"node{n}"), str(disk), *torchrun]
+            torchrun = [
+                "unshare",
+                "-m",
+                "bash",
+                "-c",
+                'mount --bind "$1" "$2" && shift 2 && exec "$@"',
+                "_",
+                str(state / f"node{n}"),
+                str(disk),
+                *torchrun,
+            ]
         procs.append(start(torchrun))
     return procs
 
 
-needs_root = pytest.mark.skipif(os.geteuid() != 0 or shutil.which("unshare") is None,
-                                reason="a mount namespace per node needs root and unshare")
+needs_root = pytest.mark.skipif(
+    os.geteuid() != 0 or shutil.which("unshare") is None,
+    reason="a mount namespace per node needs root and unshare",
+)
 
 
 @needs_root
@@ -166,9 +203,13 @@ def test_two_nodes_with_node_local_disks(tmp_path, reference):
     codes, errs = finish(two_nodes(disk, state, [f"--out_dir={disk / 'out'}", *RUN]), timeout=120)
     assert codes[0] != 0 and codes[1] != 0
     line = one_line(errs[0])
-    assert f"--ckpt_dir={disk / 'out' / 'ckpt'}: rank 1 (another node) does not see the files" in line
+    assert (
+        f"--ckpt_dir={disk / 'out' / 'ckpt'}: rank 1 (another node) does not see the files" in line
+    )
     assert "--ckpt_dir=/shared/path" in line
-    assert not (state / "node0" / "out").exists() and not (state / "node1" / "out").exists()  # nothing left
+    assert (
+        not (state / "node0" / "out").exists() and not (state / "node1" / "out").exists()
+    )  # nothing left
     shared = tmp_path / "shared_ckpt"
     args = [f"--out_dir={disk / 'out'}", f"--ckpt_dir={shared}", *RUN]
     procs = two_nodes(disk, state, args)
@@ -176,13 +217,21 @@ def test_two_nodes_with_node_local_disks(tmp_path, reference):
     os.kill(worker(disk / "out", 1), signal.SIGKILL)
     codes, _ = finish(procs, timeout=120)
     assert codes != [0, 0]
-    latest = shared / (shared / "latest").read_text()  # every rank's shard reached the shared directory
-    assert {"rng_rank0.safetensors", "rng_rank1.safetensors", "__0_0.distcp", "__1_0.distcp"} <= set(
-        json.loads((latest / "manifest.json").read_text())["files"])
+    latest = (
+        shared / (shared / "latest").read_text()
+    )  # every rank's shard reached the shared directory
+    assert {
+        "rng_rank0.safetensors",
+        "rng_rank1.safetensors",
+        "__0_0.distcp",
+        "__1_0.distcp",
+    } <= set(json.loads((latest / "manifest.json").read_text())["files"])
     codes, errs = finish(two_nodes(disk, state, args), timeout=120)
     assert codes == [0, 0], errs[0][-3000:] + errs[1][-3000:]
     same_curve(state / "node0" / "out", reference)
-    assert (state / "node1" / "out" / "data" / "meta.json").exists()  # node 1 prepared its own copy of the data
+    assert (
+        state / "node1" / "out" / "data" / "meta.json"
+    ).exists()  # node 1 prepared its own copy of the data
 
 
 @needs_root
@@ -194,7 +243,9 @@ def test_two_nodes_sharing_one_disk(tmp_path, reference):
     os.kill(worker(out, 1), signal.SIGKILL)
     codes, _ = finish(procs, timeout=120)
     assert codes != [0, 0]
-    codes, errs = finish(two_nodes(None, None, [f"--out_dir={out}", *RUN], private=False), timeout=120)
+    codes, errs = finish(
+        two_nodes(None, None, [f"--out_dir={out}", *RUN], private=False), timeout=120
+    )
     assert codes == [0, 0], errs[0][-3000:]
     same_curve(out, reference)
 
@@ -203,18 +254,24 @@ def test_two_nodes_sharing_one_disk(tmp_path, reference):
 def test_max_steps_defines_the_schedule_and_a_resume_keeps_it(tmp_path):
     sys.path.insert(0, ROOT)
     import train as T
+
     out = tmp_path / "run"
     train(["--max_steps=6", "--ckpt_every=3"], out)
     cfg = T.parse_config(TINY)
     records = [r for r in log(out) if "lr" in r]
     # warmup and cosine over the 6 steps, not over the epochs' 26
-    assert [r["lr"] for r in records] == pytest.approx([T.learning_rate(r["step"] - 1, 6, cfg) for r in records])
+    assert [r["lr"] for r in records] == pytest.approx(
+        [T.learning_rate(r["step"] - 1, 6, cfg) for r in records]
+    )
     before = (out / "log.jsonl").read_text()
     for other in ("--max_steps=10", "--max_steps=0"):  # longer, or all epochs: another schedule
         proc = train([other], out, check=False)
         assert proc.returncode != 0
         line = one_line(proc.stderr)
-        assert f"max_steps was 6 in the run that wrote this checkpoint, now {other.split('=')[1]}" in line
+        assert (
+            f"max_steps was 6 in the run that wrote this checkpoint, now {other.split('=')[1]}"
+            in line
+        )
         assert "--resume=false" in line
     assert (out / "log.jsonl").read_text() == before
 
@@ -224,12 +281,16 @@ def test_resume_false_moves_the_earlier_run_aside_and_never_mixes_checkpoints(tm
     run's latest. Now the earlier run's checkpoints are moved aside, and the new run resumes from its own."""
     out = tmp_path / "run"
     train(["--max_steps=4", "--ckpt_every=1", "--batch_tokens=500"], out)  # step_3, step_4
-    proc = train(["--max_steps=2", "--ckpt_every=1"], out, check=False)  # another run, not asked to start over
+    proc = train(
+        ["--max_steps=2", "--ckpt_every=1"], out, check=False
+    )  # another run, not asked to start over
     assert proc.returncode != 0 and "batch_tokens was 500" in one_line(proc.stderr)
     proc = train(["--max_steps=2", "--ckpt_every=1", "--resume=false"], out)
     aside = [p for p in out.iterdir() if p.name.startswith("ckpt.old-")]
     assert len(aside) == 1
-    assert f"moved the checkpoints of the earlier run in {out / 'ckpt'} to {aside[0]}" in proc.stdout
+    assert (
+        f"moved the checkpoints of the earlier run in {out / 'ckpt'} to {aside[0]}" in proc.stdout
+    )
     assert sorted(os.listdir(aside[0])) == ["latest", "step_0000003", "step_0000004"]
     assert sorted(os.listdir(out / "ckpt")) == ["latest", "step_0000001", "step_0000002"]
     assert (out / "ckpt" / "latest").read_text() == "step_0000002"
@@ -245,11 +306,21 @@ def test_pruning_keeps_this_runs_newest_checkpoints(tmp_path):
     """save_checkpoint at step 6 beside steps 20 and 21 (left by an attempt that crashed before they became
     latest) keeps step 6 and its predecessor, and removes the others and stale .tmp directories."""
     import torch.distributed as dist
+
     from train_checkpoint import save_checkpoint
+
     ckpt = tmp_path / "ckpt"
-    for name in ("step_0000002", "step_0000004", "step_0000005.tmp", "step_0000020", "step_0000021"):
+    for name in (
+        "step_0000002",
+        "step_0000004",
+        "step_0000005.tmp",
+        "step_0000020",
+        "step_0000021",
+    ):
         (ckpt / name).mkdir(parents=True)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1
+    )
     try:
         model = torch.nn.Linear(2, 2)
         save_checkpoint(model, torch.optim.AdamW(model.parameters()), 6, str(ckpt), keep=2)
@@ -263,25 +334,42 @@ def _weighted_files(tmp_path, weight):
     """OpenChat's JSONL: a weight on every message (the assistant's `weight`), two classes' files."""
     sys.path.insert(0, ROOT)
     import toy_task
+
     for name, answer in (("a", lambda x, y: x + y), ("b", toy_task.carry_free_sum)):
         with open(tmp_path / f"{name}.jsonl", "w") as f:
             for x in range(10, 70):
-                items = [{"role": "user", "content": f"{x}+{x + 7}=", "weight": 0.0},
-                         {"role": "assistant", "content": toy_task.write_sum(answer(x, x + 7)), "weight": weight}]
+                items = [
+                    {"role": "user", "content": f"{x}+{x + 7}=", "weight": 0.0},
+                    {
+                        "role": "assistant",
+                        "content": toy_task.write_sum(answer(x, x + 7)),
+                        "weight": weight,
+                    },
+                ]
                 f.write(json.dumps({"items": items}) + "\n")
-    return [f"--data=GPT4 Correct={tmp_path / 'a.jsonl'},GPT3={tmp_path / 'b.jsonl'}",
-            f"--tokenizer={toy_task.TOKENIZER_PATH}", "--expert_condition=GPT4 Correct"]
+    return [
+        f"--data=GPT4 Correct={tmp_path / 'a.jsonl'},GPT3={tmp_path / 'b.jsonl'}",
+        f"--tokenizer={toy_task.TOKENIZER_PATH}",
+        "--expert_condition=GPT4 Correct",
+    ]
 
 
 def test_class_weights_that_a_files_own_weights_override_are_refused(tmp_path):
     flags = _weighted_files(tmp_path, 1.0)
-    proc = train([*flags, "--class_weights=GPT4 Correct=1,GPT3=0.1", "--max_steps=1"], tmp_path / "run", check=False)
+    proc = train(
+        [*flags, "--class_weights=GPT4 Correct=1,GPT3=0.1", "--max_steps=1"],
+        tmp_path / "run",
+        check=False,
+    )
     assert proc.returncode != 0 and not (tmp_path / "run").exists()
     assert one_line(proc.stderr) == (
         f"error: --class_weights: GPT3=0.1, but {tmp_path / 'b.jsonl'}:1 gives its assistant messages of class "
         "'GPT3' their own weight 1, which wins: drop 'GPT3' from --class_weights to train the file's weights, or "
-        "take the weights out of the file")
-    proc = train([*flags, "--class_weights=GPT4 Correct=1", "--max_steps=1"], tmp_path / "agrees")  # GPT3: the file's
+        "take the weights out of the file"
+    )
+    proc = train(
+        [*flags, "--class_weights=GPT4 Correct=1", "--max_steps=1"], tmp_path / "agrees"
+    )  # GPT3: the file's
     assert f"class {'GPT3'!r:16} {60:>9,} conversations: " in proc.stdout
     meta = json.loads((tmp_path / "agrees" / "data" / "meta.json").read_text())
     assert [w for w, _ in meta["trained_weights"]["GPT3"]] == [1.0]
@@ -291,37 +379,81 @@ def test_an_own_weight_0_only_masks_its_message_and_is_no_conflict():
     sys.path.insert(0, ROOT)
     import prepare
     from chat_readers import Conversation
-    turns = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b", "weight": 0.0},
-             {"role": "user", "content": "c"}, {"role": "assistant", "content": "d"}]
-    prepare.check_own_weights([Conversation(turns, "GPT3", class_name="GPT3", source="f.jsonl:3")], {"GPT3": 0.1})
+
+    turns = [
+        {"role": "user", "content": "a"},
+        {"role": "assistant", "content": "b", "weight": 0.0},
+        {"role": "user", "content": "c"},
+        {"role": "assistant", "content": "d"},
+    ]
+    prepare.check_own_weights(
+        [Conversation(turns, "GPT3", class_name="GPT3", source="f.jsonl:3")], {"GPT3": 0.1}
+    )
     turns[3]["weight"] = 0.5
-    with pytest.raises(ValueError, match=r"GPT3=0.1, but f.jsonl:3 gives .* their own weight 0.5, which wins"):
-        prepare.check_own_weights([Conversation(turns, "GPT3", class_name="GPT3", source="f.jsonl:3")], {"GPT3": 0.1})
+    with pytest.raises(
+        ValueError, match=r"GPT3=0.1, but f.jsonl:3 gives .* their own weight 0.5, which wins"
+    ):
+        prepare.check_own_weights(
+            [Conversation(turns, "GPT3", class_name="GPT3", source="f.jsonl:3")], {"GPT3": 0.1}
+        )
 
 
 def test_a_prepared_directory_keeps_its_weights_and_the_summary_prints_them(tmp_path):
     sys.path.insert(0, ROOT)
-    import data
     import numpy as np
+
+    import data
+
     cache = tmp_path / "cache"
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "data.py"), "tokenize", "--input=toy", "--toy-n=240",
-                           "--seed=1337", "--class-weights=Expert=1,Novice=0.1", f"--out={cache}",
-                           "--max-seq-len=256"], cwd=ROOT, env=env(), capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(ROOT, "data.py"),
+            "tokenize",
+            "--input=toy",
+            "--toy-n=240",
+            "--seed=1337",
+            "--class-weights=Expert=1,Novice=0.1",
+            f"--out={cache}",
+            "--max-seq-len=256",
+        ],
+        cwd=ROOT,
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
-    proc = train([f"--data={cache}", "--class_weights=Expert=1,Novice=0.3", "--max_steps=1"], tmp_path / "run",
-                 check=False)
+    proc = train(
+        [f"--data={cache}", "--class_weights=Expert=1,Novice=0.3", "--max_steps=1"],
+        tmp_path / "run",
+        check=False,
+    )
     assert proc.returncode != 0 and not (tmp_path / "run").exists()
     assert one_line(proc.stderr) == (
         f"error: --class_weights: Novice=0.3, but --data={cache} was tokenized with weight 0.1 for class 'Novice', "
         "and prepared data keeps its weights: drop 'Novice' from --class_weights, or tokenize again with "
-        "--class-weights")
-    proc = train([f"--data={cache}", "--class_weights=Expert=1,Novice=0.1", "--max_steps=1"], tmp_path / "agrees")
-    dataset = data.TokenizedDataset.load(str(cache))  # the summary's weights are those of the prepared arrays
+        "--class-weights"
+    )
+    proc = train(
+        [f"--data={cache}", "--class_weights=Expert=1,Novice=0.1", "--max_steps=1"],
+        tmp_path / "agrees",
+    )
+    dataset = data.TokenizedDataset.load(
+        str(cache)
+    )  # the summary's weights are those of the prepared arrays
     token_class = np.repeat(dataset.class_ids, np.diff(dataset.offsets))
     for c, name in enumerate(dataset.class_names):
-        weights, counts = np.unique(dataset.weights[(token_class == c) & (dataset.weights > 0)], return_counts=True)
-        said = ", ".join(f"{n:,} tokens at weight {float(w):.3g}" for w, n in zip(weights[::-1], counts[::-1]))
-        assert f"class {name!r:16} {(dataset.class_ids == c).sum():>9,} conversations: {said}\n" in proc.stdout
+        weights, counts = np.unique(
+            dataset.weights[(token_class == c) & (dataset.weights > 0)], return_counts=True
+        )
+        said = ", ".join(
+            f"{n:,} tokens at weight {float(w):.3g}" for w, n in zip(weights[::-1], counts[::-1])
+        )
+        assert (
+            f"class {name!r:16} {(dataset.class_ids == c).sum():>9,} conversations: {said}\n"
+            in proc.stdout
+        )
 
 
 # ------------------------------------------------------------------------------------ a failed run leaves nothing
@@ -330,7 +462,9 @@ def test_a_run_failing_after_it_tokenized_leaves_nothing_new_in_an_existing_out_
     out = tmp_path / "run"
     out.mkdir()
     (out / "notes.txt").write_text("mine")
-    flags = _weighted_files(tmp_path, 1.0)[:2]  # no --expert_condition, no --class_weights: a tie at weight 1
+    flags = _weighted_files(tmp_path, 1.0)[
+        :2
+    ]  # no --expert_condition, no --class_weights: a tie at weight 1
     proc = train([*flags, "--max_steps=1"], out, check=False)
     assert proc.returncode != 0 and "share the largest weight" in one_line(proc.stderr)
     assert sorted(os.listdir(out)) == ["notes.txt"]
