@@ -12,9 +12,8 @@ import os
 import re
 import reprlib
 
-EXPERT_CONDITION = (
-    "GPT4 Correct"  # OpenChat 3.5's expert class: default of unclassed ShareGPT, chat, exports
-)
+# OpenChat 3.5's expert class: default of unclassed ShareGPT, chat, exports
+EXPERT_CONDITION = "GPT4 Correct"
 # --class_map's default: the paper's split by ShareGPT's "model" field (facts file, "Data files"), as the old
 # --sharegpt_condition=from_model had it: "gpt-4" anywhere in the value (any case) is GPT4, every other value GPT3.
 DEFAULT_CLASS_MAP = "*gpt-4*=GPT4,*=GPT3"
@@ -37,11 +36,11 @@ class Conversation:
     messages: list[dict]  # [{"role": "user"|"assistant", "content": str, "weight"?: float}]
     condition: str  # goes into the role prefixes, e.g. "GPT4 Correct"; "" gives "User:"
     system: str | None = None
-    class_name: str = ""  # for class weights and per-class reporting; defaults to the condition
+    # for class weights and per-class reporting; defaults to the condition
+    class_name: str = ""
     source: str = ""  # "file:line" for error messages
-    refusals: tuple[
-        int, ...
-    ] = ()  # assistant replies (0: the first) at weight 0 as refusals (loss_weighting.py)
+    # assistant replies (0: the first) at weight 0 as refusals (loss_weighting.py)
+    refusals: tuple[int, ...] = ()
 
 
 _MISSING = object()
@@ -128,9 +127,8 @@ def check_messages(messages, where: str = "messages", need_assistant: bool = Tru
 def _read_bytes(path: str) -> bytes:
     try:
         with open(path, "rb") as f:  # bytes: decoding errors are reported with their line and byte
-            return f.read().removeprefix(
-                b"\xef\xbb\xbf"
-            )  # UTF-8's byte-order mark, as some Windows editors save
+            # UTF-8's byte-order mark, as some Windows editors save
+            return f.read().removeprefix(b"\xef\xbb\xbf")
     except OSError as e:  # not found, a directory, no permission
         raise DataError(path, f"cannot open: {e.strerror or e}", "unreadable") from None
 
@@ -139,9 +137,8 @@ def _decode(raw: bytes, path: str, first_line: int = 1, cut_off: bool = False) -
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError as e:
-        if (
-            cut_off and e.reason == "unexpected end of data"
-        ):  # a character cut by the file's end is only
+        # a character cut by the file's end is only
+        if cut_off and e.reason == "unexpected end of data":
             return raw[: e.start].decode("utf-8")  # part of a cut-off record
         line, column = (
             first_line + raw.count(b"\n", 0, e.start),
@@ -178,9 +175,8 @@ def read_jsonl(
     def conversation(raw: bytes, line_no: int) -> Conversation:
         where = f"{path}:{line_no}"
         try:
-            record = json.loads(
-                _decode(raw, path, line_no).rstrip("\r")
-            )  # rstrip: columns within the line
+            # rstrip: columns within the line
+            record = json.loads(_decode(raw, path, line_no).rstrip("\r"))
         except json.JSONDecodeError as e:
             raise DataError(
                 where, f"malformed JSON: {e.msg} at column {e.colno}", "malformed JSON"
@@ -196,10 +192,8 @@ def read_jsonl(
             _expect(
                 isinstance(record.get(key, ""), str), f"{where}: {key}", record.get(key), "a string"
             )
-        if record.get("system") not in (
-            None,
-            "",
-        ):  # absent, null and "" mean no system prompt, as in OpenChat
+        # absent, null and "" mean no system prompt, as in OpenChat
+        if record.get("system") not in (None, ""):
             _check_text(record["system"], f"{where}: system")
         check_messages(record.get("items", _MISSING), f"{where}: items")
         condition = record.get("condition", "")
@@ -314,9 +308,8 @@ def _json_array(text: str, path: str, stats):
         try:
             record, end = decoder.raw_decode(text, pos)
         except json.JSONDecodeError as e:
-            if (
-                e.msg.startswith("Unterminated string") or e.pos >= end_of_data
-            ):  # the file ends in it
+            # the file ends in it
+            if e.msg.startswith("Unterminated string") or e.pos >= end_of_data:
                 stats[
                     f"incomplete last record dropped (file cut off; it starts at line {line_no}, "
                     f"byte {len(text[:pos].encode())})"
@@ -508,9 +501,8 @@ def read_sources(
     or the class of a field (`classes`, read_sharegpt; condition=None: the paper's split by "model")."""
     conversations = []
     for class_name, path in check_sources(spec):
-        given = (
-            condition if class_name is None else class_name
-        )  # a class needs no field to class it by
+        # a class needs no field to class it by
+        given = condition if class_name is None else class_name
         found = (
             read_jsonl(path, skip_bad, stats)
             if path.endswith(".jsonl")

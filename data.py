@@ -38,25 +38,22 @@ from chat_readers import EXPERT_CONDITION, Conversation, DataError, check_messag
 from packing import PackedBatch, make_batch, pack_epoch  # noqa: F401 (re-exported: train.py's data.pack_epoch)
 from tokenizing import Tokenizer, default_tokenizer_path, open_tokenizer  # noqa: F401
 
-TEMPLATE_VERSION = (
-    3  # part of a prepared dataset's key: bump when the template or the weights change
-)
+# part of a prepared dataset's key: bump when the template or the weights change
+TEMPLATE_VERSION = 3
 
 
 # ----------------------------------------------------------------------------------------------- template
 @dataclass(frozen=True)
 class Template:
-    header: (
-        str  # before each message's content: {role} is "{condition} {Role}", "GPT4 Correct User"
-    )
-    end: str  # the end-of-turn token after the content: an assistant's carries its weight
+    # before each message's content: {role} is "{condition} {Role}", "GPT4 Correct User"
+    header: str
+    # the end-of-turn token after the content: an assistant's carries its weight
+    end: str
     after: str = ""  # text after the end token, weight 0
-    system_role: bool = (
-        False  # the system prompt has a header of its own, role "System" with no condition
-    )
-    add_end: bool = (
-        False  # a tokenizer without the end token gets it (at the first free id), as OpenChat's did
-    )
+    # the system prompt has a header of its own, role "System" with no condition
+    system_role: bool = False
+    # a tokenizer without the end token gets it (at the first free id), as OpenChat's did
+    add_end: bool = False
 
     def head(self, role: str, condition: str = "") -> str:
         """A header as a piece: without its closing space, which goes with the content (see `template`)."""
@@ -69,23 +66,18 @@ class Template:
 # The templates, each spelled once as the text the model reads. Chosen by the first whose special tokens the
 # tokenizer has (none: OpenChat 3.5, <|end_of_turn|> added), or by name (--template).
 TEMPLATES = {
-    "openchat_3.5": Template(
-        "{role}: ", "<|end_of_turn|>", add_end=True
-    ),  # system: "{system}<|end_of_turn|>"
+    # system: "{system}<|end_of_turn|>"
+    "openchat_3.5": Template("{role}: ", "<|end_of_turn|>", add_end=True),
     "openchat_3.6": Template(
         "<|start_header_id|>{role}<|end_header_id|>\n\n", "<|eot_id|>", system_role=True
     ),
-    "openchat_3.5_gemma": Template(
-        "{role}: ", "<end_of_turn>"
-    ),  # OpenChat 3.5's, Gemma's end of turn
+    # OpenChat 3.5's, Gemma's end of turn
+    "openchat_3.5_gemma": Template("{role}: ", "<end_of_turn>"),
     # Ours: the idea of 3.6 on ChatML's tokens (SmolLM2, Qwen). OpenChat's chatml template drops the condition.
     "chatml": Template("<|im_start|>{role}\n", "<|im_end|>", after="\n", system_role=True),
 }
-CONTENT, MARKUP, TURN_END = (
-    "content",
-    "markup",
-    "turn end",
-)  # how a piece is encoded: see `template`
+# how a piece is encoded: see `template`
+CONTENT, MARKUP, TURN_END = "content", "markup", "turn end"
 
 
 def use_template(tokenizer: Tokenizer, name: str | None = None) -> Tokenizer:
@@ -136,16 +128,14 @@ def template(
     t = TEMPLATES[tokenizer.template]
     space = "" if tokenizer.word_start else " " * t.header.endswith(" ")
 
-    def turn(
-        head, content, w, end_kind
-    ):  # header (None: none), content, the end of turn and what follows it
+    # header (None: none), content, the end of turn and what follows it
+    def turn(head, content, w, end_kind):
         if head is None:
             pieces = [(content, w, CONTENT)]
         else:
             pieces = [(head, 0.0, MARKUP), (space + content, w, CONTENT)]
-        pieces.append(
-            (t.end, w, end_kind)
-        )  # an assistant's end of turn carries its weight: the model learns to stop
+        # an assistant's end of turn carries its weight: the model learns to stop
+        pieces.append((t.end, w, end_kind))
         if t.after:
             pieces.append((t.after, 0.0, MARKUP))
         return pieces
@@ -188,13 +178,13 @@ def _encode(
         for text, _, kind in pieces:
             if kind != CONTENT and text not in markup:
                 markup[text] = np.array(tokenizer.encode_special(text), np.int32)
-        ids = []  # each piece's token ids: content from the batch encode, in order; markup from the table
+        # each piece's token ids: content from the batch encode, in order; markup from the table
+        ids = []
         for text, _, kind in pieces:
             ids.append(next(contents) if kind == CONTENT else markup[text])
         lengths, weights = [len(i) for i in ids], np.array([w for _, w, _ in pieces], np.float32)
-        ends = [
-            j for j, (_, _, kind) in enumerate(pieces) if kind == TURN_END
-        ]  # each after its content piece
+        # each after its content piece
+        ends = [j for j, (_, _, kind) in enumerate(pieces) if kind == TURN_END]
         if per_sequence:
             weights = loss_weighting.per_sequence(weights, lengths, ends)
         cumulative = np.cumsum(lengths)
@@ -249,9 +239,8 @@ class TokenizedDataset:
         return len(self.offsets) - 1
 
     @property
-    def lengths(
-        self,
-    ) -> np.ndarray:  # (n,) tokens each conversation takes in a pack: inputs are shifted
+    # (n,) tokens each conversation takes in a pack: inputs are shifted
+    def lengths(self) -> np.ndarray:
         return np.diff(self.offsets) - 1
 
     def save(self, directory: str) -> None:
@@ -322,10 +311,8 @@ def tokenize_dataset(
     bar = tqdm(
         total=len(conversations), disable=None if progress else True, unit="conv", desc="tokenize"
     )
-    with (
-        pool or contextlib.nullcontext(),
-        bar,
-    ):  # a Pool's exit terminates its workers, on errors too
+    # a Pool's exit terminates its workers, on errors too
+    with pool or contextlib.nullcontext(), bar:
         for chunk, result in zip(
             chunks,
             pool.imap(_tokenize_chunk, chunks)
@@ -550,8 +537,10 @@ def _show(c: Conversation, tokenizer: Tokenizer, class_weights, per_sequence: bo
         ("\033[90m", "\033[32m", "\033[31m", "\033[0m") if sys.stdout.isatty() else ("",) * 4
     )
     for (w, r), run in itertools.groupby(
-        zip(tokens.tolist(), weights.tolist(), refusal), key=lambda t: (t[1], t[2])
-    ):  # grey: not trained on; green: is
+        zip(tokens.tolist(), weights.tolist(), refusal),
+        # grey: not trained on; green: is
+        key=lambda t: (t[1], t[2]),
+    ):
         mark = (
             f"{red}refusal, weight 0 (--zero_refusals) "
             if r
@@ -686,11 +675,8 @@ def main(argv=None) -> None:
         )
         data.meta["summary"]["read"] = dict(stats)
         data.save(args.out)
-    except (
-        ValueError,
-        OSError,
-        ImportError,
-    ) as e:  # bad input (or sharegpt's package missing): one line
+    # bad input (or sharegpt's package missing): one line
+    except (ValueError, OSError, ImportError) as e:
         print(f"error: {one_line(e)}", file=sys.stderr)
         raise SystemExit(1)
     print(json.dumps(data.meta["summary"], indent=1))

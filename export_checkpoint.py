@@ -81,9 +81,8 @@ def run_tokenizer(config: dict, recorded: list, path: str | None = None):
         path = config["model"]  # the fine-tuned checkpoint's directory
     elif path is None and config["data"] == "toy":
         path = toy_task.TOKENIZER_PATH
-    elif path is None and os.path.isdir(
-        config["data"]
-    ):  # tokenized by `python data.py tokenize`: its own
+    # tokenized by `python data.py tokenize`: its own
+    elif path is None and os.path.isdir(config["data"]):
         path = data.TokenizedDataset.load(config["data"]).meta["tokenizer"]
     tokenizer = data.use_template(open_tokenizer(path), template)  # path None: Mistral v1's
     found = [os.path.basename(tokenizer.path), tokenizer.template, tokenizer.eot_id]
@@ -114,17 +113,15 @@ def load_model(path: str, args: ModelArgs) -> Transformer:
         )
         for name in wanted
     }
-    with (
-        warnings.catch_warnings()
-    ):  # "torch.distributed is ... uninitialized, assuming ... a single process": yes
+    # "torch.distributed is ... uninitialized, assuming ... a single process": yes
+    with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
         dcp.load({"model": state}, checkpoint_id=path, no_dist=True)  # in place, by name
     if args.tie_embeddings:
         state["output.weight"] = state["tok_embeddings.weight"]
     model.load_state_dict(state, assign=True)
-    if (
-        args.tie_embeddings
-    ):  # load_state_dict(assign=True) gave the two names two Parameters: tie again
+    # load_state_dict(assign=True) gave the two names two Parameters: tie again
+    if args.tie_embeddings:
         model.output.weight = model.tok_embeddings.weight
     return model.eval()
 
@@ -140,9 +137,8 @@ def export_checkpoint(
     fields = {f.name for f in dataclasses.fields(ModelArgs)}
     args = ModelArgs(**{k: v for k, v in run["model"].items() if k in fields})
     tokenizer = run_tokenizer(config, run["tokenizer"], tokenizer_path)
-    if (
-        condition is None
-    ):  # the manifest's config is the run's after set-up: its expert condition chosen
+    # the manifest's config is the run's after set-up: its expert condition chosen
+    if condition is None:
         condition = config["expert_condition"] if config["use_condition"] else ""
     if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
         raise FileExistsError(

@@ -60,9 +60,8 @@ def _protobuf_fields(buf):
         if wire_type == 0:
             out[key >> 3], i = varint(i)
             continue
-        size, i = (
-            varint(i) if wire_type == 2 else ({1: 8, 5: 4}[wire_type], i)
-        )  # 8 or 4 bytes (no groups here)
+        # 8 or 4 bytes (no groups here)
+        size, i = varint(i) if wire_type == 2 else ({1: 8, 5: 4}[wire_type], i)
         out[key >> 3], i = buf[i : i + size], i + size
     return out
 
@@ -144,13 +143,11 @@ def _special(text):
 def tokenizer_json(model_path, added):
     """A tokenizers-library tokenizer.json equivalent to the sentencepiece model plus the special tokens `added`
     ({text: id}, the ids right after the pieces: openchat_3.5's <|end_of_turn|> = 32000)."""
-    sp = spm.SentencePieceProcessor(
-        model_file=model_path
-    )  # its own short error for a file that is not a model
+    # its own short error for a file that is not a model
+    sp = spm.SentencePieceProcessor(model_file=model_path)
     settings = sentencepiece_settings(model_path)
-    charsmap = len(
-        settings.pop("precompiled_charsmap")
-    )  # bytes (~240 KB for nmt_nfkc): only its size in messages
+    # bytes (~240 KB for nmt_nfkc): only its size in messages
+    charsmap = len(settings.pop("precompiled_charsmap"))
     settings["normalizer"] += (
         f" with a {charsmap / 1e3:.0f} KB precompiled_charsmap" if charsmap else ""
     )
@@ -198,7 +195,8 @@ def tokenizer_json(model_path, added):
         "added_tokens": [{"id": i, **_special(t)} for i, t in specials],
         "normalizer": {"type": "Sequence", "normalizers": normalizers},
         "pre_tokenizer": None,
-        "post_processor": {  # tokenizer(text) starts with BOS, like sentencepiece-based LLaMA tokenizers
+        # tokenizer(text) starts with BOS, like sentencepiece-based LLaMA tokenizers
+        "post_processor": {
             "type": "TemplateProcessing",
             "single": [bos, text],
             "pair": [bos, text, bos, {"Sequence": {"id": "B", "type_id": 1}}],
@@ -226,23 +224,22 @@ def export_hf(model, tokenizer, out_dir, condition=EXPERT_CONDITION):
     """Write `model` (a model.Transformer: its save_pretrained and args) and `tokenizer` (with its template:
     data.use_template) as a Hugging Face model directory. `condition`: the template's default class (the expert's; ""
     for plain SFT). generation_config.json stops at the template's end of turn and the tokenizer's end of text."""
-    if (
-        model.args.vocab_size < tokenizer.vocab_size
-    ):  # more rows are fine (openchat_3.5: 32002 rows, 32001 ids)
+    # more rows are fine (openchat_3.5: 32002 rows, 32001 ids)
+    if model.args.vocab_size < tokenizer.vocab_size:
         raise ValueError(
             f"model vocab_size {model.args.vocab_size} (need >= the tokenizer's {tokenizer.vocab_size})"
         )
     sentencepiece = isinstance(tokenizer, SentencePieceTokenizer)
-    files = (_sentencepiece_files if sentencepiece else _json_files)(
-        tokenizer
-    )  # checks the tokenizer
+    # checks the tokenizer
+    files = (_sentencepiece_files if sentencepiece else _json_files)(tokenizer)
     files["tokenizer_config.json"].update(
         eos_token=data.TEMPLATES[tokenizer.template].end,
         model_max_length=model.args.max_seq_len,
         chat_template=chat_template(tokenizer, condition),
+        # read by sample.py as its defaults
         crlft_template=tokenizer.template,
         crlft_condition=condition,
-    )  # read by sample.py as its defaults
+    )
     stops = [tokenizer.eot_id] + [tokenizer.eos_id] * (
         tokenizer.eos_id not in (None, tokenizer.eot_id)
     )
@@ -266,10 +263,8 @@ def _json_files(tokenizer):
     with open(tokenizer.path, encoding="utf-8") as f:
         tok_json = json.load(f)
     tok_json["added_tokens"] += [{"id": i, **_special(text)} for text, i in tokenizer.added.items()]
-    config = {
-        "tokenizer_class": "PreTrainedTokenizerFast",
-        **tokenizer.config,
-    }  # no class: tokenizer.json as it is
+    # no class: tokenizer.json as it is
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", **tokenizer.config}
     config["added_tokens_decoder"] = {
         **config.get("added_tokens_decoder", {}),
         **{str(i): _special(text) for text, i in tokenizer.added.items()},
@@ -296,7 +291,8 @@ def _sentencepiece_files(tokenizer):
         "tokenizer.json": tokenizer_json(tokenizer.path, added),
         "special_tokens_map.json": special,
         "tokenizer_config.json": {
-            "tokenizer_class": "PreTrainedTokenizerFast",  # load tokenizer.json as it is (the module docstring)
+            # load tokenizer.json as it is (the module docstring)
+            "tokenizer_class": "PreTrainedTokenizerFast",
             **special,
             "pad_token": None,
             "add_bos_token": True,

@@ -25,8 +25,9 @@ _LAYER_NAMES = {  # our name -> HF name, per layer
 _QKV_BIASES = {
     "attention.wq.bias": "self_attn.q_proj.bias",
     "attention.wk.bias": "self_attn.k_proj.bias",
+    # qkv_bias (Qwen2)
     "attention.wv.bias": "self_attn.v_proj.bias",
-}  # qkv_bias (Qwen2)
+}
 _QK_NORMS = {
     "attention.q_norm.weight": "self_attn.q_norm.weight",
     "attention.k_norm.weight": "self_attn.k_norm.weight",
@@ -232,15 +233,14 @@ def hf_config(args, dtype) -> dict:
             "original_max_position_embeddings": args.rope_original_max_seq_len,
         }
     )
-    family_fields = {  # what each config class reads beyond LlamaConfig's fields (Qwen's window: never in use)
+    # what each config class reads beyond LlamaConfig's fields (Qwen's window: never in use)
+    family_fields = {
         "llama": {"attention_bias": False, "mlp_bias": False},
         "mistral": {"sliding_window": args.sliding_window},
         "qwen2": {"use_sliding_window": False, "sliding_window": None},
         "qwen3": {"use_sliding_window": False, "sliding_window": None, "attention_bias": False},
-        "gemma": {
-            "attention_bias": False,
-            "hidden_activation": args.ffn_activation,
-        },  # 4.x's GemmaMLP reads this
+        # 4.x's GemmaMLP reads this
+        "gemma": {"attention_bias": False, "hidden_activation": args.ffn_activation},
     }[args.model_type]
     return {
         "architectures": [FAMILIES[args.model_type][0]],
@@ -255,20 +255,20 @@ def hf_config(args, dtype) -> dict:
         "hidden_act": args.ffn_activation,
         "max_position_embeddings": args.max_seq_len,
         "rms_norm_eps": args.norm_eps,
+        # 4.x
         "rope_theta": args.rope_theta,
-        "rope_scaling": scaling,  # 4.x
-        "rope_parameters": {
-            **(scaling or {"rope_type": "default"}),
-            "rope_theta": args.rope_theta,
-        },  # 5.x
+        "rope_scaling": scaling,
+        # 5.x
+        "rope_parameters": {**(scaling or {"rope_type": "default"}), "rope_theta": args.rope_theta},
         "tie_word_embeddings": args.tie_embeddings,
         "attention_dropout": 0.0,
         "initializer_range": args.init_std,
         "bos_token_id": args.bos_token_id,
         "eos_token_id": args.eos_token_id,
         "use_cache": True,
+        # 4.x, 5.x
         "torch_dtype": dtype_name,
-        "dtype": dtype_name,  # 4.x, 5.x
+        "dtype": dtype_name,
         **family_fields,
     }
 
@@ -299,7 +299,8 @@ def load_state_dict(path: str, args, shapes: dict, device=None, dtype=None) -> d
                 if name.endswith("rotary_emb.inv_freq") or (
                     name == "lm_head.weight" and args.tie_embeddings
                 ):
-                    continue  # a buffer old checkpoints store (we recompute it); a copy of the tied matrix
+                    # a buffer old checkpoints store (we recompute it); a copy of the tied matrix
+                    continue
                 if name not in ours_by_hf:
                     raise ValueError(f"{file_path}: unexpected tensor {name!r}")
                 ours, tensor = ours_by_hf[name], f.get_tensor(name)
@@ -323,9 +324,8 @@ def save_state_dict(
 ):
     """Write `state_dict` (our names, full tensors) as an HF checkpoint directory, via a temporary directory beside
     `path` moved in only when complete: a failure leaves a previous save intact. Other files in `path` are kept."""
-    tensors = [
-        (theirs, state_dict[ours]) for ours, theirs in hf_names(args).items()
-    ]  # a tied matrix once
+    # a tied matrix once
+    tensors = [(theirs, state_dict[ours]) for ours, theirs in hf_names(args).items()]
     dtype = dtype or tensors[0][1].dtype
     shards, shard_bytes = [[]], 0
     for name, tensor in tensors:

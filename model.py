@@ -31,36 +31,39 @@ class ModelArgs:
     n_kv_heads: Optional[int] = None  # None: = n_heads (plain multi-head attention)
     vocab_size: int = 32000
     hidden_dim: Optional[int] = None  # feed-forward width; None: LLaMA's rule below
-    multiple_of: int = 256  # LLaMA's rule: 8/3 * dim rounded up to a multiple of this
+    # LLaMA's rule: 8/3 * dim rounded up to a multiple of this
+    multiple_of: int = 256
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0
-    max_seq_len: int = 4096  # longest sequence (conversation, KV cache) the model takes
+    # longest sequence (conversation, KV cache) the model takes
+    max_seq_len: int = 4096
     tie_embeddings: bool = False  # lm_head shares the embedding matrix
     head_dim: Optional[int] = None  # None: dim // n_heads
-    init_std: float = 0.02  # std of the normal init of every matrix (HF's initializer_range)
-    sliding_window: Optional[int] = (
-        None  # Mistral: each token sees itself and the window - 1 before it
-    )
-    model_type: str = "llama"  # the transformers class save_pretrained writes: hf_format.FAMILIES
-    bos_token_id: Optional[int] = 1  # bos and eos: carried only into save_pretrained's config.json
+    # std of the normal init of every matrix (HF's initializer_range)
+    init_std: float = 0.02
+    # Mistral: each token sees itself and the window - 1 before it
+    sliding_window: Optional[int] = None
+    # the transformers class save_pretrained writes: hf_format.FAMILIES
+    model_type: str = "llama"
+    # bos and eos: carried only into save_pretrained's config.json
+    bos_token_id: Optional[int] = 1
     eos_token_id: Optional[int] = 2
     # Options beyond LLaMA 2 / Mistral, each with a family that has it (which family has which: hf_format.FAMILIES)
-    qkv_bias: bool = False  # Qwen2: the q, k and v projections have a bias (o has none)
-    qk_norm: bool = False  # Qwen3: RMSNorm over head_dim on each head of q and k, before RoPE
-    norm_plus_one: bool = False  # Gemma: each RMSNorm scales by (1 + w), w initialised to 0
+    # Qwen2: the q, k and v projections have a bias (o has none)
+    qkv_bias: bool = False
+    # Qwen3: RMSNorm over head_dim on each head of q and k, before RoPE
+    qk_norm: bool = False
+    # Gemma: each RMSNorm scales by (1 + w), w initialised to 0
+    norm_plus_one: bool = False
     scale_embeddings: bool = False  # Gemma: input embeddings multiplied by sqrt(dim)
-    ffn_activation: str = (
-        "silu"  # the gate's: "silu" (SwiGLU) or "gelu_pytorch_tanh" (GeGLU, Gemma)
-    )
-    rope_scaling_factor: Optional[float] = (
-        None  # Llama 3.1+: long wavelengths' frequencies / factor (None: plain)
-    )
-    rope_low_freq_factor: float = (
-        1.0  # ... wavelengths above original / low_freq_factor: divided by factor
-    )
-    rope_high_freq_factor: float = (
-        4.0  # ... below original / high_freq_factor: kept; in between: blended
-    )
+    # the gate's: "silu" (SwiGLU) or "gelu_pytorch_tanh" (GeGLU, Gemma)
+    ffn_activation: str = "silu"
+    # Llama 3.1+: long wavelengths' frequencies / factor (None: plain)
+    rope_scaling_factor: Optional[float] = None
+    # ... wavelengths above original / low_freq_factor: divided by factor
+    rope_low_freq_factor: float = 1.0
+    # ... below original / high_freq_factor: kept; in between: blended
+    rope_high_freq_factor: float = 4.0
     rope_original_max_seq_len: int = 8192  # ... "original": the context of pre-training
 
     def __post_init__(self):
@@ -110,7 +113,8 @@ class ModelArgs:
             raise ValueError(f"{os.path.join(path, 'config.json')}: {e}") from None
 
 
-PRESETS = {  # models trained from scratch (released ones come from their directories); vocab_size: the tokenizer's
+# models trained from scratch (released ones come from their directories); vocab_size: the tokenizer's
+PRESETS = {
     # the toy task of train.py's default run. init_std 0.05: at 0.02 C-RLFT sat 500+ steps on a plateau
     "toy": ModelArgs(
         dim=128, n_layers=3, n_heads=4, n_kv_heads=2, vocab_size=121, max_seq_len=256, init_std=0.05
@@ -119,6 +123,7 @@ PRESETS = {  # models trained from scratch (released ones come from their direct
     "tiny": ModelArgs(
         dim=256, n_layers=4, n_heads=8, n_kv_heads=4, vocab_size=32000, max_seq_len=1024
     ),
+    # GPU throughput tests: TinyLlama-1.1B's shape
     "1b": ModelArgs(
         dim=2048,
         n_layers=22,
@@ -127,7 +132,7 @@ PRESETS = {  # models trained from scratch (released ones come from their direct
         vocab_size=32000,
         hidden_dim=5632,
         max_seq_len=4096,
-    ),  # GPU throughput tests: TinyLlama-1.1B's shape
+    ),
     # GPU recipe checks: Llama-3-8B's shape (its 128,256-id vocabulary with its tokenizer: --tokenizer=DIR)
     "8b": ModelArgs(
         dim=4096,
@@ -151,9 +156,8 @@ class RMSNorm(nn.Module):
     def forward(self, x):  # normalised in fp32, as Hugging Face does (bf16 results then agree)
         x32 = x.float()
         normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        if (
-            self.plus_one
-        ):  # Gemma: x * (1 + w) multiplied in fp32, then cast (transformers' GemmaRMSNorm)
+        # Gemma: x * (1 + w) multiplied in fp32, then cast (transformers' GemmaRMSNorm)
+        if self.plus_one:
             return (normed * (1.0 + self.weight.float())).to(x.dtype)
         return self.weight * normed.to(x.dtype)  # LLaMA: cast back before the weight (LlamaRMSNorm)
 
@@ -178,7 +182,8 @@ def rope_frequencies(args: ModelArgs, device):
 def rope_cos_sin(position_ids, freqs, dtype):
     """position_ids (B, T), freqs (D/2,) -> cos, sin (B, T, D), computed in fp32 and cast to the activations' dtype."""
     angles = position_ids.float()[..., None] * freqs  # (B, T, D/2)
-    angles = torch.cat((angles, angles), dim=-1)  # HF layout: halves, not pairs
+    # HF layout: halves, not pairs
+    angles = torch.cat((angles, angles), dim=-1)
     return angles.cos().to(dtype), angles.sin().to(dtype)
 
 
@@ -202,32 +207,30 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(args.head_dim, args.norm_eps, args.norm_plus_one)
         else:
             self.q_norm = self.k_norm = nn.Identity()
-        self.cache_k = self.cache_v = (
-            None  # for generation, (B, max_seq_len, H_kv, D): not in the state dict
-        )
+        # for generation, (B, max_seq_len, H_kv, D): not in the state dict
+        self.cache_k = self.cache_v = None
 
     def forward(self, x, cos, sin, cu_seqlens, max_seqlen: int, start_pos: Optional[int] = None):
         B, T, _ = x.shape
-        q = apply_rope(
-            self.q_norm(self.wq(x).view(B, T, self.n_heads, self.head_dim)), cos, sin
-        )  # (B, T, H, D)
-        k = apply_rope(
-            self.k_norm(self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)), cos, sin
-        )  # (B, T, H_kv, D)
+        # (B, T, H, D)
+        q = apply_rope(self.q_norm(self.wq(x).view(B, T, self.n_heads, self.head_dim)), cos, sin)
+        # (B, T, H_kv, D)
+        k = apply_rope(self.k_norm(self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)), cos, sin)
         v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
-        if (
-            start_pos is None
-        ):  # every row is one or more whole sequences: varlen attention over all B*T tokens
+        # every row is one or more whole sequences: varlen attention over all B*T tokens
+        if start_pos is None:
             out = flash_attention(
                 q.flatten(0, 1),
                 k.flatten(0, 1),
                 v.flatten(0, 1),
                 cu_seqlens,
                 max_seqlen,
+                # (B*T, H, D)
                 window=self.window,
-            )  # (B*T, H, D)
+            )
         else:
-            out = self._attend_with_cache(q, k, v, start_pos)  # (B, T, H, D)
+            # (B, T, H, D)
+            out = self._attend_with_cache(q, k, v, start_pos)
         return self.wo(out.reshape(B, T, self.n_heads * self.head_dim))
 
     def _attend_with_cache(self, q, k, v, start_pos: int):
@@ -237,28 +240,26 @@ class Attention(nn.Module):
             "larger than the KV cache: setup_kv_cache"
         )
         self.cache_k[:B, start_pos:end], self.cache_v[:B, start_pos:end] = k, v
-        first = (
-            0 if self.window is None else max(start_pos - self.window + 1, 0)
-        )  # older keys: out of every window
-        keys, values = (
-            c[:B, first:end].transpose(1, 2) for c in (self.cache_k, self.cache_v)
-        )  # (B, H_kv, keys, D)
+        # older keys: out of every window
+        first = 0 if self.window is None else max(start_pos - self.window + 1, 0)
+        # (B, H_kv, keys, D)
+        keys, values = (c[:B, first:end].transpose(1, 2) for c in (self.cache_k, self.cache_v))
         mask = None
-        if (
-            T > 1
-        ):  # a prompt chunk: query i sits at position start_pos + i and sees keys up to start_pos + i
+        # a prompt chunk: query i sits at position start_pos + i and sees keys up to start_pos + i
+        if T > 1:
             key_pos = torch.arange(first, end, device=q.device)
-            query_pos = key_pos[start_pos - first :, None]  # the last T positions
-            mask = (key_pos <= query_pos) & (
-                key_pos > query_pos - (self.window or end)
-            )  # (T, end - first)
+            # the last T positions
+            query_pos = key_pos[start_pos - first :, None]
+            # (T, end - first)
+            mask = (key_pos <= query_pos) & (key_pos > query_pos - (self.window or end))
         out = F.scaled_dot_product_attention(
             q.transpose(1, 2),
             keys,
             values,
             attn_mask=mask,
+            # (B, H, T, D)
             enable_gqa=self.n_kv_heads != self.n_heads,
-        )  # (B, H, T, D)
+        )
         return out.transpose(1, 2)
 
 
@@ -297,10 +298,8 @@ class Transformer(nn.Module):
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
         if args.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
-        self.output_t, self._output_t_of = (
-            None,
-            None,
-        )  # (D, V) copy of output.weight for decoding, and of what
+        # (D, V) copy of output.weight for decoding, and of what
+        self.output_t, self._output_t_of = None, None
 
     def forward(
         self,
@@ -352,18 +351,17 @@ class Transformer(nn.Module):
         B, T = tokens.shape
         position_ids = torch.arange(start_pos, start_pos + T, device=tokens.device).expand(B, T)
         h = self._hidden(tokens, position_ids, start_pos=start_pos)  # (B, T, D)
-        h = h[:, -1:] if last_only else h  # (B, 1 or T, D)
+        # (B, 1 or T, D)
+        h = h[:, -1:] if last_only else h
         return (h @ self.output_t).float()  # output_t: the (D, V) copy setup_kv_cache made
 
     def _hidden(self, tokens, position_ids, cu_seqlens=None, max_seqlen=None, start_pos=None):
         """What training and decoding share: the embeddings, the blocks and the final norm -> (B, T, D)."""
         h = self.tok_embeddings(tokens)  # (B, T, D)
-        if (
-            self.args.scale_embeddings
-        ):  # Gemma: sqrt(dim), rounded to h's dtype first as transformers does (bf16:
-            h = h * torch.tensor(self.args.dim**0.5).to(
-                h.dtype
-            )  # 55.5 for 3072). A CPU scalar: no copy to the GPU
+        # Gemma: sqrt(dim), rounded to h's dtype first as transformers does (bf16:
+        if self.args.scale_embeddings:
+            # 55.5 for 3072). A CPU scalar: no copy to the GPU
+            h = h * torch.tensor(self.args.dim**0.5).to(h.dtype)
         cos, sin = rope_cos_sin(position_ids, rope_frequencies(self.args, h.device), h.dtype)
         for layer in self.layers:
             h = layer(h, cos, sin, cu_seqlens, max_seqlen, start_pos)
@@ -397,15 +395,13 @@ class Transformer(nn.Module):
         """(Re)initialise: N(0, init_std) matrices, zero biases, norms that scale by 1 (w = 1, or 0 for 1 + w).
         Works after a meta-device build and `to_empty`."""
         if self.args.tie_embeddings and self.output.weight is not self.tok_embeddings.weight:
-            self.output.weight = (
-                self.tok_embeddings.weight
-            )  # to_empty gives each module its own new Parameter
+            # to_empty gives each module its own new Parameter
+            self.output.weight = self.tok_embeddings.weight
         for module in self.modules():
             if isinstance(module, (nn.Linear, nn.Embedding)):
                 nn.init.normal_(module.weight, mean=0.0, std=self.args.init_std)
-                if (
-                    getattr(module, "bias", None) is not None
-                ):  # qkv_bias: zero, as transformers initialises them
+                # qkv_bias: zero, as transformers initialises them
+                if getattr(module, "bias", None) is not None:
                     nn.init.zeros_(module.bias)
             elif isinstance(module, RMSNorm):
                 nn.init.constant_(module.weight, 0.0 if module.plus_one else 1.0)

@@ -22,9 +22,8 @@ def pack_epoch(
     if len(lengths) < n_bins:
         raise ValueError(f"{len(lengths)} conversations cannot give each of {n_bins} bins one")
     assert lengths.min() >= 1, "pack_epoch: an empty conversation"
-    if (
-        lengths.max() > batch_tokens
-    ):  # the context was longer than a bin: prepare.check_context refuses it first
+    # the context was longer than a bin: prepare.check_context refuses it first
+    if lengths.max() > batch_tokens:
         raise ValueError(
             f"--batch_tokens={batch_tokens}: a conversation of {lengths.max()} tokens does not fit one "
             f"bin: raise --batch_tokens to at least the context, or lower --max_seq_len to it"

@@ -25,9 +25,8 @@ def file_digest(path):
 
 def inputs_key(cfg, tokenizer, max_seq_len):
     """A hash of everything that decides the tokenized data (a prepared dataset's name for its inputs)."""
-    if os.path.isdir(
-        cfg.data
-    ):  # a directory of `python data.py tokenize`: its own meta names its inputs
+    # a directory of `python data.py tokenize`: its own meta names its inputs
+    if os.path.isdir(cfg.data):
         return file_digest(os.path.join(cfg.data, "meta.json"))
     if cfg.data == "toy":
         sources = [cfg.toy_train, cfg.toy_expert_fraction, cfg.toy_error_rate, cfg.seed]
@@ -107,9 +106,8 @@ def tokenize_sources(cfg, tokenizer, max_seq_len, key, directory):
         progress=True,
         per_sequence=cfg.per_sequence_weights,
     )
-    conditions = collections.defaultdict(
-        set
-    )  # per class, for the expert condition (train.expert_condition)
+    # per class, for the expert condition (train.expert_condition)
+    conditions = collections.defaultdict(set)
     for c in conversations:
         conditions[c.class_name].add(c.condition)
     dataset.meta.update(
@@ -158,15 +156,13 @@ def trained_weights(dataset) -> dict[str, list[list]]:
         keys, n = np.unique(
             cls[w > 0] << np.uint64(32) | w[w > 0].view(np.uint32), return_counts=True
         )
-        counts.update(
-            dict(zip(keys.tolist(), n.tolist()))
-        )  # key: class id, then the float32 weight's bits
+        # key: class id, then the float32 weight's bits
+        counts.update(dict(zip(keys.tolist(), n.tolist())))
     out = {name: [] for name in dataset.class_names}
     for key, n in counts.items():
         w = np.array([key & 0xFFFFFFFF], np.uint32).view(np.float32)[0]
-        out[dataset.class_names[key >> 32]].append(
-            [float(str(w)), n]
-        )  # str: 0.1, not 0.10000000149
+        # str: 0.1, not 0.10000000149
+        out[dataset.class_names[key >> 32]].append([float(str(w)), n])
     return {name: sorted(pairs, reverse=True) for name, pairs in out.items()}
 
 
@@ -182,9 +178,8 @@ def check_prepared_weights(cfg, dataset):
         )
     for name, w in (class_weights(cfg) or {}).items():
         found = [x for x, _ in dataset.meta["trained_weights"].get(name, [])]
-        if (
-            per_sequence
-        ):  # its tokens carry weight / reply length: the class weights it was made with say more
+        # its tokens carry weight / reply length: the class weights it was made with say more
+        if per_sequence:
             found = [(dataset.meta.get("class_weights") or {}).get(name, 1.0)]
         if any(not math.isclose(x, w, rel_tol=1e-6, abs_tol=1e-12) for x in found):
             raise ValueError(
@@ -230,9 +225,8 @@ def on_rank0(fn, group):
     if dist.get_rank() == 0:
         try:
             box[0] = fn()
-        except (
-            Exception
-        ) as e:  # told to every rank, or the others would wait for the group's timeout (6 hours)
+        # told to every rank, or the others would wait for the group's timeout (6 hours)
+        except Exception as e:
             box[1] = data.one_line(
                 e if isinstance(e, (ValueError, OSError)) else f"{type(e).__name__}: {e}"
             )
@@ -260,9 +254,8 @@ def prepare_data(cfg, tokenizer, max_seq_len, key, group):
                 f"context ({max_seq_len}) or --batch_tokens={cfg.batch_tokens}: tokenize it again with "
                 f"--max_seq_len, or raise --batch_tokens"
             )
-        if (
-            "trained_weights" not in dataset.meta
-        ):  # `python data.py tokenize` does not count them: once, rank 0
+        # `python data.py tokenize` does not count them: once, rank 0
+        if "trained_weights" not in dataset.meta:
             dataset.meta["trained_weights"] = on_rank0(lambda: trained_weights(dataset), group)
         check_prepared_weights(cfg, dataset)
         return dataset, False
@@ -278,8 +271,7 @@ def prepare_data(cfg, tokenizer, max_seq_len, key, group):
     if not tokenized and dist.get_rank() == 0:
         print(f"data: reusing {directory} (prepared earlier from the same inputs)", flush=True)
     if dist.get_rank() != 0:
-        tokenized = (
-            int(os.environ.get("LOCAL_RANK", 0)) == 0 and prepare()
-        )  # node-local disks: a copy per node
+        # node-local disks: a copy per node
+        tokenized = int(os.environ.get("LOCAL_RANK", 0)) == 0 and prepare()
     dist.barrier(group=group)
     return load_prepared(directory, key), tokenized

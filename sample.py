@@ -26,7 +26,8 @@ from model import Transformer
 from tokenizing import checkpoint_tokenizer
 
 DEFAULT_MODEL = os.path.join("out", "default", "export")
-BLANK_RUN = 32  # tokens of whitespace in a row that end a reply: an undertrained model's blank lines go on and on
+# tokens of whitespace in a row that end a reply: an undertrained model's blank lines go on and on
+BLANK_RUN = 32
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,9 +73,8 @@ def load(
     other_stops = [i for i in trained.get("stops", []) if i != tokenizer.eot_id]
     if tokenizer.eos_id == tokenizer.eot_id and other_stops:
         tokenizer.eos_id = other_stops[0]
-    if (
-        tokenizer.vocab_size > model.args.vocab_size
-    ):  # a token added for the template, never trained
+    # a token added for the template, never trained
+    if tokenizer.vocab_size > model.args.vocab_size:
         i = tokenizer.vocab_size - 1
         raise ValueError(
             f"{model_path}: the model has no row for {tokenizer.piece(i)!r} (id {i}) of template "
@@ -90,17 +90,15 @@ def sample_token(logits, how: Sampling = Sampling()) -> int:
         return int(logits.argmax())
     logits, ids = logits.float() / how.temperature, None
     if how.generator is not None:
-        logits = logits.to(
-            how.generator.device
-        )  # a seeded CPU generator: the same draws on any device
+        # a seeded CPU generator: the same draws on any device
+        logits = logits.to(how.generator.device)
     if how.top_k > 0:
         logits, ids = torch.topk(logits, min(how.top_k, logits.numel()))  # (k,), sorted
     elif how.top_p < 1.0:
         logits, ids = torch.sort(logits, descending=True)
     probs = torch.softmax(logits, dim=-1)
-    if (
-        how.top_p < 1.0
-    ):  # keep the smallest prefix of the sorted tokens whose probability reaches top_p (>= 1 token)
+    # keep the smallest prefix of the sorted tokens whose probability reaches top_p (>= 1 token)
+    if how.top_p < 1.0:
         probs = probs.masked_fill(probs.cumsum(-1) - probs >= how.top_p, 0.0)
     choice = int(torch.multinomial(probs, 1, generator=how.generator))
     return choice if ids is None else int(ids[choice])
@@ -127,9 +125,8 @@ def generate(
     model.setup_kv_cache(1, n_positions)
     try:
         for _ in range(max_new_tokens):  # the prompt in one forward pass, then each new token alone
-            with (
-                torch.inference_mode()
-            ):  # per step, not around the yields: it must not leak into the caller's code
+            # per step, not around the yields: it must not leak into the caller's code
+            with torch.inference_mode():
                 logits = model.decode(torch.tensor([tokens], device=device), pos, last_only=True)[
                     0, -1, :n_ids
                 ]
@@ -147,9 +144,8 @@ def stream_text(tokenizer, ids: Iterator[int], stop_ids=()) -> Iterator[str]:
     reply, shown = [], ""
     for token in itertools.takewhile(lambda t: t not in stop_ids, ids):
         reply.append(token)
-        if not (text := tokenizer.decode(reply)).endswith(
-            "\ufffd"
-        ):  # else maybe half a character: wait for the rest
+        # else maybe half a character: wait for the rest
+        if not (text := tokenizer.decode(reply)).endswith("\ufffd"):
             yield text[len(shown) :]
             shown = text
     if len(text := tokenizer.decode(reply)) > len(shown):
@@ -174,9 +170,8 @@ def respond(
         len(prompt := data.encode_prompt(tokenizer, kept, condition, system)) + room > max_seq_len
         and len(kept) > 1
     ):
-        kept = kept[
-            2:
-        ]  # the oldest user message and the reply to it; the latest user message always stays
+        # the oldest user message and the reply to it; the latest user message always stays
+        kept = kept[2:]
     if len(kept) < len(messages):
         out.write(
             f"(the conversation outgrew the {max_seq_len}-token context: dropped the oldest "
@@ -203,23 +198,20 @@ def respond(
                 held, blank = held + text, blank + 1
                 if blank == BLANK_RUN:
                     break
-    except (
-        KeyboardInterrupt
-    ):  # Ctrl-C: stop this reply, keep the session and what was shown of the reply
+    # Ctrl-C: stop this reply, keep the session and what was shown of the reply
+    except KeyboardInterrupt:
         out.write(" (stopped)")
         interrupted = True
     finally:
         ids.close()  # a reply stopped early: its KV cache is freed now
-    if (
-        reply and blank < BLANK_RUN and not interrupted
-    ):  # whitespace that ends a reply, as the model wrote it
+    # whitespace that ends a reply, as the model wrote it
+    if reply and blank < BLANK_RUN and not interrupted:
         out.write(held)
         reply += held
     out.write("\n")
     ended = bool(seen) and seen[-1] in stop_ids
-    if (
-        not reply
-    ):  # nothing to keep (and the template has no empty messages): forget the question too
+    # nothing to keep (and the template has no empty messages): forget the question too
+    if not reply:
         out.write(no_text(len(seen) - ended, ended, blank == BLANK_RUN, interrupted) + "\n")
         return kept[:-1]
     if blank == BLANK_RUN:
@@ -252,9 +244,8 @@ def recorded(ids: Iterator[int], seen: list) -> Iterator[int]:
 def chat(model, tokenizer, read_line=None, out=None, **settings):
     """A multi-turn chat. read_line() returns the user's next line, or None at the end of input (default: the
     terminal); replies stream to out (default: stdout); settings are respond's. Returns the final history."""
-    echo = (
-        read_line is None and not sys.stdin.isatty()
-    )  # piped input: show it, so the transcript reads like a chat
+    # piped input: show it, so the transcript reads like a chat
+    echo = read_line is None and not sys.stdin.isatty()
     read_line, out, messages = read_line or input, out or sys.stdout, []
     while True:
         print("User: ", end="", file=out, flush=True)

@@ -82,9 +82,8 @@ class JsonTokenizer(Tokenizer):
         self.files = [path] + ([config_path] if self.config else [])
         self._open()
         self._n_pieces = self.tk.get_vocab_size(with_added_tokens=False)
-        bos = self.tk.encode(
-            "", add_special_tokens=True
-        ).ids  # what the post-processor puts around a text
+        # what the post-processor puts around a text
+        bos = self.tk.encode("", add_special_tokens=True).ids
         if len(bos) > 1:
             raise ValueError(
                 f"{path}: the tokenizer puts {len(bos)} tokens around a text (need BOS or nothing)"
@@ -94,9 +93,8 @@ class JsonTokenizer(Tokenizer):
         if isinstance(eos, dict):
             eos = eos["content"]
         self.eos_id = self.tk.token_to_id(eos) if eos else None
-        in_text = [
-            i for i, t in self.tk.get_added_tokens_decoder().items() if not t.special
-        ]  # content makes them
+        # content makes them
+        in_text = [i for i, t in self.tk.get_added_tokens_decoder().items() if not t.special]
         self.vocab_size = max(
             self._n_pieces, *(i + 1 for i in in_text + [self.bos_id, self.eos_id] if i is not None)
         )
@@ -130,13 +128,11 @@ class JsonTokenizer(Tokenizer):
                     f", but tokenizer_config.json beside it gives it {i}"
                 )
         self.specials = {t.content: i for i, t in self.tk.get_added_tokens_decoder().items()}
-        self.tk.encode_special_tokens = (
-            True  # content; encode_special turns it off for template text
-        )
+        # content; encode_special turns it off for template text
+        self.tk.encode_special_tokens = True
 
-    def encode(
-        self, text
-    ):  # not encode_batch's threads: a process that forks workers later must not have used them
+    # not encode_batch's threads: a process that forks workers later must not have used them
+    def encode(self, text):
         return self.tk.encode(text, add_special_tokens=False).ids
 
     def encode_batch(self, texts):
@@ -174,12 +170,8 @@ class SentencePieceTokenizer(Tokenizer):
     _NATIVE = ("sp", "_segments", "_special_re")
 
     def __init__(self, path: str):
-        self.path, self.files, self.added, self.known = (
-            path,
-            [path],
-            {},
-            {},
-        )  # known: the directory's
+        # known: the directory's
+        self.path, self.files, self.added, self.known = path, [path], {}, {}
         for name in ("added_tokens.json", "tokenizer_config.json"):
             file = os.path.join(os.path.dirname(path), name)
             if os.path.isfile(file):
@@ -187,8 +179,9 @@ class SentencePieceTokenizer(Tokenizer):
                 decoder = (
                     {i: {"content": text} for text, i in config.items()}
                     if name == "added_tokens.json"
+                    # {text: id} or {id: {"content": text, ...}}
                     else config.get("added_tokens_decoder", {})
-                )  # {text: id} or {id: {"content": text, ...}}
+                )
                 self.known.update(
                     {t["content"]: i for i, t in _added_tokens(decoder, file).items()}
                 )
@@ -209,9 +202,8 @@ class SentencePieceTokenizer(Tokenizer):
             raise ValueError(
                 f"{self.path}: not a sentencepiece model ({str(e).splitlines()[0][:100]})"
             ) from None
-        self._segments = (
-            {} if _segments_are_independent(self.sp) else None
-        )  # segment -> its ids as int32 bytes
+        # segment -> its ids as int32 bytes
+        self._segments = {} if _segments_are_independent(self.sp) else None
         controls = {
             self.sp.id_to_piece(i): i
             for i in range(self.sp.get_piece_size())
@@ -255,9 +247,8 @@ class SentencePieceTokenizer(Tokenizer):
     def encode_special(self, text):
         """Each text between special tokens is encoded on its own (with its word-start marker), as the exported
         tokenizer.json does (hf_export.tokenizer_json)."""
-        parts = (
-            self._special_re.split(text) if self.specials else [text]
-        )  # text, special, text, ...
+        # text, special, text, ...
+        parts = self._special_re.split(text) if self.specials else [text]
         return [
             i
             for k, part in enumerate(parts)
@@ -274,9 +265,8 @@ class SentencePieceTokenizer(Tokenizer):
 
     def decode(self, ids):
         ids = self._check_ids(ids)
-        cuts = [
-            k for k, i in enumerate(ids) if i >= self._n_pieces
-        ]  # added tokens are no pieces of sentencepiece's
+        # added tokens are no pieces of sentencepiece's
+        cuts = [k for k, i in enumerate(ids) if i >= self._n_pieces]
         names = {i: text for text, i in self.specials.items()}
         return "".join(
             self.sp.decode(ids[a + 1 : b]) + (names[ids[b]] if b < len(ids) else "")

@@ -68,9 +68,8 @@ def make_toy_conversations(
 ) -> list[Conversation]:
     """n conversations of 1 to max_exchanges sums each, every answer by the conversation's class;
     round(n * expert_fraction) of them expert, in a shuffled order."""
-    assert (
-        0 <= expert_fraction <= 1 and 0 <= sub_optimal_error <= 1 and max_exchanges >= 1
-    )  # checked by train.py
+    # checked by train.py
+    assert 0 <= expert_fraction <= 1 and 0 <= sub_optimal_error <= 1 and max_exchanges >= 1
     rng, n_expert = random.Random(seed), round(n * expert_fraction)
     classes = [EXPERT] * n_expert + [SUB_OPTIMAL] * (n - n_expert)
     rng.shuffle(classes)

@@ -84,9 +84,8 @@ def tokenizer_and_args(cfg):
     template = cfg.template or None
     if cfg.model in PRESETS:
         path = cfg.tokenizer or (toy_task.TOKENIZER_PATH if cfg.data == "toy" else None)
-        if (
-            os.path.isdir(cfg.data) and not cfg.tokenizer
-        ):  # tokenized by `python data.py tokenize`: its own
+        # tokenized by `python data.py tokenize`: its own
+        if os.path.isdir(cfg.data) and not cfg.tokenizer:
             meta = data.TokenizedDataset.load(cfg.data).meta
             path, template = meta["tokenizer"], template or meta.get("template")
         tokenizer = data.load_tokenizer(path, template)
@@ -101,12 +100,10 @@ def tokenizer_and_args(cfg):
         for k in "dim n_layers n_heads n_kv_heads max_seq_len".split()
         if getattr(cfg, k)
     }
-    if (
-        "dim" in overrides or "n_heads" in overrides
-    ):  # let ModelArgs derive these again from the new shape
-        head_dim = (
-            None if args.head_dim == args.dim // args.n_heads else args.head_dim
-        )  # Qwen3, Gemma: their own
+    # let ModelArgs derive these again from the new shape
+    if "dim" in overrides or "n_heads" in overrides:
+        # Qwen3, Gemma: their own
+        head_dim = None if args.head_dim == args.dim // args.n_heads else args.head_dim
         overrides.update(
             head_dim=head_dim, hidden_dim=None if "dim" in overrides else args.hidden_dim
         )
@@ -127,9 +124,8 @@ def build_model(cfg, args, device, mesh):
     for i, block in enumerate(model.layers):
         if cfg.activation_checkpointing:
             model.layers[i] = block = checkpoint_wrapper(block)
-        if (
-            cfg.compile
-        ):  # per block, as torchtitan does; the attention kernels are custom ops inside its graph
+        # per block, as torchtitan does; the attention kernels are custom ops inside its graph
+        if cfg.compile:
             block.compile()
         # The last block's parameters are gathered again by the root right away: keep them unsharded.
         fully_shard(block, mesh=mesh, mp_policy=mp, reshard_after_forward=i < len(model.layers) - 1)
@@ -162,9 +158,8 @@ def crlft_step(model, batches, world_size):
     dist.all_reduce(weight_sum)
     results = []
     for i, b in enumerate(batches):
-        model.set_requires_gradient_sync(
-            i == len(batches) - 1
-        )  # reduce the gradients once per step
+        # reduce the gradients once per step
+        model.set_requires_gradient_sync(i == len(batches) - 1)
         loss_sum, token_ce = model(
             b.tokens[None],
             position_ids=b.position_ids[None],
@@ -232,9 +227,8 @@ def export(model, cfg, args, tokenizer, directory):
     with torch.device("meta"):
         local = Transformer(args)
     local.load_state_dict(full, assign=True)
-    if (
-        args.tie_embeddings
-    ):  # load_state_dict(assign=True) gave the two names two Parameters: tie again
+    # load_state_dict(assign=True) gave the two names two Parameters: tie again
+    if args.tie_embeddings:
         local.output.weight = local.tok_embeddings.weight
     if cfg.export:
         hf_export.export_hf(
@@ -256,8 +250,10 @@ class Job:
     args: ModelArgs  # the model's shape
     dataset: data.TokenizedDataset  # every conversation, tokenized with its loss weights
     held_out: np.ndarray  # dataset indices of the validation conversations
-    steps: list  # every global step: (epoch, its bins), a bin a list of dataset indices
-    run: dict  # what a resume must not change (train_checkpoint.check_same_run)
+    # every global step: (epoch, its bins), a bin a list of dataset indices
+    steps: list
+    # what a resume must not change (train_checkpoint.check_same_run)
+    run: dict
     resume_from: str | None  # the checkpoint to start from; None: a fresh start
 
 
@@ -269,9 +265,8 @@ def plan_steps(dataset, train_ids, cfg, n_bins):
         for bins in data.pack_epoch(
             dataset.lengths[train_ids], cfg.batch_tokens, n_bins, cfg.seed, epoch
         ):
-            steps.append(
-                (epoch, [[int(train_ids[i]) for i in b] for b in bins])
-            )  # positions -> dataset indices
+            # positions -> dataset indices
+            steps.append((epoch, [[int(train_ids[i]) for i in b] for b in bins]))
     return steps
 
 
@@ -280,9 +275,8 @@ def setup(cfg, rank, world_size, group, written=None) -> Job:
     the checkpoint directory and the resume guard, the data (prepared once), the held-out split, the plan.
     `written` (a list) gets what this rank wrote meanwhile (the prepared data), for train() to remove on an error."""
     tokenizer, args = tokenizer_and_args(cfg)
-    prepare.check_context(
-        cfg, args.max_seq_len
-    )  # a conversation as long as the context must fit one bin
+    # a conversation as long as the context must fit one bin
+    prepare.check_context(cfg, args.max_seq_len)
     key = prepare.on_rank0(lambda: prepare.inputs_key(cfg, tokenizer, args.max_seq_len), group)
     # What decides the model, the data order and the schedule: a resume that changes one is refused by name.
     settings = (
@@ -304,9 +298,8 @@ def setup(cfg, rank, world_size, group, written=None) -> Job:
         "data_hash": key,
         "max_steps": cfg.max_steps,
     }  # the learning-rate schedule's length
-    if world_size > int(
-        os.environ.get("LOCAL_WORLD_SIZE", world_size)
-    ):  # several nodes: one checkpoint directory
+    # several nodes: one checkpoint directory
+    if world_size > int(os.environ.get("LOCAL_WORLD_SIZE", world_size)):
         check_shared(cfg.ckpt_dir, group)
     # Rank 0 decides where every rank starts: ranks that each read `latest` could start from different steps.
     resume_from = prepare.on_rank0(lambda: resume_point(cfg.ckpt_dir, cfg.resume, run), group)
@@ -322,17 +315,15 @@ def setup(cfg, rank, world_size, group, written=None) -> Job:
         )
     steps = plan_steps(dataset, train_ids, cfg, world_size * cfg.grad_accum)
     cfg = dataclasses.replace(cfg, expert_condition=expert_condition(cfg, dataset))
-    if (
-        cfg.lr_base > 0
-    ):  # OpenChat's rule: the learning rate grows with the supervised tokens of a step
+    # OpenChat's rule: the learning rate grows with the supervised tokens of a step
+    if cfg.lr_base > 0:
         supervised = (np.asarray(dataset.weights) > 0).sum() * len(train_ids) / len(dataset)
         steps_per_epoch = sum(epoch == 0 for epoch, _ in steps)
         cfg = dataclasses.replace(
             cfg, lr=cfg.lr_base * math.sqrt(supervised / steps_per_epoch / 4e6)
         )
-    if (
-        not cfg.resume
-    ):  # everything checked: an earlier run's checkpoints go aside, never mixed with this run's
+    # everything checked: an earlier run's checkpoints go aside, never mixed with this run's
+    if not cfg.resume:
         aside = prepare.on_rank0(lambda: move_aside(cfg.ckpt_dir), group)
         if aside:
             say(
@@ -356,9 +347,8 @@ def expert_condition(cfg, dataset) -> str:
             f"{weight[top[0]]:g}: name the expert's condition, --expert_condition={top[0]!r}, or give "
             f"the classes different --class_weights"
         )
-    conditions = dataset.meta.get("conditions", {}).get(
-        top[0], [top[0]]
-    )  # a prepared directory: class = condition
+    # a prepared directory: class = condition
+    conditions = dataset.meta.get("conditions", {}).get(top[0], [top[0]])
     if len(conditions) != 1:
         raise ValueError(
             f"--expert_condition: the top-weighted class {top[0]!r} has several conditions "
@@ -372,9 +362,8 @@ def train(cfg):
     new_out_dir = not os.path.isdir(cfg.out_dir)  # looked at before any rank writes
     rank, world_size, device, mesh = setup_distributed()
     torch.manual_seed(cfg.seed)
-    group = dist.new_group(
-        backend="gloo", timeout=datetime.timedelta(hours=6)
-    )  # data preparation's waits
+    # data preparation's waits
+    group = dist.new_group(backend="gloo", timeout=datetime.timedelta(hours=6))
     written = []
     try:
         try:
@@ -382,9 +371,8 @@ def train(cfg):
         except (ValueError, OSError, KeyboardInterrupt) as e:
             if rank == 0 and not isinstance(e, KeyboardInterrupt):  # one line, once
                 print(f"error: {data.one_line(e)}", file=sys.stderr)
-            if (
-                int(os.environ.get("LOCAL_RANK", 0)) == 0
-            ):  # each node's disk: nothing of this run left behind
+            # each node's disk: nothing of this run left behind
+            if int(os.environ.get("LOCAL_RANK", 0)) == 0:
                 for path in [cfg.out_dir] if new_out_dir else written:
                     shutil.rmtree(path, ignore_errors=True)
             if isinstance(e, KeyboardInterrupt):
@@ -418,9 +406,8 @@ def validation_bins(dataset, held_out, cfg, rank, world_size):
         if len(held_out)
         else []
     )
-    bins = [
-        [int(held_out[i]) for i in step[0]] for step in packed
-    ]  # one bin a step; positions -> dataset indices
+    # one bin a step; positions -> dataset indices
+    bins = [[int(held_out[i]) for i in step[0]] for step in packed]
     bins += [[]] * (-len(bins) % world_size)
     return bins[rank::world_size]
 
@@ -437,9 +424,8 @@ def train_loop(job, model, optimizer, start_step, device):
         s: signal.signal(s, lambda signum, _: stop.setdefault("signal", signum))
         for s in (signal.SIGTERM, signal.SIGINT)
     }
-    n_params = model.num_params(
-        exclude_embeddings=not job.args.tie_embeddings
-    )  # matmul weights: 6N FLOPs a token
+    # matmul weights: 6N FLOPs a token
+    n_params = model.num_params(exclude_embeddings=not job.args.tie_embeddings)
     describe(
         cfg,
         job.tokenizer,
@@ -476,9 +462,8 @@ def train_loop(job, model, optimizer, start_step, device):
                 raise FloatingPointError(
                     f"loss is {loss} at step {step}; the last checkpoint is intact"
                 )
-            if (
-                step == len(steps) or steps[step][0] != epoch
-            ):  # an epoch ends: the validation loss, an export to keep
+            # an epoch ends: the validation loss, an export to keep
+            if step == len(steps) or steps[step][0] != epoch:
                 if val_bins:
                     val_loss, per_class = validate(model, dataset, val_bins, device)
                     progress.log(
@@ -531,9 +516,8 @@ def train_loop(job, model, optimizer, start_step, device):
                 flush=True,
             )
         raise SystemExit(128 + stopped)
-    scored = (
-        cfg.data == "toy" and cfg.toy_eval
-    )  # the full model is gathered only to export or to score it
+    # the full model is gathered only to export or to score it
+    scored = cfg.data == "toy" and cfg.toy_eval
     final = None
     if cfg.export or scored:
         final = export(model, cfg, job.args, job.tokenizer, os.path.join(cfg.out_dir, "export"))
@@ -566,16 +550,14 @@ def main(argv):
     try:
         cfg = parse_config(argv)
     except ValueError as e:
-        if (
-            os.environ.get("RANK", "0") == "0"
-        ):  # under torchrun every rank parses: one of them says it
+        # under torchrun every rank parses: one of them says it
+        if os.environ.get("RANK", "0") == "0":
             print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2)
     try:
         return train(cfg)
-    except (
-        KeyboardInterrupt
-    ):  # Ctrl-C outside the training steps (during those it saves first: train_loop)
+    # Ctrl-C outside the training steps (during those it saves first: train_loop)
+    except KeyboardInterrupt:
         if os.environ.get("RANK", "0") == "0":
             print("interrupted: nothing saved since the last checkpoint", file=sys.stderr)
         raise SystemExit(130)

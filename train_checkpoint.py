@@ -53,9 +53,8 @@ def save_checkpoint(model, optimizer, step, ckpt_dir, keep=2, config=None, run=N
                 indent=1,
             )
         shutil.rmtree(final, ignore_errors=True)
-        os.rename(
-            tmp, final
-        )  # atomic: a crash before this line leaves the previous checkpoint as latest
+        # atomic: a crash before this line leaves the previous checkpoint as latest
+        os.rename(tmp, final)
         with open(os.path.join(ckpt_dir, "latest.tmp"), "w") as f:
             f.write(os.path.basename(final))
         os.replace(os.path.join(ckpt_dir, "latest.tmp"), os.path.join(ckpt_dir, "latest"))
@@ -170,9 +169,8 @@ def check_same_run(path, run):
             f"{path}: written by an earlier version of train.py (no run settings in its "
             "manifest); start over with --resume=false or another --ckpt_dir"
         )
-    for field, value in json.loads(
-        json.dumps(run)
-    ).items():  # as the manifest stores it: tuples are lists
+    # as the manifest stores it: tuples are lists
+    for field, value in json.loads(json.dumps(run)).items():
         if field in saved and saved[field] != value:
             short = [
                 v if len(v) <= 120 else v[:120] + "..."

@@ -23,50 +23,41 @@ from model import PRESETS
 @dataclass
 class TrainConfig:
     # data
-    data: str = (
-        "toy"  # "toy" | comma-separated [CLASS=]path (.jsonl, .json, "sharegpt") | tokenized dir
-    )
-    tokenizer: str = (
-        ""  # tokenizer.json, tokenizer.model or a folder; "" = --model's, toy's, Mistral v1
-    )
-    template: str = (
-        ""  # openchat_3.5|openchat_3.6|openchat_3.5_gemma|chatml; "" = the tokenizer's tokens
-    )
-    class_weights: str = (
-        ""  # reward of each class, "NAME=W,...": "" = the toy's for toy data, else 1 each
-    )
-    sharegpt_condition: str = (
-        EXPERT_CONDITION  # class of ShareGPT sources without one; "from_model": by their model
-    )
-    class_from_field: str = (
-        ""  # class each ShareGPT record by this field of it, e.g. model ("" = off)
-    )
-    class_map: str = (
-        ""  # its VALUE=CLASS,... (globs, first match) or a .json; "" = *gpt-4*=GPT4,*=GPT3
-    )
-    zero_refusals: bool = (
-        False  # weight 0 on assistant replies with refusal boilerplate (loss_weighting.py)
-    )
+    # "toy" | comma-separated [CLASS=]path (.jsonl, .json, "sharegpt") | tokenized dir
+    data: str = "toy"
+    # tokenizer.json, tokenizer.model or a folder; "" = --model's, toy's, Mistral v1
+    tokenizer: str = ""
+    # openchat_3.5|openchat_3.6|openchat_3.5_gemma|chatml; "" = the tokenizer's tokens
+    template: str = ""
+    # reward of each class, "NAME=W,...": "" = the toy's for toy data, else 1 each
+    class_weights: str = ""
+    # class of ShareGPT sources without one; "from_model": by their model
+    sharegpt_condition: str = EXPERT_CONDITION
+    # class each ShareGPT record by this field of it, e.g. model ("" = off)
+    class_from_field: str = ""
+    # its VALUE=CLASS,... (globs, first match) or a .json; "" = *gpt-4*=GPT4,*=GPT3
+    class_map: str = ""
+    # weight 0 on assistant replies with refusal boilerplate (loss_weighting.py)
+    zero_refusals: bool = False
     refusal_phrases: str = ""  # with --zero_refusals: a file of your own phrases, one a line
-    per_sequence_weights: bool = (
-        False  # each reply's weight divided by its tokens (OpenChat's option; off: per token)
-    )
-    use_condition: bool = (
-        True  # put the class condition in the prompts (False: plain "User:" prefixes)
-    )
+    # each reply's weight divided by its tokens (OpenChat's option; off: per token)
+    per_sequence_weights: bool = False
+    # put the class condition in the prompts (False: plain "User:" prefixes)
+    use_condition: bool = True
     only_classes: str = ""  # comma-separated: train on these classes only ("" = all)
-    expert_condition: str = (
-        ""  # condition of evaluation, sample.py, the export ("" = the top-weighted class's)
-    )
+    # condition of evaluation, sample.py, the export ("" = the top-weighted class's)
+    expert_condition: str = ""
     skip_bad: bool = False  # skip and count bad records instead of stopping at the first
-    val_fraction: float = 0.01  # conversations held out per class for the validation loss (0 = off)
+    # conversations held out per class for the validation loss (0 = off)
+    val_fraction: float = 0.01
     val_max: int = 2000  # at most this many held out in all
     toy_train: int = 20000  # toy task: training conversations (1-3 sums each)
     toy_expert_fraction: float = 0.02  # toy task: share of the expert class
     toy_error_rate: float = 1.0  # toy task: how often a sub-optimal answer is wrong
     toy_eval: int = 500  # toy task: held-out problems scored at the end
     # model
-    model: str = "toy"  # a preset of model.py, or a Hugging Face directory to fine-tune
+    # a preset of model.py, or a Hugging Face directory to fine-tune
+    model: str = "toy"
     dim: int = 0  # overrides of the preset (0 = keep)
     n_layers: int = 0
     n_heads: int = 0
@@ -74,13 +65,13 @@ class TrainConfig:
     max_seq_len: int = 0  # context (0 = the model's)
     # optimisation (the public OpenChat recipe)
     epochs: int = 5
-    max_steps: int = 0  # the schedule's length in steps (0 = all epochs): warmup and cosine span it
+    # the schedule's length in steps (0 = all epochs): warmup and cosine span it
+    max_steps: int = 0
     batch_tokens: int = 2048  # tokens per rank per micro-batch (bin size of the packer)
     grad_accum: int = 1  # micro-batches per rank per step
     lr: float = 1e-3  # peak learning rate (the toy model's)
-    lr_base: float = (
-        0.0  # > 0: lr = lr_base * sqrt(supervised tokens per step / 4M) (OpenChat's rule)
-    )
+    # > 0: lr = lr_base * sqrt(supervised tokens per step / 4M) (OpenChat's rule)
+    lr_base: float = 0.0
     min_lr_ratio: float = 0.1  # cosine decays to 10% of the peak
     warmup_ratio: float = 0.05
     beta1: float = 0.9
@@ -91,25 +82,21 @@ class TrainConfig:
     # system
     dtype: str = "auto"  # bf16 compute on GPU, fp32 on CPU
     activation_checkpointing: bool = False
-    compile: bool = (
-        False  # torch.compile each block (GPU): fuses RMSNorm, RoPE, SwiGLU's elementwise ops
-    )
+    # torch.compile each block (GPU): fuses RMSNorm, RoPE, SwiGLU's elementwise ops
+    compile: bool = False
     seed: int = 1337
-    out_dir: str = (
-        "out/default"  # log, exports, prepared data (on several nodes: shared or node-local)
-    )
-    ckpt_dir: str = (
-        ""  # checkpoints ("" = out_dir/ckpt); on several nodes one that every node shares
-    )
+    # log, exports, prepared data (on several nodes: shared or node-local)
+    out_dir: str = "out/default"
+    # checkpoints ("" = out_dir/ckpt); on several nodes one that every node shares
+    ckpt_dir: str = ""
     ckpt_every: int = 200  # steps between checkpoints (and one at the end)
     keep_ckpts: int = 2
-    resume: bool = (
-        True  # continue from ckpt_dir's latest; false: start over, old checkpoints moved aside
-    )
-    export: bool = True  # a Hugging Face directory per epoch (out_dir/epoch_N) and at the end
-    profile_step: int = (
-        0  # >0: profile this step and the next two (torch.profiler), table in out_dir
-    )
+    # continue from ckpt_dir's latest; false: start over, old checkpoints moved aside
+    resume: bool = True
+    # a Hugging Face directory per epoch (out_dir/epoch_N) and at the end
+    export: bool = True
+    # >0: profile this step and the next two (torch.profiler), table in out_dir
+    profile_step: int = 0
 
 
 # OpenChat's recipes for released checkpoints (8 x 80 GB): GPT-4's answers the expert class, GPT-3.5's weighted 0.1.
@@ -127,9 +114,8 @@ _RELEASED = dict(
 PRESETS_TRAIN = {
     "toy": {},
     "mistral-7b": dict(_RELEASED, model="<Mistral-7B-v0.1 directory>"),
-    "openchat_3.5": dict(
-        _RELEASED, model="<openchat_3.5 directory>"
-    ),  # its <|end_of_turn|> is kept
+    # its <|end_of_turn|> is kept
+    "openchat_3.5": dict(_RELEASED, model="<openchat_3.5 directory>"),
     "llama2-13b": dict(
         _RELEASED,
         model="<Llama-2-13b directory>",
@@ -164,9 +150,10 @@ PRESETS_TRAIN["8b-throughput"] = dict(
     model="8b",
     batch_tokens=8192,
     max_seq_len=8192,
+    # one H200: --tokenizer=Llama 3's
     activation_checkpointing=True,
     max_steps=10,
-)  # one H200: --tokenizer=Llama 3's
+)
 
 
 def parse_config(argv):
@@ -181,9 +168,8 @@ def parse_config(argv):
         key = key.replace("-", "_")
         if not arg.startswith("--") or not eq:
             raise ValueError(f"expected --key=value, got {arg!r}")
-        if (
-            key == "preset"
-        ):  # the preset's values first, whatever the order: the other options override them
+        # the preset's values first, whatever the order: the other options override them
+        if key == "preset":
             if value not in PRESETS_TRAIN:
                 raise ValueError(
                     f"--preset: unknown preset {value!r}; choose from {sorted(PRESETS_TRAIN)}"
@@ -216,9 +202,8 @@ def parse_config(argv):
             raise ValueError(f"--{key} must be in [{lo:g}, {hi:g}], got {getattr(cfg, key)}")
     if cfg.dtype not in ("auto", "bf16", "fp32"):
         raise ValueError(f"--dtype must be auto, bf16 or fp32, got {cfg.dtype!r}")
-    if (
-        cfg.dtype == "auto"
-    ):  # bf16 compute wherever the GPU path runs (setup_distributed picks the device alike)
+    # bf16 compute wherever the GPU path runs (setup_distributed picks the device alike)
+    if cfg.dtype == "auto":
         cfg = dataclasses.replace(cfg, dtype="bf16" if torch.cuda.is_available() else "fp32")
     if not cfg.ckpt_dir:
         cfg = dataclasses.replace(cfg, ckpt_dir=os.path.join(cfg.out_dir, "ckpt"))
@@ -246,9 +231,8 @@ def parse_config(argv):
 def check_data_options(cfg) -> None:
     """What can be checked before anything is read: the files of --data, the class map against --class_weights,
     the refusal phrases, and that a conversation as long as the context fits one bin."""
-    prepare.check_context(
-        cfg, cfg.max_seq_len
-    )  # an explicit one; the model's own once train.setup has read it
+    # an explicit one; the model's own once train.setup has read it
+    prepare.check_context(cfg, cfg.max_seq_len)
     if cfg.data != "toy" and not os.path.isdir(cfg.data):
         chat_readers.check_sources(cfg.data)
     weights, rule = prepare.class_weights(cfg), prepare.class_rule(cfg)

@@ -36,9 +36,8 @@ def describe(cfg, tokenizer, args, size_text, dataset, held_out, n_steps, world_
         f"data: {len(dataset)} conversations in {len(dataset.class_names)} class(es), {len(held_out)} held out "
         f"for validation",
     ]
-    trained = dataset.meta.get(
-        "trained_weights", {}
-    )  # prepare.trained_weights: a message's own weight counts
+    # prepare.trained_weights: a message's own weight counts
+    trained = dataset.meta.get("trained_weights", {})
     for name, c in summary.get("classes", {}).items():
         weights = trained.get(name, [])
         lines.append(
@@ -158,13 +157,13 @@ class Progress:
                     ("A100", 312e12),
                     ("L40", 181e12),
                 )
+                # bf16
                 if device.type == "cuda" and key in torch.cuda.get_device_name(device)
             ),
             None,
-        )  # bf16
-        if (
-            self.rank == 0
-        ):  # a fresh run starts a new log; a resumed one keeps the steps up to its checkpoint, once
+        )
+        # a fresh run starts a new log; a resumed one keeps the steps up to its checkpoint, once
+        if self.rank == 0:
             os.makedirs(cfg.out_dir, exist_ok=True)
             kept = []
             if start_step and os.path.exists(self.log_path):
@@ -189,20 +188,16 @@ class Progress:
     def end_step(self, step, epoch, lr, grad_norm, batches, outputs, weight_sum):
         """Log the step: sum(w * CE) / sum(w), per class the mean CE of supervised tokens, tokens/s, MFU."""
         n, f64 = len(self.classes), dict(dtype=torch.float64, device=self.device)
-        weighted_ce, n_tokens, attention_pairs = (
-            torch.zeros(1, **f64) for _ in range(3)
-        )  # this rank's sums
-        class_ce, class_tokens = (
-            torch.zeros(n, **f64),
-            torch.zeros(n, **f64),
-        )  # per class: sum of CE, supervised tokens
+        # this rank's sums
+        weighted_ce, n_tokens, attention_pairs = (torch.zeros(1, **f64) for _ in range(3))
+        # per class: sum of CE, supervised tokens
+        class_ce, class_tokens = torch.zeros(n, **f64), torch.zeros(n, **f64)
         for b, (loss_sum, token_ce) in zip(batches, outputs):
             supervised = b.loss_weights > 0
             weighted_ce += loss_sum.double()
             n_tokens += len(b.tokens)
-            attention_pairs += (
-                (b.cu_seqlens[1:] - b.cu_seqlens[:-1]).double() ** 2
-            ).sum()  # sum of len^2
+            # sum of len^2
+            attention_pairs += ((b.cu_seqlens[1:] - b.cu_seqlens[:-1]).double() ** 2).sum()
             class_ce.index_add_(0, b.class_ids[supervised], token_ce[supervised].double())
             class_tokens.index_add_(0, b.class_ids[supervised], supervised[supervised].double())
         stats = torch.cat([weighted_ce, n_tokens, attention_pairs, class_ce, class_tokens])
@@ -227,9 +222,8 @@ class Progress:
             "tokens_per_s": n_tokens.item() / dt,
             "time_s": dt,
         }
-        if (
-            self.peak
-        ):  # 6 N FLOPs per token for the matmuls, 6 * layers * dim * sum(len^2) for attention
+        # 6 N FLOPs per token for the matmuls, 6 * layers * dim * sum(len^2) for attention
+        if self.peak:
             flops = (
                 6 * self.n_params * n_tokens.item()
                 + 6 * self.args.n_layers * self.args.dim * attention_pairs.item()

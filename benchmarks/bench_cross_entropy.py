@@ -126,9 +126,8 @@ def rss_kib(field):
 def measure_cpu_worker(path, N, D, V, dtype):
     """Runs inside a fresh process (see module docstring); returns (ms, peak extra bytes)."""
     step = step_fn(path)
-    step(
-        *make_inputs(64, D, 512, dtype, "cpu")
-    )  # warm-up on a tiny shape: thread pools, library buffers
+    # warm-up on a tiny shape: thread pools, library buffers
+    step(*make_inputs(64, D, 512, dtype, "cpu"))
     inputs = make_inputs(N, D, V, dtype, "cpu")
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # reset VmHWM (peak RSS) to the current RSS
@@ -188,9 +187,8 @@ def bench_packs(args):
         zero = sum(int((b.loss_weights == 0).sum()) for b in packs) / sum(
             len(b.tokens) for b in packs
         )
-        pack = min(
-            packs, key=lambda b: abs(float((b.loss_weights == 0).float().mean()) - zero)
-        )  # the typical one
+        # the typical one
+        pack = min(packs, key=lambda b: abs(float((b.loss_weights == 0).float().mean()) - zero))
         print(
             f"{tokenizer}: {n_conversations} conversations in {len(packs)} packs, {zero:.1%} of the packed tokens "
             f"weight 0; timed: a pack of {len(pack.tokens)} tokens, {(pack.loss_weights == 0).float().mean():.1%}"

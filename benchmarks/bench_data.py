@@ -154,9 +154,10 @@ def main():
             full = (
                 sum(lengths[i] for step in steps[:-1] for b in step for i in b)
                 / ((len(steps) - 1) * W * budget)
+                # the public way keeps full steps only
                 if len(steps) > 1 and name == "ours"
                 else slot_use
-            )  # the public way keeps full steps only
+            )
             print(
                 f"{budget:7d} {name:>7} {len(steps):6d} {slot_use:9.2%} {bound:7.2%} {full:11.2%} "
                 f"{len(lengths) - len(packed):9d} {t_pack:7.2f}"
@@ -216,9 +217,8 @@ def per_piece_in_batches(conversations, max_seq_len):
 
 
 def llama3_table(conversations, cores):
-    os.environ["TOKENIZERS_PARALLELISM"] = (
-        "false"  # one thread a process: per core, as the other rows
-    )
+    # one thread a process: per core, as the other rows
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
     chunks = [conversations[i::cores] for i in range(cores)]
     times = {}
     t0 = time.perf_counter()
@@ -279,9 +279,8 @@ def public_allocator(lengths, budget, world, seed):
             1,
             int(np.searchsorted(prefix, prefix[start] + world * budget, side="right")) - 1 - start,
         )
-        while (
-            lo < hi
-        ):  # the longest prefix that fits (no prefix longer than the tokens the bins hold can)
+        # the longest prefix that fits (no prefix longer than the tokens the bins hold can)
+        while lo < hi:
             mid = (lo + hi + 1) // 2
             lo, hi = (
                 (mid, hi)

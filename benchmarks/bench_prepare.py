@@ -60,9 +60,8 @@ def worker(mode, out_dir, result_dir):
         group = dist.new_group(backend="gloo")
         key = prepare.on_rank0(lambda: prepare.inputs_key(cfg, tokenizer, args.max_seq_len), group)
         dataset, _ = prepare.prepare_data(cfg, tokenizer, args.max_seq_len, key, group)
-    total = int(
-        dataset.tokens.sum(dtype="int64")
-    )  # reads every token, as an epoch of training does
+    # reads every token, as an epoch of training does
+    total = int(dataset.tokens.sum(dtype="int64"))
     seconds = time.perf_counter() - t0
     dist.barrier()
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -52,9 +52,8 @@ def bench(name, args, prompt_len, new_tokens, repeats):
     with tempfile.TemporaryDirectory() as tmp:
         model.save_pretrained(tmp)
         hf = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32).eval()
-    hf.generation_config.eos_token_id = (
-        None  # decode exactly new_tokens, like ours with no stop ids
-    )
+    # decode exactly new_tokens, like ours with no stop ids
+    hf.generation_config.eos_token_id = None
     hf.generation_config.pad_token_id = 0
     hf_input = torch.tensor([prompt])
 

@@ -51,10 +51,10 @@ from train_config import TrainConfig  # noqa: E402
 from train_progress import Progress  # noqa: E402
 
 FULL_LAYERS, RANKS = 32, 8
-SHAPES = {  # the released checkpoints' config.json (CRLFT_FACTS.md); max_seq_len is set to the pack size below
-    "llama3-8b": PRESETS[
-        "8b"
-    ],  # dim 4096, 32 heads, 8 KV heads, hidden 14336, vocab 128256, rope_theta 500000
+# the released checkpoints' config.json (CRLFT_FACTS.md); max_seq_len is set to the pack size below
+SHAPES = {
+    # dim 4096, 32 heads, 8 KV heads, hidden 14336, vocab 128256, rope_theta 500000
+    "llama3-8b": PRESETS["8b"],
     "mistral-7b": ModelArgs(
         dim=4096,
         n_layers=32,
@@ -74,9 +74,8 @@ def random_packs(n_steps, batch_tokens, vocab_size, seed):
     lengths = [
         min(n, batch_tokens) for n in sharegpt_like_lengths(int(1.2 * n_steps * batch_tokens), seed)
     ]
-    offsets = np.cumsum(
-        [0] + [n + 1 for n in lengths], dtype=np.int64
-    )  # a conversation of L inputs has L+1 tokens
+    # a conversation of L inputs has L+1 tokens
+    offsets = np.cumsum([0] + [n + 1 for n in lengths], dtype=np.int64)
     rng = np.random.default_rng(seed)
     tokens = rng.integers(0, vocab_size, offsets[-1], dtype=np.int32)
     position = np.arange(offsets[-1]) - np.repeat(offsets[:-1], np.diff(offsets))
@@ -99,9 +98,10 @@ def run_shape(name, args, opts, compiled, device, mesh):
         dtype=opts.dtype,
         activation_checkpointing=True,
         compile=compiled,
+        # any preset name: build_model draws fresh weights of shape `args`
         out_dir=out_dir,
         lr=3e-5,
-    )  # any preset name: build_model draws fresh weights of shape `args`
+    )
     # Built on the GPU: rank 0's full copy of the fresh weights is drawn there, not by the CPU (seconds, not minutes).
     with torch.device(device):
         model = train.build_model(cfg, args, device, mesh)
@@ -122,9 +122,8 @@ def run_shape(name, args, opts, compiled, device, mesh):
     cuda = device.type == "cuda"
     state_bytes = grad_bytes = 0
     try:
-        for step, batch in enumerate(
-            batches
-        ):  # train_loop's step, without its data, checkpoints and exports
+        # train_loop's step, without its data, checkpoints and exports
+        for step, batch in enumerate(batches):
             if step == 1 and cuda:
                 torch.cuda.reset_peak_memory_stats()
             progress.start_step(step)
@@ -241,16 +240,16 @@ def main():
                 except torch.OutOfMemoryError as e:  # the other shape still runs
                     print(f"{name}: out of memory: {data.one_line(e)[:300]}", flush=True)
                     break
-                except (
-                    Exception
-                ) as e:  # e.g. torch.compile failing: rows without it rather than none
+                # e.g. torch.compile failing: rows without it rather than none
+                except Exception as e:
                     print(
                         f"{name}: {'compiled ' * compiled}run failed: {type(e).__name__}: {data.one_line(e)[:300]}"
                         f"{'; again without torch.compile, and the next shapes too' * compiled}",
                         flush=True,
                     )
                     opts.compile = False
-                finally:  # the failed run's model and optimizer state, before the next run allocates its own
+                # the failed run's model and optimizer state, before the next run allocates its own
+                finally:
                     gc.collect()
                     if device.type == "cuda":
                         torch.cuda.empty_cache()

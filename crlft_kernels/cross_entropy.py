@@ -39,9 +39,8 @@ import torch.nn.functional as F
 from crlft_kernels import HAS_TRITON, tl, triton, use_triton
 
 MIN_CHUNK_ROWS = 512
-VOCAB_ALIGN = (
-    64  # the Triton path pads W to a multiple of this many rows: aligned (C, V) logits rows
-)
+# the Triton path pads W to a multiple of this many rows: aligned (C, V) logits rows
+VOCAB_ALIGN = 64
 
 
 # ---- The row step: log-sum-exp and the in-place logits gradient -------------------------------------------
@@ -57,10 +56,8 @@ if HAS_TRITON:
         row = tl.program_id(0).to(tl.int64)  # int64: row * stride_row can pass 2**31 for big chunks
         row_ptr = logits_ptr + row * stride_row
         offsets = tl.arange(0, BLOCK_V)
-        m, s = (
-            float("-inf"),
-            0.0,
-        )  # pass 1: online max and sum of exp, in fp32 whatever the input dtype
+        # pass 1: online max and sum of exp, in fp32 whatever the input dtype
+        m, s = float("-inf"), 0.0
         for start in range(0, V, BLOCK_V):
             cols = start + offsets
             x = tl.load(row_ptr + cols, mask=cols < V, other=float("-inf")).to(tl.float32)
@@ -183,9 +180,8 @@ def _forward_and_grads(
             f"[0, {V}) but loss_weights[{bad}] = {loss_weights[bad].item()} is nonzero"
         )
     C = chunk_size or default_chunk_size(N, V, D)
-    if use_triton(
-        hidden
-    ):  # zero rows up to a multiple of VOCAB_ALIGN (see the docstring); no grad flows to them
+    # zero rows up to a multiple of VOCAB_ALIGN (see the docstring); no grad flows to them
+    if use_triton(hidden):
         row_step = partial(_ce_rows_triton, vocab_size=V)
         if V % VOCAB_ALIGN:
             weight = F.pad(weight.detach(), (0, 0, 0, -V % VOCAB_ALIGN))
@@ -193,9 +189,8 @@ def _forward_and_grads(
         row_step = _ce_rows_torch
     per_token_ce = torch.zeros(N, dtype=torch.float32, device=hidden.device)
     grad_hidden = torch.zeros_like(hidden) if need_grad_hidden else None
-    grad_weight = (
-        torch.zeros_like(weight) if need_grad_weight else None
-    )  # (V_padded, D), see the docstring
+    # (V_padded, D), see the docstring
+    grad_weight = torch.zeros_like(weight) if need_grad_weight else None
     for start in range(0, len(rows_kept), C):
         rows = rows_kept[start : start + C]  # (C,)
         h = hidden[rows]  # (C, D)
@@ -203,13 +198,16 @@ def _forward_and_grads(
         per_token_ce[rows] = row_step(
             logits, targets_kept[start : start + C], weights_kept[start : start + C]
         )
-        if need_grad_hidden:  # the logits now hold their gradient dz (0 in padding)
+        # the logits now hold their gradient dz (0 in padding)
+        if need_grad_hidden:
             grad_hidden[rows] = logits @ weight  # (C, D)
         if need_grad_weight:
             grad_weight.addmm_(logits.t(), h)  # (V_padded, D)
-        del logits, h  # before the next chunk's are allocated
+        # before the next chunk's are allocated
+        del logits, h
     if need_grad_weight:
-        grad_weight = grad_weight[:V]  # the true vocabulary's rows (a contiguous view)
+        # the true vocabulary's rows (a contiguous view)
+        grad_weight = grad_weight[:V]
     return (per_token_ce * loss_weights.float()).sum(), per_token_ce, grad_hidden, grad_weight
 
 
@@ -252,9 +250,8 @@ def _setup_context(ctx, inputs, output):
     ctx.need_grads = inputs[5:7]
     ctx.save_for_backward(output[2], output[3])
     ctx.mark_non_differentiable(*output[1:])
-    ctx.set_materialize_grads(
-        False
-    )  # no zero tensors for the grads of the outputs that are gradients themselves
+    # no zero tensors for the grads of the outputs that are gradients themselves
+    ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, grad_loss, grad_per_token, grad_of_grad_hidden, grad_of_grad_weight):
@@ -278,9 +275,8 @@ def fused_linear_cross_entropy(
     float. Differentiable w.r.t. hidden and lm_head_weight (not loss_weights). With return_per_token=True
     also returns per_token_ce (N,) fp32, detached, unweighted, 0 where loss_weights is 0.
     chunk_size: tokens per chunk (default: default_chunk_size(N, V, D))."""
-    if torch.is_autocast_enabled(
-        hidden.device.type
-    ):  # do what autocast does to `hidden @ weight.T`
+    # do what autocast does to `hidden @ weight.T`
+    if torch.is_autocast_enabled(hidden.device.type):
         dtype = torch.get_autocast_dtype(hidden.device.type)
         hidden, lm_head_weight = hidden.to(dtype), lm_head_weight.to(dtype)
     _check_inputs(hidden, lm_head_weight, targets, loss_weights, chunk_size)

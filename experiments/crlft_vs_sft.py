@@ -43,6 +43,7 @@ METHODS = {
 def run(method, seed, args, out_dir):
     """One training run in its own process (a fresh process group each time); returns its results."""
     run_dir = os.path.join(out_dir, f"{method}_seed{seed}")
+    # one checkpoint, at the end
     overrides = dict(
         METHODS[method],
         expert_condition=EXPERT,
@@ -56,15 +57,14 @@ def run(method, seed, args, out_dir):
         resume=False,
         export=False,
         ckpt_every=10**9,
-    )  # one checkpoint, at the end
+    )
     cmd = [sys.executable, os.path.join(ROOT, "train.py")] + [
         f"--{k}={v}" for k, v in overrides.items()
     ]
     cmd += args.extra
     t0 = time.time()
-    env = dict(
-        os.environ, OMP_NUM_THREADS=str(args.threads)
-    )  # small models: one core each, runs side by side
+    # small models: one core each, runs side by side
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
     env.pop("TRITON_INTERPRET", None)
     if not args.report_only:
         proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)

@@ -52,7 +52,8 @@ from crlft_vs_sft import METHODS as ALL_METHODS  # noqa: E402 (one definition of
 
 EXPERT, NOVICE = "Expert", "Novice"  # toy_task.py's classes, named by their conditions
 METHODS = {m: ALL_METHODS[m] for m in ("sft_mix", "crlft", "condition_only", "weights_only")}
-SETTINGS = {  # name: (share of expert conversations, how often a novice answer drops its carries, description)
+# name: (share of expert conversations, how often a novice answer drops its carries, description)
+SETTINGS = {
     "ours": (0.02, 1.0, "2% expert, novices always drop carries"),
     "paper_share": (0.09, 1.0, "9% expert (the paper's share), novices always drop carries"),
     "mild_novice": (0.09, 0.3, "9% expert, novices drop carries on 30% of answers"),
@@ -156,25 +157,23 @@ def run_job(spec, directory):
     )
     cfg = train.parse_config([f"--{k}={v}" for k, v in overrides.items()] + spec["extra"])
     tokenizer, args = train.tokenizer_and_args(cfg)
-    problems = {  # the same held-out problems under both conditions, against the true and the carry-free sums
+    # the same held-out problems under both conditions, against the true and the carry-free sums
+    problems = {
         EXPERT: toy_task.make_toy_eval(spec["toy_eval"], spec["seed"]),
         NOVICE: toy_task.make_toy_eval(spec["toy_eval"], spec["seed"], carry_free=True),
     }
-    subset = {
-        q for q, _ in problems[EXPERT][: spec["eval_subset"]]
-    }  # a prefix: the same questions at every point
+    # a prefix: the same questions at every point
+    subset = {q for q, _ in problems[EXPERT][: spec["eval_subset"]]}
     os.makedirs(directory, exist_ok=True)
     with open(os.path.join(directory, "job.json"), "w") as f:
         json.dump(spec, f)
     log = open(os.path.join(directory, "scores.jsonl"), "w")
 
-    def score(
-        model, optimizer, step, *_, **__
-    ):  # train_loop's save_checkpoint(model, optimizer, step, ...)
+    # train_loop's save_checkpoint(model, optimizer, step, ...)
+    def score(model, optimizer, step, *_, **__):
         t0 = time.time()
-        local = train.export(
-            model, cfg, args, tokenizer, directory
-        )  # the full weights (export=False: no files)
+        # the full weights (export=False: no files)
+        local = train.export(model, cfg, args, tokenizer, directory)
         last = step == spec["max_steps"]
         record = {"step": step}
         for condition, key in ((EXPERT, "expert"), (NOVICE, "novice")):
@@ -196,9 +195,8 @@ def run_job(spec, directory):
         log.write(json.dumps(record) + "\n")
         log.flush()
 
-    train.save_checkpoint = (
-        score  # train_loop calls it every cfg.ckpt_every steps and at the last step
-    )
+    # train_loop calls it every cfg.ckpt_every steps and at the last step
+    train.save_checkpoint = score
     train.train(cfg)
     log.close()
     if not (scores := read_scores(directory)) or scores[-1]["step"] != spec["max_steps"]:
@@ -267,9 +265,8 @@ def table(setting, curves, seeds, args):
             .replace(",", " / ")
         )
         reach = [steps_text([steps_to(c, t) for c in runs], args.max_steps) for t in THRESHOLDS]
-        best = [
-            max(c, key=lambda r: (r["expert"], -r["step"])) for c in runs
-        ]  # the earliest of equal bests
+        # the earliest of equal bests
+        best = [max(c, key=lambda r: (r["expert"], -r["step"])) for c in runs]
         m, sd = mean_sd([b["expert"] for b in best])
         rows.append(
             f"| {method} | {'yes' if cfg['use_condition'] else 'no'} | {weights} | {share} | {reach[0]} | "
@@ -372,16 +369,14 @@ def main(argv=None):
         "--report_only", action="store_true", help="tables and picture from the runs in --out_dir"
     )
     p.add_argument("--job", help=argparse.SUPPRESS)
-    args, args.extra = p.parse_known_args(
-        argv
-    )  # unknown --key=value go to train.py (e.g. a model shape)
+    # unknown --key=value go to train.py (e.g. a model shape)
+    args, args.extra = p.parse_known_args(argv)
     if args.job:
         return run_job(json.loads(args.job), args.out_dir)
     settings, methods = args.settings.split(","), args.methods.split(",")
     seeds = [1000 + s for s in range(args.seeds)]
-    jobs = [
-        (st, m, s) for s in seeds for st in settings for m in methods
-    ]  # seeds last: a first look early
+    # seeds last: a first look early
+    jobs = [(st, m, s) for s in seeds for st in settings for m in methods]
     os.makedirs(args.out_dir, exist_ok=True)
     timing = os.path.join(args.out_dir, "timing.json")
     if args.report_only:

@@ -29,7 +29,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import plot  # noqa: E402 (experiments/plot.py: SVG line charts)
 
-SIZES = {  # model shapes, from clearly too small for 2-digit addition with carries to the default toy model
+# model shapes, from clearly too small for 2-digit addition with carries to the default toy model
+SIZES = {
     "micro": dict(dim=32, n_layers=1, n_heads=2, n_kv_heads=1),
     "small": dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2),
     "toy": dict(dim=128, n_layers=3, n_heads=4, n_kv_heads=2),
@@ -48,9 +49,8 @@ def job(size, reward, seed, args):
         "--out_dir",
         run_dir,
     ]
-    env = dict(
-        os.environ, OMP_NUM_THREADS="1"
-    )  # small models: one core each, two runs side by side
+    # small models: one core each, two runs side by side
+    env = dict(os.environ, OMP_NUM_THREADS="1")
     env.pop("TRITON_INTERPRET", None)
     t0 = time.time()
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
@@ -114,9 +114,8 @@ def main():
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument("--seeds", type=int, default=3)
-    p.add_argument(
-        "--max_steps", type=int, default=600
-    )  # the data, steps and seeds of crlft_vs_sft.py
+    # the data, steps and seeds of crlft_vs_sft.py
+    p.add_argument("--max_steps", type=int, default=600)
     p.add_argument("--toy_train", type=int, default=12000)
     p.add_argument("--toy_eval", type=int, default=500)
     p.add_argument("--sizes", default=",".join(SIZES))

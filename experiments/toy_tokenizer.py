@@ -34,7 +34,8 @@ def train_toy_tokenizer(path: str = TOKENIZER_PATH) -> None:
         model_writer=model,
         model_type="bpe",
         vocab_size=120,
-        required_chars="abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ.,;:!?'-*/()",  # short English text
+        # short English text
+        required_chars="abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ.,;:!?'-*/()",
         normalization_rule_name="identity",
         remove_extra_whitespaces=False,  # as Mistral's
         split_digits=True,

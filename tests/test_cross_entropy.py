@@ -44,9 +44,8 @@ def make_inputs(N, D, V, dtype, scale=2.5, seed=0):
     loss_weights = torch.rand(N, generator=g)
     loss_weights[0::3] = 0.0
     loss_weights[1::4] = 1.0
-    targets[
-        loss_weights == 0
-    ] = -100  # prompt/padding tokens: the fused path must never look at them
+    # prompt/padding tokens: the fused path must never look at them
+    targets[loss_weights == 0] = -100
     return hidden, weight, targets, loss_weights
 
 
@@ -183,9 +182,8 @@ def test_no_grad_and_frozen_weight():
     w = weight.clone().requires_grad_()
     with torch.no_grad(), RecordShapes() as rec:
         torch.testing.assert_close(fused_linear_cross_entropy(h, w, targets, loss_weights), ref)
-    assert not any(
-        shape == (97, 8) for _, shapes in rec.ops for shape in shapes
-    )  # no grad_weight work
+    # no grad_weight work
+    assert not any(shape == (97, 8) for _, shapes in rec.ops for shape in shapes)
     fused_linear_cross_entropy(h, weight, targets, loss_weights).backward()  # weight needs no grad
     h_ref = hidden.clone().requires_grad_()
     linear_cross_entropy_reference(h_ref, weight, targets, loss_weights).backward()
@@ -221,9 +219,8 @@ def test_never_materialises_all_logits_and_skips_zero_weight_rows():
     sizes = [torch.Size(s).numel() for _, shapes in rec.ops for s in shapes]
     assert max(sizes) <= max(chunk * V, V * D)  # nothing of size N * V
     mm_rows = [shapes[0][0] for op, shapes in rec.ops if op in MATMULS and shapes[0][1] == V]
-    assert (
-        sum(mm_rows) == n_kept and max(mm_rows) <= chunk
-    )  # only weighted rows reach the logits matmul
+    # only weighted rows reach the logits matmul
+    assert sum(mm_rows) == n_kept and max(mm_rows) <= chunk
 
 
 def test_default_chunk_logits_about_the_size_of_hidden():
@@ -266,7 +263,8 @@ def test_triton_row_step_matches_torch_row_step_on_strided_huge_logits():
 
     g = torch.Generator().manual_seed(2)
     C, V = 6, 5003
-    storage = torch.randn(C, V + 13, generator=g) * 300.0  # |z| up to ~1e3, rows with a stride != V
+    # |z| up to ~1e3, rows with a stride != V
+    storage = torch.randn(C, V + 13, generator=g) * 300.0
     targets = torch.randint(0, V, (C,), generator=g)
     weights = torch.tensor([1.0, 0.5, 2.0, 0.25, 1.0, 3.0])
     ref = torch.nn.functional.cross_entropy(storage[:, :V].double(), targets, reduction="none")
@@ -288,9 +286,8 @@ def test_triton_row_step_leaves_padding_columns_alone():
     logits = storage[:, :650]
     _ce_rows_triton(logits, torch.tensor([0, 5, 649]), torch.ones(3))
     assert (storage[:, 650:] == 7.0).all()
-    torch.testing.assert_close(
-        logits.sum(dim=1), torch.zeros(3), atol=1e-5, rtol=0
-    )  # softmax - onehot
+    # softmax - onehot
+    torch.testing.assert_close(logits.sum(dim=1), torch.zeros(3), atol=1e-5, rtol=0)
 
 
 @pytest.mark.triton

@@ -54,10 +54,8 @@ def test_hand_written_conversation(tok, sp):
         {"role": "assistant", "content": "4", "weight": 0.5},
     ]
     tokens, weights = data.encode_conversation(tok, messages, "GPT4", weight=0.1)
-    user, assistant = (
-        [420, 6316, 28781, 1247, 28747],
-        [420, 6316, 28781, 21631, 28747],
-    )  # facts file
+    # facts file
+    user, assistant = [420, 6316, 28781, 1247, 28747], [420, 6316, 28781, 21631, 28747]
     hello, hi, q, four = (
         sp.encode("Hello"),
         sp.encode("Hi there!"),
@@ -231,9 +229,11 @@ def _conv(*pairs, cls="GPT4 Correct", weight=None):
 
 def test_truncation_trailing_cut_and_drops(tok, sp):
     long = "word " * 40
+    # truncated after its first exchange
     convs = [
-        _conv(("Q", "A"), ("Q2", long)),  # truncated after its first exchange
-        _conv(("Q", long)),  # dropped: first exchange too long
+        _conv(("Q", "A"), ("Q2", long)),
+        # dropped: first exchange too long
+        _conv(("Q", long)),
         data.Conversation(
             [
                 {"role": "user", "content": "Q"},
@@ -345,9 +345,8 @@ def test_toy_scorer_and_data():
         ok for ok, x, y in by_class[toy_task.SUB_OPTIMAL] if toy_task.carry_free_sum(x, y) != x + y
     ]
     assert 0.25 < np.mean(carrying) < 0.35  # 30% right where a carry matters
-    default = toy_task.make_toy_conversations(
-        2000, seed=3
-    )  # 2% expert; novices always drop the carries
+    # 2% expert; novices always drop the carries
+    default = toy_task.make_toy_conversations(2000, seed=3)
     assert sum(c.class_name == toy_task.EXPERT for c in default) == 40
     for c in default:
         (x, y), a = map(int, c.messages[0]["content"][:-1].split("+")), c.messages[1]["content"]
@@ -378,9 +377,8 @@ def test_toy_tokenizer(tmp_path):
     )
     import toy_tokenizer
 
-    toy_tokenizer.train_toy_tokenizer(
-        str(tmp_path / "t.model")
-    )  # regenerates the committed file exactly
+    # regenerates the committed file exactly
+    toy_tokenizer.train_toy_tokenizer(str(tmp_path / "t.model"))
     assert (tmp_path / "t.model").read_bytes() == open(toy_task.TOKENIZER_PATH, "rb").read()
     ds = data.tokenize_dataset(toy_task.make_toy_conversations(50), tok, 64, toy_task.CLASS_WEIGHTS)
     exchanges = [
@@ -388,9 +386,8 @@ def test_toy_tokenizer(tmp_path):
         for a, b in zip(ds.offsets[:-1], ds.offsets[1:])
     ]
     assert set(exchanges) == {1, 2, 3}  # a chat goes on after its first answer
-    assert (
-        ds.lengths.max() <= 3 * 16
-    )  # an exchange is at most 16 tokens: the toy model's context is ample
+    # an exchange is at most 16 tokens: the toy model's context is ample
+    assert ds.lengths.max() <= 3 * 16
 
 
 # ------------------------------------------------------------------------------------------------ packing
@@ -417,9 +414,8 @@ def test_pack_epoch_properties(draw, budget, world, seed, epoch):
 def test_pack_epoch_any_lengths(lengths, world):
     try:
         steps = data.pack_epoch(lengths, 64, world, 0, 0)
-    except (
-        ValueError
-    ) as e:  # only when every bin holds a single conversation and they don't share out
+    # only when every bin holds a single conversation and they don't share out
+    except ValueError as e:
         assert "multiple of n_bins" in str(e) and len(lengths) % world != 0
         return
     _check_packing(steps, lengths, 64, world)
@@ -862,9 +858,8 @@ def test_openchat_test_conversations_token_and_weight_exact(tok, tmp_path):
     conversations = chat_readers.read_jsonl(str(path))
     for c, tokens, weights in zip(conversations, OPENCHAT_MISTRAL_TOKENS, OPENCHAT_MISTRAL_WEIGHTS):
         assert len(weights) == len(tokens)
-        ours = data.encode_conversation(
-            tok, c.messages, c.condition, c.system, weight=123.0
-        )  # own weights win
+        # own weights win
+        ours = data.encode_conversation(tok, c.messages, c.condition, c.system, weight=123.0)
         assert ours == (tokens, pytest.approx(weights))
     dataset = data.tokenize_dataset(conversations, tok, 8192, {"GPT4": 9.0, "GPT3": 9.0}, workers=1)
     for i, (tokens, weights) in enumerate(zip(OPENCHAT_MISTRAL_TOKENS, OPENCHAT_MISTRAL_WEIGHTS)):

@@ -67,9 +67,8 @@ def test_per_sequence_weights_of_three_replies_by_hand(tok, sp):
     assert tokens == expected_tokens
     assert weights == pytest.approx(expected_weights, rel=1e-6)
     lengths = [len(sp.encode(a)) + 1 for _, a in pairs]
-    assert (
-        len(set(lengths)) == 3 and lengths[1] == 3
-    )  # "4" is "▁", "4": the short reply weighs as much as the long
+    # "4" is "▁", "4": the short reply weighs as much as the long
+    assert len(set(lengths)) == 3 and lengths[1] == 3
     # off (the default): the class weight on every token, as before
     assert data.encode_conversation(tok, _chat(*pairs), "GPT3", weight=0.1)[1] == pytest.approx(
         [w and 0.1 for w in expected_weights]
@@ -98,11 +97,10 @@ def test_per_sequence_weights_in_tokenize_dataset_and_the_expert_reward(tok):
 
 
 def test_a_refusal_reply_gets_weight_0_and_the_reply_next_to_it_is_untouched(tok, sp):
-    refusal = "I\u2019m sorry, but I can\u2019t help with that."  # curly apostrophes, as ShareGPT often has
-    pairs = [
-        ("Do my taxes", refusal),
-        ("Then 2+2?", "2+2 is 4, as an aid to memory."),
-    ]  # "as an aid": no AI
+    # curly apostrophes, as ShareGPT often has
+    refusal = "I\u2019m sorry, but I can\u2019t help with that."
+    # "as an aid": no AI
+    pairs = [("Do my taxes", refusal), ("Then 2+2?", "2+2 is 4, as an aid to memory.")]
     [c] = loss_weighting.zero_refusals(
         [data.Conversation(_chat(*pairs), "GPT3", None, "GPT3")], loss_weighting.REFUSAL_PHRASES
     )
@@ -197,8 +195,9 @@ def test_a_mixed_sharegpt_file_splits_into_the_mapped_classes_and_counts_the_res
     assert [(c.class_name, c.condition) for c in convs] == [
         ("GPT4 Correct", "GPT4 Correct"),
         ("GPT3", "GPT3"),
+        # values ignore case
         ("GPT4 Correct", "GPT4 Correct"),
-    ]  # values ignore case
+    ]
     assert (
         stats["left out: model value in no class of --class_map"] == 2
         and stats["records read"] == 5

@@ -219,9 +219,8 @@ def test_under_torchrun_the_error_is_printed_once(tmp_path):
         f"error: {path}:2: items[1].weight: found -1 (a number), expected a finite number >= 0 "
         "(--skip_bad skips and counts bad records)"
     ]
-    assert (
-        'train.py", line' not in proc.stderr
-    )  # torchrun adds its own report, but no traceback of ours
+    # torchrun adds its own report, but no traceback of ours
+    assert 'train.py", line' not in proc.stderr
 
 
 def test_under_torchrun_a_refused_resume_is_one_line_and_exits(tmp_path):
@@ -243,9 +242,10 @@ def test_under_torchrun_a_refused_resume_is_one_line_and_exits(tmp_path):
         f"--data={path}",
         "--class_weights=GPT4 Correct=1",
         "--max_steps=4",
+        # a hang fails as train()'s 300 s timeout
         "--batch_tokens=500",
         launcher=torchrun,
-    )  # a hang fails as train()'s 300 s timeout
+    )
     assert proc.returncode != 0
     ours = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
     assert len(ours) == 1 and "batch_tokens was 600" in ours[0] and "now 500" in ours[0], (
@@ -293,9 +293,8 @@ def test_a_failed_run_never_touches_an_existing_run(tmp_path):
     before = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
     bad = _write(tmp_path, "bad.jsonl", [json.dumps(GOOD), "{"])
     proc, _ = train(tmp_path, f"--data={bad}", "--class_weights=GPT4 Correct=1", "--max_steps=4")
-    assert (
-        proc.returncode != 0
-    )  # resuming: other data than the checkpoint's, refused before reading it
+    # resuming: other data than the checkpoint's, refused before reading it
+    assert proc.returncode != 0
     one_line_error(proc.stderr, "ckpt/step_", "data_hash was")
     proc, _ = train(tmp_path, f"--data={bad}", "--class_weights=GPT4 Correct=1", "--resume=false")
     assert proc.returncode != 0  # starting over: the bad line stops it before anything is written
@@ -319,24 +318,29 @@ def test_the_summary_says_what_was_skipped_dropped_truncated_and_zeroed_with_the
     records = (
         [record("gpt-4", ("human", "Q"), ("gpt", "A"))] * 12
         + [record("gpt-3.5-turbo", ("human", "Q"), ("gpt", "A"))] * 12
-        + [record("gpt-4", ("human", "Q"), ("gpt", ""))] * 2  # skipped: empty content
-        + [record("gpt-4", ("human", "Q"))] * 3  # skipped: no assistant turn
-        + [record("claude", ("human", "Q"), ("gpt", "A"))] * 2  # left out: no class
-        + [record("gpt-4", ("gpt", "hello"), ("human", "Q"), ("gpt", "A"))]  # a leading 'gpt' turn
-        + [record("gpt-3.5-turbo", ("human", "Q"), ("gpt", long))]  # dropped: too long
-        + [
-            record("gpt-3.5-turbo", ("human", "Q"), ("gpt", "A"), ("human", "Q2"), ("gpt", long))
-        ]  # truncated
+        # skipped: empty content
+        + [record("gpt-4", ("human", "Q"), ("gpt", ""))] * 2
+        # skipped: no assistant turn
+        + [record("gpt-4", ("human", "Q"))] * 3
+        # left out: no class
+        + [record("claude", ("human", "Q"), ("gpt", "A"))] * 2
+        # a leading 'gpt' turn
+        + [record("gpt-4", ("gpt", "hello"), ("human", "Q"), ("gpt", "A"))]
+        # dropped: too long
+        + [record("gpt-3.5-turbo", ("human", "Q"), ("gpt", long))]
+        # truncated
+        + [record("gpt-3.5-turbo", ("human", "Q"), ("gpt", "A"), ("human", "Q2"), ("gpt", long))]
         + [
             record(
                 "gpt-3.5-turbo",
                 ("human", "Q"),
                 ("gpt", "As an AI language model, I cannot."),
+                # a refusal zeroed
                 ("human", "Q2"),
                 ("gpt", "B"),
             )
         ]
-    )  # a refusal zeroed
+    )
     sharegpt = _write(tmp_path, "a.json", [json.dumps(records)])
     jsonl = _write(tmp_path, "b.jsonl", [json.dumps(GOOD)] * 4)
     proc, out = train(

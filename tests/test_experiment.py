@@ -107,12 +107,10 @@ def test_learning_curves_scores_every_k_steps_and_rebuilds_the_report_from_the_l
         assert json.loads((run / "job.json").read_text())["error_rate"] == 0.3
     table = (tmp_path / "results.md").read_text()
     assert "| sft_mix | no | 1 / 1 |" in table and "| crlft | yes | 1 / 0.1 |" in table
-    summary = [
-        row.split(" | ") for row in table.splitlines() if " | 1 / " in row
-    ]  # one row per method
-    shares = {
-        cells[0].strip("| "): float(cells[3].rstrip("%")) for cells in summary
-    }  # the expert share of sum(w)
+    # one row per method
+    summary = [row.split(" | ") for row in table.splitlines() if " | 1 / " in row]
+    # the expert share of sum(w)
+    shares = {cells[0].strip("| "): float(cells[3].rstrip("%")) for cells in summary}
     assert shares["crlft"] > shares["sft_mix"] > 0
     svg = (tmp_path / "curves.svg").read_text()
     assert svg.startswith("<svg") and svg.count("<polyline") == 4  # 2 methods x (expert, novice)

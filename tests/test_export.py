@@ -73,9 +73,8 @@ def exported(request, tmp_path_factory):
     """(our tokenizer, condition, our model, export dir, transformers' tokenizer)."""
     name, condition = request.param
     tok = TOKENIZERS[name]()
-    model = tiny_model(
-        tok.vocab_size + 3
-    )  # a model vocabulary larger than the tokenizer's is allowed
+    # a model vocabulary larger than the tokenizer's is allowed
+    model = tiny_model(tok.vocab_size + 3)
     out = str(tmp_path_factory.mktemp(f"export-{name}"))
     export_hf(model, tok, out, condition=condition)
     return tok, condition, model, out, transformers.AutoTokenizer.from_pretrained(out)
@@ -83,9 +82,8 @@ def exported(request, tmp_path_factory):
 
 def hf_prompt(hf_tok, messages, system, **template_kwargs):
     chat = ([{"role": "system", "content": system}] if system is not None else []) + messages
-    ids = hf_tok.apply_chat_template(
-        chat, add_generation_prompt=True, **template_kwargs
-    )  # tokenize=True: default
+    # tokenize=True: default
+    ids = hf_tok.apply_chat_template(chat, add_generation_prompt=True, **template_kwargs)
     return list(ids["input_ids"] if not isinstance(ids, list) else ids)
 
 
@@ -138,9 +136,8 @@ def test_chat_template_text_is_openchats(exported):
         expected = f"<s>Be brief.{EOT}{p}User: Hi{EOT}{p}Assistant: Hello{EOT}{p}User: Bye{EOT}{p}Assistant:"
         assert text(condition=condition) == expected, condition
         if condition == default:
-            assert (
-                text() == text(condition=None) == expected
-            )  # no condition given: the export's default
+            # no condition given: the export's default
+            assert text() == text(condition=None) == expected
     # vLLM passes a chat_template_kwargs entry only if the template reads it as a variable of its own
     # (vllm/renderers/hf.py, resolve_chat_template_kwargs: jinja2.meta.find_undeclared_variables).
     jinja2 = pytest.importorskip("jinja2.sandbox")
@@ -154,9 +151,8 @@ def test_end_of_turn_is_one_special_token(exported):
     assert hf_tok.encode(EOT, add_special_tokens=False) == [tok.eot_id]
     assert hf_tok.eos_token == EOT and hf_tok.eos_token_id == tok.eot_id
     assert hf_tok.bos_token_id == tok.bos_id
-    assert hf_tok.encode("Hi") == [tok.bos_id] + tok.encode(
-        "Hi"
-    )  # BOS by default, like LLaMA tokenizers
+    # BOS by default, like LLaMA tokenizers
+    assert hf_tok.encode("Hi") == [tok.bos_id] + tok.encode("Hi")
     assert hf_tok.decode([tok.eot_id], skip_special_tokens=True) == ""
     with open(os.path.join(out, "generation_config.json")) as f:
         generation = json.load(f)
@@ -202,9 +198,8 @@ def test_plain_text_encodes_and_decodes_like_sentencepiece(exported):
     for text in random_texts(random.Random(0), 1500):
         ids = tok.encode(text)
         assert hf_tok.encode(text, add_special_tokens=False) == ids, text
-        if (
-            tok.sp.unk_id() not in ids
-        ):  # sentencepiece writes an unknown character as " ⁇ ", transformers "<unk>"
+        # sentencepiece writes an unknown character as " ⁇ ", transformers "<unk>"
+        if tok.sp.unk_id() not in ids:
             assert hf_tok.decode(ids) == tok.decode(ids), text
 
 
@@ -286,9 +281,8 @@ def test_tied_embeddings_export_loads(tmp_path):
 
 
 def test_condition_with_quotes_renders(tmp_path):
-    condition = (
-        'It\'s "A\\B" %} {{ x }}'  # the default is written into the template as a string literal
-    )
+    # the default is written into the template as a string literal
+    condition = 'It\'s "A\\B" %} {{ x }}'
     env = pytest.importorskip("jinja2").Environment()
     template = env.from_string(
         chat_template(data.load_tokenizer(toy_task.TOKENIZER_PATH), condition)
@@ -337,9 +331,8 @@ def test_export_errors_are_short_and_write_nothing(tmp_path):
     with pytest.raises(ValueError, match=too_small):
         export_hf(tiny_model(tok.vocab_size - 1), tok, str(out))
     assert not out.exists()
-    (tmp_path / "junk.model").write_bytes(
-        bytes(range(256)) * 4
-    )  # not a model: sentencepiece's one-line error
+    # not a model: sentencepiece's one-line error
+    (tmp_path / "junk.model").write_bytes(bytes(range(256)) * 4)
     with pytest.raises(RuntimeError, match="junk.model$"):
         tokenizer_json(str(tmp_path / "junk.model"), {})
 
@@ -359,9 +352,8 @@ def test_model_with_more_rows_than_token_ids_loads(tmp_path):
         for condition in conditions("GPT4 Correct"):
             ours = data.encode_prompt(tok, CONVERSATIONS[1], condition, system)
             assert hf_prompt(hf_tok, CONVERSATIONS[1], system, condition=condition) == ours
-    assert hf_tok.decode(ours + [tok.vocab_size]) == hf_tok.decode(
-        ours
-    )  # a sampled extra row decodes to nothing
+    # a sampled extra row decodes to nothing
+    assert hf_tok.decode(ours + [tok.vocab_size]) == hf_tok.decode(ours)
     hf = transformers.AutoModelForCausalLM.from_pretrained(
         str(tmp_path), dtype=torch.float32
     ).eval()

@@ -58,7 +58,8 @@ def run(request, tmp_path_factory):
     base = tmp_path_factory.mktemp(request.param)
     if request.param == "toy":
         train(base / "run", SHAPE)
-    else:  # a "released" checkpoint to fine-tune: tied embeddings, the toy tokenizer in its directory
+    # a "released" checkpoint to fine-tune: tied embeddings, the toy tokenizer in its directory
+    else:
         torch.manual_seed(0)
         model = Transformer(
             ModelArgs(
@@ -97,12 +98,10 @@ def test_an_earlier_checkpoint_exports_as_that_checkpoint(run, tmp_path):
         torch.testing.assert_close(exported[name], tensor, rtol=0, atol=0, msg=name)
     assert set(exported) == set(saved)
     final = Transformer.from_pretrained(str(run / "export"), dtype=torch.float32).state_dict()
-    assert any(
-        not torch.equal(final[name], exported[name]) for name in final
-    )  # step 4's weights, not step 2's
-    for name in (
-        EXPORT_FILES
-    ):  # the same export as the end of training: tokenizer, template, condition, stops
+    # step 4's weights, not step 2's
+    assert any(not torch.equal(final[name], exported[name]) for name in final)
+    # the same export as the end of training: tokenizer, template, condition, stops
+    for name in EXPORT_FILES:
         with open(out / name) as mine, open(run / "export" / name) as train_py:
             assert json.load(mine) == json.load(train_py), name
     with open(out / "tokenizer_config.json") as f:
@@ -118,9 +117,8 @@ def test_an_earlier_checkpoint_exports_as_that_checkpoint(run, tmp_path):
 
 
 def test_latest_by_default_and_condition_flag(run, tmp_path):
-    export_checkpoint.main(
-        [f"--run={run}", "--condition=Novice"]
-    )  # the latest, into the run's directory
+    # the latest, into the run's directory
+    export_checkpoint.main([f"--run={run}", "--condition=Novice"])
     out = run / "export_step_0000004"
     final = Transformer.from_pretrained(str(run / "export")).state_dict()
     latest = Transformer.from_pretrained(str(out)).state_dict()
@@ -146,9 +144,8 @@ def test_errors_are_one_line_and_write_nothing(run, tmp_path, capsys):
         "--step=3"
     ) and "steps 2, 4" in refused("--step=3")
     assert "--run / --ckpt_dir" in refused(f"--ckpt_dir={tmp_path / 'nowhere'}")
-    assert "--tokenizer" in refused(
-        f"--tokenizer={data.default_tokenizer_path()}"
-    )  # not the run's tokenizer
+    # not the run's tokenizer
+    assert "--tokenizer" in refused(f"--tokenizer={data.default_tokenizer_path()}")
     broken = tmp_path / "ckpt"
     shutil.copytree(run / "ckpt", broken)
     shard = next(f for f in os.listdir(broken / "step_0000002") if f.endswith(".distcp"))

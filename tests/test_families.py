@@ -27,7 +27,8 @@ from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 import model as M
 from hf_format import hf_names
 
-V = 320  # a vocabulary padded to a multiple of 64, as released checkpoints pad theirs past the tokenizer
+# a vocabulary padded to a multiple of 64, as released checkpoints pad theirs past the tokenizer
+V = 320
 LLAMA3_ROPE = {
     "rope_type": "llama3",
     "rope_theta": 500000.0,
@@ -291,13 +292,13 @@ def test_gemma_bf16_embedding_scale_and_norm_are_transformers_bit_for_bit(saved)
         hf(tokens)
         ours(tokens)
         assert seen["ours"].dtype == torch.bfloat16 and torch.equal(seen["ours"], seen["hf"])
-        assert not torch.equal(
-            ours.tok_embeddings(tokens) * 48**0.5, seen["hf"]
-        )  # scaled by the fp32 sqrt(48)
+        # scaled by the fp32 sqrt(48)
+        assert not torch.equal(ours.tok_embeddings(tokens) * 48**0.5, seen["hf"])
         x = torch.randn(3, 48, generator=torch.Generator().manual_seed(8)).to(torch.bfloat16)
         norm = ours.layers[0].attention_norm
         assert torch.equal(norm(x), hf.model.layers[0].input_layernorm(x))
-        cast_first = M.RMSNorm(48, norm.eps).to(torch.bfloat16)(x)  # LlamaRMSNorm's order
+        # LlamaRMSNorm's order
+        cast_first = M.RMSNorm(48, norm.eps).to(torch.bfloat16)(x)
         assert not torch.equal(norm(x), (1 + norm.weight) * cast_first)
 
 
@@ -334,11 +335,8 @@ def test_meta_device_build_then_init_weights(name, saved):
         ("gemma", {"model_type": "gemma2"}, "model_type"),
         ("gemma", {"final_logit_softcapping": 30.0}, "final_logit_softcapping"),
         ("gemma", {"attn_logit_softcapping": 50.0}, "attn_logit_softcapping"),
-        (
-            "qwen2",
-            {"use_sliding_window": True, "sliding_window": 16},
-            "use_sliding_window",
-        ),  # layer 1 (max_window_layers)
+        # layer 1 (max_window_layers)
+        ("qwen2", {"use_sliding_window": True, "sliding_window": 16}, "use_sliding_window"),
         (
             "qwen3",
             {"use_sliding_window": True, "sliding_window": 64, "max_window_layers": 0},
@@ -366,9 +364,8 @@ def test_unsupported_family_config_is_one_line_naming_the_field(
     family, changes, field, saved, tmp_path
 ):
     config = json.loads((saved[family][1] / "config.json").read_text())
-    config.pop(
-        "layer_types", None
-    )  # as released Qwen configs: transformers derives it from max_window_layers
+    # as released Qwen configs: transformers derives it from max_window_layers
+    config.pop("layer_types", None)
     (tmp_path / "config.json").write_text(json.dumps(config | changes))
     with pytest.raises(ValueError, match=f"config.json: {field}=") as error:
         M.ModelArgs.from_pretrained(str(tmp_path))

@@ -41,7 +41,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 N_NEW = 12
 QUESTION = "What is 23 plus 19?"
 TORCHRUN = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2")
-FAMILIES = {  # name: (config class, model class, config, tokenizer, template the special tokens choose, launcher)
+# name: (config class, model class, config, tokenizer, template the special tokens choose, launcher)
+FAMILIES = {
     "qwen2": (
         Qwen2Config,
         Qwen2ForCausalLM,
@@ -201,10 +202,8 @@ def write_tokenizer(kind, directory):
     """The tokenizer files into the checkpoint's directory; returns (the number of ids they produce, the ids of
     single bytes that are no text on their own: byte-level or byte-fallback pieces of non-ASCII bytes)."""
     if kind == "llama3":
-        for name in (
-            "tokenizer.json",
-            "tokenizer_config.json",
-        ):  # not tokenizer.model: tiktoken's, unused
+        # not tokenizer.model: tiktoken's, unused
+        for name in ("tokenizer.json", "tokenizer_config.json"):
             shutil.copy(os.path.join(LLAMA3, name), directory)
         return 128256, []
     texts = [m["content"] for kind_ in ("expert", "other") for c in conversations(kind_) for m in c]
@@ -217,7 +216,8 @@ def write_tokenizer(kind, directory):
     ] * 3
     if kind == "chatml":
         qwen_chatml(str(directory), texts)
-    else:  # test_tokenizer_json's Gemma-like one; Gemma's order of its first ids: <pad> 0, <eos> 1, <bos> 2, <unk> 3
+    # test_tokenizer_json's Gemma-like one; Gemma's order of its first ids: <pad> 0, <eos> 1, <bos> 2, <unk> 3
+    else:
         _train(
             str(directory),
             texts,
@@ -235,24 +235,18 @@ def write_tokenizer(kind, directory):
 def write_checkpoint(name, directory):
     config_cls, model_cls, kwargs, kind, _, _ = FAMILIES[name]
     n_ids, partial_bytes = write_tokenizer(kind, directory)
-    vocab = (
-        n_ids if kind == "llama3" else -(-n_ids // 64) * 64 + 64
-    )  # padded past the tokenizer, as released ones
+    # padded past the tokenizer, as released ones
+    vocab = n_ids if kind == "llama3" else -(-n_ids // 64) * 64 + 64
     torch.manual_seed(0)
-    hf = randomize_(
-        model_cls(config_cls(vocab_size=vocab, **kwargs))
-    )  # norms, biases: 1 + 0.1 * noise
+    # norms, biases: 1 + 0.1 * noise
+    hf = randomize_(model_cls(config_cls(vocab_size=vocab, **kwargs)))
     with torch.no_grad():
-        for (
-            param_name,
-            p,
-        ) in hf.named_parameters():  # the blocks' matrices at std 0.2: at 0.1 the token embedding
-            if (
-                p.ndim == 2 and "embed" not in param_name and "lm_head" not in param_name
-            ):  # decides the next token
-                p.mul_(
-                    2
-                )  # and greedy replies repeat one token whatever the condition; at 0.2 they vary
+        # the blocks' matrices at std 0.2: at 0.1 the token embedding
+        for param_name, p in hf.named_parameters():
+            # decides the next token
+            if p.ndim == 2 and "embed" not in param_name and "lm_head" not in param_name:
+                # and greedy replies repeat one token whatever the condition; at 0.2 they vary
+                p.mul_(2)
         # rows past the tokenizer's ids as in released checkpoints, never trained: 0, never the greedy choice (a
         # random one can be, and sample.py then fails: test_sample_py_reply_reaching_a_padded_row)
         hf.get_input_embeddings().weight[n_ids:] = 0
@@ -325,17 +319,15 @@ def test_crlft_run_export_and_sample_py_equal_transformers(name, tmp_path):
     hf = transformers.AutoModelForCausalLM.from_pretrained(
         export, dtype=torch.float32, attn_implementation="eager"
     ).eval()
-    assert (
-        type(hf) is model_cls and hf.config.vocab_size == vocab
-    )  # no row added: the template's tokens exist
+    # no row added: the template's tokens exist
+    assert type(hf) is model_cls and hf.config.vocab_size == vocab
     trained, start = (
         load_file(os.path.join(export, "model.safetensors")),
         load_file(str(ckpt / "model.safetensors")),
     )
     assert trained.keys() == start.keys()
-    assert not torch.equal(
-        trained["model.embed_tokens.weight"], start["model.embed_tokens.weight"]
-    )  # 2 steps taken
+    # 2 steps taken
+    assert not torch.equal(trained["model.embed_tokens.weight"], start["model.embed_tokens.weight"])
     with open(os.path.join(export, "tokenizer_config.json"), encoding="utf-8") as f:
         config = json.load(f)
     assert config["chat_template"] and (config["crlft_template"], config["crlft_condition"]) == (
@@ -382,9 +374,8 @@ def test_crlft_run_export_and_sample_py_equal_transformers(name, tmp_path):
             stdout, stderr = p.communicate(timeout=300)
             assert p.returncode == 0, stderr[-3000:]
             assert stdout.startswith(f"User: {QUESTION}\nAssistant: "), stdout
-            mine = stdout.split("Assistant: ", 1)[1].removesuffix(
-                "\n"
-            )  # sample.py ends the reply with a newline
+            # sample.py ends the reply with a newline
+            mine = stdout.split("Assistant: ", 1)[1].removesuffix("\n")
             ids, theirs = replies[condition]
             assert ids, f"{condition}: the model ends its turn at once: nothing to compare"
             if mine != theirs:
@@ -417,9 +408,8 @@ def transformers_replies(hf, tok, ours, eos):
         prompt = tok.apply_chat_template(
             messages, add_generation_prompt=True, tokenize=True, return_dict=False, **extra
         )
-        assert prompt == data.encode_prompt(ours, messages, condition or "GPT4 Correct"), (
-            condition
-        )  # training's
+        # training's
+        assert prompt == data.encode_prompt(ours, messages, condition or "GPT4 Correct"), condition
         text = tok.decode(prompt)
         assert f"{condition or 'GPT4 Correct'} Assistant" in text and QUESTION in text
         assert ("GPT3" in text) == (condition == "GPT3")
@@ -472,9 +462,8 @@ def test_sample_py_reply_reaching_a_padded_row(tmp_path):
         max_new_tokens=3,
         how=sample.GREEDY,
     )
-    assert out.getvalue().startswith(
-        "Assistant: "
-    )  # the padded row is never sampled: a token of the tokenizer's
+    # the padded row is never sampled: a token of the tokenizer's
+    assert out.getvalue().startswith("Assistant: ")
 
 
 def test_sample_py_on_an_export_stops_where_its_generation_config_does(tmp_path):

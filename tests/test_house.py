@@ -15,9 +15,8 @@ def _is_aside(node: ast.FunctionDef, backward_ops: set[str]) -> bool:
     decorators = [ast.unparse(d) for d in node.decorator_list]
     if any(d.endswith("jit") for d in decorators) or node.name in ("backward", "_backward"):
         return True
-    ops = {
-        d.split(".")[0] for d in decorators if d.endswith(".register_fake")
-    }  # a fake of a backward op
+    # a fake of a backward op
+    ops = {d.split(".")[0] for d in decorators if d.endswith(".register_fake")}
     return node.name in backward_ops or bool(ops & backward_ops)
 
 

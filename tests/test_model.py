@@ -149,7 +149,8 @@ def test_save_is_atomic_and_replaces_old_weights(tmp_path, monkeypatch):
     path = tmp_path / "ckpt"
     ours.save_pretrained(str(path), max_shard_bytes=20_000)  # sharded
     (path / "tokenizer.model").write_bytes(b"not ours")
-    ours.save_pretrained(str(path), dtype=torch.bfloat16)  # one file: old shards and index must go
+    # one file: old shards and index must go
+    ours.save_pretrained(str(path), dtype=torch.bfloat16)
     assert sorted(os.listdir(path)) == ["config.json", "model.safetensors", "tokenizer.model"]
     assert M.Transformer.from_pretrained(str(path)).output.weight.dtype == torch.bfloat16
 
@@ -161,10 +162,10 @@ def test_save_is_atomic_and_replaces_old_weights(tmp_path, monkeypatch):
     monkeypatch.setattr(safetensors.torch, "save_file", fail)
     with pytest.raises(OSError, match="disk full"):
         ours.save_pretrained(str(path))
-    assert sorted(os.listdir(tmp_path)) == ["ckpt"]  # no temporary directory left behind
-    assert (
-        M.Transformer.from_pretrained(str(path)).output.weight.dtype == torch.bfloat16
-    )  # old save intact
+    # no temporary directory left behind
+    assert sorted(os.listdir(tmp_path)) == ["ckpt"]
+    # old save intact
+    assert M.Transformer.from_pretrained(str(path)).output.weight.dtype == torch.bfloat16
 
 
 def test_transformers_4_style_config(tmp_path):
@@ -202,9 +203,8 @@ def test_transformers_4_style_config(tmp_path):
     tokens = torch.randint(0, 317, (2, 9))
     with torch.no_grad():
         torch.testing.assert_close(ours(tokens), hf_logits(hf, tokens), atol=TOL, rtol=0)
-    assert (
-        M.Transformer.from_pretrained(str(tmp_path)).output.weight.dtype == torch.float16
-    )  # config's dtype
+    # config's dtype
+    assert M.Transformer.from_pretrained(str(tmp_path)).output.weight.dtype == torch.float16
 
 
 @pytest.mark.parametrize(
@@ -212,10 +212,8 @@ def test_transformers_4_style_config(tmp_path):
     [
         ("rope_scaling", {"rope_type": "linear", "factor": 2.0}),
         ("rope_parameters", {"rope_type": "yarn", "rope_theta": 5e5, "factor": 8.0}),
-        (
-            "rope_parameters",
-            {"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0},
-        ),  # no low/high_freq_factor
+        # no low/high_freq_factor
+        ("rope_parameters", {"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0}),
         ("sliding_window", 16),
         ("attention_bias", True),
         ("mlp_bias", True),
@@ -271,9 +269,8 @@ def test_bad_sliding_window_is_a_clear_error(window, tmp_path):
         M.Transformer.from_pretrained(str(tmp_path))
     with pytest.raises(ValueError, match="sliding_window="):
         tiny_args(model_type="mistral", sliding_window=window)
-    with pytest.raises(
-        ValueError, match="sliding_window=16"
-    ):  # Mistral's: a LlamaConfig has no window
+    # Mistral's: a LlamaConfig has no window
+    with pytest.raises(ValueError, match="sliding_window=16"):
         tiny_args(sliding_window=16)
 
 
@@ -356,14 +353,14 @@ def test_kv_cache_decode_equals_full_forward(n_kv_heads, window):
         full = ours(tokens)
         ours.setup_kv_cache(batch_size=2, max_seq_len=32)
         steps = [ours.decode(tokens[:, :6], start_pos=0)]  # the prompt in one pass
-        steps.append(ours.decode(tokens[:, 6:9], start_pos=6))  # a later chunk (offset causal mask)
+        # a later chunk (offset causal mask)
+        steps.append(ours.decode(tokens[:, 6:9], start_pos=6))
         for p in range(9, 15):  # then one token at a time
             steps.append(ours.decode(tokens[:, p : p + 1], start_pos=p))
         ours.clear_kv_cache()
         ours.setup_kv_cache(batch_size=2, max_seq_len=32)
-        last = ours.decode(
-            tokens[:, :6], start_pos=0, last_only=True
-        )  # (B, 1, V): a prompt pass needs no more
+        # (B, 1, V): a prompt pass needs no more
+        last = ours.decode(tokens[:, :6], start_pos=0, last_only=True)
         ours.clear_kv_cache()
     torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=TOL, rtol=0)
     torch.testing.assert_close(last, full[:, 5:6], atol=TOL, rtol=0)
@@ -457,9 +454,8 @@ def test_sliding_window_matches_transformers(attn_implementation, packed, kernel
     for name, hf_name in hf_names(ours.args).items():
         mine, theirs = ours_params[name].grad, hf_params[hf_name].grad
         assert (mine - theirs).abs().max() <= 1e-4 * theirs.abs().max(), name
-    for (
-        layer
-    ) in ours.layers:  # the window matters here: attending over whole sequences gives other logits
+    # the window matters here: attending over whole sequences gives other logits
+    for layer in ours.layers:
         layer.attention.window = None
     with torch.no_grad():
         assert (ours(tokens, **batch) - logits).abs().max() > 0.1
@@ -495,9 +491,8 @@ def test_greedy_decoding_past_the_window_matches_transformers(prompt_len, tmp_pa
             pad_token_id=0,
         )[0, prompt_len:].tolist()
         assert greedy() == want
-        for (
-            layer
-        ) in ours.layers:  # and the window matters: attending over everything decodes otherwise
+        # and the window matters: attending over everything decodes otherwise
+        for layer in ours.layers:
             layer.attention.window = None
         assert greedy() != want
 

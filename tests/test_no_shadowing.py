@@ -22,9 +22,8 @@ def root_import_names(root: str) -> list[str]:
 
 
 def clashes(root: str) -> list[str]:
-    installed = (
-        importlib.metadata.packages_distributions()
-    )  # import name -> the distributions providing it
+    # import name -> the distributions providing it
+    installed = importlib.metadata.packages_distributions()
     return [
         f"{root}/{name}: {', '.join(installed[name])} (installed) provides the import name {name!r} too"
         for name in root_import_names(root)

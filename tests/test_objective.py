@@ -105,9 +105,8 @@ def check_step(saved, hf, dataset):
     """Our gradients == the whole-batch float64 gradients; the three wrong normalisations are not."""
     per_bin = [bin_grads(hf, dataset, b) for b in saved["bins"]]
     weights = [w for _, w in per_bin]
-    assert len(set(weights)) == len(weights) == 4, (
-        weights
-    )  # 2 ranks x 2 micro-batches, all different sums
+    # 2 ranks x 2 micro-batches, all different sums
+    assert len(set(weights)) == len(weights) == 4, weights
     assert saved["weight_sum"] == pytest.approx(sum(weights), rel=1e-6)
 
     def combine(scales):  # sum over bins of scale_b * grad(S_b)
@@ -116,9 +115,8 @@ def check_step(saved, hf, dataset):
     ours = ours_by_hf_name(saved)
     reference = combine([1 / sum(weights)] * 4)
     assert relative_error(ours, reference) < TOL
-    ranks = [weights[0] + weights[1]] * 2 + [
-        weights[2] + weights[3]
-    ] * 2  # bins 0, 1 on rank 0; 2, 3 on rank 1
+    # bins 0, 1 on rank 0; 2, 3 on rank 1
+    ranks = [weights[0] + weights[1]] * 2 + [weights[2] + weights[3]] * 2
     wrong = {
         "each micro-batch by its own sum(w)": combine([1 / w for w in weights]),
         "each rank by its own sum(w)": combine([1 / w for w in ranks]),

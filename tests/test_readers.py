@@ -223,12 +223,10 @@ def test_bad_files(tmp_path):
         ("e.json", "empty file, expected a JSON array"),
     ]:
         path = _write(tmp_path, name, ["", "  "])
-        _one_line_error(
-            lambda: chat_readers.read_sources(path, skip_bad=True), path, says
-        )  # skip_bad: still an error
-    path = (
-        tmp_path / "b.jsonl"
-    )  # bytes that are not UTF-8, at byte 14 of line 2 (binary: cut short)
+        # skip_bad: still an error
+        _one_line_error(lambda: chat_readers.read_sources(path, skip_bad=True), path, says)
+    # bytes that are not UTF-8, at byte 14 of line 2 (binary: cut short)
+    path = tmp_path / "b.jsonl"
     path.write_bytes(
         json.dumps(GOOD).encode() + b'\n{"condition": "\xff\xfe' + bytes(range(256)) * 50 + b'"}\n'
     )
@@ -269,7 +267,8 @@ def test_long_and_unprintable_values_are_cut_short(tmp_path):
     assert len(str(error).splitlines()) == 1
 
 
-OPENCHAT_TESTS = [  # OpenChat's own test conversations (ochat/tests/test_model_config.py), as written
+# OpenChat's own test conversations (ochat/tests/test_model_config.py), as written
+OPENCHAT_TESTS = [
     '{"condition": "GPT4", "items": [{"role": "user", "content": "What\'s the weather like?", "weight": 0.0}, {"role": "assistant", "content": "I\'m an AI and don\'t have access to real-time data.", "weight": 0.1}, {"role": "user", "content": "Oh, right. How can I know?", "weight": 0.0}, {"role": "assistant", "content": "You can check a weather website or app for the most current information.", "weight": 1.0}]}',  # noqa: E501
     '{"condition": "GPT3", "items": [{"role": "user", "content": "What is AI?", "weight": 0.5}, {"role": "assistant", "content": "AI stands for Artificial Intelligence. It refers to the simulation of human intelligence processes by machines.", "weight": 0.5}, {"role": "user", "content": "Can you learn?", "weight": 0.5}, {"role": "assistant", "content": "I can\'t learn or remember information like humans. I generate responses based on pre-existing data.", "weight": 0.5}]}',  # noqa: E501
     '{"system": "You are a helpful assistant.", "condition": "GPT3", "items": [{"role": "user", "content": "Can you recommend a book?", "weight": 0.0}, {"role": "assistant", "content": "Sure. \'Sapiens: A Brief History of Humankind\' by Yuval Noah Harari is a great read.", "weight": 1.0}, {"role": "user", "content": "What\'s it about?", "weight": 0.0}, {"role": "assistant", "content": "It\'s about the history of the human species from the evolution of Homo Sapiens in Africa up to the present day.", "weight": 0.1}]}',  # noqa: E501
@@ -387,9 +386,8 @@ def test_sharegpt_cut_off_mid_record(tmp_path):
     convs = chat_readers.read_sharegpt(
         str(path), condition=None, skip_bad=True, stats=(stats := collections.Counter())
     )
-    assert [c.condition for c in convs] == [
-        "GPT4"
-    ]  # "b" has model gpt-4; "a" and "c" have none: skipped
+    # "b" has model gpt-4; "a" and "c" have none: skipped
+    assert [c.condition for c in convs] == ["GPT4"]
     assert stats["skipped: missing field"] == 2 and convs[0].messages[0]["content"] == "Q"
     convs = chat_readers.read_sharegpt(str(path), condition="GPT4 Correct")
     assert convs[2].system == "Be nice." and convs[2].messages[0] == {
@@ -441,9 +439,8 @@ def test_bad_sharegpt_names_file_line_and_field(tmp_path, turns, field, reason):
     records = _sharegpt_records()[:1] + [{"id": "x", "conversations": turns}]
     path = tmp_path / "s.json"
     path.write_text(json.dumps(records, indent=1))
-    line = (
-        json.dumps(records, indent=1).split("\n").index(" {", 2) + 1
-    )  # where the second record starts
+    # where the second record starts
+    line = json.dumps(records, indent=1).split("\n").index(" {", 2) + 1
     with pytest.raises(DataError, match=f"s.json:{line} \\(record 1, id 'x'\\)") as e:
         chat_readers.read_sharegpt(str(path))
     assert field in str(e.value) and e.value.reason == reason
@@ -528,9 +525,8 @@ def test_bad_sharegpt_record_says_file_line_field_found_expected(
     tmp_path, record, field, found, expected, reason
 ):
     records = [{"id": "a", "conversations": HI, "model": "gpt-4"}, record]
-    path = _write(
-        tmp_path, "s.json", ["[", ",\n".join(json.dumps(r) for r in records), "]"]
-    )  # record 1: line 3
+    # record 1: line 3
+    path = _write(tmp_path, "s.json", ["[", ",\n".join(json.dumps(r) for r in records), "]"])
     where = f"{path}:3 (record 1, id {'None' if record == 'oops' else repr('x')})"
     error = _one_line_error(
         lambda: chat_readers.read_sharegpt(path, condition=None), where, field, found, expected

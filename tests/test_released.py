@@ -33,7 +33,8 @@ CHAT = [
     },
     {"role": "user", "content": "And on top of Mount Everest?"},
 ]
-TOL = 2e-4  # test_model.py's 1e-4 is for 2-layer toys; here 30 layers and logits up to ~45: 8.9e-5 measured
+# test_model.py's 1e-4 is for 2-layer toys; here 30 layers and logits up to ~45: 8.9e-5 measured
+TOL = 2e-4
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
@@ -42,9 +43,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 def env():
     e = dict(os.environ)
     e.pop("TRITON_INTERPRET", None)  # the PyTorch reference kernels on the CPU, as in test_train.py
-    e["OMP_NUM_THREADS"] = (
-        "1"  # 2 ranks on 2 cores: one thread each; more stall when the CPUs are shared
-    )
+    # 2 ranks on 2 cores: one thread each; more stall when the CPUs are shared
+    e["OMP_NUM_THREADS"] = "1"
     return e
 
 
@@ -92,12 +92,10 @@ def test_smollm2_greedy_generation_matches_transformers(smollm2):  # noqa: F811
         CHAT, add_generation_prompt=True, tokenize=True, return_dict=False
     )
     n = 40
-    mine = list(
-        sample.generate(ours, prompt, n, sample.GREEDY)
-    )  # no stop ids: n tokens exactly, past <|im_end|>
-    hf.generation_config.eos_token_id = (
-        None  # nor here (min_new_tokens would forbid <|im_end|>, not ignore it)
-    )
+    # no stop ids: n tokens exactly, past <|im_end|>
+    mine = list(sample.generate(ours, prompt, n, sample.GREEDY))
+    # nor here (min_new_tokens would forbid <|im_end|>, not ignore it)
+    hf.generation_config.eos_token_id = None
     with torch.no_grad():
         theirs = hf.generate(
             torch.tensor([prompt]),
@@ -196,9 +194,8 @@ def test_crlft_fine_tunes_smollm2_and_its_export_answers_like_transformers(smoll
     assert proc.returncode == 0, (
         f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
     )
-    print(
-        f"torchrun C-RLFT on SmolLM2-135M: {wall:.0f} s"
-    )  # shown with -s / -rP: the CPU timing of record
+    # shown with -s / -rP: the CPU timing of record
+    print(f"torchrun C-RLFT on SmolLM2-135M: {wall:.0f} s")
     assert (
         "class 'GPT4 Correct'" in proc.stdout
         and "class 'GPT3'" in proc.stdout
@@ -208,10 +205,8 @@ def test_crlft_fine_tunes_smollm2_and_its_export_answers_like_transformers(smoll
     with open(out / "log.jsonl") as f:
         val = [r for r in map(json.loads, f) if "val_loss" in r]
     assert [r["epoch"] for r in val] == [0, 1], val
-    assert set(val[0]["val_loss_per_class"]) == {
-        "GPT4 Correct",
-        "GPT3",
-    }  # both classes held out and scored
+    # both classes held out and scored
+    assert set(val[0]["val_loss_per_class"]) == {"GPT4 Correct", "GPT3"}
     cfg = T.parse_config(args)
     dataset = data.TokenizedDataset.load(str(out / "data"))
     _, held_out = data.split_holdout(dataset.class_ids, cfg.val_fraction, cfg.val_max, cfg.seed)
@@ -234,17 +229,15 @@ def test_crlft_fine_tunes_smollm2_and_its_export_answers_like_transformers(smoll
     prompt = tok.apply_chat_template(
         messages, add_generation_prompt=True, tokenize=True, return_dict=False
     )
-    text = tok.decode(
-        prompt
-    )  # the template's default condition is the expert's; condition= picks another
+    # the template's default condition is the expert's; condition= picks another
+    text = tok.decode(prompt)
     assert "GPT4 Correct" in text and "GPT3" not in text and messages[0]["content"] in text
     assert "GPT3" in tok.apply_chat_template(
         messages, add_generation_prompt=True, tokenize=False, condition="GPT3"
     )
     n = 24
-    with (
-        torch.no_grad()
-    ):  # stops where the export's generation_config says (<|end_of_turn|>, the eos)
+    # stops where the export's generation_config says (<|end_of_turn|>, the eos)
+    with torch.no_grad():
         ids = hf.generate(
             torch.tensor([prompt]),
             attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
@@ -277,7 +270,6 @@ def test_crlft_fine_tunes_smollm2_and_its_export_answers_like_transformers(smoll
         timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    mine = proc.stdout.split("Assistant: ", 1)[1].removesuffix(
-        "\n"
-    )  # the reply; sample.py ends it with a newline
+    # the reply; sample.py ends it with a newline
+    mine = proc.stdout.split("Assistant: ", 1)[1].removesuffix("\n")
     assert mine == theirs

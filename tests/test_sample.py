@@ -36,9 +36,8 @@ def random_model(vocab_size=300, max_seq_len=128, seed=0, **heads):
     )
     model = Transformer(args)
     model.init_weights()
-    with (
-        torch.no_grad()
-    ):  # larger weights than init's: well separated logits, so greedy has no near-ties
+    # larger weights than init's: well separated logits, so greedy has no near-ties
+    with torch.no_grad():
         for p in model.parameters():
             if p.dim() == 2:
                 p.normal_(0.0, 0.2)
@@ -242,13 +241,11 @@ def test_load_errors_name_the_path(tmp_path):
         sample.load(str(missing))
     model = random_model(vocab_size=50)
     model.save_pretrained(str(tmp_path / "m"))
-    with pytest.raises(
-        FileNotFoundError, match="tokenizer.model"
-    ):  # no tokenizer of its own, none given
+    # no tokenizer of its own, none given
+    with pytest.raises(FileNotFoundError, match="tokenizer.model"):
         sample.load(str(tmp_path / "m"))
-    with pytest.raises(
-        ValueError, match="32000 pieces .* vocab_size=50"
-    ):  # not this model's tokenizer
+    # not this model's tokenizer
+    with pytest.raises(ValueError, match="32000 pieces .* vocab_size=50"):
         sample.load(str(tmp_path / "m"), tokenizer_path=data.default_tokenizer_path())
     os.remove(tmp_path / "m" / "model.safetensors")
     with pytest.raises(FileNotFoundError, match="model.safetensors"):
@@ -283,9 +280,8 @@ def test_command_line_answers_prompts_from_an_export(tmp_path, capsys, monkeypat
     tok = data.load_tokenizer(toy_task.TOKENIZER_PATH)
     model = random_model(vocab_size=tok.vocab_size, max_seq_len=128)
     export_hf(model, tok, str(tmp_path))
-    _, loaded = sample.load(
-        str(tmp_path)
-    )  # its tokenizer.json, and both stop ids of its generation_config.json
+    # its tokenizer.json, and both stop ids of its generation_config.json
+    _, loaded = sample.load(str(tmp_path))
     assert loaded.path == str(tmp_path / "tokenizer.json")
     assert (loaded.eot_id, loaded.eos_id) == (tok.eot_id, tok.eos_id)
     (tmp_path / "prompts.txt").write_text("1+2=\n\n3+4=\n")
@@ -321,9 +317,8 @@ def test_command_line_answers_prompts_from_an_export(tmp_path, capsys, monkeypat
         )
     )
     expected = expected[:-1] if expected[-1] in (tok.eot_id, tok.eos_id) else expected
-    assert (
-        f"Assistant: {loaded.decode(expected)}\n" in out
-    )  # decoded as sample.py does, the export's tokenizer.json
+    # decoded as sample.py does, the export's tokenizer.json
+    assert f"Assistant: {loaded.decode(expected)}\n" in out
     monkeypatch.chdir(tmp_path)  # no out/default/export here
     with pytest.raises(SystemExit, match="python train.py"):
         sample.main([])
@@ -374,9 +369,8 @@ def test_default_condition_is_the_one_the_export_names(tmp_path, capsys):
         "template": "openchat_3.5",
         "stops": [tok.eot_id, tok.eos_id],
     }
-    assert (
-        sample.trained_with(str(tmp_path / "nowhere")) == {}
-    )  # then OpenChat 3.5's condition, GPT4 Correct
+    # then OpenChat 3.5's condition, GPT4 Correct
+    assert sample.trained_with(str(tmp_path / "nowhere")) == {}
     sample.main(
         [
             "--model",
@@ -475,9 +469,8 @@ def test_command_line_on_an_openchat_3_5_shaped_directory(tmp_path, capsys):
             do_sample=False,
         )[0, len(prompt) :].tolist()
     theirs = theirs[: next((k for k, t in enumerate(theirs) if t in (32000, 2)), len(theirs))]
-    assert len(prompt) + len(theirs) > 2 * 16 and reply == tok.decode(
-        theirs
-    )  # decoded well past the window
+    # decoded well past the window
+    assert len(prompt) + len(theirs) > 2 * 16 and reply == tok.decode(theirs)
 
 
 # ----------------------------------------------------------------------------- replies without text
@@ -504,9 +497,8 @@ def test_a_model_that_answers_whitespace_is_stopped_and_says_so(tmp_path, capsys
     space = tok.sp.piece_to_id("▁")
     model = rigged(tok, space)
     greedy = list(sample.generate(model, [1, 5], 40, sample.GREEDY))
-    assert (
-        greedy == [space] * 40 and not tok.decode(greedy).strip()
-    )  # whitespace, and it would go on
+    # whitespace, and it would go on
+    assert greedy == [space] * 40 and not tok.decode(greedy).strip()
     export_hf(model, tok, str(tmp_path))
     said = (
         "(the model produced no text in 32 token(s): only whitespace, stopped after 32 tokens of it; this "
@@ -537,20 +529,16 @@ def test_a_model_that_answers_whitespace_is_stopped_and_says_so(tmp_path, capsys
             None,
         ),
         (["4", "2"] + ["▁"] * 40, "42\n(stopped: 32 tokens of whitespace in a row)\n", "42"),
-        (
-            ["4", "2", "▁", "▁"],
-            "42  \n",
-            "42  ",
-        ),  # whitespace that ends a reply is the model's: shown and kept
+        # whitespace that ends a reply is the model's: shown and kept
+        (["4", "2", "▁", "▁"], "42  \n", "42  "),
     ],
     ids=["end-of-turn", "whitespace", "text-then-whitespace", "trailing-spaces"],
 )
 def test_replies_without_text(monkeypatch, toy, reply, shown, kept):
     tok, model = toy
     ids = [tok.sp.piece_to_id(p) for p in reply] + [tok.eot_id]
-    monkeypatch.setattr(
-        sample, "generate", lambda *args, **kwargs: (i for i in ids)
-    )  # a generator, as ours
+    # a generator, as ours
+    monkeypatch.setattr(sample, "generate", lambda *args, **kwargs: (i for i in ids))
     out = io.StringIO()
     history = sample.respond(
         model, tok, [{"role": "user", "content": "1+2="}], out, how=sample.GREEDY

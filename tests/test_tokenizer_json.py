@@ -239,14 +239,12 @@ def by_hand(hf_tok, family, messages, condition, system=None, weight=1.0, prompt
 # ------------------------------------------------------------------------------------------------- Llama 3
 def test_llama3_files_and_ids_of_the_facts(ours, hf):
     tok = ours["llama3"]
-    assert tok.path == os.path.join(
-        LLAMA3, "tokenizer.json"
-    )  # tokenizer.json first: the tokenizer.model is tiktoken's
+    # tokenizer.json first: the tokenizer.model is tiktoken's
+    assert tok.path == os.path.join(LLAMA3, "tokenizer.json")
     assert (tok.template, tok.bos_id, tok.eos_id, tok.eot_id) == ("openchat_3.6", BOS, 128001, EOT)
     assert [tok.special_id(t) for t in ("<|start_header_id|>", "<|end_header_id|>")] == [START, END]
-    assert (
-        tok.vocab_size == EOT + 1 and not tok.word_start
-    )  # this copy's <|image|> = 128256 is never produced
+    # this copy's <|image|> = 128256 is never produced
+    assert tok.vocab_size == EOT + 1 and not tok.word_start
     assert hf["llama3"]("")["input_ids"] == [BOS]
 
 
@@ -269,9 +267,8 @@ def test_openchat_3_6_tokens_and_weights(ours, hf, k):
         )
         assert ours_ids.count(EOT) == len(messages) + (system is not None) and ours_ids[-1] == EOT
         supervised = [t for t, w in zip(ours_ids, ours_w) if w]
-        assert supervised.count(EOT) == sum(
-            m["role"] == "assistant" for m in messages
-        )  # each reply's end
+        # each reply's end
+        assert supervised.count(EOT) == sum(m["role"] == "assistant" for m in messages)
     if k == len(CONVERSATIONS):  # special-token text inside content stays text
         assert ours_ids.count(BOS) == 1 and ours_ids.count(START) == len(messages) + 1
 
@@ -294,9 +291,8 @@ def test_the_template_follows_the_special_tokens(ours, hf):
         name: f[0] for name, f in FAMILIES.items()
     }
     chatml, gemma, base = ours["chatml"], ours["gemma"], ours["base"]
-    assert (
-        chatml.bos_id is None and hf["chatml"]("")["input_ids"] == []
-    )  # ChatML tokenizers put nothing before
+    # ChatML tokenizers put nothing before
+    assert chatml.bos_id is None and hf["chatml"]("")["input_ids"] == []
     assert gemma.bos_id == gemma.special_id("<bos>") and gemma.eot_id == gemma.special_id(
         "<end_of_turn>"
     )
@@ -405,19 +401,16 @@ def test_export_files(ours, exported, family):
         hf_tok.eos_token_id == tok.eot_id
         and hf_tok.convert_tokens_to_ids(tok.piece(tok.eot_id)) == tok.eot_id
     )
-    assert not os.path.exists(
-        os.path.join(directory, "tokenizer.model")
-    )  # Llama 3's tiktoken file is not copied
+    # Llama 3's tiktoken file is not copied
+    assert not os.path.exists(os.path.join(directory, "tokenizer.model"))
     # our own reading of the export: the same tokenizer, the template it names
     again = data.load_tokenizer(directory, config["crlft_template"])
     messages, system = CONVERSATIONS[2]
     assert data.encode_conversation(again, messages, "GPT3", system) == data.encode_conversation(
         tok, messages, "GPT3", system
     )
-    assert (again.vocab_size, again.added) == (
-        tok.vocab_size,
-        {},
-    )  # the added token is one of the files' now
+    # the added token is one of the files' now
+    assert (again.vocab_size, again.added) == (tok.vocab_size, {})
 
 
 def test_literal_special_token_text_is_a_known_difference(ours, exported):
@@ -470,17 +463,14 @@ def test_content_starting_with_white_space_is_a_known_difference(ours, exported,
 def test_a_padded_vocabulary_fits_and_the_added_token_takes_a_free_row(dirs, tmp_path):
     model_dir = tmp_path / "model"
     model_dir.mkdir()
-    tok = data.use_template(
-        checkpoint_tokenizer(str(model_dir), 128256, dirs["base"])
-    )  # Llama 3's 128256 rows
+    # Llama 3's 128256 rows
+    tok = data.use_template(checkpoint_tokenizer(str(model_dir), 128256, dirs["base"]))
     assert tok.eot_id == 128002 and tok.vocab_size <= 128256  # no new row needed
-    vision = data.use_template(
-        checkpoint_tokenizer(str(model_dir), 128256, dirs["llama3"])
-    )  # <|image|> = 128256
+    # <|image|> = 128256
+    vision = data.use_template(checkpoint_tokenizer(str(model_dir), 128256, dirs["llama3"]))
     assert vision.vocab_size == EOT + 1 and vision.encode("<|image|>") != [128256]
-    with pytest.raises(
-        ValueError
-    ) as e:  # ids the embedding lacks: the token and the file named, in one line
+    # ids the embedding lacks: the token and the file named, in one line
+    with pytest.raises(ValueError) as e:
         checkpoint_tokenizer(str(model_dir), 100000, dirs["llama3"])
     message = str(e.value)
     assert (

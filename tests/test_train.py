@@ -103,9 +103,8 @@ def test_first_step_loss_is_weighted_mean_over_the_global_batch(tmp_path):
     bins = data.pack_epoch(dataset.lengths[train_ids], cfg.batch_tokens, 2, cfg.seed, 0)[0]
     num, den = 0.0, 0.0
     for bin_ in bins:
-        for i in train_ids[
-            bin_
-        ]:  # each conversation on its own: no packing involved in the reference
+        # each conversation on its own: no packing involved in the reference
+        for i in train_ids[bin_]:
             b = data.make_batch(dataset, [i])
             logits = model(b.tokens[None]).squeeze(0)
             ce = torch.nn.functional.cross_entropy(logits.double(), b.targets, reduction="none")
@@ -142,9 +141,8 @@ def test_kill_and_resume_continues_the_same_loss_curve(tmp_path):
     proc.wait()
     assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
     train(["--max_steps=8", "--ckpt_every=2"], out)
-    resumed = losses(
-        out
-    )  # each step once: the steps after the checkpoint were logged again, not twice
+    # each step once: the steps after the checkpoint were logged again, not twice
+    resumed = losses(out)
     assert sorted(resumed) == list(range(1, 9))
     for step in range(1, 9):
         assert resumed[step] == pytest.approx(reference[step], rel=1e-6, abs=1e-7), step
@@ -327,10 +325,8 @@ def test_validation_loss_is_the_held_out_weighted_mean_and_every_epoch_is_export
     train_ids, held_out = data.split_holdout(
         dataset.class_ids, cfg.val_fraction, cfg.val_max, cfg.seed
     )
-    assert len(held_out) >= 20 and set(dataset.class_ids[held_out]) == {
-        0,
-        1,
-    }  # both classes validated
+    # both classes validated
+    assert len(held_out) >= 20 and set(dataset.class_ids[held_out]) == {0, 1}
     trained = {
         int(train_ids[i])
         for epoch in [
@@ -385,19 +381,16 @@ def test_resume_refuses_a_changed_setting_by_name(tmp_path):
             proc.stderr,
         )
         assert proc.stderr.count("\n") == 1
-    (out / "ckpt" / "latest").write_text(
-        "step_0000003"
-    )  # resume from the checkpoint before the last
-    train(
-        ["--max_steps=4", "--ckpt_every=7", "--keep_ckpts=1"], out
-    )  # safe to change: it continues
+    # resume from the checkpoint before the last
+    (out / "ckpt" / "latest").write_text("step_0000003")
+    # safe to change: it continues
+    train(["--max_steps=4", "--ckpt_every=7", "--keep_ckpts=1"], out)
     assert sorted(losses(out)) == [1, 2, 3, 4] and sorted(os.listdir(out / "ckpt")) == [
         "latest",
         "step_0000004",
     ]
-    train(
-        ["--max_steps=1", "--batch_tokens=700", "--resume=false"], out
-    )  # starting over is allowed
+    # starting over is allowed
+    train(["--max_steps=1", "--batch_tokens=700", "--resume=false"], out)
     assert sorted(losses(out)) == [1]
 
 
@@ -455,17 +448,17 @@ def test_fine_tunes_a_transformers_checkpoint_with_its_own_tokenizer_on_two_clas
     assert (export / "tokenizer.model").read_bytes() == (
         checkpoint / "tokenizer.model"
     ).read_bytes()
-    assert (
-        json.loads((export / "config.json").read_text())["vocab_size"] == 121
-    )  # + <|end_of_turn|>
+    # + <|end_of_turn|>
+    assert json.loads((export / "config.json").read_text())["vocab_size"] == 121
     assert json.loads((export / "tokenizer_config.json").read_text())["crlft_condition"] == "A"
     import data
 
+    # Mistral's tokenizer does not fit this checkpoint
     proc = train(
         [f"--model={checkpoint}", "--max_steps=1", f"--tokenizer={data.default_tokenizer_path()}"],
         tmp_path / "bad",
         check=False,
-    )  # Mistral's tokenizer does not fit this checkpoint
+    )
     assert (
         proc.returncode != 0 and "32000 pieces" in proc.stderr and "vocab_size=120" in proc.stderr
     )
@@ -525,11 +518,12 @@ def test_a_tie_for_the_largest_weight_is_refused_naming_the_flag(tmp_path):
     sys.path.insert(0, ROOT)
     import toy_task
 
+    # no --class_weights: every class weighs 1
     proc = train(
         [_two_class_files(tmp_path), f"--tokenizer={toy_task.TOKENIZER_PATH}", "--max_steps=1"],
         tmp_path / "run",
         check=False,
-    )  # no --class_weights: every class weighs 1
+    )
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode != 0 and len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
     assert lines[0].startswith(

@@ -207,9 +207,8 @@ def test_two_nodes_with_node_local_disks(tmp_path, reference):
         f"--ckpt_dir={disk / 'out' / 'ckpt'}: rank 1 (another node) does not see the files" in line
     )
     assert "--ckpt_dir=/shared/path" in line
-    assert (
-        not (state / "node0" / "out").exists() and not (state / "node1" / "out").exists()
-    )  # nothing left
+    # nothing left
+    assert not (state / "node0" / "out").exists() and not (state / "node1" / "out").exists()
     shared = tmp_path / "shared_ckpt"
     args = [f"--out_dir={disk / 'out'}", f"--ckpt_dir={shared}", *RUN]
     procs = two_nodes(disk, state, args)
@@ -217,9 +216,8 @@ def test_two_nodes_with_node_local_disks(tmp_path, reference):
     os.kill(worker(disk / "out", 1), signal.SIGKILL)
     codes, _ = finish(procs, timeout=120)
     assert codes != [0, 0]
-    latest = (
-        shared / (shared / "latest").read_text()
-    )  # every rank's shard reached the shared directory
+    # every rank's shard reached the shared directory
+    latest = shared / (shared / "latest").read_text()
     assert {
         "rng_rank0.safetensors",
         "rng_rank1.safetensors",
@@ -229,9 +227,8 @@ def test_two_nodes_with_node_local_disks(tmp_path, reference):
     codes, errs = finish(two_nodes(disk, state, args), timeout=120)
     assert codes == [0, 0], errs[0][-3000:] + errs[1][-3000:]
     same_curve(state / "node0" / "out", reference)
-    assert (
-        state / "node1" / "out" / "data" / "meta.json"
-    ).exists()  # node 1 prepared its own copy of the data
+    # node 1 prepared its own copy of the data
+    assert (state / "node1" / "out" / "data" / "meta.json").exists()
 
 
 @needs_root
@@ -281,9 +278,8 @@ def test_resume_false_moves_the_earlier_run_aside_and_never_mixes_checkpoints(tm
     run's latest. Now the earlier run's checkpoints are moved aside, and the new run resumes from its own."""
     out = tmp_path / "run"
     train(["--max_steps=4", "--ckpt_every=1", "--batch_tokens=500"], out)  # step_3, step_4
-    proc = train(
-        ["--max_steps=2", "--ckpt_every=1"], out, check=False
-    )  # another run, not asked to start over
+    # another run, not asked to start over
+    proc = train(["--max_steps=2", "--ckpt_every=1"], out, check=False)
     assert proc.returncode != 0 and "batch_tokens was 500" in one_line(proc.stderr)
     proc = train(["--max_steps=2", "--ckpt_every=1", "--resume=false"], out)
     aside = [p for p in out.iterdir() if p.name.startswith("ckpt.old-")]
@@ -367,9 +363,8 @@ def test_class_weights_that_a_files_own_weights_override_are_refused(tmp_path):
         "'GPT3' their own weight 1, which wins: drop 'GPT3' from --class_weights to train the file's weights, or "
         "take the weights out of the file"
     )
-    proc = train(
-        [*flags, "--class_weights=GPT4 Correct=1", "--max_steps=1"], tmp_path / "agrees"
-    )  # GPT3: the file's
+    # GPT3: the file's
+    proc = train([*flags, "--class_weights=GPT4 Correct=1", "--max_steps=1"], tmp_path / "agrees")
     assert f"class {'GPT3'!r:16} {60:>9,} conversations: " in proc.stdout
     meta = json.loads((tmp_path / "agrees" / "data" / "meta.json").read_text())
     assert [w for w, _ in meta["trained_weights"]["GPT3"]] == [1.0]
@@ -439,9 +434,8 @@ def test_a_prepared_directory_keeps_its_weights_and_the_summary_prints_them(tmp_
         [f"--data={cache}", "--class_weights=Expert=1,Novice=0.1", "--max_steps=1"],
         tmp_path / "agrees",
     )
-    dataset = data.TokenizedDataset.load(
-        str(cache)
-    )  # the summary's weights are those of the prepared arrays
+    # the summary's weights are those of the prepared arrays
+    dataset = data.TokenizedDataset.load(str(cache))
     token_class = np.repeat(dataset.class_ids, np.diff(dataset.offsets))
     for c, name in enumerate(dataset.class_names):
         weights, counts = np.unique(
@@ -462,9 +456,8 @@ def test_a_run_failing_after_it_tokenized_leaves_nothing_new_in_an_existing_out_
     out = tmp_path / "run"
     out.mkdir()
     (out / "notes.txt").write_text("mine")
-    flags = _weighted_files(tmp_path, 1.0)[
-        :2
-    ]  # no --expert_condition, no --class_weights: a tie at weight 1
+    # no --expert_condition, no --class_weights: a tie at weight 1
+    flags = _weighted_files(tmp_path, 1.0)[:2]
     proc = train([*flags, "--max_steps=1"], out, check=False)
     assert proc.returncode != 0 and "share the largest weight" in one_line(proc.stderr)
     assert sorted(os.listdir(out)) == ["notes.txt"]
