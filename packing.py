@@ -1,6 +1,6 @@
 """Packing for C-RLFT: each step, n_bins bins of `batch_tokens` tokens filled with whole conversations (no padding,
 position ids restarting per conversation, cu_seqlens for the attention), every conversation once an epoch
-(../shared/CRLFT_FACTS.md, "Packing and batches"). Reads a tokenized dataset's flat arrays (data.TokenizedDataset)."""
+(../shared/CRLFT_FACTS.md, "Packing and batches"). Reads a tokenized dataset's flat arrays (tokenized_data.TokenizedDataset)."""
 
 import collections
 from dataclasses import dataclass
@@ -79,7 +79,7 @@ class PackedBatch:
 
 
 def make_batch(dataset, indices) -> PackedBatch:
-    """Pack conversations `indices` of a data.TokenizedDataset: each of length L+1 gives L inputs, L targets
+    """Pack conversations `indices` of a tokenized_data.TokenizedDataset: each of length L+1 gives L inputs, L targets
     (shifted by one)."""
     indices = np.asarray(indices, dtype=np.int64)
     assert len(indices), "make_batch: no conversations"

@@ -1,5 +1,5 @@
 """Data prepared once per job: rank 0 tokenizes every source with all cores into out_dir/data (the format of
-`python data.py tokenize`) while the other ranks wait, then every rank memory-maps it: memory per rank does not grow
+`python data_cli.py tokenize`) while the other ranks wait, then every rank memory-maps it: memory per rank does not grow
 with the world size. The same inputs reuse it, a change tokenizes again; on node-local disks each node makes its own."""
 
 import collections
@@ -14,8 +14,10 @@ import numpy as np
 import torch.distributed as dist
 
 import chat_readers
+import chat_sources
 import data
 import loss_weighting
+import tokenized_data
 
 
 def file_digest(path):
@@ -25,7 +27,7 @@ def file_digest(path):
 
 def inputs_key(cfg, tokenizer, max_seq_len):
     """A hash of everything that decides the tokenized data (a prepared dataset's name for its inputs)."""
-    # a directory of `python data.py tokenize`: its own meta names its inputs
+    # a directory of `python data_cli.py tokenize`: its own meta names its inputs
     if os.path.isdir(cfg.data):
         return file_digest(os.path.join(cfg.data, "meta.json"))
     if cfg.data == "toy":
@@ -33,7 +35,7 @@ def inputs_key(cfg, tokenizer, max_seq_len):
     else:
         sources = [
             [name, path, file_digest(chat_readers.source_file(path))]
-            for name, path in chat_readers.parse_sources(cfg.data)
+            for name, path in chat_sources.parse_sources(cfg.data)
         ]
     inputs = {
         "sources": sources,
@@ -59,7 +61,7 @@ def inputs_key(cfg, tokenizer, max_seq_len):
 
 def class_weights(cfg) -> dict[str, float] | None:
     """--class_weights as a dict; None ("") trains every class at weight 1 (a message's own weight still wins)."""
-    return chat_readers.parse_class_weights(cfg.class_weights) if cfg.class_weights else None
+    return chat_sources.parse_class_weights(cfg.class_weights) if cfg.class_weights else None
 
 
 def class_rule(cfg) -> tuple[str, list] | None:
@@ -97,7 +99,7 @@ def tokenize_sources(cfg, tokenizer, max_seq_len, key, directory):
     if not cfg.use_condition:  # ablation: same data, same weights, no class in the prompt
         conversations = [dataclasses.replace(c, condition="") for c in conversations]
     check_own_weights(conversations, class_weights(cfg))
-    chat_readers.check_class_weights(conversations, class_weights(cfg))
+    chat_sources.check_class_weights(conversations, class_weights(cfg))
     dataset = data.tokenize_dataset(
         conversations,
         tokenizer,
@@ -106,7 +108,7 @@ def tokenize_sources(cfg, tokenizer, max_seq_len, key, directory):
         progress=True,
         per_sequence=cfg.per_sequence_weights,
     )
-    # per class, for the expert condition (train.expert_condition)
+    # per class, for the expert condition (train_job.expert_condition)
     conditions = collections.defaultdict(set)
     for c in conversations:
         conditions[c.class_name].add(c.condition)
@@ -174,7 +176,7 @@ def check_prepared_weights(cfg, dataset):
         raise ValueError(
             f"--per_sequence_weights={str(cfg.per_sequence_weights).lower()}, but --data={cfg.data} was "
             f"tokenized with it {'on' if per_sequence else 'off'}: drop the flag, or tokenize again "
-            "(python data.py tokenize --per_sequence_weights)"
+            "(python data_cli.py tokenize --per_sequence_weights)"
         )
     for name, w in (class_weights(cfg) or {}).items():
         found = [x for x, _ in dataset.meta["trained_weights"].get(name, [])]
@@ -212,8 +214,8 @@ def check_context(cfg, context):
 def load_prepared(directory, key):
     """The dataset in `directory` if it was prepared from the inputs that `key` names, else None."""
     try:
-        dataset = data.TokenizedDataset.load(directory)
-    except data.DataError:
+        dataset = tokenized_data.TokenizedDataset.load(directory)
+    except chat_readers.DataError:
         return None
     return dataset if dataset.meta.get("inputs_key") == key else None
 
@@ -240,7 +242,7 @@ def prepare_data(cfg, tokenizer, max_seq_len, key, group):
     """(dataset, whether this rank wrote out_dir/data). --data may be a tokenized directory itself. The dataset's
     meta["trained_weights"] says what will be trained (the start-up summary prints it)."""
     if os.path.isdir(cfg.data):
-        dataset = data.TokenizedDataset.load(cfg.data)
+        dataset = tokenized_data.TokenizedDataset.load(cfg.data)
         made_with = [dataset.meta.get(k) for k in ("eot_id", "vocab_size", "template")]
         if made_with != [tokenizer.eot_id, tokenizer.vocab_size, tokenizer.template]:
             raise ValueError(
@@ -254,7 +256,7 @@ def prepare_data(cfg, tokenizer, max_seq_len, key, group):
                 f"context ({max_seq_len}) or --batch_tokens={cfg.batch_tokens}: tokenize it again with "
                 f"--max_seq_len, or raise --batch_tokens"
             )
-        # `python data.py tokenize` does not count them: once, rank 0
+        # `python data_cli.py tokenize` does not count them: once, rank 0
         if "trained_weights" not in dataset.meta:
             dataset.meta["trained_weights"] = on_rank0(lambda: trained_weights(dataset), group)
         check_prepared_weights(cfg, dataset)

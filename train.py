@@ -18,7 +18,6 @@ import signal
 import socket
 import sys
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
@@ -32,18 +31,13 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 import data
 import hf_export
-import prepare
+import packing
 import toy_task
-from model import PRESETS, ModelArgs, Transformer
-from tokenizing import Tokenizer, checkpoint_tokenizer
-from train_checkpoint import (
-    check_shared,
-    load_checkpoint,
-    move_aside,
-    resume_point,
-    save_checkpoint,
-)
-from train_config import PRESETS_TRAIN, TrainConfig, help_text, parse_config  # noqa: F401 (re-exported)
+import train_job
+from model import Transformer
+from model_args import PRESETS
+from train_checkpoint import load_checkpoint, save_checkpoint
+from train_config import help_text, parse_config
 from train_progress import Progress, describe, say
 
 
@@ -78,40 +72,6 @@ def setup_distributed():
 
 
 # -----------------------------------------------------------------------------------------------------------
-# Tokenizer and model: the checkpoint's own tokenizer and its template; a row for a token the template adds where the
-# checkpoint has none (its padded rows serve first: the added token takes the first free id).
-def tokenizer_and_args(cfg):
-    template = cfg.template or None
-    if cfg.model in PRESETS:
-        path = cfg.tokenizer or (toy_task.TOKENIZER_PATH if cfg.data == "toy" else None)
-        # tokenized by `python data.py tokenize`: its own
-        if os.path.isdir(cfg.data) and not cfg.tokenizer:
-            meta = data.TokenizedDataset.load(cfg.data).meta
-            path, template = meta["tokenizer"], template or meta.get("template")
-        tokenizer = data.load_tokenizer(path, template)
-        args = dataclasses.replace(PRESETS[cfg.model], vocab_size=tokenizer.vocab_size)
-    else:
-        args = ModelArgs.from_pretrained(cfg.model, max_seq_len=cfg.max_seq_len or None)
-        tokenizer = data.use_template(
-            checkpoint_tokenizer(cfg.model, args.vocab_size, cfg.tokenizer or None), template
-        )
-    overrides = {
-        k: getattr(cfg, k)
-        for k in "dim n_layers n_heads n_kv_heads max_seq_len".split()
-        if getattr(cfg, k)
-    }
-    # let ModelArgs derive these again from the new shape
-    if "dim" in overrides or "n_heads" in overrides:
-        # Qwen3, Gemma: their own
-        head_dim = None if args.head_dim == args.dim // args.n_heads else args.head_dim
-        overrides.update(
-            head_dim=head_dim, hidden_dim=None if "dim" in overrides else args.hidden_dim
-        )
-    return tokenizer, dataclasses.replace(
-        args, **overrides, vocab_size=max(args.vocab_size, tokenizer.vocab_size)
-    )
-
-
 def build_model(cfg, args, device, mesh):
     """Built on the meta device, sharded block by block, then filled with weights broadcast from rank 0 (a fresh
     init with the seed, or the checkpoint with its new <|end_of_turn|> row the mean embedding, as OpenChat)."""
@@ -176,6 +136,20 @@ def crlft_step(model, batches, world_size):
     return weight_sum, results
 
 
+def make_optimizer(model, cfg, device):
+    """AdamW with the recipe's betas, eps and weight decay (the facts file's public recipe). fused: the whole update
+    in one kernel per device on GPU, instead of many multi-tensor launches."""
+    betas = (cfg.beta1, cfg.beta2)
+    return torch.optim.AdamW(
+        model.parameters(),
+        lr=cfg.lr,
+        betas=betas,
+        eps=cfg.eps,
+        weight_decay=cfg.weight_decay,
+        fused=device.type == "cuda",
+    )
+
+
 def learning_rate(step, total_steps, cfg):
     """Linear warmup over 5% of the steps, then cosine down to 10% of the peak (public recipe). total_steps is the
     schedule's length, --max_steps or all epochs: part of the run, so a resume cannot move the schedule."""
@@ -195,7 +169,7 @@ def validate(model, dataset, my_bins, device):
     n = len(dataset.class_names)
     sums = torch.zeros(2 * n, dtype=torch.float64, device=device)  # per class: sum(w * CE), sum(w)
     for bin_ in my_bins:
-        b = data.make_batch(dataset, bin_ or [0]).to(device)
+        b = packing.make_batch(dataset, bin_ or [0]).to(device)
         weights = b.loss_weights.double() * bool(bin_)
         _, token_ce = model(
             b.tokens[None],
@@ -241,122 +215,6 @@ def export(model, cfg, args, tokenizer, directory):
     return local
 
 
-@dataclasses.dataclass
-class Job:
-    """What setup() makes of the user's inputs, checked, and the training loop consumes."""
-
-    cfg: TrainConfig
-    tokenizer: Tokenizer
-    args: ModelArgs  # the model's shape
-    dataset: data.TokenizedDataset  # every conversation, tokenized with its loss weights
-    held_out: np.ndarray  # dataset indices of the validation conversations
-    # every global step: (epoch, its bins), a bin a list of dataset indices
-    steps: list
-    # what a resume must not change (train_checkpoint.check_same_run)
-    run: dict
-    resume_from: str | None  # the checkpoint to start from; None: a fresh start
-
-
-def plan_steps(dataset, train_ids, cfg, n_bins):
-    """Each epoch's global steps, as (epoch, bins): data.pack_epoch shuffles the training conversations with the
-    epoch's seed and packs them into n_bins bins a step (every rank's micro-batches: world_size x grad_accum)."""
-    steps = []
-    for epoch in range(cfg.epochs):
-        for bins in data.pack_epoch(
-            dataset.lengths[train_ids], cfg.batch_tokens, n_bins, cfg.seed, epoch
-        ):
-            # positions -> dataset indices
-            steps.append((epoch, [[int(train_ids[i]) for i in b] for b in bins]))
-    return steps
-
-
-def setup(cfg, rank, world_size, group, written=None) -> Job:
-    """Everything that reads the user's inputs, checked before anything is written: tokenizer and model shape,
-    the checkpoint directory and the resume guard, the data (prepared once), the held-out split, the plan.
-    `written` (a list) gets what this rank wrote meanwhile (the prepared data), for train() to remove on an error."""
-    tokenizer, args = tokenizer_and_args(cfg)
-    # a conversation as long as the context must fit one bin
-    prepare.check_context(cfg, args.max_seq_len)
-    key = prepare.on_rank0(lambda: prepare.inputs_key(cfg, tokenizer, args.max_seq_len), group)
-    # What decides the model, the data order and the schedule: a resume that changes one is refused by name.
-    settings = (
-        "batch_tokens",
-        "grad_accum",
-        "seed",
-        "epochs",
-        "class_weights",
-        "val_fraction",
-        "val_max",
-        "use_condition",
-        "only_classes",
-    )
-    run = {
-        "model": dataclasses.asdict(args),
-        "tokenizer": [os.path.basename(tokenizer.path), tokenizer.template, tokenizer.eot_id],
-        "world_size": world_size,
-        **{k: getattr(cfg, k) for k in settings},
-        "data_hash": key,
-        "max_steps": cfg.max_steps,
-    }  # the learning-rate schedule's length
-    # several nodes: one checkpoint directory
-    if world_size > int(os.environ.get("LOCAL_WORLD_SIZE", world_size)):
-        check_shared(cfg.ckpt_dir, group)
-    # Rank 0 decides where every rank starts: ranks that each read `latest` could start from different steps.
-    resume_from = prepare.on_rank0(lambda: resume_point(cfg.ckpt_dir, cfg.resume, run), group)
-    dataset, tokenized = prepare.prepare_data(cfg, tokenizer, args.max_seq_len, key, group)
-    if tokenized and written is not None:
-        written.append(os.path.join(cfg.out_dir, "data"))
-    train_ids, held_out = data.split_holdout(
-        dataset.class_ids, cfg.val_fraction, cfg.val_max, cfg.seed
-    )
-    if len(train_ids) < world_size * cfg.grad_accum:
-        raise ValueError(
-            f"--data: only {len(train_ids)} training conversations for {world_size * cfg.grad_accum} bins"
-        )
-    steps = plan_steps(dataset, train_ids, cfg, world_size * cfg.grad_accum)
-    cfg = dataclasses.replace(cfg, expert_condition=expert_condition(cfg, dataset))
-    # OpenChat's rule: the learning rate grows with the supervised tokens of a step
-    if cfg.lr_base > 0:
-        supervised = (np.asarray(dataset.weights) > 0).sum() * len(train_ids) / len(dataset)
-        steps_per_epoch = sum(epoch == 0 for epoch, _ in steps)
-        cfg = dataclasses.replace(
-            cfg, lr=cfg.lr_base * math.sqrt(supervised / steps_per_epoch / 4e6)
-        )
-    # everything checked: an earlier run's checkpoints go aside, never mixed with this run's
-    if not cfg.resume:
-        aside = prepare.on_rank0(lambda: move_aside(cfg.ckpt_dir), group)
-        if aside:
-            say(
-                f"--resume=false: moved the checkpoints of the earlier run in {cfg.ckpt_dir} to {aside}"
-            )
-    return Job(cfg, tokenizer, args, dataset, held_out, steps, run, resume_from)
-
-
-def expert_condition(cfg, dataset) -> str:
-    """The condition of evaluation, sample.py's default and the exported chat template: --expert_condition, else
-    that of the class trained with the largest weight (prepare.class_rewards: its mean weight per supervised token,
-    or per reply with --per_sequence_weights; a message's own weight counts as trained); a tie is refused: the run
-    cannot tell which class is the expert."""
-    if not cfg.use_condition or cfg.expert_condition:
-        return cfg.expert_condition if cfg.use_condition else ""
-    weight = prepare.class_rewards(dataset)
-    top = [name for name in weight if math.isclose(weight[name], max(weight.values()))]
-    if len(top) > 1:
-        raise ValueError(
-            f"--expert_condition: classes {', '.join(map(repr, top))} share the largest weight "
-            f"{weight[top[0]]:g}: name the expert's condition, --expert_condition={top[0]!r}, or give "
-            f"the classes different --class_weights"
-        )
-    # a prepared directory: class = condition
-    conditions = dataset.meta.get("conditions", {}).get(top[0], [top[0]])
-    if len(conditions) != 1:
-        raise ValueError(
-            f"--expert_condition: the top-weighted class {top[0]!r} has several conditions "
-            f"({', '.join(map(repr, conditions))}): name one, --expert_condition=..."
-        )
-    return conditions[0]
-
-
 def train(cfg):
     """Run one training job; returns a dict of results (rank 0) for experiments and tests."""
     new_out_dir = not os.path.isdir(cfg.out_dir)  # looked at before any rank writes
@@ -367,7 +225,7 @@ def train(cfg):
     written = []
     try:
         try:
-            job = setup(cfg, rank, world_size, group, written)
+            job = train_job.setup(cfg, rank, world_size, group, written)
         except (ValueError, OSError, KeyboardInterrupt) as e:
             if rank == 0 and not isinstance(e, KeyboardInterrupt):  # one line, once
                 print(f"error: {data.one_line(e)}", file=sys.stderr)
@@ -380,15 +238,7 @@ def train(cfg):
             raise SystemExit(1)
         cfg = job.cfg
         model = build_model(cfg, job.args, device, mesh)
-        # fused: the whole AdamW update in one kernel per device on GPU, instead of many multi-tensor launches
-        optimizer = torch.optim.AdamW(
-            model.parameters(),
-            lr=cfg.lr,
-            betas=(cfg.beta1, cfg.beta2),
-            eps=cfg.eps,
-            weight_decay=cfg.weight_decay,
-            fused=device.type == "cuda",
-        )
+        optimizer = make_optimizer(model, cfg, device)
         start_step = load_checkpoint(job.resume_from, model, optimizer) if job.resume_from else 0
         if job.resume_from:
             say(f"resumed from {job.resume_from} at step {start_step}")
@@ -402,7 +252,7 @@ def validation_bins(dataset, held_out, cfg, rank, world_size):
     """This rank's share of the held-out conversations, packed once into bins of batch_tokens; every rank gets as
     many (some empty), since each forward pass is a collective under FSDP."""
     packed = (
-        data.pack_epoch(dataset.lengths[held_out], cfg.batch_tokens, 1, cfg.seed, 0)
+        packing.pack_epoch(dataset.lengths[held_out], cfg.batch_tokens, 1, cfg.seed, 0)
         if len(held_out)
         else []
     )
@@ -445,7 +295,7 @@ def train_loop(job, model, optimizer, start_step, device):
             progress.start_step(step)
             epoch, bins = steps[step]
             batches = [
-                data.make_batch(dataset, b).to(device)
+                packing.make_batch(dataset, b).to(device)
                 for b in bins[rank * cfg.grad_accum :][: cfg.grad_accum]
             ]
             lr = learning_rate(step, total_steps, cfg)

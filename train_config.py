@@ -10,12 +10,12 @@ from dataclasses import dataclass
 
 import torch
 
-import chat_readers
+import chat_sources
 import loss_weighting
 import prepare
 import toy_task
 from chat_readers import EXPERT_CONDITION
-from model import PRESETS
+from model_args import PRESETS
 
 
 # -----------------------------------------------------------------------------------------------------------
@@ -231,10 +231,10 @@ def parse_config(argv):
 def check_data_options(cfg) -> None:
     """What can be checked before anything is read: the files of --data, the class map against --class_weights,
     the refusal phrases, and that a conversation as long as the context fits one bin."""
-    # an explicit one; the model's own once train.setup has read it
+    # an explicit one; the model's own once train_job.setup has read it
     prepare.check_context(cfg, cfg.max_seq_len)
     if cfg.data != "toy" and not os.path.isdir(cfg.data):
-        chat_readers.check_sources(cfg.data)
+        chat_sources.check_sources(cfg.data)
     weights, rule = prepare.class_weights(cfg), prepare.class_rule(cfg)
     for _, name in rule[1] if rule and weights else []:
         if name not in weights:

@@ -11,8 +11,8 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-import chat_readers
-import data
+import chat_sources
+import tokenized_data
 
 
 def say(text):
@@ -66,7 +66,7 @@ def describe(cfg, tokenizer, args, size_text, dataset, held_out, n_steps, world_
         lines += [
             f"warning: {path} is given for more than one class in --data: its conversations are trained once in "
             "each, under each condition (meant another file?)"
-            for path in chat_readers.same_files(cfg.data)
+            for path in chat_sources.same_files(cfg.data)
         ]
     lines += _small_validation(cfg, dataset, held_out)
     say("\n".join(lines))
@@ -81,8 +81,8 @@ def _steps(cfg, n_steps) -> str:
 def _losses(c, context) -> list[str]:
     """A class's conversations dropped, truncated and replies zeroed, each with the flag that changes it."""
     flags = {
-        data.TOO_LONG: f"{context} tokens: a larger --max_seq_len keeps them, with --batch_tokens >= it",
-        data.NOTHING_TO_LEARN: "the weights of --class_weights, of the file, --zero_refusals",
+        tokenized_data.TOO_LONG: f"{context} tokens: a larger --max_seq_len keeps them, with --batch_tokens >= it",
+        tokenized_data.NOTHING_TO_LEARN: "the weights of --class_weights, of the file, --zero_refusals",
     }
     out = [
         f"dropped {n:,}: {why} ({flags.get(why, '')})" for why, n in c.get("dropped", {}).items()

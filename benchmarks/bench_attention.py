@@ -30,7 +30,7 @@ script says so and exits 0.
     python benchmarks/bench_attention.py --sweep
 
 times other launch configs (tile sizes, warps, stages) of each kernel on 8k tokens, one stage at a time
-with the others at crlft_kernels/attention.py's choice, to pick kernel_config() from measurements.
+with the others at crlft_kernels/attention_fwd_kernels.py's kernel_config(), to pick it from measurements.
 """
 
 import argparse
@@ -39,9 +39,8 @@ import os
 import sys
 import time
 
-if (
-    __name__ == "__main__" and "--dry" in sys.argv
-):  # the Triton kernels in the CPU interpreter: set before triton
+# the Triton kernels in the CPU interpreter: set before triton
+if __name__ == "__main__" and "--dry" in sys.argv:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import torch  # noqa: E402
@@ -218,9 +217,8 @@ def bench(args):
         if not err < MAX_REL_ERR:
             failed.append(f"{name}: relative error {err:.1e}")
 
-    def print_summary(
-        line,
-    ):  # at once: a time limit that stops the run leaves the lines printed so far
+    # at once: a time limit that stops the run leaves the lines printed so far
+    def print_summary(line):
         print(f"SUMMARY {line}", flush=True)
 
     def tflops(flops, t_ms):
@@ -304,9 +302,8 @@ def bench(args):
             if layout == "packed":
                 try:
                     flex_fwd, flex_bwd, flex_out = flex_baseline(q, k, v, do, cu, device)
-                    checked(
-                        f"flex {total}", rel_err(flex_out, ref)
-                    )  # the baseline's document mask is right
+                    # the baseline's document mask is right
+                    checked(f"flex {total}", rel_err(flex_out, ref))
                     flex = ms(flex_fwd), ms(flex_bwd) if flex_bwd else float("nan")
                 except Exception as e:  # a baseline that fails is reported, not fatal
                     print(
@@ -384,13 +381,13 @@ def sweep(args):
     """Time each candidate config of one kernel (others at the default) on 8k tokens, both layouts."""
     import triton.testing
 
-    import crlft_kernels.attention as attention
+    from crlft_kernels import attention_bwd_kernels
+    from crlft_kernels.attention_fwd_kernels import Tiles, kernel_config
 
-    default_config = attention.kernel_config
     H, H_kv, D = args.heads, args.kv_heads, args.head_dim
     print(
         f"{torch.cuda.get_device_name()}: config sweep, H={H} H_kv={H_kv} D={D} bf16 causal, 8192 tokens; "
-        f"default {default_config(D, torch.bfloat16, 'cuda')}"
+        f"default {kernel_config(D, torch.bfloat16, 'cuda')}"
     )
     cases = [("one sequence", [8192]), ("packed", sharegpt_like_lengths(8192, seed=8192))]
     inputs = [(name, lengths, *make_inputs(lengths, H, H_kv, D, "cuda")) for name, lengths in cases]
@@ -402,9 +399,10 @@ def sweep(args):
     try:
         for kernel, candidates in SWEEP.items():
             for cand in candidates:
-                base = default_config(D, torch.bfloat16, "cuda")
-                cfg = base._replace(**{kernel: attention.Tiles(*cand)})
-                attention.kernel_config = lambda *a, _cfg=cfg: _cfg
+                base = kernel_config(D, torch.bfloat16, "cuda")
+                cfg = base._replace(**{kernel: Tiles(*cand)})
+                # launch_specs (attention_bwd_kernels.py) looks kernel_config up in its own module
+                attention_bwd_kernels.kernel_config = lambda *a, _cfg=cfg: _cfg
                 times, err = [], 0.0
                 try:
                     for _, lengths, q, k, v, do, cu in inputs:
@@ -425,7 +423,7 @@ def sweep(args):
                     f"{kernel:<6}{cand[0]:>8}{cand[1]:>8}{cand[2]:>6}{cand[3]:>7}{row}", flush=True
                 )
     finally:
-        attention.kernel_config = default_config
+        attention_bwd_kernels.kernel_config = kernel_config
 
 
 def main():

@@ -37,6 +37,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import data  # noqa: E402
+import packing  # noqa: E402
 from crlft_kernels.cross_entropy import fused_linear_cross_entropy, linear_cross_entropy_reference  # noqa: E402
 
 try:
@@ -162,8 +163,12 @@ def sharegpt_packs(path, tokenizer_path, batch_tokens, context, max_conversation
     conversations = data.load_conversations(path, skip_bad=True)[:max_conversations]
     tokenizer = data.load_tokenizer(tokenizer_path)
     dataset = data.tokenize_dataset(conversations, tokenizer, max_seq_len=context)
-    steps = data.pack_epoch(dataset.lengths, batch_tokens, 1, seed=0, epoch=0)
-    return [data.make_batch(dataset, step[0]) for step in steps], len(conversations), tokenizer.path
+    steps = packing.pack_epoch(dataset.lengths, batch_tokens, 1, seed=0, epoch=0)
+    return (
+        [packing.make_batch(dataset, step[0]) for step in steps],
+        len(conversations),
+        tokenizer.path,
+    )
 
 
 def bench_packs(args):

@@ -11,7 +11,7 @@ llama-token-counter package's copy), the public way (a fast tokenizer called per
 chunk in one call, every content in another, assembled in Python lists; re-implemented here with the `tokenizers`
 library that transformers' fast tokenizer calls) against data.tokenize_dataset, each on one process and on one
 process per core, the library's own threads off (TOKENIZERS_PARALLELISM=false).
-The machine is shared, so compare the rows of one run. Packing: 8 ranks, ours (data.pack_epoch) against the
+The machine is shared, so compare the rows of one run. Packing: 8 ranks, ours (packing.pack_epoch) against the
 public allocator re-implemented from its description (public_allocator below); slot use = tokens in bins /
 (steps x ranks x budget); "bound" is the best any packing reaches with every conversation in the epoch; "full
 steps" leaves out our epoch's last, partial step, as the public allocator does (it drops the conversations
@@ -31,8 +31,9 @@ import numpy as np
 import tokenizers
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import chat_readers  # noqa: E402
+import chat_sources  # noqa: E402
 import data  # noqa: E402
+import packing  # noqa: E402
 
 
 def per_piece_baseline(conversations, tokenizer, max_seq_len):
@@ -63,7 +64,7 @@ def main():
 
     stats = collections.Counter()
     t0 = time.perf_counter()
-    conversations = chat_readers.read_sources(
+    conversations = chat_sources.read_sources(
         "sharegpt",
         None if args.condition_from_model else "GPT4 Correct",
         skip_bad=True,
@@ -139,7 +140,7 @@ def main():
     )
     for budget in (8192, 16384, 81920):
         for name, packer in (
-            ("ours", lambda: data.pack_epoch(lengths, budget, W, seed=0, epoch=0)),
+            ("ours", lambda: packing.pack_epoch(lengths, budget, W, seed=0, epoch=0)),
             ("public", lambda: public_allocator(lengths, budget, W, seed=0)),
         ):
             t0 = time.perf_counter()

@@ -32,7 +32,8 @@ def worker(mode, out_dir, result_dir):
 
     import data
     import prepare
-    import train
+    import train_config
+    import train_job
 
     argv = [
         "--data=sharegpt",
@@ -43,12 +44,12 @@ def worker(mode, out_dir, result_dir):
         f"--out_dir={out_dir}",
         "--class_weights=GPT4 Correct=1",
     ]
-    cfg = train.parse_config(argv)
+    cfg = train_config.parse_config(argv)
     dist.init_process_group("gloo")
     rank = dist.get_rank()
     dist.barrier()
     t0 = time.perf_counter()
-    tokenizer, args = train.tokenizer_and_args(cfg)
+    tokenizer, args = train_job.tokenizer_and_args(cfg)
     if mode == "before":
         conversations = data.load_conversations(
             cfg.data, cfg.sharegpt_condition, True, collections.Counter()

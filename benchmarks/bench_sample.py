@@ -20,7 +20,8 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from model import PRESETS, ModelArgs, Transformer  # noqa: E402
+from model import Transformer  # noqa: E402
+from model_args import PRESETS, ModelArgs  # noqa: E402
 from sample import GREEDY, generate  # noqa: E402
 
 CONFIGS = {

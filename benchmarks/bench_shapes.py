@@ -7,8 +7,8 @@ rank they imply at 8 ranks (the README's 8-GPU recipe).
 What runs is train.py's own: build_model (FSDP2 over a world of one, bf16 compute over fp32 master weights,
 activation checkpointing, each block compiled), crlft_step, gradient clipping and fused AdamW, each step timed and
 logged by train_progress.Progress (its tokens/s and MFU: 6 N tokens + 6 layers dim sum(len^2) FLOPs over the bf16
-peak it names for the device). Weights are random (the model's init); the batches are packs (data.pack_epoch,
-data.make_batch) of random tokens in conversations of ShareGPT-like lengths (lognormal, mean 600 tokens:
+peak it names for the device). Weights are random (the model's init); the batches are packs (packing.pack_epoch,
+packing.make_batch) of random tokens in conversations of ShareGPT-like lengths (lognormal, mean 600 tokens:
 bench_attention.sharegpt_like_lengths), the first 40% of each conversation weight 0 (a prompt), the rest weight 1.
 The first two steps compile (static shapes, then dynamic ones): tokens/s and MFU are medians of steps 3+.
 
@@ -45,8 +45,11 @@ sys.path.insert(0, ROOT)
 from bench_attention import sharegpt_like_lengths  # noqa: E402
 
 import data  # noqa: E402
+import packing  # noqa: E402
+import tokenized_data  # noqa: E402
 import train  # noqa: E402
-from model import PRESETS, ModelArgs  # noqa: E402
+from model import Transformer  # noqa: E402
+from model_args import PRESETS, ModelArgs  # noqa: E402
 from train_config import TrainConfig  # noqa: E402
 from train_progress import Progress  # noqa: E402
 
@@ -70,7 +73,7 @@ PROMPT_SHARE = 0.4  # the leading share of each random conversation that carries
 
 
 def random_packs(n_steps, batch_tokens, vocab_size, seed):
-    """n_steps packs (data.PackedBatch) of random conversations of ShareGPT-like lengths, as train.py makes them."""
+    """n_steps packs (packing.PackedBatch) of random conversations of ShareGPT-like lengths, as train.py makes them."""
     lengths = [
         min(n, batch_tokens) for n in sharegpt_like_lengths(int(1.2 * n_steps * batch_tokens), seed)
     ]
@@ -82,12 +85,12 @@ def random_packs(n_steps, batch_tokens, vocab_size, seed):
     weights = (position > PROMPT_SHARE * np.repeat(np.diff(offsets), np.diff(offsets))).astype(
         np.float32
     )
-    dataset = data.TokenizedDataset(
+    dataset = tokenized_data.TokenizedDataset(
         tokens, weights, offsets, np.zeros(len(lengths), np.int32), ["random"]
     )
-    steps = data.pack_epoch(dataset.lengths, batch_tokens, 1, seed, 0)
+    steps = packing.pack_epoch(dataset.lengths, batch_tokens, 1, seed, 0)
     assert len(steps) >= n_steps, f"{len(steps)} packs for {n_steps} steps"
-    return [data.make_batch(dataset, step[0]) for step in steps[:n_steps]]
+    return [packing.make_batch(dataset, step[0]) for step in steps[:n_steps]]
 
 
 def run_shape(name, args, opts, compiled, device, mesh):
@@ -105,14 +108,7 @@ def run_shape(name, args, opts, compiled, device, mesh):
     # Built on the GPU: rank 0's full copy of the fresh weights is drawn there, not by the CPU (seconds, not minutes).
     with torch.device(device):
         model = train.build_model(cfg, args, device, mesh)
-    optimizer = torch.optim.AdamW(
-        model.parameters(),
-        lr=cfg.lr,
-        betas=(cfg.beta1, cfg.beta2),
-        eps=cfg.eps,
-        weight_decay=cfg.weight_decay,
-        fused=device.type == "cuda",
-    )
+    optimizer = train.make_optimizer(model, cfg, device)
     n_params = model.num_params(exclude_embeddings=True)  # as train_loop counts them for the MFU
     batches = [
         b.to(device)
@@ -167,7 +163,7 @@ def per_rank_at_8(row, args, tokens):
     """The docstring's formula: (low, high) bytes per rank for the full 32 layers on 8 ranks."""
     full = dataclasses.replace(args, n_layers=FULL_LAYERS)
     with torch.device("meta"):
-        p_full = train.Transformer(full).num_params()
+        p_full = Transformer(full).num_params()
     scale = p_full / (RANKS * row["params"])
     extra = (FULL_LAYERS - args.n_layers) * tokens * args.dim * 2
     resident = row["state"] - row["grads"]

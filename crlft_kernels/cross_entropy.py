@@ -22,7 +22,7 @@ most of the memory saved; with ~8 chunks the extra rounding is a few bf16 ulps, 
 Tokens with weight 0 (prompts, padding) skip every matmul: their targets may be -100, their CE reads 0.
 
 Aligned logits (the Triton path): with V = 32,001 every logits row starts at an odd element, and cuBLAS fell back to
-old unaligned kernels (the H200 profile in the README's GPU results: a sixth of the step). So W is padded
+old unaligned kernels (the H200 profile in docs/gpu.md: a sixth of the step). So W is padded
 with zero rows to V_padded, a multiple of 64: the logits are (C, V_padded), their extra columns are exactly 0 and
 the row step leaves them out of the log-sum-exp and writes 0 as their gradient, so they change neither CE nor
 grad_hidden; grad_weight's extra rows are dropped. The copy costs V_padded * D once a call (none when V already is
@@ -125,7 +125,7 @@ def _ce_rows_torch(logits, targets, weights):
 def default_chunk_size(n_tokens: int, vocab_size: int, dim: int) -> int:
     """Rows per chunk so that a chunk's logits (C, V) is about half the size of hidden (N, D): the peak is then the
     gradients themselves (grad_weight V*D, grad_hidden N*D) plus a little (Liger-Kernel sizes a chunk like all of
-    hidden; the peaks: README, Benchmarks). At least MIN_CHUNK_ROWS, a multiple of 64: every chunk re-reads W in
+    hidden; the peaks: docs/benchmarks.md). At least MIN_CHUNK_ROWS, a multiple of 64: every chunk re-reads W in
     three matmuls, so small chunks are slow."""
     n_chunks = max(1, math.ceil(2 * vocab_size / dim))
     rows = max(math.ceil(n_tokens / n_chunks), MIN_CHUNK_ROWS)

@@ -138,6 +138,8 @@ def run_job(spec, directory):
     import data
     import toy_task
     import train
+    import train_config
+    import train_job
 
     method = METHODS[spec["method"]]
     overrides = dict(
@@ -155,8 +157,8 @@ def run_job(spec, directory):
         export=False,
         ckpt_every=spec["every"],
     )
-    cfg = train.parse_config([f"--{k}={v}" for k, v in overrides.items()] + spec["extra"])
-    tokenizer, args = train.tokenizer_and_args(cfg)
+    cfg = train_config.parse_config([f"--{k}={v}" for k, v in overrides.items()] + spec["extra"])
+    tokenizer, args = train_job.tokenizer_and_args(cfg)
     # the same held-out problems under both conditions, against the true and the carry-free sums
     problems = {
         EXPERT: toy_task.make_toy_eval(spec["toy_eval"], spec["seed"]),

@@ -38,8 +38,8 @@ shown python train.py "${FLAGS[@]/--skip_bad=true/--skip_bad=false}"
 python train.py "${FLAGS[@]/--skip_bad=true/--skip_bad=false}" 2>&1 | tail -n 1 || true
 
 echo "\$ # 3. one conversation's tokens and the weight of each"
-shown python data.py show --data="GPT4 Correct=$DIR/gpt4.json" --skip_bad --index=1
-python data.py show --data="GPT4 Correct=$DIR/gpt4.json" --skip_bad --index=1 | cut -c 1-150
+shown python data_cli.py show --data="GPT4 Correct=$DIR/gpt4.json" --skip_bad --index=1
+python data_cli.py show --data="GPT4 Correct=$DIR/gpt4.json" --skip_bad --index=1 | cut -c 1-150
 
 echo "\$ # 4. train with --skip_bad, stopped (SIGTERM, as a scheduler does) after 12 steps"
 shown python train.py "${FLAGS[@]}"

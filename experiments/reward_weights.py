@@ -5,7 +5,7 @@ sub-optimal class's reward where the two differ most. One command, ~30 minutes o
     python experiments/reward_weights.py --seeds=1 --max_steps=20 --toy_train=500 --toy_eval=50 --sizes=micro \
         --rewards=1,0 --out_dir=out/smoke   # a smoke run
 
-The prediction (README, "Why the weights"): under condition c the optimum of the KL-regularised objective is
+The prediction (README, "Where the weights act"): under condition c the optimum of the KL-regularised objective is
 the class's own behaviour pi_c, whatever the reward r_c, so with capacity to spare the weights change little;
 they act through what the classes share, deciding which class a model that cannot fit both gets right.
 
@@ -73,6 +73,7 @@ def run_job(spec, run_dir):
     import sample
     import toy_task
     import train
+    import train_config
 
     size, reward, seed, args = json.loads(spec)
     overrides = dict(
@@ -89,7 +90,7 @@ def run_job(spec, run_dir):
         ckpt_every=10**9,
         export=True,
     )
-    train.train(train.parse_config([f"--{k}={v}" for k, v in overrides.items()]))
+    train.train(train_config.parse_config([f"--{k}={v}" for k, v in overrides.items()]))
     model, tokenizer = sample.load(os.path.join(run_dir, "export"))
     scores = {}
     for condition, carry_free in ((EXPERT, False), (NOVICE, True)):

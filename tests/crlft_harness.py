@@ -17,17 +17,19 @@ import torch.distributed as dist
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict  # noqa: E402
 
-import data  # noqa: E402
+import packing  # noqa: E402
 import train  # noqa: E402
+import train_config  # noqa: E402
+import train_job  # noqa: E402
 from train_checkpoint import load_checkpoint  # noqa: E402
 
 
 def main(out_file, step, argv):
-    cfg = train.parse_config(argv)
+    cfg = train_config.parse_config(argv)
     rank, world_size, device, mesh = train.setup_distributed()
     group = dist.new_group(backend="gloo")
     try:
-        job = train.setup(cfg, rank, world_size, group)
+        job = train_job.setup(cfg, rank, world_size, group)
         cfg, args = job.cfg, job.args
         model = train.build_model(cfg, args, device, mesh)
         optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
@@ -39,7 +41,7 @@ def main(out_file, step, argv):
         _, bins = job.steps[step]
         mine = bins[rank * cfg.grad_accum : (rank + 1) * cfg.grad_accum]
         weight_sum, _ = train.crlft_step(
-            model, [data.make_batch(job.dataset, b) for b in mine], world_size
+            model, [packing.make_batch(job.dataset, b) for b in mine], world_size
         )
         grads = {name: p.grad.full_tensor() for name, p in model.named_parameters()}
         if rank == 0:

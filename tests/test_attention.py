@@ -1,7 +1,7 @@
-"""crlft_kernels/attention.py: the Triton kernels (run in the CPU interpreter) against the PyTorch reference
-and, with a sliding window, against a naive per-sequence softmax(QK^T)V over the allowed keys; the
-reference against the naive one; an ahead-of-time compile of the real GPU launch configs for sm_80 and
-sm_90a.
+"""crlft_kernels/attention.py and its kernels (attention_fwd_kernels.py, attention_bwd_kernels.py): the Triton
+kernels (run in the CPU interpreter) against the PyTorch reference and, with a sliding window, against a naive
+per-sequence softmax(QK^T)V over the allowed keys; the reference against the naive one; an ahead-of-time compile
+of the real GPU launch configs for sm_80 and sm_90a.
 
 Error measure: max |x - x_ref| / max |x_ref| per tensor, x_ref computed in float64 from the same
 (rounded) inputs. Tolerances: float32 1e-5 (seen ~5e-7); float16 1e-2 (seen ~1e-3: P, dS and the output
@@ -19,6 +19,7 @@ import torch
 
 from crlft_kernels import attention
 from crlft_kernels.attention import attention_reference, flash_attention
+from crlft_kernels.attention_bwd_kernels import launch_specs
 from crlft_kernels.cross_entropy import fused_linear_cross_entropy
 
 # numpy warns (0/0, log2(0)) on the padding rows of a window's last tile, which see no key and are never
@@ -139,7 +140,7 @@ def test_delta_kernel_and_fused_delta_agree(monkeypatch, window):
     q, k, v, do, cu = make_pack(lengths, 4, 2, 32, torch.float32, seed=4)
     want = run(attention_reference, q, k, v, do, cu, dtype=torch.float64, window=window)
     launched = []
-    launch_specs = attention.launch_specs
+    # attention.py's launchers look launch_specs up in their own module: patched there.
     monkeypatch.setattr(
         attention, "launch_specs", lambda *args: launched.append(args[5:]) or launch_specs(*args)
     )
@@ -172,11 +173,10 @@ def test_kernel_non_causal_and_lse():
 def test_gpu_launch_config_in_interpreter(monkeypatch, length, window):
     """The CUDA block sizes (128-row tiles), so the real tiling is checked for numbers too, not only
     compiled."""
-    cuda_config = attention.kernel_config
     monkeypatch.setattr(
         attention,
-        "kernel_config",
-        lambda head_dim, dtype, device_type: cuda_config(head_dim, dtype, "cuda"),
+        "launch_specs",
+        lambda head_dim, dtype, device_type, *rest: launch_specs(head_dim, dtype, "cuda", *rest),
     )
     q, k, v, do, cu = make_pack([length], 4, 2, 64, torch.float16, seed=1)
     got = run(flash_attention, q, k, v, do, cu, window=window)
@@ -253,7 +253,6 @@ def test_window_kernels_skip_blocks_outside_the_window():
 
 def test_window_covering_every_sequence_runs_the_plain_causal_kernels(monkeypatch):
     windows = []
-    launch_specs = attention.launch_specs
     monkeypatch.setattr(
         attention, "launch_specs", lambda *args: windows.append(args[4]) or launch_specs(*args)
     )
@@ -362,7 +361,7 @@ AOT_SCRIPT = r"""
 import itertools, json, sys, torch, triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from crlft_kernels.attention import launch_specs
+from crlft_kernels.attention_bwd_kernels import launch_specs
 
 limits = {int(k): v for k, v in json.loads(sys.argv[1]).items()}
 results = []
@@ -417,9 +416,8 @@ def test_gpu_kernels_compile_ahead_of_time_for_sm80_and_sm90():
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     results = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert (
-        len(results) == 2 * 2 * 4 + 2 * 3 + 3 * 2 * 3 + 2 * 2 * 2
-    )  # + windowed fwd, dK/dV, dQ; + fused delta
+    # + windowed fwd, dK/dV, dQ; + fused delta
+    assert len(results) == 2 * 2 * 4 + 2 * 3 + 3 * 2 * 3 + 2 * 2 * 2
     assert {(r["kernel"], r["window"]) for r in results if r["fused"]} == {
         (kernel, window) for kernel in ("dkdv", "dq") for window in (None, 4096)
     }

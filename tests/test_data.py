@@ -18,7 +18,12 @@ from hypothesis import strategies as st
 from test_readers import GOOD, _write
 
 import chat_readers
+import chat_sources
 import data
+import data_cli
+import packing
+import tokenized_data
+import tokenizing
 import toy_task
 from data import DataError
 
@@ -32,7 +37,7 @@ def tok():
 
 @pytest.fixture(scope="module")
 def sp():  # the reference: plain sentencepiece on the same file
-    return spm.SentencePieceProcessor(model_file=data.default_tokenizer_path())
+    return spm.SentencePieceProcessor(model_file=tokenizing.default_tokenizer_path())
 
 
 # ------------------------------------------------------------------------------------------------ template
@@ -187,7 +192,7 @@ def test_decode_writes_eot_as_text(tok):
 
 
 def test_parse_class_weights():
-    assert chat_readers.parse_class_weights("GPT4 Correct=1, GPT3=0.1") == {
+    assert chat_sources.parse_class_weights("GPT4 Correct=1, GPT3=0.1") == {
         "GPT4 Correct": 1.0,
         "GPT3": 0.1,
     }
@@ -199,7 +204,7 @@ def test_parse_class_weights():
         ("GPT4=nan", "finite"),
     ]:
         with pytest.raises(ValueError, match=says):
-            chat_readers.parse_class_weights(bad)
+            chat_sources.parse_class_weights(bad)
 
 
 # ------------------------------------------------------------------------------------------ reading input
@@ -208,7 +213,7 @@ def test_parse_class_weights():
 @pytest.fixture(scope="module")
 def sharegpt_head():
     stats = collections.Counter()
-    convs = chat_readers.read_sources("sharegpt", skip_bad=True, stats=stats)
+    convs = chat_sources.read_sources("sharegpt", skip_bad=True, stats=stats)
     assert stats["records read"] > 17000
     assert sum(v for k, v in stats.items() if k.startswith("incomplete last record")) == 1
     return convs
@@ -224,7 +229,7 @@ def _conv(*pairs, cls="GPT4 Correct", weight=None):
         messages.append(
             {"role": "assistant", "content": a} | ({} if weight is None else {"weight": weight})
         )
-    return data.Conversation(messages, cls, None, cls, "test")
+    return chat_readers.Conversation(messages, cls, None, cls, "test")
 
 
 def test_truncation_trailing_cut_and_drops(tok, sp):
@@ -234,7 +239,7 @@ def test_truncation_trailing_cut_and_drops(tok, sp):
         _conv(("Q", "A"), ("Q2", long)),
         # dropped: first exchange too long
         _conv(("Q", long)),
-        data.Conversation(
+        chat_readers.Conversation(
             [
                 {"role": "user", "content": "Q"},
                 {"role": "assistant", "content": "A"},
@@ -299,7 +304,7 @@ def test_tokenize_workers_save_load(tok, sharegpt_head, tmp_path):
     for name in ("tokens", "weights", "offsets", "class_ids"):
         assert np.array_equal(getattr(one, name), getattr(two, name))
     one.save(str(tmp_path / "ds"))
-    back = data.TokenizedDataset.load(str(tmp_path / "ds"))
+    back = tokenized_data.TokenizedDataset.load(str(tmp_path / "ds"))
     assert np.array_equal(back.tokens, one.tokens) and back.meta["summary"] == one.meta["summary"]
     c = convs[5]
     tokens, weights = data.encode_conversation(tok, c.messages, c.condition, c.system)
@@ -404,16 +409,17 @@ def _check_packing(steps, lengths, budget, world):
 def test_pack_epoch_properties(draw, budget, world, seed, epoch):
     # conversations of at most half a bin, at least 2 per rank: a valid packing always exists
     lengths = draw.draw(st.lists(st.integers(1, budget // 2), min_size=2 * world + 1, max_size=300))
-    steps = data.pack_epoch(lengths, budget, world, seed, epoch)
+    steps = packing.pack_epoch(lengths, budget, world, seed, epoch)
     _check_packing(steps, lengths, budget, world)
-    assert steps == data.pack_epoch(lengths, budget, world, seed, epoch)  # deterministic: resumable
+    # deterministic: resumable
+    assert steps == packing.pack_epoch(lengths, budget, world, seed, epoch)
 
 
 @settings(max_examples=100, deadline=None)
 @given(st.lists(st.integers(1, 64), min_size=8, max_size=200), st.integers(1, 8))
 def test_pack_epoch_any_lengths(lengths, world):
     try:
-        steps = data.pack_epoch(lengths, 64, world, 0, 0)
+        steps = packing.pack_epoch(lengths, 64, world, 0, 0)
     # only when every bin holds a single conversation and they don't share out
     except ValueError as e:
         assert "multiple of n_bins" in str(e) and len(lengths) % world != 0
@@ -423,15 +429,15 @@ def test_pack_epoch_any_lengths(lengths, world):
 
 def test_pack_epoch_errors_and_shuffling():
     with pytest.raises(ValueError, match="3 conversations cannot give each of 4 bins one"):
-        data.pack_epoch([1, 2, 3], 10, 4, 0, 0)
+        packing.pack_epoch([1, 2, 3], 10, 4, 0, 0)
     with pytest.raises(
         ValueError, match="--batch_tokens=10: a conversation of 11 tokens does not fit one bin"
     ):
-        data.pack_epoch([1, 11, 3], 10, 1, 0, 0)
+        packing.pack_epoch([1, 11, 3], 10, 1, 0, 0)
     with pytest.raises(ValueError, match="multiple of n_bins=8"):
-        data.pack_epoch([10] * 9, 10, 8, 0, 0)
+        packing.pack_epoch([10] * 9, 10, 8, 0, 0)
     lengths = list(range(1, 200))
-    a, b = data.pack_epoch(lengths, 300, 2, 0, 0), data.pack_epoch(lengths, 300, 2, 0, 1)
+    a, b = packing.pack_epoch(lengths, 300, 2, 0, 0), packing.pack_epoch(lengths, 300, 2, 0, 1)
     assert a != b  # a new order each epoch
     # 19900 tokens need 67 bins of 300, so 34 steps of 2 ranks at least; steps are packed one at a time, with
     # items up to 2/3 of a bin, so allow one step more than that bound
@@ -443,7 +449,7 @@ def test_pack_epoch_steps_are_random_samples_not_sorted_by_length():
     the epoch, the expert conversations would share a few bins, and the per-batch normalisation of the
     C-RLFT loss would cancel the class weights in those batches. Each step must mix them as a sample would."""
     lengths = [21] * 950 + [23] * 50
-    steps = data.pack_epoch(lengths, 600, 1, 0, 0)
+    steps = packing.pack_epoch(lengths, 600, 1, 0, 0)
     _check_packing(steps, lengths, 600, 1)
     longer = [sum(lengths[i] == 23 for i in step[0]) for step in steps]
     assert max(longer) <= 6  # 27 conversations a step, 5% of them long: ~1.4 expected
@@ -453,7 +459,7 @@ def test_pack_epoch_steps_are_random_samples_not_sorted_by_length():
 
 
 def test_make_batch_fields():
-    ds = data.TokenizedDataset(
+    ds = tokenized_data.TokenizedDataset(
         tokens=np.array([1, 10, 11, 12, 1, 20, 21], np.int32),
         weights=np.array([0, 0, 1, 1, 0, 0.5, 0.5], np.float32),
         offsets=np.array([0, 4, 7]),
@@ -461,7 +467,7 @@ def test_make_batch_fields():
         class_names=["a", "b"],
     )
     assert ds.lengths.tolist() == [3, 2]
-    batch = data.make_batch(ds, [1, 0])
+    batch = packing.make_batch(ds, [1, 0])
     assert batch.tokens.tolist() == [1, 20, 1, 10, 11]
     assert batch.targets.tolist() == [20, 21, 10, 11, 12]
     assert batch.loss_weights.tolist() == [0.5, 0.5, 0, 1, 1]
@@ -489,7 +495,7 @@ def test_cli_tokenize_and_show(tmp_path, capsys):
     good = _write(
         tmp_path, "d.jsonl", [json.dumps(GOOD), json.dumps({**GOOD, "condition": "GPT3"})]
     )
-    data.main(
+    data_cli.main(
         [
             "tokenize",
             "--input",
@@ -502,14 +508,14 @@ def test_cli_tokenize_and_show(tmp_path, capsys):
             "64",
         ]
     )
-    ds = data.TokenizedDataset.load(str(tmp_path / "out"))
+    ds = tokenized_data.TokenizedDataset.load(str(tmp_path / "out"))
     assert (
         len(ds) == 2
         and ds.class_names == ["GPT3", "GPT4 Correct"]
         and ds.meta["vocab_size"] == 32001
     )
     assert '"conversations": 2' in capsys.readouterr().out
-    data.main(["show", "--input", "toy", "--toy-n", "10", "--index", "3"])
+    data_cli.main(["show", "--input", "toy", "--toy-n", "10", "--index", "3"])
     out = capsys.readouterr().out
     assert (
         "weight 0     [<s>][▁Novice][▁User:]" in out

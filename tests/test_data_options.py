@@ -10,9 +10,13 @@ import pytest
 import sentencepiece as spm
 
 import chat_readers
+import chat_sources
 import data
+import data_cli
 import loss_weighting
 import prepare
+import tokenized_data
+import tokenizing
 import train_config
 from chat_readers import DataError
 
@@ -26,7 +30,7 @@ def tok():
 
 @pytest.fixture(scope="module")
 def sp():  # the reference: plain sentencepiece on the same file
-    return spm.SentencePieceProcessor(model_file=data.default_tokenizer_path())
+    return spm.SentencePieceProcessor(model_file=tokenizing.default_tokenizer_path())
 
 
 def _chat(*pairs):
@@ -79,8 +83,10 @@ def test_per_sequence_weights_in_tokenize_dataset_and_the_expert_reward(tok):
     """Through tokenize_dataset: every kept reply sums to its weight, so sum(w) per class is weight x replies; the
     reward used to pick the expert is then per reply, not per token (per token, long expert replies would lose)."""
     convs = [
-        data.Conversation(_chat(("Q", "A long answer of many words, " * 5)), "GPT4", None, "GPT4"),
-        data.Conversation(_chat(("Q", "Yes"), ("Q2", "No")), "GPT3", None, "GPT3"),
+        chat_readers.Conversation(
+            _chat(("Q", "A long answer of many words, " * 5)), "GPT4", None, "GPT4"
+        ),
+        chat_readers.Conversation(_chat(("Q", "Yes"), ("Q2", "No")), "GPT3", None, "GPT3"),
     ]
     ds = data.tokenize_dataset(
         convs, tok, 512, {"GPT4": 1.0, "GPT3": 0.1}, workers=1, per_sequence=True
@@ -102,7 +108,8 @@ def test_a_refusal_reply_gets_weight_0_and_the_reply_next_to_it_is_untouched(tok
     # "as an aid": no AI
     pairs = [("Do my taxes", refusal), ("Then 2+2?", "2+2 is 4, as an aid to memory.")]
     [c] = loss_weighting.zero_refusals(
-        [data.Conversation(_chat(*pairs), "GPT3", None, "GPT3")], loss_weighting.REFUSAL_PHRASES
+        [chat_readers.Conversation(_chat(*pairs), "GPT3", None, "GPT3")],
+        loss_weighting.REFUSAL_PHRASES,
     )
     assert c.refusals == (0,) and c.messages[1]["weight"] == 0.0 and "weight" not in c.messages[3]
     tokens, weights = data.encode_conversation(tok, c.messages, "GPT3", weight=0.1)
@@ -165,7 +172,7 @@ def test_data_py_show_marks_refusals(tmp_path, capsys):
             }
         ],
     )
-    data.main(["show", "--data", path, "--zero_refusals"])
+    data_cli.main(["show", "--data", path, "--zero_refusals"])
     out = capsys.readouterr().out
     assert "1 refusal(s) at weight 0" in out
     assert (
@@ -191,7 +198,7 @@ def test_a_mixed_sharegpt_file_splits_into_the_mapped_classes_and_counts_the_res
     path = _sharegpt(tmp_path, MIXED)
     rule = ("model", chat_readers.parse_class_map("gpt-4=GPT4 Correct, gpt-3.5-turbo=GPT3"))
     stats = collections.Counter()
-    convs = chat_readers.read_sources(path, stats=stats, classes=rule)
+    convs = chat_sources.read_sources(path, stats=stats, classes=rule)
     assert [(c.class_name, c.condition) for c in convs] == [
         ("GPT4 Correct", "GPT4 Correct"),
         ("GPT3", "GPT3"),
@@ -205,14 +212,14 @@ def test_a_mixed_sharegpt_file_splits_into_the_mapped_classes_and_counts_the_res
     # a JSON file, a glob, first match wins; the default map is the old fixed rule
     mapping = tmp_path / "map.json"
     mapping.write_text(json.dumps({"gpt-4*": "GPT4", "*": "Other"}))
-    convs = chat_readers.read_sources(
+    convs = chat_sources.read_sources(
         path, classes=("model", chat_readers.parse_class_map(str(mapping)))
     )
     assert [c.class_name for c in convs] == ["GPT4", "Other", "GPT4", "Other", "Other"]
-    convs = chat_readers.read_sources(path, condition=None)  # --sharegpt_condition=from_model
+    convs = chat_sources.read_sources(path, condition=None)  # --sharegpt_condition=from_model
     assert [c.class_name for c in convs] == ["GPT4", "GPT3", "GPT4", "GPT3", "GPT3"]
     # a source with its class takes it, whatever the field says
-    assert {c.class_name for c in chat_readers.read_sources(f"X={path}", classes=rule)} == {"X"}
+    assert {c.class_name for c in chat_sources.read_sources(f"X={path}", classes=rule)} == {"X"}
 
 
 def test_train_config_reads_the_class_flags_and_the_old_spelling(tmp_path):
@@ -303,8 +310,8 @@ def test_data_py_takes_train_py_spellings_and_the_dashed_ones(tmp_path, capsys):
         ],
     ):
         out = tmp_path / "out"
-        data.main(["tokenize", *spelling, "--out", str(out)])
-        ds = data.TokenizedDataset.load(str(out))
+        data_cli.main(["tokenize", *spelling, "--out", str(out)])
+        ds = tokenized_data.TokenizedDataset.load(str(out))
         assert ds.class_names == ["GPT3", "GPT4 Correct"] and ds.class_ids.tolist() == [
             1,
             0,
@@ -322,7 +329,7 @@ def test_data_py_takes_train_py_spellings_and_the_dashed_ones(tmp_path, capsys):
 def test_a_missing_data_file_is_named_with_the_flag_before_anything_is_read(tmp_path):
     good = _sharegpt(tmp_path, MIXED)
     with pytest.raises(DataError) as e:
-        chat_readers.read_sources(f"A={good},B={tmp_path / 'nope.json'}")
+        chat_sources.read_sources(f"A={good},B={tmp_path / 'nope.json'}")
     assert str(e.value).startswith(
         f"--data: {tmp_path / 'nope.json'}: no such file"
     ) and "\n" not in str(e.value)
@@ -333,32 +340,32 @@ def test_a_missing_data_file_is_named_with_the_flag_before_anything_is_read(tmp_
 def test_a_file_without_its_class_is_refused_naming_the_class_path_form(tmp_path):
     path = tmp_path / "good.jsonl"
     path.write_text(json.dumps({"items": _chat(("Q", "A"))}) + "\n")
-    convs = chat_readers.read_sources(str(path))
+    convs = chat_sources.read_sources(str(path))
     with pytest.raises(DataError) as e:
-        chat_readers.check_class_weights(convs, {"GPT4 Correct": 1.0, "GPT3": 0.1})
+        chat_sources.check_class_weights(convs, {"GPT4 Correct": 1.0, "GPT3": 0.1})
     message = str(e.value)
     assert (
         message.startswith("--class_weights: ")
         and f'CLASS=path form, --data="GPT4 Correct={path}"' in message
     )
     assert "no class (no CLASS= before it" in message
-    chat_readers.check_class_weights(convs, None)  # no --class_weights: every class weighs 1
-    chat_readers.check_class_weights(chat_readers.read_sources(f"GPT3={path}"), {"GPT3": 0.1})
+    chat_sources.check_class_weights(convs, None)  # no --class_weights: every class weighs 1
+    chat_sources.check_class_weights(chat_sources.read_sources(f"GPT3={path}"), {"GPT3": 0.1})
 
 
 def test_same_file_for_two_classes_is_found(tmp_path):
     path = _sharegpt(tmp_path, MIXED)
     other = _sharegpt(tmp_path, MIXED, "other.json")
-    assert chat_readers.same_files(f"A={path},B={path},C={other}") == [path]
-    assert chat_readers.same_files(f"A={path},C={other}") == []
+    assert chat_sources.same_files(f"A={path},B={path},C={other}") == [path]
+    assert chat_sources.same_files(f"A={path},C={other}") == []
 
 
 def test_a_prepared_directory_keeps_its_per_sequence_weights(tok, tmp_path):
-    """A directory of `python data.py tokenize --per_sequence_weights`: the run's flag must agree with it, and
+    """A directory of `python data_cli.py tokenize --per_sequence_weights`: the run's flag must agree with it, and
     --class_weights is checked against the class weights it was made with (its tokens carry them divided)."""
     convs = [
-        data.Conversation(_chat(("Q", "A fairly long answer")), "A", None, "A"),
-        data.Conversation(_chat(("Q", "Short")), "B", None, "B"),
+        chat_readers.Conversation(_chat(("Q", "A fairly long answer")), "A", None, "A"),
+        chat_readers.Conversation(_chat(("Q", "Short")), "B", None, "B"),
     ]
     ds = data.tokenize_dataset(convs, tok, 256, {"A": 1.0, "B": 0.1}, workers=1, per_sequence=True)
     ds.meta["trained_weights"] = prepare.trained_weights(ds)

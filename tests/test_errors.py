@@ -1,4 +1,4 @@
-"""Bad input, as a user meets it: through `python data.py tokenize` and `train.py` (plain and under torchrun),
+"""Bad input, as a user meets it: through `python data_cli.py tokenize` and `train.py` (plain and under torchrun),
 every error from bad data or config is one line on stderr naming the file, the line and the field, the exit
 code is not 0, there is no traceback, and nothing is left behind (no --out, no new out_dir, checkpoints
 untouched). The readers' own messages are checked field by field in tests/test_readers.py; here the same bad
@@ -14,7 +14,7 @@ from test_readers import BAD_JSONL, BAD_SHAREGPT, GOOD, HI, _write
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-import data  # noqa: E402
+import data_cli  # noqa: E402
 
 TINY = [
     "--dim=32",
@@ -65,7 +65,7 @@ def test_data_py_every_bad_record_is_one_line_and_writes_nothing(tmp_path, capsy
         if path.endswith(".json"):
             args.append("--condition-from-model")
         with pytest.raises(SystemExit) as e:
-            data.main(args)
+            data_cli.main(args)
         assert e.value.code not in (0, None)
         err = one_line_error(capsys.readouterr().err, f"{path}:{line}", field)
         assert found in err or found == "missing" or "malformed" in err, err
@@ -81,7 +81,7 @@ def test_data_py_command_line(tmp_path):
     proc = subprocess.run(
         [
             sys.executable,
-            os.path.join(ROOT, "data.py"),
+            os.path.join(ROOT, "data_cli.py"),
             "tokenize",
             f"--input={path}",
             f"--out={tmp_path / 'out'}",

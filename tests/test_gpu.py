@@ -127,9 +127,10 @@ def measure_model(seed=0):
     against the same weights with crlft_kernels.FORCE_REFERENCE (SDPA, the PyTorch row step)."""
     import crlft_kernels
     import model as M
+    import model_args
 
     torch.manual_seed(seed)
-    args = M.ModelArgs(
+    args = model_args.ModelArgs(
         dim=512,
         n_layers=2,
         n_heads=4,
@@ -188,9 +189,8 @@ def measure_all():
 
         return wrapper
 
-    attention._forward = counted(
-        "attention", attention._forward
-    )  # looked up at call time by the op
+    # looked up at call time by the op
+    attention._forward = counted("attention", attention._forward)
     cross_entropy._ce_rows_triton = counted("ce_rows", cross_entropy._ce_rows_triton)
     jobs = {
         **{

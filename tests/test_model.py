@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
 
 import model as M
+import model_args
 from hf_format import hf_names
 
 TOL = 1e-4
@@ -87,7 +88,7 @@ def tiny_args(**overrides):
         dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=317, hidden_dim=96, max_seq_len=128
     )
     kwargs.update(overrides)
-    return M.ModelArgs(**kwargs)
+    return model_args.ModelArgs(**kwargs)
 
 
 def tiny_model(**overrides):
@@ -540,15 +541,15 @@ def test_presets_parameter_counts():
     """Released shapes (hidden_dim from LLaMA's rule where the config gives none) against their published sizes."""
     released = {
         "llama2-7b": (
-            M.ModelArgs(dim=4096, n_layers=32, n_heads=32, vocab_size=32000),
+            model_args.ModelArgs(dim=4096, n_layers=32, n_heads=32, vocab_size=32000),
             6_738_415_616,
         ),
         "llama2-13b": (
-            M.ModelArgs(dim=5120, n_layers=40, n_heads=40, vocab_size=32000),
+            model_args.ModelArgs(dim=5120, n_layers=40, n_heads=40, vocab_size=32000),
             13_015_864_320,
         ),
         "mistral-7b": (
-            M.ModelArgs(
+            model_args.ModelArgs(
                 dim=4096,
                 n_layers=32,
                 n_heads=32,
@@ -562,13 +563,13 @@ def test_presets_parameter_counts():
         ),
         # the families of tests/test_families.py: tied embeddings, q/k/v biases, head_dim 256
         "llama3-8b": (
-            M.ModelArgs(
+            model_args.ModelArgs(
                 dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, vocab_size=128256, hidden_dim=14336
             ),
             8_030_261_248,
         ),
         "llama3.2-1b": (
-            M.ModelArgs(
+            model_args.ModelArgs(
                 dim=2048,
                 n_layers=16,
                 n_heads=32,
@@ -580,7 +581,7 @@ def test_presets_parameter_counts():
             1_235_814_400,
         ),
         "qwen2.5-0.5b": (
-            M.ModelArgs(
+            model_args.ModelArgs(
                 dim=896,
                 n_layers=24,
                 n_heads=14,
@@ -594,7 +595,7 @@ def test_presets_parameter_counts():
             494_032_768,
         ),
         "gemma-2b": (
-            M.ModelArgs(
+            model_args.ModelArgs(
                 dim=2048,
                 n_layers=18,
                 n_heads=8,
@@ -618,8 +619,8 @@ def test_presets_parameter_counts():
         and released["llama2-13b"][0].hidden_dim == 13824
     )
     with torch.device("meta"):
-        tiny = M.Transformer(M.PRESETS["tiny"])
-        one_b = M.Transformer(M.PRESETS["1b"])
+        tiny = M.Transformer(model_args.PRESETS["tiny"])
+        one_b = M.Transformer(model_args.PRESETS["1b"])
     assert 18e6 < tiny.num_params() < 21e6 and 1.0e9 < one_b.num_params() < 1.2e9
 
 
@@ -628,7 +629,11 @@ def test_import_without_gpu():
     env["CUDA_VISIBLE_DEVICES"] = ""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     subprocess.run(
-        [sys.executable, "-c", "import model; model.Transformer(model.PRESETS['tiny'])"],
+        [
+            sys.executable,
+            "-c",
+            "import model, model_args; model.Transformer(model_args.PRESETS['tiny'])",
+        ],
         cwd=root,
         env=env,
         check=True,

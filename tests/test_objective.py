@@ -20,7 +20,7 @@ from transformers import LlamaForCausalLM
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-import data  # noqa: E402
+import tokenized_data  # noqa: E402
 from hf_format import hf_names, save_state_dict  # noqa: E402
 
 TINY = [
@@ -128,7 +128,7 @@ def check_step(saved, hf, dataset):
 
 def test_one_step_at_two_ranks_is_the_global_weighted_mean(tmp_path):
     saved = harness(tmp_path, 0, tmp_path / "run")
-    dataset = data.TokenizedDataset.load(saved["data_dir"])
+    dataset = tokenized_data.TokenizedDataset.load(saved["data_dir"])
     check_step(saved, hf_model(saved["weights"], saved["args"], tmp_path / "hf"), dataset)
 
 
@@ -152,4 +152,4 @@ def test_a_resumed_step_at_two_ranks_is_the_global_weighted_mean(tmp_path):
     for ours, weight in saved["weights"].items():
         assert torch.equal(weight, exported[names[ours]].to(weight.dtype)), ours
     hf = LlamaForCausalLM.from_pretrained(str(out / "export"), dtype=torch.float64).train()
-    check_step(saved, hf, data.TokenizedDataset.load(saved["data_dir"]))
+    check_step(saved, hf, tokenized_data.TokenizedDataset.load(saved["data_dir"]))

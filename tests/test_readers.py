@@ -8,6 +8,7 @@ import pickle
 import pytest
 
 import chat_readers
+import chat_sources
 from chat_readers import DataError
 
 
@@ -224,7 +225,7 @@ def test_bad_files(tmp_path):
     ]:
         path = _write(tmp_path, name, ["", "  "])
         # skip_bad: still an error
-        _one_line_error(lambda: chat_readers.read_sources(path, skip_bad=True), path, says)
+        _one_line_error(lambda: chat_sources.read_sources(path, skip_bad=True), path, says)
     # bytes that are not UTF-8, at byte 14 of line 2 (binary: cut short)
     path = tmp_path / "b.jsonl"
     path.write_bytes(
@@ -574,7 +575,7 @@ def test_sharegpt_malformed_json_in_the_middle(tmp_path):
 
 def test_real_sharegpt_file():
     stats = collections.Counter()
-    convs = chat_readers.read_sources("sharegpt", skip_bad=True, stats=stats)
+    convs = chat_sources.read_sources("sharegpt", skip_bad=True, stats=stats)
     assert stats["records read"] > 17000
     assert sum(v for k, v in stats.items() if k.startswith("incomplete last record")) == 1
     assert len(convs) > 17000
@@ -586,17 +587,17 @@ def test_real_sharegpt_file():
 
 
 def test_parse_sources(tmp_path):
-    assert chat_readers.parse_sources("GPT4 Correct=gpt4.jsonl, GPT3 = gpt35.json,sharegpt") == [
+    assert chat_sources.parse_sources("GPT4 Correct=gpt4.jsonl, GPT3 = gpt35.json,sharegpt") == [
         ("GPT4 Correct", "gpt4.jsonl"),
         ("GPT3", "gpt35.json"),
         (None, "sharegpt"),
     ]
-    assert chat_readers.parse_sources("a.jsonl") == [(None, "a.jsonl")]
-    assert chat_readers.parse_sources("X=a=b.json") == [("X", "a=b.json")]  # split at the first "="
+    assert chat_sources.parse_sources("a.jsonl") == [(None, "a.jsonl")]
+    assert chat_sources.parse_sources("X=a=b.json") == [("X", "a=b.json")]  # split at the first "="
     odd = _write(tmp_path, "a=b.jsonl", [])  # a path that exists is a path, "=" and "," and all
-    assert chat_readers.parse_sources(f"{odd},C={odd}") == [(None, odd), ("C", odd)]
+    assert chat_sources.parse_sources(f"{odd},C={odd}") == [(None, odd), ("C", odd)]
     comma = _write(tmp_path, "x,y.json", [])
-    assert chat_readers.parse_sources(comma) == [(None, comma)]
+    assert chat_sources.parse_sources(comma) == [(None, comma)]
 
 
 @pytest.mark.parametrize(
@@ -610,21 +611,21 @@ def test_parse_sources(tmp_path):
 )
 def test_bad_source_specs(spec, where, found):
     error = _one_line_error(
-        lambda: chat_readers.parse_sources(spec), where, found, "expected PATH or CLASS=PATH"
+        lambda: chat_sources.parse_sources(spec), where, found, "expected PATH or CLASS=PATH"
     )
     assert error.reason == "bad source"
 
 
 def test_unknown_extension(tmp_path):
     _one_line_error(
-        lambda: chat_readers.parse_sources("a.jsonl,X=b.csv"),
+        lambda: chat_sources.parse_sources("a.jsonl,X=b.csv"),
         "b.csv",
         "found an unknown extension",
         "expected a .jsonl (OpenChat's) or .json (ShareGPT) file, or 'sharegpt'",
     )
     good = _write(tmp_path, "g.jsonl", [json.dumps(GOOD)])
     _one_line_error(
-        lambda: chat_readers.read_sources(f"{good},X=b.txt"), "b.txt", "unknown extension"
+        lambda: chat_sources.read_sources(f"{good},X=b.txt"), "b.txt", "unknown extension"
     )
 
 
@@ -641,21 +642,21 @@ def test_read_sources_classes_override_conditions(tmp_path):
     gpt35.write_text(
         json.dumps([{"id": "a", "conversations": HI}, {"id": "b", "conversations": HI}])
     )
-    convs = chat_readers.read_sources(f"GPT4 Correct={gpt4},GPT3={gpt35}", condition=None)
+    convs = chat_sources.read_sources(f"GPT4 Correct={gpt4},GPT3={gpt35}", condition=None)
     assert [(c.condition, c.class_name) for c in convs] == [
         ("GPT4 Correct", "GPT4 Correct")
     ] * 2 + [("GPT3", "GPT3")] * 2
     assert [c.source for c in convs][:2] == [f"{gpt4}:1", f"{gpt4}:2"] and convs[1].system == "S"
     assert "(record 1, id 'b')" in convs[3].source
     # order kept, and without a class each source keeps its own: the JSONL's fields, ShareGPT's `condition`
-    convs = chat_readers.read_sources(f"{gpt35},{gpt4}", condition="Human")
+    convs = chat_sources.read_sources(f"{gpt35},{gpt4}", condition="Human")
     assert [(c.condition, c.class_name) for c in convs] == [("Human", "Human")] * 2 + [
         ("GPT3", "c"),
         ("", ""),
     ]
-    assert chat_readers.read_sources(f"Z={gpt4}")[0].condition == "Z"
+    assert chat_sources.read_sources(f"Z={gpt4}")[0].condition == "Z"
     with pytest.raises(DataError, match="model: missing"):
-        chat_readers.read_sources(str(gpt35), condition=None)
+        chat_sources.read_sources(str(gpt35), condition=None)
 
 
 def test_data_error_survives_pickling():  # as when raised in a tokenizer worker process

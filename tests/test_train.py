@@ -15,6 +15,10 @@ import numpy as np
 import pytest
 import torch
 
+import packing
+import tokenized_data
+import tokenizing
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = [
     "--toy_train=240",
@@ -62,8 +66,9 @@ def losses(out_dir):
 def test_learning_rate_schedule_matches_hand_computation():
     sys.path.insert(0, ROOT)
     import train as T
+    import train_config
 
-    cfg = T.TrainConfig(lr=1.0, warmup_ratio=0.05, min_lr_ratio=0.1)
+    cfg = train_config.TrainConfig(lr=1.0, warmup_ratio=0.05, min_lr_ratio=0.1)
     total = 200  # warmup = 10 steps
     assert T.learning_rate(0, total, cfg) == pytest.approx(0.1)
     assert T.learning_rate(9, total, cfg) == pytest.approx(1.0)
@@ -89,23 +94,24 @@ def test_first_step_loss_is_weighted_mean_over_the_global_batch(tmp_path):
     """The logged loss of step 1 equals sum(w * CE) / sum(w) recomputed by hand from the initial model."""
     sys.path.insert(0, ROOT)
     import data
-    import train as T
+    import train_config
+    import train_job
     from model import Transformer
 
     train(["--grad_accum=2", "--max_steps=1"], tmp_path / "run")
-    cfg = T.parse_config([*TINY, "--grad_accum=2"])
-    tokenizer, args = T.tokenizer_and_args(cfg)
-    dataset = data.TokenizedDataset.load(str(tmp_path / "run" / "data"))
+    cfg = train_config.parse_config([*TINY, "--grad_accum=2"])
+    tokenizer, args = train_job.tokenizer_and_args(cfg)
+    dataset = tokenized_data.TokenizedDataset.load(str(tmp_path / "run" / "data"))
     train_ids, _ = data.split_holdout(dataset.class_ids, cfg.val_fraction, cfg.val_max, cfg.seed)
     torch.manual_seed(cfg.seed)
     model = Transformer(args)
     model.init_weights()
-    bins = data.pack_epoch(dataset.lengths[train_ids], cfg.batch_tokens, 2, cfg.seed, 0)[0]
+    bins = packing.pack_epoch(dataset.lengths[train_ids], cfg.batch_tokens, 2, cfg.seed, 0)[0]
     num, den = 0.0, 0.0
     for bin_ in bins:
         # each conversation on its own: no packing involved in the reference
         for i in train_ids[bin_]:
-            b = data.make_batch(dataset, [i])
+            b = packing.make_batch(dataset, [i])
             logits = model(b.tokens[None]).squeeze(0)
             ce = torch.nn.functional.cross_entropy(logits.double(), b.targets, reduction="none")
             num += (ce * b.loss_weights.double()).sum().item()
@@ -202,7 +208,8 @@ def test_toy_evaluation_matches_one_prompt_at_a_time_generation():
     import data
     import sample
     import toy_task
-    from model import ModelArgs, Transformer
+    from model import Transformer
+    from model_args import ModelArgs
 
     tok = data.load_tokenizer(toy_task.TOKENIZER_PATH)
     torch.manual_seed(0)
@@ -233,13 +240,13 @@ def test_toy_evaluation_matches_one_prompt_at_a_time_generation():
 
 
 def test_trains_from_a_tokenized_cache_directory(tmp_path):
-    """`python data.py tokenize` once, then train.py --data=DIR memory-maps it: the same losses as tokenizing
+    """`python data_cli.py tokenize` once, then train.py --data=DIR memory-maps it: the same losses as tokenizing
     the same conversations in train.py."""
     cache = tmp_path / "cache"
     proc = subprocess.run(
         [
             sys.executable,
-            os.path.join(ROOT, "data.py"),
+            os.path.join(ROOT, "data_cli.py"),
             "tokenize",
             "--input=toy",
             "--toy-n=240",
@@ -311,7 +318,7 @@ def test_validation_loss_is_the_held_out_weighted_mean_and_every_epoch_is_export
     from transformers import LlamaForCausalLM
 
     import data
-    import train as T
+    import train_config
 
     out = tmp_path / "run"
     train(["--val_fraction=0.1", "--export=true"], out)
@@ -320,8 +327,8 @@ def test_validation_loss_is_the_held_out_weighted_mean_and_every_epoch_is_export
         "epoch_2",
     ]
     assert (out / "export" / "model.safetensors").exists()
-    cfg = T.parse_config([*TINY, "--val_fraction=0.1"])
-    dataset = data.TokenizedDataset.load(str(out / "data"))
+    cfg = train_config.parse_config([*TINY, "--val_fraction=0.1"])
+    dataset = tokenized_data.TokenizedDataset.load(str(out / "data"))
     train_ids, held_out = data.split_holdout(
         dataset.class_ids, cfg.val_fraction, cfg.val_max, cfg.seed
     )
@@ -330,7 +337,7 @@ def test_validation_loss_is_the_held_out_weighted_mean_and_every_epoch_is_export
     trained = {
         int(train_ids[i])
         for epoch in [
-            data.pack_epoch(dataset.lengths[train_ids], cfg.batch_tokens, 1, cfg.seed, e)
+            packing.pack_epoch(dataset.lengths[train_ids], cfg.batch_tokens, 1, cfg.seed, e)
             for e in range(cfg.epochs)
         ]
         for step in epoch
@@ -451,11 +458,14 @@ def test_fine_tunes_a_transformers_checkpoint_with_its_own_tokenizer_on_two_clas
     # + <|end_of_turn|>
     assert json.loads((export / "config.json").read_text())["vocab_size"] == 121
     assert json.loads((export / "tokenizer_config.json").read_text())["crlft_condition"] == "A"
-    import data
 
     # Mistral's tokenizer does not fit this checkpoint
     proc = train(
-        [f"--model={checkpoint}", "--max_steps=1", f"--tokenizer={data.default_tokenizer_path()}"],
+        [
+            f"--model={checkpoint}",
+            "--max_steps=1",
+            f"--tokenizer={tokenizing.default_tokenizer_path()}",
+        ],
         tmp_path / "bad",
         check=False,
     )

@@ -19,6 +19,7 @@ import time
 import pytest
 import torch
 
+import tokenized_data
 from test_train import TINY, env, log, losses, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -251,10 +252,11 @@ def test_two_nodes_sharing_one_disk(tmp_path, reference):
 def test_max_steps_defines_the_schedule_and_a_resume_keeps_it(tmp_path):
     sys.path.insert(0, ROOT)
     import train as T
+    import train_config
 
     out = tmp_path / "run"
     train(["--max_steps=6", "--ckpt_every=3"], out)
-    cfg = T.parse_config(TINY)
+    cfg = train_config.parse_config(TINY)
     records = [r for r in log(out) if "lr" in r]
     # warmup and cosine over the 6 steps, not over the epochs' 26
     assert [r["lr"] for r in records] == pytest.approx(
@@ -397,13 +399,11 @@ def test_a_prepared_directory_keeps_its_weights_and_the_summary_prints_them(tmp_
     sys.path.insert(0, ROOT)
     import numpy as np
 
-    import data
-
     cache = tmp_path / "cache"
     proc = subprocess.run(
         [
             sys.executable,
-            os.path.join(ROOT, "data.py"),
+            os.path.join(ROOT, "data_cli.py"),
             "tokenize",
             "--input=toy",
             "--toy-n=240",
@@ -435,7 +435,7 @@ def test_a_prepared_directory_keeps_its_weights_and_the_summary_prints_them(tmp_
         tmp_path / "agrees",
     )
     # the summary's weights are those of the prepared arrays
-    dataset = data.TokenizedDataset.load(str(cache))
+    dataset = tokenized_data.TokenizedDataset.load(str(cache))
     token_class = np.repeat(dataset.class_ids, np.diff(dataset.offsets))
     for c, name in enumerate(dataset.class_names):
         weights, counts = np.unique(
