@@ -22,10 +22,9 @@ import torch.distributed.checkpoint as dcp
 
 import data
 import hf_export
-import tokenized_data
-import toy_task
+import train_job
 from model import Transformer
-from model_args import PRESETS, ModelArgs
+from model_args import ModelArgs
 from tokenizing import open_tokenizer
 from train_checkpoint import check_same_run
 from train_config import TrainConfig
@@ -74,18 +73,10 @@ def read_manifest(path: str) -> dict:
 
 
 def run_tokenizer(config: dict, recorded: list, path: str | None = None):
-    """The run's tokenizer with its template, found as train_job.tokenizer_and_args found it: --tokenizer, the run's
-    --tokenizer, the toy's, a tokenized directory's own, the fine-tuned checkpoint's, else Mistral v1's. It must be
-    the one the manifest records (file name, template, end-of-turn id)."""
+    """The run's tokenizer with its template, found as train.py found it (train_job.tokenizer_source),
+    or --tokenizer. It must be the one the manifest records (file name, template, end-of-turn id)."""
     name, template, _ = recorded
-    path = path or config["tokenizer"] or None
-    if path is None and config["model"] not in PRESETS:
-        path = config["model"]  # the fine-tuned checkpoint's directory
-    elif path is None and config["data"] == "toy":
-        path = toy_task.TOKENIZER_PATH
-    # tokenized by `python data_cli.py tokenize`: its own
-    elif path is None and os.path.isdir(config["data"]):
-        path = tokenized_data.TokenizedDataset.load(config["data"]).meta["tokenizer"]
+    path = path or train_job.tokenizer_source(config["model"], config["data"], config["tokenizer"])
     tokenizer = data.use_template(open_tokenizer(path), template)  # path None: Mistral v1's
     found = [os.path.basename(tokenizer.path), tokenizer.template, tokenizer.eot_id]
     if found != recorded:
