@@ -277,14 +277,7 @@ def train_loop(job, model, optimizer, start_step, device):
     # matmul weights: 6N FLOPs a token
     n_params = model.num_params(exclude_embeddings=not job.args.tie_embeddings)
     describe(
-        cfg,
-        job.tokenizer,
-        job.args,
-        model.size_text(),
-        dataset,
-        job.held_out,
-        len(steps),
-        world_size,
+        cfg, job.tokenizer, job.args, model.size_text(), dataset, job.held_out, steps, world_size
     )
     progress = Progress(
         cfg, start_step, total_steps, dataset.class_names, n_params, job.args, device

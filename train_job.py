@@ -88,9 +88,12 @@ class Job:
 
 def plan_steps(dataset, train_ids, cfg, n_bins):
     """Each epoch's global steps, as (epoch, bins): packing.pack_epoch shuffles the training conversations with the
-    epoch's seed and packs them into n_bins bins a step (every rank's micro-batches: world_size x grad_accum)."""
+    epoch's seed and packs them into n_bins bins a step (every rank's micro-batches: world_size x grad_accum).
+    With --max_steps, the epochs up to the one it stops in (that epoch whole: its end is still told apart)."""
     steps = []
     for epoch in range(cfg.epochs):
+        if cfg.max_steps and len(steps) >= cfg.max_steps:
+            break
         for bins in packing.pack_epoch(
             dataset.lengths[train_ids], cfg.batch_tokens, n_bins, cfg.seed, epoch
         ):

@@ -21,7 +21,7 @@ def say(text):
         tqdm.write(text)
 
 
-def describe(cfg, tokenizer, args, size_text, dataset, held_out, n_steps, world_size):
+def describe(cfg, tokenizer, args, size_text, dataset, held_out, steps, world_size):
     """Say what is about to be trained (rank 0): tokenizer, model, each class with the weights its tokens carry in
     the prepared data (and how many tokens carry each), what the data lost on the way and the flag that changes
     each, the expert condition, the plan; and warn when one class only makes it plain SFT, when a file is given
@@ -54,7 +54,7 @@ def describe(cfg, tokenizer, args, size_text, dataset, held_out, n_steps, world_
     lines += [
         f"expert condition (evaluation, exported chat template): "
         f"{cfg.expert_condition if cfg.use_condition else '(none)'!r}",
-        f"plan: {_steps(cfg, n_steps)}, {world_size} rank(s) x {cfg.grad_accum} micro-batch(es) of "
+        f"plan: {_steps(cfg, steps)}, {world_size} rank(s) x {cfg.grad_accum} micro-batch(es) of "
         f"{cfg.batch_tokens} tokens, peak lr {cfg.lr:.3g}",
     ]
     if len(dataset.class_names) == 1:
@@ -72,10 +72,15 @@ def describe(cfg, tokenizer, args, size_text, dataset, held_out, n_steps, world_
     say("\n".join(lines))
 
 
-def _steps(cfg, n_steps) -> str:
-    if cfg.max_steps and cfg.max_steps < n_steps:
-        return f"{cfg.max_steps} steps (--max_steps; {cfg.epochs} epochs would be {n_steps})"
-    return f"{n_steps} steps in {cfg.epochs} epochs"
+def _steps(cfg, steps) -> str:
+    """steps: train_job.plan_steps' (epoch, bins) per step, cut after the epoch that --max_steps stops in."""
+    if cfg.max_steps and cfg.max_steps < len(steps):
+        first_epoch = sum(epoch == 0 for epoch, _ in steps)
+        return (
+            f"{cfg.max_steps} steps (--max_steps: in epoch {steps[cfg.max_steps - 1][0] + 1} of {cfg.epochs}; "
+            f"the first epoch is {first_epoch} steps)"
+        )
+    return f"{len(steps)} steps in {cfg.epochs} epochs"
 
 
 def _losses(c, context) -> list[str]:

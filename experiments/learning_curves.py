@@ -1,7 +1,6 @@
 """C-RLFT vs SFT as learning curves: held-out accuracy every K steps, in three mixes of expert and novice data.
 
-    python experiments/learning_curves.py                  # 3 settings x 4 methods x 3 seeds, two runs side by side:
-                                                           # 99 min on 2 shared cores (~56 min when they are free)
+    python experiments/learning_curves.py                  # 3 settings x 4 methods x 3 seeds, two runs side by side
     python experiments/learning_curves.py --report_only    # tables and picture again from the runs' logs in --out_dir
     python experiments/learning_curves.py --seeds=1 --max_steps=20 --every=10 --toy_train=500 --toy_eval=40 \
         --eval_subset=20 --out_dir=out/learning_curves_smoke   # a smoke run
@@ -22,9 +21,13 @@ ShareGPT's ~70k), and a milder novice (9% expert, novices drop carries on 30% of
 setting trains the same model on the same data per seed for the same number of steps, so the learning-rate
 schedule (5% warmup, cosine to 10%: a function of the total steps) is the same for every method.
 
-The budget, 1,000 steps: the most that fits an hour on 2 CPU cores. Two `toy` runs side by side (2,048 tokens a
-step, one thread each; 0.14 s a step for a run alone) take 3.0-3.2 minutes for 1,000 steps, start and scoring
-included, when nothing else runs: 18 pairs, ~56 minutes. 2,000 steps would take about twice that.
+The budgets, per setting (SETTINGS): every run of a setting has the same, so the same schedule; they differ
+between settings because the settings flatten at different budgets and the whole command must fit an hour on
+2 CPU cores. A `toy` step (2,048 tokens, one thread) takes ~0.15 s with two runs side by side, so 36 runs of
+2,000 steps (~90 minutes) do not fit. In the first version's 1,000-step runs the 9% settings had flattened
+(paper_share: every method's best at steps 600-1,000; mild_novice: every method's mean within 4 points of its
+end from step 700) while `ours` was still rising (C-RLFT 73% -> 79% over the last 100 steps). Hence `ours` 2,000
+steps, paper_share 1,000 and mild_novice 700: 46,000 steps, ~57 minutes when nothing else runs.
 
 How. Each run is train.py's own training (train.train, in a process of its own, one thread). train_loop saves a
 checkpoint every --ckpt_every steps and at the last step; this script sets ckpt_every to K and, in the run's
@@ -52,11 +55,12 @@ from crlft_vs_sft import METHODS as ALL_METHODS  # noqa: E402 (one definition of
 
 EXPERT, NOVICE = "Expert", "Novice"  # toy_task.py's classes, named by their conditions
 METHODS = {m: ALL_METHODS[m] for m in ("sft_mix", "crlft", "condition_only", "weights_only")}
-# name: (share of expert conversations, how often a novice answer drops its carries, description)
+# name: (share of expert conversations, how often a novice answer drops its carries, steps, description);
+# the steps: each setting's budget (the docstring says why)
 SETTINGS = {
-    "ours": (0.02, 1.0, "2% expert, novices always drop carries"),
-    "paper_share": (0.09, 1.0, "9% expert (the paper's share), novices always drop carries"),
-    "mild_novice": (0.09, 0.3, "9% expert, novices drop carries on 30% of answers"),
+    "ours": (0.02, 1.0, 2000, "2% expert, novices always drop carries"),
+    "paper_share": (0.09, 1.0, 1000, "9% expert (the paper's share), novices always drop carries"),
+    "mild_novice": (0.09, 0.3, 700, "9% expert, novices drop carries on 30% of answers"),
 }
 THRESHOLDS = (0.5, 0.9)  # the table's "steps to reach" columns, on the expert score
 
@@ -66,14 +70,19 @@ def run_dir(args, setting, method, seed):
     return os.path.join(args.out_dir, setting, f"{method}_seed{seed}")
 
 
+def budget(args, setting):
+    """The setting's steps, or --max_steps for every setting."""
+    return args.max_steps or SETTINGS[setting][2]
+
+
 def job_spec(args, setting, method, seed):
     """Everything that decides a run's curve: a finished run with the same spec is not trained again."""
-    fraction, error_rate, _ = SETTINGS[setting]
+    fraction, error_rate, _, _ = SETTINGS[setting]
     return dict(
         setting=setting,
         method=method,
         seed=seed,
-        max_steps=args.max_steps,
+        max_steps=budget(args, setting),
         every=args.every,
         toy_train=args.toy_train,
         toy_eval=args.toy_eval,
@@ -246,10 +255,11 @@ def steps_text(steps, max_steps):
 
 def table(setting, curves, seeds, args):
     """curves: {method: [scores of each seed]} -> the setting's markdown tables: the summary, then the curves."""
-    fraction, error_rate, description = SETTINGS[setting]
+    fraction, error_rate, _, description = SETTINGS[setting]
+    max_steps = budget(args, setting)
     rows = [
         f"**{setting}**: {description} ({args.toy_train} conversations, expert share {fraction:g}, novice "
-        f"error rate {error_rate:g}); {args.max_steps} steps; seeds {', '.join(map(str, seeds))}.",
+        f"error rate {error_rate:g}); {max_steps} steps; seeds {', '.join(map(str, seeds))}.",
         "",
         "| method | condition | weights (expert / novice) | expert share of Σw | expert: steps to 50% | "
         "expert: steps to 90% | expert: best, mean ± sd (at step) | expert: final, mean ± sd (per seed) | "
@@ -266,7 +276,7 @@ def table(setting, curves, seeds, args):
             .replace(f"{NOVICE}=", "")
             .replace(",", " / ")
         )
-        reach = [steps_text([steps_to(c, t) for c in runs], args.max_steps) for t in THRESHOLDS]
+        reach = [steps_text([steps_to(c, t) for c in runs], max_steps) for t in THRESHOLDS]
         # the earliest of equal bests
         best = [max(c, key=lambda r: (r["expert"], -r["step"])) for c in runs]
         m, sd = mean_sd([b["expert"] for b in best])
@@ -303,17 +313,18 @@ def band_chart(path, settings, curves, args):
     the plain prompt both times); per method the mean over seeds as a line and the seeds' range as a band."""
     panels, width, height = [], plot.W * len(settings), plot.H * 2
     for col, setting in enumerate(settings):
+        max_steps = budget(args, setting)
         for row, key, label in ((0, "expert", "true sums"), (1, "novice", "carry-free sums")):
             title = (
-                f"{setting}: {SETTINGS[setting][2]}"
+                f"{setting}: {SETTINGS[setting][3]}"
                 if row == 0
                 else f"{setting}: novice (or plain) prompt, carry-free sums"
             )
             parts, to_px = plot._frame(
-                title, "step", f"held-out accuracy (%): {label}", 0, args.max_steps, 0, 100
+                title, "step", f"held-out accuracy (%): {label}", 0, max_steps, 0, 100
             )
             parts[0] = parts[0].replace("<svg ", f'<svg x="{col * plot.W}" y="{row * plot.H}" ', 1)
-            for v in plot._ticks(0, args.max_steps):
+            for v in plot._ticks(0, max_steps):
                 x, _ = to_px(v, 0)
                 parts.append(
                     f'<text x="{x:.1f}" y="{plot.H - plot.BOTTOM + 16}" text-anchor="middle">{v:g}</text>'
@@ -349,7 +360,10 @@ def main(argv=None):
     )
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument(
-        "--max_steps", type=int, default=1000, help="every run's budget (and so its schedule)"
+        "--max_steps",
+        type=int,
+        default=0,
+        help="every run's budget (and so its schedule); 0: each setting's own (SETTINGS)",
     )
     p.add_argument("--every", type=int, default=100, help="score every this many steps (K)")
     p.add_argument("--toy_train", type=int, default=12000)
@@ -377,8 +391,11 @@ def main(argv=None):
         return run_job(json.loads(args.job), args.out_dir)
     settings, methods = args.settings.split(","), args.methods.split(",")
     seeds = [1000 + s for s in range(args.seeds)]
-    # seeds last: a first look early
-    jobs = [(st, m, s) for s in seeds for st in settings for m in methods]
+    # the longest runs first, so that the two workers end together; seeds last within a budget: a first look early
+    jobs = sorted(
+        ((st, m, s) for s in seeds for st in settings for m in methods),
+        key=lambda job: -budget(args, job[0]),
+    )
     os.makedirs(args.out_dir, exist_ok=True)
     timing = os.path.join(args.out_dir, "timing.json")
     if args.report_only:
@@ -391,7 +408,8 @@ def main(argv=None):
             minutes = json.load(f)["minutes"]
     else:
         t0 = time.time()
-        print(f"{len(jobs)} runs of {args.max_steps} steps, {args.jobs} side by side", flush=True)
+        total = sum(budget(args, job[0]) for job in jobs)
+        print(f"{len(jobs)} runs, {total:,} steps in all, {args.jobs} side by side", flush=True)
         with ThreadPoolExecutor(args.jobs) as pool:  # the threads only wait on the runs' processes
             done = dict(zip(jobs, pool.map(lambda job: launch(args, *job), jobs)))
         minutes = (time.time() - t0) / 60

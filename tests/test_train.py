@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -540,3 +541,37 @@ def test_a_tie_for_the_largest_weight_is_refused_naming_the_flag(tmp_path):
         "error: --expert_condition: classes 'GPT3', 'GPT4 Correct' share the largest weight 1"
     )
     assert not (tmp_path / "run").exists()  # nothing of the failed run left
+
+
+def test_plan_with_max_steps_packs_only_the_epochs_it_reaches():
+    """--max_steps stops the plan after the epoch it ends in: the same steps as packing every epoch with
+    packing.pack_epoch (the reference), cut there, and the plan line says which epoch that is."""
+    import types
+
+    import train_config
+    import train_job
+    from train_progress import _steps
+
+    rng = np.random.default_rng(0)
+    dataset = types.SimpleNamespace(lengths=rng.integers(5, 60, size=300))
+    train_ids = np.arange(10, 300)
+    cfg = train_config.TrainConfig(epochs=50, batch_tokens=512, seed=3)
+    reference = [
+        (e, [[int(train_ids[i]) for i in b] for b in bins])
+        for e in range(4)
+        for bins in packing.pack_epoch(dataset.lengths[train_ids], 512, 2, 3, e)
+    ]
+    per_epoch = sum(e == 0 for e, _ in reference)
+    max_steps = 2 * per_epoch + 1  # in the third epoch
+    cut = train_job.plan_steps(dataset, train_ids, replace(cfg, max_steps=max_steps), 2)
+    assert cut == [s for s in reference if s[0] <= 2]
+    assert _steps(replace(cfg, max_steps=max_steps), cut) == (
+        f"{max_steps} steps (--max_steps: in epoch 3 of 50; the first epoch is {per_epoch} steps)"
+    )
+    # on an epoch's last step: that epoch is the last packed (its end is seen as one)
+    assert train_job.plan_steps(dataset, train_ids, replace(cfg, max_steps=per_epoch), 2) == [
+        s for s in reference if s[0] == 0
+    ]
+    full = train_job.plan_steps(dataset, train_ids, replace(cfg, epochs=3), 2)
+    assert full == [s for s in reference if s[0] <= 2]
+    assert _steps(replace(cfg, epochs=3), full) == f"{len(full)} steps in 3 epochs"
