@@ -240,10 +240,8 @@ def test_toy_evaluation_matches_one_prompt_at_a_time_generation():
     assert accuracy == right / len(problems)
 
 
-def test_trains_from_a_tokenized_cache_directory(tmp_path):
-    """`python data_cli.py tokenize` once, then train.py --data=DIR memory-maps it: the same losses as tokenizing
-    the same conversations in train.py."""
-    cache = tmp_path / "cache"
+def tokenize_toy(cache):
+    """`python data_cli.py tokenize` of the toy data train.py makes by default (240 conversations, seed 1337)."""
     proc = subprocess.run(
         [
             sys.executable,
@@ -263,6 +261,13 @@ def test_trains_from_a_tokenized_cache_directory(tmp_path):
         timeout=120,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_trains_from_a_tokenized_cache_directory(tmp_path):
+    """`python data_cli.py tokenize` once, then train.py --data=DIR memory-maps it: the same losses as tokenizing
+    the same conversations in train.py."""
+    cache = tmp_path / "cache"
+    tokenize_toy(cache)
     train(["--max_steps=3"], tmp_path / "direct")  # the same toy defaults as data.py's
     train([f"--data={cache}", "--max_steps=3"], tmp_path / "cached")
     direct, cached = losses(tmp_path / "direct"), losses(tmp_path / "cached")

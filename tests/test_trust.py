@@ -20,7 +20,7 @@ import pytest
 import torch
 
 import tokenized_data
-from test_train import TINY, env, log, losses, train
+from test_train import TINY, env, log, losses, tokenize_toy, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TORCHRUN = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2")
@@ -400,25 +400,7 @@ def test_a_prepared_directory_keeps_its_weights_and_the_summary_prints_them(tmp_
     import numpy as np
 
     cache = tmp_path / "cache"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            os.path.join(ROOT, "data_cli.py"),
-            "tokenize",
-            "--input=toy",
-            "--toy-n=240",
-            "--seed=1337",
-            "--class-weights=Expert=1,Novice=0.1",
-            f"--out={cache}",
-            "--max-seq-len=256",
-        ],
-        cwd=ROOT,
-        env=env(),
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    tokenize_toy(cache)
     proc = train(
         [f"--data={cache}", "--class_weights=Expert=1,Novice=0.3", "--max_steps=1"],
         tmp_path / "run",
