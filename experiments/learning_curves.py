@@ -23,13 +23,13 @@ schedule (5% warmup, cosine to 10%: a function of the total steps) is the same f
 
 The budgets, per setting (SETTINGS): every run of a setting has the same, so the same schedule; they differ
 between settings because the settings flatten at different budgets and the whole command must fit an hour on
-2 CPU cores. A try at 1,800 / 1,000 / 700 steps (42,000 in all) took 55.8 minutes: ~0.16 s a `toy` step (2,048
-tokens, one thread) with two runs side by side, scoring included, so 36 runs of 2,000 steps (~95 minutes) do
-not fit. In that try `ours` had flattened by step 1,500 (C-RLFT 98-99%, condition only 94-96%, the other two
-25-28% over the last 300 steps), while at a 1,000-step budget C-RLFT was still rising (73% -> 79% over the
-last 100 steps); mild_novice's C-RLFT was still rising at 700 (80% -> 93%), while at 1,000 every 9% curve was
-flat by step 800-1,000. Hence `ours` 1,600 steps, paper_share and mild_novice 1,000: 43,200 steps, ~57 minutes
-when nothing else runs.
+2 CPU cores: ~0.16 s a `toy` step (2,048 tokens, one thread) with two runs side by side, scoring included, so 36
+runs of 2,000 steps (~95 minutes) do not fit. `ours` 1,800 steps: at 1,000 C-RLFT was still rising (73% -> 79%
+over the last 100 steps), at 1,600 condition only's slowest seed was (72% -> 80% over the last 300), at 1,800
+every curve is flat over the last 300 steps. paper_share 1,000: flat from step 800. mild_novice 700: the curves
+of SFT on the mix, condition only and weights only are flat from step 600, C-RLFT's slowest seed still rises
+(the first version's 1,000-step run of this setting, with the same seeds, ends it at 99.4% +- 0.6%); at 1,000
+the whole command would take ~61 minutes. 42,000 steps in all: 55.8 minutes when nothing else ran.
 
 How. Each run is train.py's own training (train.train, in a process of its own, one thread). train_loop saves a
 checkpoint every --ckpt_every steps and at the last step; this script sets ckpt_every to K and, in the run's
@@ -60,9 +60,9 @@ METHODS = {m: ALL_METHODS[m] for m in ("sft_mix", "crlft", "condition_only", "we
 # name: (share of expert conversations, how often a novice answer drops its carries, steps, description);
 # the steps: each setting's budget (the docstring says why)
 SETTINGS = {
-    "ours": (0.02, 1.0, 1600, "2% expert, novices always drop carries"),
+    "ours": (0.02, 1.0, 1800, "2% expert, novices always drop carries"),
     "paper_share": (0.09, 1.0, 1000, "9% expert (the paper's share), novices always drop carries"),
-    "mild_novice": (0.09, 0.3, 1000, "9% expert, novices drop carries on 30% of answers"),
+    "mild_novice": (0.09, 0.3, 700, "9% expert, novices drop carries on 30% of answers"),
 }
 THRESHOLDS = (0.5, 0.9)  # the table's "steps to reach" columns, on the expert score
 
