@@ -28,8 +28,8 @@ runs of 2,000 steps (~95 minutes) do not fit. `ours` 1,800 steps: at 1,000 C-RLF
 over the last 100 steps), at 1,600 condition only's slowest seed was (72% -> 80% over the last 300), at 1,800
 every curve is flat over the last 300 steps. paper_share 1,000: flat from step 800. mild_novice 700: the curves
 of SFT on the mix, condition only and weights only are flat from step 600, C-RLFT's slowest seed still rises
-(the first version's 1,000-step run of this setting, with the same seeds, ends it at 99.4% +- 0.6%); at 1,000
-the whole command would take ~61 minutes. 42,000 steps in all: 55.8 minutes when nothing else ran.
+(`--settings=mild_novice --max_steps=1000`, the same seeds, ends it at 99.4% +- 0.6%); at 1,000 the whole
+command would take ~61 minutes. 42,000 steps in all: 55.8 minutes when nothing else ran.
 
 How. Each run is train.py's own training (train.train, in a process of its own, one thread). train_loop saves a
 checkpoint every --ckpt_every steps and at the last step; this script sets ckpt_every to K and, in the run's
