@@ -76,7 +76,9 @@ def run_tokenizer(config: dict, recorded: list, path: str | None = None):
     """The run's tokenizer with its template, found as train.py found it (train_job.tokenizer_source),
     or --tokenizer. It must be the one the manifest records (file name, template, end-of-turn id)."""
     name, template, _ = recorded
-    path = path or train_job.tokenizer_source(config["model"], config["data"], config["tokenizer"])
+    path = (
+        path or train_job.tokenizer_source(config["model"], config["data"], config["tokenizer"])[0]
+    )
     tokenizer = data.use_template(open_tokenizer(path), template)  # path None: Mistral v1's
     found = [os.path.basename(tokenizer.path), tokenizer.template, tokenizer.eot_id]
     if found != recorded:

@@ -22,31 +22,29 @@ from train_progress import say
 
 # Tokenizer and model: the checkpoint's own tokenizer and its template; a row for a token the template adds where the
 # checkpoint has none (its padded rows serve first: the added token takes the first free id).
-def tokenizer_source(model: str, data_source: str, tokenizer: str = "") -> str | None:
-    """Where a run's tokenizer comes from (train.py, export_checkpoint.py): --tokenizer, else a fine-tuned
-    checkpoint's directory, the toy's for toy data, a `python data_cli.py tokenize` directory's own; None: Mistral
-    v1's, a from-scratch preset's default."""
+def tokenizer_source(
+    model: str, data_source: str, tokenizer: str = ""
+) -> tuple[str | None, str | None]:
+    """Where a run's tokenizer comes from (train.py, export_checkpoint.py), and the template that comes with it:
+    --tokenizer, else a fine-tuned checkpoint's directory, the toy's for toy data, a `python data_cli.py tokenize`
+    directory's own (with its template); None: Mistral v1's, a from-scratch preset's default."""
     if tokenizer:
-        return tokenizer
+        return tokenizer, None
     if model not in PRESETS:
-        return model
+        return model, None
     if data_source == "toy":
-        return toy_task.TOKENIZER_PATH
+        return toy_task.TOKENIZER_PATH, None
     if os.path.isdir(data_source):
-        return tokenized_data.TokenizedDataset.load(data_source).meta["tokenizer"]
-    return None
+        meta = tokenized_data.TokenizedDataset.load(data_source).meta
+        return meta["tokenizer"], meta.get("template")
+    return None, None
 
 
 def tokenizer_and_args(cfg):
     template = cfg.template or None
     if cfg.model in PRESETS:
-        if os.path.isdir(cfg.data) and not cfg.tokenizer:  # a tokenized directory: its template too
-            template = template or tokenized_data.TokenizedDataset.load(cfg.data).meta.get(
-                "template"
-            )
-        tokenizer = data.load_tokenizer(
-            tokenizer_source(cfg.model, cfg.data, cfg.tokenizer), template
-        )
+        path, own_template = tokenizer_source(cfg.model, cfg.data, cfg.tokenizer)
+        tokenizer = data.load_tokenizer(path, template or own_template)
         args = dataclasses.replace(PRESETS[cfg.model], vocab_size=tokenizer.vocab_size)
     else:
         args = ModelArgs.from_pretrained(cfg.model, max_seq_len=cfg.max_seq_len or None)
